@@ -414,8 +414,8 @@ DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S":
 def _config(size, patch_size):
     depth, hidden_size, num_heads = DIT_SIZES[size]
 
-    def build(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+    def build(**kwargs):  # keyword overrides win (the toy study shrinks depth/width on a CPU)
+        return DiT(**{**dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads), **kwargs})
 
     build.__name__ = f"DiT_{size}_{patch_size}"
     build.__doc__ = f"DiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads, patch {patch_size}."

@@ -1,0 +1,232 @@
+"""The toy identity study: can a DiT with LayerNorm learn to output exactly zero?
+
+A DiT is trained on 2x2x2 "images" that are always zero, so the noise it must predict is its own input
+rescaled, eps = x_t / sqrt(1 - alpha_bar_t). At chosen steps the raw and EMA weights each draw samples
+with the full DDPM sampler from fixed noise; since the data is zero, every sampled pixel value is an
+error. Results go to `<results-dir>/<index>-<model>-<normalization>/metrics.jsonl`.
+
+    python train_toy.py                   # LayerNorm (the published DiT)
+    python train_toy.py --no-layernorm    # every block/final LayerNorm replaced by identity
+    torchrun --nproc_per_node=2 train_toy.py --preset paper
+
+Presets: "paper" (DiT-XS/1, batch 2048, lr 1e-4, 50k steps, evaluations at 10k and 50k; for a GPU) and
+"cpu" (the small, fast setting `make toy` uses). Every value of a preset can be overridden by its flag.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from diffusion import create_diffusion
+from models import DiT_models, NORM_LAYERS, build_model
+from train_utils import (
+    Trainer, StopTraining, barrier, check_global_batch, cleanup_distributed, create_logger, load_checkpoint,
+    new_run_dir, resolve_resume, setup_distributed, write_json, broadcast_object,
+)
+
+# Model overrides of the toy: 2x2 pixels with 2 channels, one class, no label dropout.
+TOY_IMAGE_SIZE, TOY_CHANNELS = 2, 2
+
+PRESETS = {
+    # The study's setting (../shared/REFERENCE.md): meant for a GPU.
+    "paper": dict(model="DiT-XS/1", steps=50_000, global_batch_size=2048, lr=1e-4, lr_schedule="constant",
+                  warmup_steps=0, ema_decay=0.9999, eval_steps=[10_000, 50_000], ckpt_every=10_000,
+                  log_every=500, depth=None, hidden_size=None, num_heads=None),
+    # Small enough that `make toy` trains both variants on 2 CPU cores within 15 minutes.
+    "cpu": dict(model="DiT-XS/1", steps=12_000, global_batch_size=256, lr=1e-3, lr_schedule="cosine",
+                warmup_steps=200, ema_decay=0.999, eval_steps=[3_000, 6_000, 12_000], ckpt_every=3_000,
+                log_every=500, depth=2, hidden_size=64, num_heads=4),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="'auto' = paper on a GPU, cpu otherwise; flags below override the preset")
+    p.add_argument("--model", choices=list(DiT_models))
+    p.add_argument("--depth", type=int, help="override the model's depth (the cpu preset uses a smaller DiT-XS)")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default="layer-norm")
+    p.add_argument("--no-layernorm", action="store_true", help="same as --normalization none")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"])
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--eval-steps", type=int, nargs="+", help="steps at which to evaluate (the last step always is)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (instead of --eval-steps)")
+    p.add_argument("--num-eval-samples", type=int, default=100)
+    p.add_argument("--sampling-steps", type=int, default=1000, help="DDPM steps for evaluation (1000 = full)")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--results-dir", default="results/toy-runs")
+    p.add_argument("--resume", default=None, help="run directory (or checkpoint file) to continue")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for this process (torch.set_num_threads)")
+    args = p.parse_args(argv)
+    if args.no_layernorm:
+        args.normalization = "none"
+    preset = args.preset
+    if preset == "auto":
+        preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    args.preset = preset
+    for key, value in PRESETS[preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.eval_every:
+        args.eval_steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    args.eval_steps = sorted({s for s in args.eval_steps if 0 < s <= args.steps} | {args.steps})
+    return args
+
+
+def toy_model(config):
+    """Build the toy DiT described by a run's config."""
+    overrides = {k: config[k] for k in ("depth", "hidden_size", "num_heads") if config.get(k) is not None}
+    return build_model(config["model"], input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1,
+                       class_dropout_prob=0.0, normalization=config["normalization"], **overrides)
+
+
+def lr_multiplier(config):
+    """Linear warm-up, then constant or cosine decay to zero over the run."""
+    import math
+
+    warmup, total = config["warmup_steps"], config["steps"]
+
+    def schedule(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if config["lr_schedule"] == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        return 1.0
+
+    return schedule
+
+
+def sample_error(samples):
+    """Errors of samples whose target is exactly zero: every value is an error."""
+    v = samples.double().flatten()
+    max_abs = v.abs().max().item()
+    return dict(mean_abs=v.abs().mean().item(), max_abs=max_abs, rms=v.square().mean().sqrt().item(),
+                max_abs_8bit=max_abs * 127.5, num_values=v.numel())
+
+
+@torch.no_grad()
+def draw_samples(model, diffusion, num, seed, device):
+    """`num` samples from fixed noise and a fixed sampler RNG, without touching the global RNG."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        noise = torch.randn(num, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE, device=device)
+        y = torch.zeros(num, dtype=torch.long, device=device)
+        return diffusion.p_sample_loop(model, noise.shape, noise=noise, clip_denoised=True,
+                                       model_kwargs=dict(y=y), device=device)
+
+
+def evaluate(trainer, sampler_diffusion, args, step):
+    """Sample with the raw and the EMA weights; append metrics.jsonl and save samples_<step>.pt."""
+    if step not in args.eval_steps:
+        return
+    if trainer.dist.is_main:
+        saved, t0 = {}, time.time()
+        for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
+            was_training = model.training
+            model.eval()
+            samples = draw_samples(model, sampler_diffusion, args.num_eval_samples, args.global_seed + 12345,
+                                   trainer.dist.device).cpu()
+            model.train(was_training)
+            saved[weights] = samples
+            row = dict(step=step, weights=weights, normalization=args.normalization, num_samples=len(samples),
+                       sampling_steps=sampler_diffusion.num_timesteps, seed=args.global_seed, model=args.model,
+                       **sample_error(samples))
+            with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            trainer.logger.info(f"eval step {step} {weights}: rms {row['rms']:.3e} mean|x| {row['mean_abs']:.3e} "
+                                f"max|x| {row['max_abs']:.3e} ({row['max_abs_8bit']:.3f} 8-bit levels)")
+        torch.save(saved, os.path.join(trainer.run_dir, f"samples_{step}.pt"))
+        trainer.logger.info(f"evaluation took {time.time() - t0:.1f}s")
+    barrier()
+
+
+def truncate_metrics(run_dir, step):
+    """On resume, drop evaluations newer than the checkpoint (they will be redone identically)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+def zero_batches(local_batch, device):
+    """The toy data set: an endless stream of all-zero images with label 0."""
+    x = torch.zeros(local_batch, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE, device=device)
+    y = torch.zeros(local_batch, dtype=torch.long, device=device)
+    while True:
+        yield x, y
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = setup_distributed(args.device)
+    local_batch = check_global_batch(args.global_batch_size, d.world_size)
+    ckpt = None
+    if args.resume:
+        run_dir, ckpt_path = resolve_resume(args.resume)
+        ckpt = load_checkpoint(ckpt_path)
+        config = ckpt["config"]
+        for key in ("steps", "eval_steps", "ckpt_every", "log_every"):  # a resumed run may be extended
+            if getattr(args, key) != PRESETS[args.preset].get(key):
+                config[key] = getattr(args, key)
+        args = argparse.Namespace(**{**vars(args), **config, "resume": args.resume})
+    else:
+        run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
+        run_dir = broadcast_object(run_dir)
+        config = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "device")}
+        config.update(image_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1, vae="none",
+                      learn_sigma=True, script="train_toy.py")
+        if d.is_main:
+            write_json(os.path.join(run_dir, "config.json"), config)
+    logger = create_logger(run_dir, d.is_main)
+    torch.manual_seed(args.global_seed * d.world_size + d.rank)
+    model = toy_model(config)
+    trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
+                      config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
+                      grad_clip=args.grad_clip, precision=args.precision, compile=args.compile,
+                      lr_schedule=lr_multiplier(config))
+    if ckpt is not None:
+        trainer.load(ckpt)
+        if d.is_main:
+            truncate_metrics(run_dir, trainer.step)
+        logger.info(f"resumed {run_dir} at step {trainer.step}")
+    params = sum(p.numel() for p in model.parameters())
+    logger.info(f"toy run {run_dir}: {args.model} depth {len(model.blocks)} width {model.pos_embed.shape[-1]} "
+                f"({params:,} params), normalization={args.normalization}, preset={args.preset}, "
+                f"batch {args.global_batch_size}, lr {args.lr} ({args.lr_schedule}), {args.steps} steps, "
+                f"evaluations at {args.eval_steps}")
+    sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
+    hooks = [(1, lambda step: evaluate(trainer, sampler, args, step))]
+    try:
+        trainer.fit(zero_batches(local_batch, d.device), args.steps, log_every=args.log_every,
+                    ckpt_every=args.ckpt_every, hooks=hooks)
+    except StopTraining as e:
+        logger.error(str(e))
+        raise SystemExit(1)
+    finally:
+        cleanup_distributed()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

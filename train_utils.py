@@ -1,0 +1,462 @@
+"""Training machinery shared by train.py and train_toy.py: distributed set-up, run directories, logging,
+EMA, atomic checkpoints, and the training loop itself (`Trainer.fit`).
+
+A script builds a model, a diffusion and a batch source, then hands them to `Trainer`. The loop
+checkpoints every `ckpt_every` steps (atomically, loadable with weights_only=True), resumes exactly
+(weights, optimizer, EMA, RNG states and data position), saves a checkpoint and exits on SIGTERM, and
+stops on a NaN/inf loss without overwriting the last good checkpoint.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from dataclasses import dataclass
+from glob import glob
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+#################################################################################
+#                              Distributed set-up                               #
+#################################################################################
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device=None):
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process.
+
+    device: "cuda", "cpu" or None (CUDA when available).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    """Send a small picklable Python object from rank `src` to every rank (identity when not distributed)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def check_global_batch(global_batch_size, world_size):
+    """The global batch is split evenly over the processes; refuse a split that is not exact."""
+    if global_batch_size % world_size:
+        raise SystemExit(
+            f"--global-batch-size {global_batch_size} is not divisible by the world size {world_size}; "
+            f"use a multiple of {world_size}"
+        )
+    return global_batch_size // world_size
+
+
+#################################################################################
+#                         Run directories and logging                           #
+#################################################################################
+
+
+def new_run_dir(results_dir, model_name, normalization):
+    """`<results_dir>/<index>-<model>-<normalization>/`, index = number of runs already there."""
+    os.makedirs(results_dir, exist_ok=True)
+    index = len(glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")))
+    name = f"{index:03d}-{model_name.replace('/', '-')}-{normalization}"
+    path = os.path.join(results_dir, name)
+    os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+    return path
+
+
+def create_logger(run_dir, is_main):
+    """Log to stdout and `<run_dir>/log.txt` on rank 0; other ranks log nothing."""
+    logger = logging.getLogger(f"dit.{run_dir}")
+    logger.handlers.clear()
+    logger.propagate = False
+    if is_main:
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, "log.txt"))):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+#################################################################################
+#                              Checkpoint I/O                                   #
+#################################################################################
+
+
+def atomic_write(path, write_fn):
+    """Write a file through `write_fn(fileobj)` into a temp file next to `path`, then rename it over
+    `path`: a crash at any point leaves either the old file or the new one, never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(obj, path):
+    """torch.save `obj` (tensors and plain Python types only) atomically to `path`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def link_latest(path, latest):
+    """Point `latest` at the checkpoint `path` atomically (hard link, or a copy where links fail)."""
+    tmp = latest + ".tmp-link"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, latest)
+    except OSError:
+        with open(path, "rb") as src:
+            atomic_write(latest, lambda f: f.write(src.read()))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely (weights_only=True) with clear errors for a wrong path or a bad file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoints", "latest.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}; pass a run directory or a .pt checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, garbage, or pickled objects that are not plain types
+        raise ValueError(f"could not load checkpoint {path!r} (corrupt, truncated or not a plain checkpoint): {e}") from e
+
+
+def resolve_resume(path):
+    """`--resume` takes a run directory (its latest checkpoint) or a checkpoint file; returns
+    (run_dir, checkpoint_file)."""
+    if os.path.isdir(path):
+        ckpt = os.path.join(path, "checkpoints", "latest.pt")
+        run_dir = path
+    else:
+        ckpt = path
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"--resume {path}: no checkpoint found at {ckpt}")
+    return run_dir, ckpt
+
+
+#################################################################################
+#                                  EMA, RNG                                     #
+#################################################################################
+
+
+def requires_grad(model, flag=True):
+    for p in model.parameters():
+        p.requires_grad = flag
+
+
+def make_ema(model):
+    """A frozen copy of the model in eval mode."""
+    ema = deepcopy(model).eval()
+    requires_grad(ema, False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over all trainable parameters in one fused call."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p for p in model.parameters()]
+    pairs = [(e, p) for e, p in zip(ema_params, params) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1.0 - decay)
+
+
+def get_rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(dist_info):
+    """Every rank's RNG state as a list indexed by rank (rank 0 saves them all)."""
+    state = get_rng_state()
+    if not dist_info.distributed:
+        return [state]
+    states = [None] * dist_info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+#################################################################################
+#                                 The trainer                                   #
+#################################################################################
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def unwrap(model):
+    """The plain module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class StopTraining(Exception):
+    """Raised on a NaN/inf loss; the run stops without writing a checkpoint of the bad weights."""
+
+
+class Trainer:
+    """Owns the model (DDP-wrapped when distributed), its EMA, the AdamW optimizer and the loop.
+
+    hooks: list of (every, fn) called as fn(step) after steps that are multiples of `every` (and at the
+    last step); used for evaluations and sample grids. A hook must not consume the global RNG
+    (use torch.random.fork_rng) so that resumed runs stay exact.
+    """
+
+    def __init__(self, model, diffusion, *, dist_info, run_dir, logger, config, lr=1e-4, weight_decay=0.0,
+                 ema_decay=0.9999, grad_clip=None, precision="fp32", compile=False, lr_schedule=None):
+        if precision not in PRECISIONS:
+            raise SystemExit(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        self.dist = dist_info
+        self.run_dir = run_dir
+        self.logger = logger
+        self.config = config
+        self.diffusion = diffusion
+        self.ema_decay = ema_decay
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.lr = lr
+        self.lr_schedule = lr_schedule  # fn(step) -> multiplier of lr, or None for constant
+        cuda = dist_info.device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        model = model.to(dist_info.device)
+        self.ema = make_ema(model)
+        self.raw = model
+        model.train()
+        if dist_info.distributed:
+            model = DDP(model, device_ids=[dist_info.local_rank] if cuda else None)
+        self.model = torch.compile(model) if compile else model
+        self.opt = torch.optim.AdamW(
+            [p for p in self.raw.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=cuda or None
+        )
+        self.step = 0
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, x, y):
+        """One optimisation step on the local batch. Returns (loss, grad_norm) as device tensors (no
+        host sync here: the loop reads them only when it logs)."""
+        if self.lr_schedule is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * self.lr_schedule(self.step)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        with self.autocast():
+            loss = self.diffusion.training_losses(self.model, x, t, dict(y=y))["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
+        self.opt.step()
+        update_ema(self.ema, self.raw, self.ema_decay)
+        self.step += 1
+        return loss.detach(), grad_norm.detach()
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self, extra=None):
+        """Everything needed to continue exactly, as tensors and plain Python types."""
+        return {
+            "model": self.raw.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "rng": gather_rng_states(self.dist),
+            "world_size": self.dist.world_size,
+            "config": self.config,
+            **(extra or {}),
+        }
+
+    def save(self, extra=None):
+        """Write checkpoints/<step>.pt and point checkpoints/latest.pt at it (rank 0 writes)."""
+        state = self.state_dict(extra)  # collective on all ranks (RNG gather)
+        if self.dist.is_main:
+            path = os.path.join(self.run_dir, "checkpoints", f"{self.step:07d}.pt")
+            save_checkpoint(state, path)
+            link_latest(path, os.path.join(self.run_dir, "checkpoints", "latest.pt"))
+            self.logger.info(f"saved checkpoint {path}")
+        barrier()
+
+    def load(self, ckpt):
+        """Restore from a checkpoint dict written by `save`."""
+        self.raw.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.step = ckpt["step"]
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            set_rng_state(rng[self.dist.rank])
+        else:
+            self.logger.info(f"checkpoint has RNG states for {len(rng)} processes, not {self.dist.world_size}: "
+                             "continuing with fresh RNG states (the run will not be bitwise identical)")
+            torch.manual_seed(self.config.get("global_seed", 0) * 1000 + self.step * self.dist.world_size + self.dist.rank)
+
+    # ----------------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True
+
+    def fit(self, batches, max_steps, *, log_every=100, ckpt_every=None, hooks=(), tensorboard=None, extra_state=None):
+        """Train from self.step to max_steps on `batches` (an iterator of (x, y) on the device,
+        already positioned at self.step). Checkpoints every `ckpt_every` steps and at the end."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+        start_step, start_time = self.step, time.time()
+        last_step, last_time = self.step, start_time
+        running_loss = torch.zeros((), device=self.dist.device)
+        running_norm = torch.zeros((), device=self.dist.device)
+        samples_per_step = None
+        if self.dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            while self.step < max_steps:
+                x, y = next(batches)
+                samples_per_step = x.shape[0] * self.dist.world_size
+                loss, grad_norm = self.train_step(x, y)
+                running_loss += loss
+                running_norm += grad_norm
+                at_ckpt = bool(ckpt_every) and self.step % ckpt_every == 0
+                final = self.step == max_steps
+                stop = self._stop_everywhere()  # the same answer on every rank
+                if self.step % log_every == 0 or at_ckpt or final or stop:
+                    n = self.step - last_step
+                    avg_loss = self._mean_over_ranks(running_loss / n)
+                    if not math.isfinite(avg_loss):
+                        raise StopTraining(
+                            f"loss became {avg_loss} between steps {last_step} and {self.step}; stopping. "
+                            f"The last good checkpoint is untouched: resume from it with a lower --lr or --grad-clip"
+                        )
+                    now = time.time()
+                    rate = n / max(now - last_time, 1e-9)
+                    eta = (max_steps - self.step) / max((self.step - start_step) / (now - start_time), 1e-9)
+                    msg = (f"step {self.step:7d}/{max_steps} | loss {avg_loss:.4g} | grad norm "
+                           f"{running_norm.item() / n:.3g} | {rate:.2f} steps/s | {rate * samples_per_step:.1f} img/s | "
+                           f"ETA {format_duration(eta)}")
+                    if self.dist.device.type == "cuda":
+                        msg += f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+                    self.logger.info(msg)
+                    if tensorboard is not None:
+                        tensorboard.add_scalar("train/loss", avg_loss, self.step)
+                        tensorboard.add_scalar("train/grad_norm", running_norm.item() / n, self.step)
+                        tensorboard.add_scalar("train/steps_per_sec", rate, self.step)
+                    running_loss.zero_()
+                    running_norm.zero_()
+                    last_step, last_time = self.step, now
+                pause = time.time()  # time in hooks and checkpoints is left out of steps/s and ETA
+                for every, fn in hooks:
+                    if (every and self.step % every == 0) or final:
+                        fn(self.step)
+                if at_ckpt or final or stop:
+                    self.save(extra_state() if extra_state else None)
+                pause = time.time() - pause
+                last_time += pause
+                start_time += pause
+                if stop and not final:
+                    self.logger.info(f"SIGTERM received: saved a checkpoint at step {self.step}; exiting")
+                    return False
+            return True
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _mean_over_ranks(self, value):
+        if self.dist.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.dist.world_size
+        return value.item()
+
+    def _stop_everywhere(self):
+        """True when any rank got SIGTERM. Single process: checked every step. Distributed: one tiny
+        all-reduce every 10 steps (so the step stays free of host syncs otherwise)."""
+        if not self.dist.distributed:
+            return self.stop_requested
+        if self.step % 10:
+            return False
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.dist.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+
+def _in_main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
