@@ -442,3 +442,15 @@ def build_model(name, **kwargs):
     if name not in DiT_models:
         raise ValueError(f"unknown model {name!r}; choose one of {list(DiT_models)}")
     return DiT_models[name](**kwargs)
+
+
+# Keys of a run's config (saved in every checkpoint of train.py / train_toy.py) that describe the model.
+MODEL_CONFIG_KEYS = ("input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma",
+                     "normalization", "depth", "hidden_size", "num_heads")
+
+
+def build_model_from_config(config):
+    """Rebuild the DiT a training run used from its config dict: `config["model"]` names the registry
+    entry, the MODEL_CONFIG_KEYS present (and not None) override its defaults."""
+    overrides = {k: config[k] for k in MODEL_CONFIG_KEYS if config.get(k) is not None}
+    return build_model(config["model"], **overrides)

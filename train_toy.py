@@ -21,7 +21,7 @@ import time
 import torch
 
 from diffusion import create_diffusion
-from models import DiT_models, NORM_LAYERS, build_model
+from models import DiT_models, NORM_LAYERS, build_model_from_config
 from train_utils import (
     Trainer, StopTraining, barrier, check_global_batch, cleanup_distributed, create_logger, load_checkpoint,
     new_run_dir, resolve_resume, setup_distributed, write_json, broadcast_object,
@@ -88,12 +88,6 @@ def parse_args(argv=None):
     args.eval_steps = sorted({s for s in args.eval_steps if 0 < s <= args.steps} | {args.steps})
     return args
 
-
-def toy_model(config):
-    """Build the toy DiT described by a run's config."""
-    overrides = {k: config[k] for k in ("depth", "hidden_size", "num_heads") if config.get(k) is not None}
-    return build_model(config["model"], input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1,
-                       class_dropout_prob=0.0, normalization=config["normalization"], **overrides)
 
 
 def lr_multiplier(config):
@@ -194,13 +188,14 @@ def main(argv=None):
         run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
         run_dir = broadcast_object(run_dir)
         config = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "device")}
-        config.update(image_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1, vae="none",
-                      learn_sigma=True, script="train_toy.py")
+        # The model description every script reads back (models.build_model_from_config).
+        config.update(image_size=TOY_IMAGE_SIZE, input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1,
+                      class_dropout_prob=0.0, learn_sigma=True, vae="none", script="train_toy.py")
         if d.is_main:
             write_json(os.path.join(run_dir, "config.json"), config)
     logger = create_logger(run_dir, d.is_main)
     torch.manual_seed(args.global_seed * d.world_size + d.rank)
-    model = toy_model(config)
+    model = build_model_from_config(config)
     trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
                       config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
                       grad_clip=args.grad_clip, precision=args.precision, compile=args.compile,
