@@ -80,13 +80,25 @@ def parse_args(argv=None):
     if preset == "auto":
         preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     args.preset = preset
+    args.explicit = [key for key in PRESETS[preset] if getattr(args, key, None) is not None]
+    if args.eval_every:
+        args.explicit.append("eval_steps")
     for key, value in PRESETS[preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    return finalize_eval_steps(args)
+
+
+def finalize_eval_steps(args):
+    """Evaluation steps within the run, sorted, always including the last step."""
     if args.eval_every:
         args.eval_steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
     args.eval_steps = sorted({s for s in args.eval_steps if 0 < s <= args.steps} | {args.steps})
     return args
+
+
+# What a resumed run takes from the command line (to extend it); everything else comes from its config.
+RESUME_OVERRIDES = ("steps", "eval_steps", "ckpt_every", "log_every")
 
 
 
@@ -174,25 +186,25 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     d = setup_distributed(args.device)
-    local_batch = check_global_batch(args.global_batch_size, d.world_size)
+    check_global_batch(args.global_batch_size, d.world_size)  # before any work (re-checked on resume)
     ckpt = None
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         ckpt = load_checkpoint(ckpt_path)
         config = ckpt["config"]
-        for key in ("steps", "eval_steps", "ckpt_every", "log_every"):  # a resumed run may be extended
-            if getattr(args, key) != PRESETS[args.preset].get(key):
-                config[key] = getattr(args, key)
-        args = argparse.Namespace(**{**vars(args), **config, "resume": args.resume})
+        config.update({key: getattr(args, key) for key in RESUME_OVERRIDES if key in args.explicit})
+        args = finalize_eval_steps(argparse.Namespace(**{**vars(args), **config, "resume": args.resume}))
+        config["eval_steps"] = args.eval_steps
     else:
         run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
         run_dir = broadcast_object(run_dir)
-        config = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "device")}
+        config = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "device", "explicit")}
         # The model description every script reads back (models.build_model_from_config).
         config.update(image_size=TOY_IMAGE_SIZE, input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1,
                       class_dropout_prob=0.0, learn_sigma=True, vae="none", script="train_toy.py")
         if d.is_main:
             write_json(os.path.join(run_dir, "config.json"), config)
+    local_batch = check_global_batch(args.global_batch_size, d.world_size)
     logger = create_logger(run_dir, d.is_main)
     torch.manual_seed(args.global_seed * d.world_size + d.rank)
     model = build_model_from_config(config)

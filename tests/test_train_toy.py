@@ -1,0 +1,158 @@
+"""Tests for train_toy.py and toy_study.py: the evaluation maths, metrics.jsonl, exact resume, the report,
+torchrun, and the ToyDiT notebook."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import toy_study
+import train_toy
+import train_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--lr", "1e-3",
+        "--num-eval-samples", "8", "--sampling-steps", "20", "--log-every", "5", "--threads", "1", "--preset", "cpu"]
+
+
+def run_toy(tmp, *extra):
+    return train_toy.main([*TINY, "--results-dir", str(tmp), *extra])
+
+
+def test_sample_error_matches_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(7, 2, 2, 2, generator=gen) * 1e-3
+    v = s.double().numpy().ravel()
+    got = train_toy.sample_error(s)
+    assert got["num_values"] == 56
+    np.testing.assert_allclose(got["mean_abs"], np.mean(np.abs(v)), rtol=1e-12)
+    np.testing.assert_allclose(got["max_abs"], np.max(np.abs(v)), rtol=1e-12)
+    np.testing.assert_allclose(got["rms"], np.sqrt(np.mean(v**2)), rtol=1e-12)
+    np.testing.assert_allclose(got["max_abs_8bit"], np.max(np.abs(v)) * 127.5, rtol=1e-12)
+
+
+def test_draw_samples_is_fixed_and_leaves_global_rng_alone():
+    from diffusion import create_diffusion
+    from models import build_model
+
+    model = build_model("DiT-XS/1", depth=1, hidden_size=32, num_heads=2, input_size=2, in_channels=2,
+                        num_classes=1, class_dropout_prob=0.0).eval()
+    diff = create_diffusion("10")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = train_toy.draw_samples(model, diff, 4, 123, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    b = train_toy.draw_samples(model, diff, 4, 123, torch.device("cpu"))
+    assert torch.equal(a, b) and a.shape == (4, 2, 2, 2)
+    # A new model outputs zero noise, so samples are the DDPM chain of pure noise: not zero.
+    assert a.abs().max() > 0
+
+
+def test_run_writes_metrics_samples_config_and_checkpoints(tmp_path):
+    run = run_toy(tmp_path, "--steps", "10", "--eval-steps", "5", "--ckpt-every", "5", "--no-layernorm")
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["normalization"] == "none" and cfg["steps"] == 10 and cfg["eval_steps"] == [5, 10]
+    rows = toy_study.load_metrics(run)
+    assert [(r["step"], r["weights"]) for r in rows] == [(5, "raw"), (5, "ema"), (10, "raw"), (10, "ema")]
+    required = {"step", "weights", "mean_abs", "max_abs", "rms", "num_samples", "sampling_steps", "normalization"}
+    for r in rows:
+        assert required <= set(r)
+        assert r["num_samples"] == 8 and r["sampling_steps"] == 20 and r["normalization"] == "none"
+        # the stored metrics are those of the stored samples
+        s = toy_study.load_samples(run, r["step"], r["weights"])
+        assert s.shape == (8, 2, 2, 2)
+        assert r["rms"] == pytest.approx(float(s.double().square().mean().sqrt()), rel=1e-12)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000005.pt", "0000010.pt", "latest.pt"]
+    ckpt = train_utils.load_checkpoint(run)
+    assert ckpt["step"] == 10 and ckpt["config"]["normalization"] == "none"
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "steps/s" in log and "ETA" in log
+
+
+def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
+    args = ("--steps", "20", "--eval-steps", "8", "16", "--ckpt-every", "8")
+    full = run_toy(tmp_path / "full", *args)
+
+    # Crash after step 12: the last checkpoint is step 8; the evaluation at 8 is already written.
+    real_step = train_utils.Trainer.train_step
+
+    def crashing(self, x, y):
+        if self.step == 12:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(train_utils.Trainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_toy(tmp_path / "cut", *args)
+    monkeypatch.setattr(train_utils.Trainer, "train_step", real_step)
+    cut = os.path.join(tmp_path / "cut", os.listdir(tmp_path / "cut")[0])
+    assert train_utils.load_checkpoint(cut)["step"] == 8
+    resumed = train_toy.main(["--resume", cut, "--threads", "1"])
+    assert resumed == cut
+
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]
+    assert strip(toy_study.load_metrics(cut)) == strip(toy_study.load_metrics(full))
+    a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_report_and_ratios(tmp_path):
+    runs = [run_toy(tmp_path / "runs", "--steps", "6", "--eval-steps", "3", "--normalization", n) for n in ("layer-norm", "none")]
+    text = toy_study.write_report(runs, str(tmp_path / "out"))
+    for name in ("compare.png", "errors.png", "summary.md", "summary.json"):
+        assert os.path.getsize(tmp_path / "out" / name) > 100
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    ln = {(r["step"], r["weights"]): r for r in toy_study.load_metrics(runs[0])}
+    no = {(r["step"], r["weights"]): r for r in toy_study.load_metrics(runs[1])}
+    for ratio in summary["ratios"]:
+        key = (ratio["step"], ratio["weights"])
+        assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
+    assert len(summary["ratios"]) == 4 and "LayerNorm error / no-LayerNorm error" in text
+
+
+def test_seed_spread_in_summary(tmp_path):
+    runs = [run_toy(tmp_path, "--steps", "4", "--eval-steps", "4", "--global-seed", str(s), "--no-layernorm") for s in (0, 1)]
+    rows = [r for r in toy_study.summarize(runs)["rows"] if r["weights"] == "ema"]
+    values = [toy_study.load_metrics(r)[-1]["rms"] for r in runs]
+    assert rows[0]["rms"]["n"] == 2
+    assert rows[0]["rms"]["mean"] == pytest.approx(np.mean(values))
+    assert rows[0]["rms"]["min"] == min(values) and rows[0]["rms"]["max"] == max(values)
+
+
+def test_torchrun_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train_toy.py",
+           *TINY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    assert len(toy_study.load_metrics(run)) == 2
+    assert train_utils.load_checkpoint(run)["world_size"] == 2
+
+
+def test_bad_batch_split_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "train_toy.py",
+           *TINY, "--global-batch-size", "15", "--steps", "2", "--results-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "--global-batch-size 15 is not divisible by the world size 2" in out.stdout + out.stderr
+
+
+def test_notebook_runs_top_to_bottom(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    runs = [run_toy(tmp_path / "runs", "--steps", "4", "--eval-steps", "2", "--normalization", n) for n in ("layer-norm", "none")]
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "ToyDiT_visualization.ipynb"), as_version=4)
+    os.environ["TOY_RUN_LN"], os.environ["TOY_RUN_NOLN"] = runs
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    finally:
+        del os.environ["TOY_RUN_LN"], os.environ["TOY_RUN_NOLN"]
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2
