@@ -1,22 +1,29 @@
 # One entry point for the common jobs. `make toy` is the main job; `make test` runs the suite.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test toy clean-venv
 
+# `make toy SEEDS="0 1 2"` for the multi-seed check; extra train_toy.py flags via TOY_ARGS.
+SEEDS ?= 0
+TOY_ARGS ?=
+
 setup: $(STAMP)
 
 # Re-install only when requirements.txt changes, so `make setup` is quick when already done.
 $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -r requirements.txt
 	@touch $(STAMP)
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# The main job: the toy identity study, both variants, CPU preset -> results/toy/.
+toy: setup
+	$(PYTHON) toy_study.py --seeds $(SEEDS) $(TOY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
