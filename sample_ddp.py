@@ -1,0 +1,198 @@
+"""Draw many samples in parallel (for FID): PNGs plus the .npz that ADM's evaluation suite reads.
+
+    torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --num-fid-samples 50000      # official DiT-XL/2
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-DiT-XL-2-none --cfg-scale 1.5
+    python sample_ddp.py --ckpt results/000-DiT-S-2-none --num-fid-samples 1000          # one process
+
+Writes `<sample-dir>/<folder>/<index:06d>.png` and then `<sample-dir>/<folder>.npz` (uint8 N x H x W x 3
+under `arr_0`); the folder name records everything that determines the images.
+
+Image i depends only on i, --global-seed and the flags: its label, starting noise and every DDPM step's
+noise come from its own generator (sample.image_generators), and images are drawn in fixed batches
+[k * B, (k + 1) * B) with B = --per-proc-batch-size that are dealt out to the processes. So the same
+images come out for any number of processes (bit for bit, for the same B). PNGs are written
+atomically; a rerun of the same command skips the images already written (an interrupted run resumes).
+The reference guides the first 3 latent channels only (--cfg-channels 3 reproduces that); the default
+here guides every noise channel.
+"""
+
+import argparse
+import glob
+import os
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from diffusion import create_diffusion
+from sample import (add_model_args, check_vae, decode, image_generators, load_for_sampling, load_vae,
+                    prepare_guidance, sample_images, to_rgb)
+from train_utils import atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--sample-dir", default="samples")
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--num-fid-samples", type=int, default=50_000)
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="1.5 for the paper's FID-50K")
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere+ GPUs (faster, as the reference; --no-tf32 for full fp32)")
+    args = p.parse_args(argv)
+    if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
+        p.error("--per-proc-batch-size and --num-fid-samples must be positive")
+    return args
+
+
+def checkpoint_tag(ckpt, config):
+    """Short name of the weights: 'pretrained', or '<run dir>-<checkpoint>' (latest.pt is named by its
+    training step, so that a resumed sampling run never mixes two checkpoints)."""
+    if ckpt is None:
+        return "pretrained"
+    path = os.path.abspath(ckpt)
+    if os.path.isdir(path):
+        run, name = os.path.basename(path), "latest"
+    else:
+        name = os.path.splitext(os.path.basename(path))[0]
+        parent = os.path.dirname(path)
+        run = os.path.basename(os.path.dirname(parent)) if os.path.basename(parent) == "checkpoints" else ""
+    if name == "latest" and config.get("ckpt_step") is not None:
+        name = f"{config['ckpt_step']:07d}"  # the name train_utils gives the numbered checkpoint
+    return "-".join(part for part in (run, name) if part)
+
+
+def folder_name(args, config, cfg_scale):
+    """Every setting that changes the images, as a folder name."""
+    vae = os.path.basename(os.path.normpath(str(config["vae"])))
+    cfg = f"cfg-{cfg_scale}" + (f"-ch{args.cfg_channels}" if args.cfg_channels is not None and cfg_scale > 1 else "")
+    return (f"{config['model'].replace('/', '-')}-{checkpoint_tag(args.ckpt, config)}-{args.weights}-"
+            f"{config.get('normalization', 'layer-norm')}-size-{config['image_size']}-vae-{vae}-{cfg}-"
+            f"{args.sampler}-{args.num_sampling_steps}-seed-{args.global_seed}")
+
+
+def png_path(folder, index):
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def missing_indices(folder, num):
+    """Indices in [0, num) without a PNG (PNGs are renamed into place only once complete)."""
+    return [i for i in range(num) if not os.path.isfile(png_path(folder, i)) or os.path.getsize(png_path(folder, i)) == 0]
+
+
+def batches_to_draw(missing, num, batch_size):
+    """The fixed batches [k*B, (k+1)*B) that contain a missing image. A batch is always drawn whole, so
+    every image is computed in the same batch whatever the number of processes or interruptions."""
+    starts = sorted({i // batch_size * batch_size for i in missing})
+    return [range(s, min(s + batch_size, num)) for s in starts]
+
+
+def save_png(path, array):
+    """Write a PNG through a temp file and a rename: a PNG under its final name is always complete."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def to_uint8(images):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, as the reference."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def create_npz(folder, num, path):
+    """Stream PNGs 0..num-1 into `path` as an .npz with one uint8 array `arr_0` (num, H, W, 3), without
+    holding them all in memory; written atomically."""
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as out:
+                shape = None
+                for i in tqdm(range(num), desc="building .npz", file=sys.stderr, mininterval=5):
+                    try:
+                        with Image.open(png_path(folder, i)) as im:
+                            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                    except Exception as e:
+                        raise SystemExit(f"cannot read {png_path(folder, i)} ({e}): delete it and rerun to redraw it")
+                    if shape is None:
+                        shape = array.shape
+                        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                                  "shape": (num, *shape)}
+                        np.lib.format.write_array_header_1_0(out, header)
+                    elif array.shape != shape:
+                        raise SystemExit(f"{png_path(folder, i)} is {array.shape}, expected {shape}: delete it and rerun")
+                    out.write(array.tobytes())
+
+    atomic_write(path, write)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = setup_distributed(args.device)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    # Rank 0 first, so that an official file is downloaded once.
+    if d.is_main:
+        model, config = load_for_sampling(args)
+    barrier()
+    if not d.is_main:
+        model, config = load_for_sampling(args)
+    model.to(d.device)
+    model.check_labels = False  # labels are drawn in range below; skip the per-call host sync
+    cfg_scale = prepare_guidance(model, args.cfg_scale, args.cfg_channels)
+    vae = load_vae(config["vae"], d.device)
+    check_vae(vae, model, config)
+    diffusion = create_diffusion(str(args.num_sampling_steps), learn_sigma=config.get("learn_sigma", True))
+    num, batch_size = args.num_fid_samples, args.per_proc_batch_size
+    folder = os.path.join(args.sample_dir, folder_name(args, config, cfg_scale))
+
+    missing = None
+    if d.is_main:
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, ".tmp-*")):  # left by an interrupted run
+            os.unlink(stale)
+        missing = missing_indices(folder, num)
+        print(f"{folder}: {num - len(missing)} of {num} images already there, drawing {len(missing)} with "
+              f"{d.world_size} process(es) x batch {batch_size} ({config['model']}, {args.sampler} "
+              f"{args.num_sampling_steps} steps, cfg {cfg_scale})", file=sys.stderr, flush=True)
+    missing = broadcast_object(missing)
+    todo = set(missing)
+    mine = batches_to_draw(missing, num, batch_size)[d.rank::d.world_size]
+
+    start, written = time.time(), 0
+    for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
+        generators = image_generators(args.global_seed, indices)
+        labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
+        samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
+                                clip_denoised=vae is None)
+        images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", 0.18215)).float()))
+        for index, image in zip(indices, images):
+            if index in todo:
+                save_png(png_path(folder, index), image)
+                written += 1
+
+    total = torch.tensor([written], dtype=torch.long, device=d.device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    elapsed = time.time() - start
+    if d.is_main:
+        print(f"drew {int(total)} images in {elapsed:.1f}s: {int(total) / max(elapsed, 1e-9):.2f} images/s "
+              f"({d.world_size} process(es))", file=sys.stderr, flush=True)
+    barrier()
+    if d.is_main:
+        path = create_npz(folder, num, folder + ".npz")
+        print(f"saved {path} ({num} images)", file=sys.stderr, flush=True)
+    barrier()
+    cleanup_distributed()
+    return folder
+
+
+if __name__ == "__main__":
+    main()
