@@ -107,12 +107,31 @@ class PatchEmbed(nn.Module):
 #                           Normalization variants                              #
 #################################################################################
 
+class DynamicTanh(nn.Module):
+    """Dynamic Tanh (Zhu et al., CVPR 2025): tanh(alpha * x) with one learnable scalar alpha, a
+    normalization-free stand-in for LayerNorm. No affine weight/bias, like DiT's LayerNorms."""
+
+    def __init__(self, dim, alpha_init=0.5):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+
+    def forward(self, x):
+        return torch.tanh(self.alpha * x)
+
+
 # Each entry builds the normalization used before attention, before the MLP and in the final layer.
 # To add a variant, add one line here (and a parameter-free variant needs nothing else).
 NORM_LAYERS = {
     "layer-norm": lambda dim: nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6),
     "none": lambda dim: nn.Identity(),
+    "rms-norm": lambda dim: nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False),
+    "dyt": lambda dim: DynamicTanh(dim, alpha_init=0.5),
 }
+
+# Variants whose blocks keep the default (Xavier) init of their adaLN modulation instead of zero. The
+# DyT authors' DiT runs dropped the blocks' adaLN zero-init; the final layer stays zero, so a new model
+# still outputs exactly zero.
+NO_BLOCK_ADALN_ZERO_INIT = {"dyt"}
 
 
 def make_norm(name, dim):
@@ -274,9 +293,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.normalization not in NO_BLOCK_ADALN_ZERO_INIT:
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)

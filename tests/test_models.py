@@ -33,9 +33,13 @@ def _silu(x):
     return x / (1 + np.exp(-x))
 
 
-def _norm(x, kind):
+def _norm(x, kind, alpha=None):
     if kind == "none":
         return x
+    if kind == "rms-norm":
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
+    if kind == "dyt":
+        return np.tanh(alpha * x)
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + 1e-6)
@@ -77,12 +81,13 @@ def reference_dit(sd, cfg, x, t, y, norm):
         pre = f"blocks.{b}"
         mod = _linear(w, pre + ".adaLN_modulation.1", _silu(c))
         sh1, sc1, g1, sh2, sc2, g2 = [mod[:, k * D:(k + 1) * D][:, None] for k in range(6)]
-        tok = tok + g1 * _attention(w, pre + ".attn", _norm(tok, norm) * (1 + sc1) + sh1, cfg["num_heads"])
-        h = _norm(tok, norm) * (1 + sc2) + sh2
+        a1, a2 = w.get(pre + ".norm1.alpha"), w.get(pre + ".norm2.alpha")
+        tok = tok + g1 * _attention(w, pre + ".attn", _norm(tok, norm, a1) * (1 + sc1) + sh1, cfg["num_heads"])
+        h = _norm(tok, norm, a2) * (1 + sc2) + sh2
         tok = tok + g2 * _linear(w, pre + ".mlp.fc2", _gelu_tanh(_linear(w, pre + ".mlp.fc1", h)))
     mod = _linear(w, "final_layer.adaLN_modulation.1", _silu(c))
     shift, scale = mod[:, None, :D], mod[:, None, D:]
-    out = _linear(w, "final_layer.linear", _norm(tok, norm) * (1 + scale) + shift)
+    out = _linear(w, "final_layer.linear", _norm(tok, norm, w.get("final_layer.norm_final.alpha")) * (1 + scale) + shift)
     # Unpatchify: token (i, j) holds a p x p x C_out block in (row, col, channel) order.
     co = out.shape[-1] // (p * p)
     img = np.zeros((n, co, H, W))
@@ -102,7 +107,7 @@ def randomized(model, std=0.3, seed=0):
     return model
 
 
-@pytest.mark.parametrize("norm", ["layer-norm", "none"])
+@pytest.mark.parametrize("norm", ["layer-norm", "none", "rms-norm", "dyt"])
 @pytest.mark.parametrize("patch_size,input_size", [(2, 4), (1, 3)])
 def test_forward_matches_float64_reference(norm, patch_size, input_size):
     cfg = dict(TINY, patch_size=patch_size, input_size=input_size)
@@ -298,8 +303,21 @@ def test_normalization_recorded_and_mismatch_refused():
         none.load_state_dict(ln.state_dict(), strict=False)
 
 
+def test_dyt_init_and_block_adaln_not_zeroed():
+    """DyT: alpha starts at 0.5 in every norm; blocks' adaLN is not zero-initialised (as in the DyT
+    paper's DiT runs) while the final layer is, so the model still outputs zero."""
+    torch.manual_seed(0)
+    model = DiT(**TINY, normalization="dyt")
+    alphas = [p for n, p in model.named_parameters() if n.endswith(".alpha")]
+    assert len(alphas) == 2 * 2 + 1 and all(float(a) == 0.5 for a in alphas)
+    assert model.blocks[0].adaLN_modulation[-1].weight.abs().sum() > 0
+    assert DiT(**TINY).blocks[0].adaLN_modulation[-1].weight.abs().sum() == 0
+    sd = model.state_dict()
+    assert bytes(sd["normalization"].tolist()) == b"dyt" and "blocks.0.norm1.alpha" in sd
+
+
 def test_unknown_normalization_lists_choices():
-    with pytest.raises(ValueError, match="layer-norm.*none"):
+    with pytest.raises(ValueError, match="dyt.*layer-norm.*none.*rms-norm"):
         DiT(**TINY, normalization="batch-norm")
 
 
