@@ -308,6 +308,7 @@ class Trainer:
         )
         self.step = 0
         self.stop_requested = False
+        self.loss_history = []  # [step, mean loss since the previous log line], saved in checkpoints
 
     # ----------------------------------------------------------------------------------------------
     def autocast(self):
@@ -341,6 +342,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "opt": self.opt.state_dict(),
             "step": self.step,
+            "loss_history": [list(item) for item in self.loss_history],
             "rng": gather_rng_states(self.dist),
             "world_size": self.dist.world_size,
             "config": self.config,
@@ -363,6 +365,7 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["opt"])
         self.step = ckpt["step"]
+        self.loss_history = [list(item) for item in ckpt.get("loss_history", [])]
         rng = ckpt.get("rng") or []
         if len(rng) == self.dist.world_size:
             set_rng_state(rng[self.dist.rank])
@@ -404,6 +407,7 @@ class Trainer:
                             f"loss became {avg_loss} between steps {last_step} and {self.step}; stopping. "
                             f"The last good checkpoint is untouched: resume from it with a lower --lr or --grad-clip"
                         )
+                    self.loss_history.append([self.step, avg_loss])
                     now = time.time()
                     rate = n / max(now - last_time, 1e-9)
                     eta = (max_steps - self.step) / max((self.step - start_step) / (now - start_time), 1e-9)
