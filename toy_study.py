@@ -7,6 +7,8 @@ runs in parallel (one CPU thread each), then writes to --out:
                  evaluated step (the study's scatter plot); the target is the origin
   summary.md     per variant and step: mean/max/RMS error (mean and spread over seeds) and the ratio
   summary.json   LayerNorm error / no-LayerNorm error; the same numbers as JSON
+  outliers/      the embedding-outlier analysis (analyze_embeddings.py) of each variant's final EMA
+                 weights: does the LayerNorm model grow an outlier channel to get its signal through?
 
     python toy_study.py                          # CPU preset, seed 0, both variants
     python toy_study.py --seeds 0 1 2            # the 3-seed check
@@ -68,11 +70,12 @@ def eval_steps(run_dir):
 def plot_scatter(ax, runs, step, weights="ema"):
     """Channel 0 vs channel 1 of every pixel of every sample, one colour per variant, symmetric limits."""
     limit = 0.0
+    clouds = []
     for run_dir in runs:
-        norm = load_config(run_dir)["normalization"]
         s = load_samples(run_dir, step, weights)
+        clouds.append((float((s.double() ** 2).mean().sqrt()), load_config(run_dir)["normalization"], s))
+    for rms, norm, s in sorted(clouds, key=lambda c: -c[0]):  # widest cloud first, so none is hidden
         c0, c1 = s[:, 0].flatten().numpy(), s[:, 1].flatten().numpy()
-        rms = float((s.double() ** 2).mean().sqrt())
         ax.scatter(c0, c1, s=6, alpha=0.6, color=COLORS.get(norm), label=f"{LABELS.get(norm, norm)} (RMS {rms:.1e})")
         limit = max(limit, float(s.abs().max()))
     limit = 1.1 * limit or 1e-3
@@ -91,12 +94,12 @@ def plot_scatter(ax, runs, step, weights="ema"):
 def plot_compare(runs, path, weights="ema"):
     """The study's figure: one scatter panel per evaluated step, all variants of one seed together."""
     steps = eval_steps(runs[0])
-    fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.4 * len(steps), 4.8), squeeze=False)
     for ax, step in zip(axes[0], steps):
         plot_scatter(ax, runs, step, weights)
     fig.suptitle("Toy DiT samples (target: all zeros). Each point is one pixel of 100 samples.", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -119,7 +122,7 @@ def plot_error_curves(runs, path=None, error="rms", ax=None):
     ax.legend(fontsize=6)
     if own:
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
 
 
@@ -176,22 +179,56 @@ def format_markdown(summary, config):
     return "\n".join(lines) + "\n"
 
 
-def write_report(runs, out):
-    """compare.png (first seed of each variant), errors.png, summary.md and summary.json in `out`."""
-    os.makedirs(out, exist_ok=True)
+def first_seed_runs(runs):
+    """One run per variant: the one with the lowest seed."""
     first = {}
     for run_dir in runs:
         cfg = load_config(run_dir)
-        first.setdefault(cfg["normalization"], (cfg["global_seed"], run_dir))
-        first[cfg["normalization"]] = min(first[cfg["normalization"]], (cfg["global_seed"], run_dir))
-    scatter_runs = [run for _, run in first.values()]
-    plot_compare(scatter_runs, os.path.join(out, "compare.png"))
+        key = (cfg["global_seed"], run_dir)
+        first[cfg["normalization"]] = min(first.get(cfg["normalization"], key), key)
+    return [run for _, run in first.values()]
+
+
+def outlier_lines(stats_path):
+    """Markdown lines: per variant and timestep, the largest |x| over the blocks' token embeddings and
+    how consistently one channel carries each token's largest value (from analyze_embeddings' stats)."""
+    with open(stats_path) as f:
+        stats = json.load(f)
+    lines = ["", "Token embeddings of the final EMA weights (analyze_embeddings.py, x0 = 0 noised to each timestep):", "",
+             "| variant | timestep | max abs over blocks | max/median (last block) | dominant channel | its share of tokens |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for model in stats["models"].values():
+        norm = model["config"]["normalization"]
+        for t, per_layer in model["stats"].items():
+            blocks = [v for k, v in per_layer.items() if k.startswith("block.")]
+            chan = model["summary"]["per_timestep"].get(str(t), {})
+            lines.append(f"| {LABELS.get(norm, norm)} | {t} | {max(b['max_abs'] for b in blocks):.3g} | "
+                         f"{blocks[-1]['max_median_ratio']:.3g} | {chan.get('channel')} | {chan.get('share', 0):.2f} |")
+    return lines
+
+
+def analyze_outliers(runs, out, timesteps=(0, 10, 100, 500, 999)):
+    """Run the embedding-outlier analysis on the first seed of each variant; returns its stats.json path."""
+    import analyze_embeddings
+
+    target = os.path.join(out, "outliers")
+    analyze_embeddings.main(["--ckpt", *first_seed_runs(runs), "--zero-data", "--out", target, "--batch-size", "100",
+                             "--timesteps", *map(str, timesteps)])
+    return os.path.join(target, "stats.json")
+
+
+def write_report(runs, out, outlier_stats=None):
+    """compare.png (first seed of each variant), errors.png, summary.md and summary.json in `out`."""
+    os.makedirs(out, exist_ok=True)
+    plot_compare(first_seed_runs(runs), os.path.join(out, "compare.png"))
     plot_error_curves(runs, os.path.join(out, "errors.png"))
     summary = summarize(runs)
     summary["runs"] = list(runs)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     text = format_markdown(summary, load_config(runs[0]))
+    if outlier_stats:
+        text += "\n".join(outlier_lines(outlier_stats)) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
     return text
@@ -246,6 +283,7 @@ def main(argv=None):
     p.add_argument("--results-dir", default="results/toy-runs", help="where the run directories go")
     p.add_argument("--out", default="results/toy", help="where compare.png and the summaries go")
     p.add_argument("--report", nargs="+", metavar="RUN_DIR", help="only write the report for finished runs")
+    p.add_argument("--no-outliers", action="store_true", help="skip the embedding-outlier analysis of the final models")
     args, extra = p.parse_known_args(argv)  # anything else is passed to train_toy.py (e.g. --steps 2000)
     plt.switch_backend("Agg")  # files only, no windows
     start = time.time()
@@ -256,7 +294,8 @@ def main(argv=None):
         print(f"toy study: {len(jobs)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
               f"{args.parallel} at a time; run directories in {args.results_dir}", flush=True)
         runs = run_all(jobs, args.parallel, args.results_dir)
-    text = write_report(runs, args.out)
+    stats = None if args.no_outliers else analyze_outliers(runs, args.out)
+    text = write_report(runs, args.out, stats)
     print(text)
     print(f"wrote {args.out}/compare.png, errors.png, summary.md, summary.json ({time.time() - start:.0f}s)")
 
