@@ -25,7 +25,6 @@ import matplotlib.pyplot as plt
 
 import toy_study
 from models import NORM_LAYERS
-from train_utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["layer-norm", "none", "rms-norm", "dyt"]
@@ -83,8 +82,9 @@ def toy_table(runs):
             if r["step"] == step:
                 last.setdefault((cfg["normalization"], r["weights"]), []).append(r)
     table = {}
+    losses = toy_study.summarize(runs)["final_loss"]
     for (norm, weights), rows in last.items():
-        table.setdefault(norm, {"step": rows[0]["step"], "seeds": len(rows)})
+        table.setdefault(norm, {"step": rows[0]["step"], "seeds": len(rows), "final_loss": losses.get(norm, {}).get("mean")})
         for e in ("rms", "max_abs"):
             values = [r[e] for r in rows]
             table[norm][f"{weights}_{e}"] = dict(mean=statistics.fmean(values), min=min(values), max=max(values))
@@ -124,13 +124,6 @@ def run_digits(variants, steps, parallel, results_dir, log_dir):
     return new_dirs(results_dir, before)
 
 
-def final_loss(run_dir, last=5):
-    """Mean of the last `last` logged training losses of a run (from its latest checkpoint)."""
-    history = load_checkpoint(run_dir).get("loss_history") or []
-    values = [loss for _, loss in history[-last:]]
-    return statistics.fmean(values) if values else float("nan")
-
-
 def outlier_table(stats_path):
     """Per model label: the largest |x|, max-median ratio and RMS kurtosis over the blocks, and the
     count of massive activations, at each analysed timestep (taking the worst timestep)."""
@@ -160,8 +153,8 @@ def write_summary(out, toy, digits, args):
              f"Variants: {', '.join(args.variants)}; toy seeds {args.seeds} (the `make toy` CPU preset); "
              f"digits demo {args.digits_steps} steps per variant, seed 0.", "",
              "## Toy identity study (error of the samples, target 0; last evaluated step)", "",
-             "| variant | step | seeds | EMA RMS (mean [min, max]) | EMA max abs | raw RMS | RMS / layer-norm |",
-             "|---|---:|---:|---|---|---|---:|"]
+             "| variant | step | seeds | EMA RMS (mean [min, max]) | EMA max abs | raw RMS | RMS / layer-norm | final train loss |",
+             "|---|---:|---:|---|---|---|---:|---|"]
     base = toy.get("layer-norm", {}).get("ema_rms", {}).get("mean")
     for v in args.variants:
         if v not in toy:
@@ -169,7 +162,8 @@ def write_summary(out, toy, digits, args):
         r = toy[v]
         ratio = r["ema_rms"]["mean"] / base if base else float("nan")
         lines.append(f"| {v} | {r['step']} | {r['seeds']} | {r['ema_rms']['mean']:.2e} [{r['ema_rms']['min']:.1e}, "
-                     f"{r['ema_rms']['max']:.1e}] | {r['ema_max_abs']['mean']:.2e} | {r['raw_rms']['mean']:.2e} | {ratio:.2f} |")
+                     f"{r['ema_rms']['max']:.1e}] | {r['ema_max_abs']['mean']:.2e} | {r['raw_rms']['mean']:.2e} | {ratio:.2f} | "
+                     f"{fmt(r['final_loss'])} |")
     lines += ["", "![toy error per variant](toy_errors.png)", "",
               "## Digits demo (pixel-space DiT, EMA weights)", "",
               "Outlier statistics over all blocks and analysed timesteps (the largest value of each): max |x| of the "
@@ -218,7 +212,7 @@ def main(argv=None):
         table = outlier_table(os.path.join(args.out, "outliers", "stats.json"))
         for run in runs:
             norm = toy_study.load_config(run)["normalization"]
-            digits[norm] = dict(run=run, final_loss=final_loss(run), **table.get(norm, {}))
+            digits[norm] = dict(run=run, final_loss=toy_study.final_loss(run), **table.get(norm, {}))
     print(write_summary(args.out, toy, digits, args))
     print(f"[ablation] wrote {args.out}/summary.md ({(time.time() - start) / 60:.1f} min)")
 

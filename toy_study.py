@@ -151,7 +151,20 @@ def summarize(runs):
             ratios.append(dict(weights=weights, step=step, **{
                 e: statistics.fmean(errs[e]) / statistics.fmean(other[e]) for e in ERRORS}))
     ratios.sort(key=lambda r: (r["step"], r["weights"]))
-    return dict(rows=rows, ratios=ratios)
+    losses = {}
+    for run_dir in runs:
+        losses.setdefault(load_config(run_dir)["normalization"], []).append(final_loss(run_dir))
+    final_losses = {norm: _spread(v) for norm, v in losses.items() if all(x == x for x in v)}
+    return dict(rows=rows, ratios=ratios, final_loss=final_losses)
+
+
+def final_loss(run_dir, last=4):
+    """Mean training loss over the last `last` log intervals of a run (from its latest checkpoint)."""
+    from train_utils import load_checkpoint
+
+    history = load_checkpoint(run_dir).get("loss_history") or []
+    values = [loss for _, loss in history[-last:]]
+    return statistics.fmean(values) if values else float("nan")
 
 
 def format_markdown(summary, config):
@@ -171,6 +184,11 @@ def format_markdown(summary, config):
         lines.append(f"| {r['step']} | {r['weights']} | {LABELS.get(r['normalization'], r['normalization'])} | "
                      f"{r['rms']['n']} | {cell['rms']} | {cell['mean_abs']} | {cell['max_abs']} | "
                      f"{r['max_abs']['mean'] * 127.5:.3f} |")
+    if summary.get("final_loss"):
+        lines += ["", "Training loss (the denoising objective) over the last log intervals, mean over seeds [min, max]:", "",
+                  "| variant | seeds | final training loss |", "|---|---:|---|"]
+        for norm, v in summary["final_loss"].items():
+            lines.append(f"| {LABELS.get(norm, norm)} | {v['n']} | {v['mean']:.2e} [{v['min']:.1e}, {v['max']:.1e}] |")
     if summary["ratios"]:
         lines += ["", "Ratio LayerNorm error / no-LayerNorm error (means over seeds; > 1: LayerNorm is worse):", "",
                   "| step | weights | RMS | mean abs | max abs |", "|---:|---|---:|---:|---:|"]
