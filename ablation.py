@@ -39,7 +39,8 @@ def run_parallel(commands, parallel, log_dir):
         while pending and len(running) < parallel:
             i, cmd = pending.pop(0)
             log = open(os.path.join(log_dir, f"job{i}.log"), "w")
-            running.append((i, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: `parallel` of them share the cores
+            running.append((i, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
             print(f"  started: {' '.join(cmd[1:])}", flush=True)
             time.sleep(1.0)  # distinct run-directory indices
         for item in list(running):
@@ -118,7 +119,7 @@ def plot_toy(runs, path):
 def run_digits(variants, steps, parallel, results_dir, log_dir):
     before = listing(results_dir)
     cmds = [[sys.executable, "train.py", "--demo", "--normalization", v, "--max-steps", str(steps),
-             "--results-dir", results_dir, "--sample-every", "0", "--threads", "1"] for v in variants]
+             "--results-dir", results_dir, "--sample-every", "0"] for v in variants]
     print(f"[ablation] digits demo: {len(cmds)} runs of {steps} steps", flush=True)
     run_parallel(cmds, parallel, log_dir)
     return new_dirs(results_dir, before)
