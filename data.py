@@ -1,0 +1,258 @@
+"""Data for train.py and extract_latents.py: ADM center crop, an ImageFolder with deterministic flips,
+the sampler that decides the flips, pre-extracted latent shards, the VAE, and the digits demo data set.
+
+Determinism. Which image a process sees at a step, and whether it is mirrored, is a pure function of
+(--global-seed, epoch, position in the epoch): `FlipSampler` yields (index, flip) keys, and the data
+sets return exactly that image, flipped or not. Nothing depends on data-loader worker scheduling or
+on the global RNG, so a run resumed at (epoch, position) sees the same batches it would have seen,
+and training from pre-extracted latents sees the same images with the same flips as the on-the-fly
+path (only the VAE's posterior sample differs: same distribution, other noise).
+"""
+
+import bisect
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+
+#################################################################################
+#                               Images                                          #
+#################################################################################
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM center crop: halve with BOX while the short side is at least twice the target, then a
+    BICUBIC resize to a short side of exactly `image_size`, then crop the centre square."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def to_tensor(arr):
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class FlipImageFolder(ImageFolder):
+    """An ImageFolder indexed by (index, flip) keys: returns the ADM-center-cropped image scaled to
+    [-1, 1], mirrored left-right when flip is 1, and its class label.
+
+    Mirroring the tensor is exactly mirroring the picture (a permutation of pixels), so
+    `dataset[i, 1][0] == dataset[i, 0][0].flip(-1)`.
+    """
+
+    def __init__(self, root, image_size):
+        super().__init__(root)
+        self.image_size = image_size
+
+    def image(self, index):
+        """The unflipped (3, H, W) image `index` and its label."""
+        path, label = self.samples[index]
+        return to_tensor(center_crop_arr(self.loader(path), self.image_size)), label
+
+    def __getitem__(self, key):
+        index, flip = key
+        x, label = self.image(index)
+        return (x.flip(-1) if flip else x), label
+
+
+def open_image_folder(path, image_size, num_classes):
+    """FlipImageFolder at `path`, with clear errors for a missing/empty folder and too many classes."""
+    if not path:
+        raise SystemExit("no data: pass --data-path DIR (an ImageFolder tree: DIR/<class>/<image>) or --latents-dir")
+    if not os.path.isdir(path):
+        raise SystemExit(f"--data-path {path}: no such directory (expected an ImageFolder tree DIR/<class>/<image>)")
+    try:
+        dataset = FlipImageFolder(path, image_size)
+    except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
+        raise SystemExit(f"--data-path {path}: not a usable ImageFolder tree (DIR/<class>/<image>): {e}")
+    check_num_classes(len(dataset.classes), num_classes, f"--data-path {path}")
+    return dataset
+
+
+def check_num_classes(found, num_classes, where):
+    if found > num_classes:
+        raise SystemExit(f"{where} has {found} classes but --num-classes is {num_classes}; "
+                         f"pass --num-classes {found} (or more)")
+
+
+#################################################################################
+#                          The deterministic sampler                            #
+#################################################################################
+
+
+class FlipSampler(DistributedSampler):
+    """DistributedSampler (shuffled, drop_last, seeded by --global-seed) that yields (index, flip)
+    keys and can start part-way into an epoch.
+
+    The permutation is the DistributedSampler's (seed + epoch); the flip of every data set index is
+    drawn from its own generator seeded by (seed, epoch), so an image's flip in an epoch does not
+    depend on the world size either. `start` skips that many of this rank's keys without loading
+    them (set it for the first epoch of a resumed run, back to 0 afterwards). flip=False turns the
+    augmentation off (the digits demo: a mirrored digit is not a digit).
+    """
+
+    FLIP_SEED_OFFSET = 1_000_003  # keeps the flip stream apart from the permutation stream
+
+    def __init__(self, dataset, num_replicas, rank, seed, flip=True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.flip = flip  # False: every key has flip 0 (no augmentation)
+        self.start = 0
+
+    def flips(self):
+        """One 0/1 flip per data set index for the current epoch."""
+        if not self.flip:
+            return [0] * len(self.dataset)
+        g = torch.Generator().manual_seed(self.FLIP_SEED_OFFSET * (self.seed + 1) + self.epoch)
+        return torch.randint(0, 2, (len(self.dataset),), generator=g).tolist()
+
+    def __iter__(self):
+        flips = self.flips()
+        indices = list(super().__iter__())[self.start:]
+        return iter([(i, flips[i]) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+#################################################################################
+#                             Pre-extracted latents                             #
+#################################################################################
+
+INDEX_FILE = "index.json"
+LATENTS_FORMAT = 1
+
+
+def read_latents_index(latents_dir):
+    """The index.json extract_latents.py writes, with a clear error when there is none."""
+    path = os.path.join(latents_dir, INDEX_FILE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"--latents-dir {latents_dir}: no {INDEX_FILE} (make one with extract_latents.py, "
+                         f"and let it finish: the index is written last)")
+    with open(path) as f:
+        index = json.load(f)
+    if index.get("format") != LATENTS_FORMAT:
+        raise SystemExit(f"{path}: latents format {index.get('format')!r}, this code reads {LATENTS_FORMAT}")
+    return index
+
+
+class LatentShards(Dataset):
+    """The shards of extract_latents.py, indexed by (index, flip) keys like FlipImageFolder: returns
+    the float32 latent of image `index` (mirrored before encoding when flip is 1) and its label.
+
+    Shards are memory-mapped (opened lazily in each worker), so a data set larger than memory is fine.
+    """
+
+    def __init__(self, latents_dir):
+        self.dir = latents_dir
+        self.index = read_latents_index(latents_dir)
+        self.shards = self.index["shards"]
+        self.starts = [s["start"] for s in self.shards]
+        self.classes = self.index["classes"]
+        self._open = {}
+
+    def __len__(self):
+        return self.index["num_images"]
+
+    def shard(self, k):
+        if k not in self._open:
+            path = os.path.join(self.dir, self.shards[k]["file"])
+            self._open[k] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return self._open[k]
+
+    def __getitem__(self, key):
+        index, flip = key
+        k = bisect.bisect_right(self.starts, index) - 1
+        shard = self.shard(k)
+        i = index - self.starts[k]
+        return shard["latents"][i, int(flip)].float(), int(shard["labels"][i])
+
+    def __getstate__(self):  # workers re-open the memory maps themselves
+        return {**self.__dict__, "_open": {}}
+
+
+#################################################################################
+#                                   The VAE                                     #
+#################################################################################
+
+VAE_HELP = "ema | mse (stabilityai/sd-vae-ft-<ema|mse>) | none (pixel space) | PATH (a local AutoencoderKL folder)"
+
+
+def vae_source(vae):
+    """What AutoencoderKL.from_pretrained loads for a --vae value."""
+    if vae in ("ema", "mse"):
+        return f"stabilityai/sd-vae-ft-{vae}"
+    if os.path.isdir(vae):
+        return vae
+    raise SystemExit(f"--vae {vae!r}: expected {VAE_HELP}; {vae!r} is not a directory")
+
+
+def vae_geometry(vae):
+    """(downsampling factor, latent channels) of a --vae value, read without loading any weights:
+    8 and 4 for the Stable Diffusion VAEs, from config.json for a local folder, 1 and 3 for none."""
+    if vae == "none":
+        return 1, 3
+    source = vae_source(vae)
+    if source.startswith("stabilityai/"):
+        return 8, 4
+    config_path = os.path.join(source, "config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"--vae {vae}: no config.json there (save the VAE with AutoencoderKL.save_pretrained)")
+    with open(config_path) as f:
+        config = json.load(f)
+    return 2 ** (len(config["block_out_channels"]) - 1), config["latent_channels"]
+
+
+def load_vae(vae, device):
+    """The frozen diffusers AutoencoderKL for a --vae value, in eval mode on `device`."""
+    from diffusers.models import AutoencoderKL
+
+    source = vae_source(vae)
+    try:
+        model = AutoencoderKL.from_pretrained(source)
+    except Exception as e:  # offline hub, missing files, a folder of something else
+        raise SystemExit(f"could not load the VAE {source!r}: {e}\n"
+                         f"Offline? Pass --vae PATH to a local copy (AutoencoderKL.save_pretrained)")
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+#################################################################################
+#                                 Digits demo                                   #
+#################################################################################
+
+
+def write_digits_folder(root, size=32):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as an ImageFolder of PNGs,
+    root/<digit>/<i>.png, upscaled (bicubic) to size x size. Written once: a complete folder is
+    left alone; the folder appears atomically (written next to it, then renamed)."""
+    if os.path.isdir(root):
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-digits-")
+    try:
+        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+            os.makedirs(os.path.join(tmp, str(label)), exist_ok=True)
+            pixels = (image * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16 -> 0..255
+            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(
+                os.path.join(tmp, str(label), f"{i:04d}.png"))
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(root):
+            raise
+    return root

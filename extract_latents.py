@@ -1,0 +1,152 @@
+"""Encode an ImageFolder data set with the VAE once, so train.py --latents-dir can skip the VAE.
+
+    python extract_latents.py --data-path /data/imagenet/train --latents-dir latents/in256 --image-size 256
+    torchrun --nproc_per_node=8 extract_latents.py --data-path /data/imagenet/train --latents-dir latents/in256
+
+Every image is ADM-center-cropped exactly as train.py does it and encoded twice, as is and mirrored, so
+training can pick the flip that data.FlipSampler chooses for each step. Output in --latents-dir:
+
+    shard-00000.pt ...  {"latents": (n, 2, C, h, w) [unflipped, flipped] * latent_scale, "labels": (n,),
+                         "start": index of the first image}; shard k holds images k*S ... k*S + n - 1
+    index.json          sizes, classes, VAE, latent scale and the list of shards (written last)
+
+Shard k is encoded by rank k % world_size, with the posterior noise drawn from a generator seeded by
+(--global-seed, k): the output is the same for any number of processes. The latents follow the same
+distribution as train.py's on-the-fly encoding but not the same bits (other noise draws). Shards are
+written atomically; a rerun with the same settings keeps the shards that are already there.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data import INDEX_FILE, LATENTS_FORMAT, VAE_HELP, load_vae, open_image_folder, vae_geometry
+from train_utils import barrier, cleanup_distributed, save_checkpoint, setup_distributed, write_json
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SETTINGS_FILE = "settings.json"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", required=True, help="ImageFolder tree: DIR/<class>/<image>")
+    p.add_argument("--latents-dir", required=True, help="output directory")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--num-classes", type=int, default=1000, help="error if the folder has more classes")
+    p.add_argument("--vae", default="ema", help=VAE_HELP.replace(" | none (pixel space)", ""))
+    p.add_argument("--latent-scale", type=float, default=0.18215)
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call per process (x2 with flips)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard file")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage type of the latents")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    return p.parse_args(argv)
+
+
+class BothFlips(Dataset):
+    """Images start..end-1 of a FlipImageFolder as (2, 3, H, W) [image, mirrored image] and labels."""
+
+    def __init__(self, folder, start, end):
+        self.folder, self.start, self.end = folder, start, end
+
+    def __len__(self):
+        return self.end - self.start
+
+    def __getitem__(self, i):
+        x, label = self.folder.image(self.start + i)
+        return torch.stack([x, x.flip(-1)]), label
+
+
+def shard_seed(global_seed, k):
+    """Seed of shard k's posterior noise: the same whichever process encodes it."""
+    return (global_seed << 32) + k
+
+
+@torch.no_grad()
+def encode_shard(vae, folder, start, end, args, device):
+    """Latents (n, 2, C, h, w) and labels (n,) of images start..end-1."""
+    loader = DataLoader(BothFlips(folder, start, end), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    generator = torch.Generator().manual_seed(shard_seed(args.global_seed, start // args.shard_size))
+    latents, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True).flatten(0, 1)  # (2B, 3, H, W): image, mirror, image, mirror, ...
+        z = vae.encode(x).latent_dist.sample(generator=generator).mul_(args.latent_scale)
+        latents.append(z.unflatten(0, (-1, 2)).to("cpu", DTYPES[args.dtype]))
+        labels.append(y)
+    return torch.cat(latents), torch.cat(labels).long()
+
+
+def check_settings(path, settings):
+    """A rerun must have the same settings as the shards already there (then they are kept)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise SystemExit(f"{os.path.dirname(path)} holds latents made with other settings ({', '.join(changed)} "
+                             f"differ); use a new --latents-dir or delete that one")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    factor, channels = vae_geometry(args.vae) if args.vae != "none" else (None, None)
+    if factor is None:
+        raise SystemExit("--vae none: there is nothing to extract (train.py --vae none trains on pixels)")
+    if args.image_size <= 0 or args.image_size % factor:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {factor}")
+    d = setup_distributed(args.device)
+    try:
+        folder = open_image_folder(args.data_path, args.image_size, args.num_classes)
+        n = len(folder)
+        num_shards = math.ceil(n / args.shard_size)
+        settings = dict(format=LATENTS_FORMAT, num_images=n, classes=folder.classes, image_size=args.image_size,
+                        vae=args.vae, latent_scale=args.latent_scale, latent_size=args.image_size // factor,
+                        latent_channels=channels, shard_size=args.shard_size, dtype=args.dtype,
+                        global_seed=args.global_seed, data_path=os.path.abspath(args.data_path))
+        os.makedirs(args.latents_dir, exist_ok=True)
+        settings_path = os.path.join(args.latents_dir, SETTINGS_FILE)
+        check_settings(settings_path, settings)
+        barrier()
+        if d.is_main:
+            write_json(settings_path, settings)
+        vae = load_vae(args.vae, d.device)
+        if vae.config.latent_channels != channels:
+            raise SystemExit(f"the VAE {args.vae} config says {channels} latent channels, the model has "
+                             f"{vae.config.latent_channels}")
+        if d.is_main:
+            print(f"encoding {n:,} images ({len(folder.classes)} classes) at {args.image_size}px, both flips, with "
+                  f"{args.vae} into {num_shards} shards of {args.shard_size} in {args.latents_dir} "
+                  f"({d.world_size} process(es) on {d.device.type})", flush=True)
+        t0 = time.time()
+        shards = []
+        for k in range(num_shards):
+            start, end = k * args.shard_size, min((k + 1) * args.shard_size, n)
+            name = f"shard-{k:05d}.pt"
+            shards.append(dict(file=name, start=start, count=end - start))
+            path = os.path.join(args.latents_dir, name)
+            if k % d.world_size != d.rank or os.path.isfile(path):
+                continue
+            latents, labels = encode_shard(vae, folder, start, end, args, d.device)
+            save_checkpoint({"latents": latents, "labels": labels, "start": start}, path)
+            print(f"[rank {d.rank}] wrote {path} ({end - start} images, {time.time() - t0:.0f}s)", flush=True)
+        barrier()
+        if d.is_main:
+            missing = [s["file"] for s in shards if not os.path.isfile(os.path.join(args.latents_dir, s["file"]))]
+            if missing:
+                raise SystemExit(f"shards missing after extraction: {missing[:5]}")
+            write_json(os.path.join(args.latents_dir, INDEX_FILE), {**settings, "shards": shards})
+            print(f"done: {n:,} images in {time.time() - t0:.0f}s; train with --latents-dir {args.latents_dir}")
+        barrier()
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

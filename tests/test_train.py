@@ -1,0 +1,350 @@
+"""End-to-end tests of train.py, extract_latents.py and data.py on the CPU with tiny models: a small
+ImageFolder and a small diffusers AutoencoderKL written to tmp folders, torchrun with two gloo
+processes, pre-extracted latents, exact resume, atomic checkpoints, SIGTERM, NaN stops and the errors
+for bad input."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import extract_latents
+import train
+import train_utils
+from models import build_model_from_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_IMAGES, NUM_CLASSES = 12, 3
+# A DiT-S/2 shrunk to one block of width 32; 16px images -> 8x8x4 latents with the tiny VAE (factor 2).
+TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--image-size", "16",
+        "--num-classes", "4", "--global-batch-size", "4", "--log-every", "1", "--num-workers", "0",
+        "--sample-every", "0", "--precision", "fp32", "--lr", "1e-3", "--ema-decay", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 classes x 4 random RGB images of 20x24 pixels (not square: the center crop has work to do)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(NUM_IMAGES):
+        folder = root / f"class{i % NUM_CLASSES}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny AutoencoderKL (downsampling 2, 4 latent channels) saved with save_pretrained."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        sample_size=16)
+    path = str(tmp_path_factory.mktemp("vae"))
+    vae.save_pretrained(path)
+    return path
+
+
+def run(tmp, image_folder, *extra):
+    return train.main([*TINY, "--data-path", image_folder, "--results-dir", str(tmp), *extra])
+
+
+def only_run(results_dir):
+    (name,) = os.listdir(results_dir)
+    return os.path.join(results_dir, name)
+
+
+def assert_same_weights(a, b, keys=("model", "ema")):
+    for key in keys:
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+def torchrun(port, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+#################################################################################
+#                                  Data                                         #
+#################################################################################
+
+
+def test_center_crop_sizes():
+    big = Image.fromarray(np.zeros((100, 70, 3), dtype=np.uint8))  # short side 70 >= 2 x 32: BOX first
+    assert data.center_crop_arr(big, 32).shape == (32, 32, 3)
+    small = Image.fromarray(np.zeros((9, 13, 3), dtype=np.uint8))  # upscaled
+    assert data.center_crop_arr(small, 16).shape == (16, 16, 3)
+
+
+def test_flip_sampler_is_deterministic_and_resumable(image_folder):
+    folder = data.FlipImageFolder(image_folder, 16)
+    keys = lambda s: list(iter(s))
+    a, b = data.FlipSampler(folder, 1, 0, seed=3), data.FlipSampler(folder, 1, 0, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert keys(a) == keys(b) and sorted(i for i, _ in keys(a)) == list(range(NUM_IMAGES))
+    assert {f for _, f in keys(a)} <= {0, 1}
+    b.start = 5
+    assert keys(b) == keys(a)[5:] and len(b) == NUM_IMAGES - 5
+    a.set_epoch(3)
+    assert keys(a) != keys(b)
+    # two ranks split the epoch; an image's flip does not depend on the world size
+    r0, r1 = data.FlipSampler(folder, 2, 0, seed=3), data.FlipSampler(folder, 2, 1, seed=3)
+    r0.set_epoch(3), r1.set_epoch(3)
+    flips = dict(keys(a))
+    assert not {i for i, _ in keys(r0)} & {i for i, _ in keys(r1)}
+    assert all(flips[i] == f for i, f in keys(r0) + keys(r1))
+    plain = data.FlipSampler(folder, 1, 0, seed=3, flip=False)  # --no-flip
+    plain.set_epoch(3)
+    assert [i for i, _ in keys(plain)] == [i for i, _ in keys(a)] and {f for _, f in keys(plain)} == {0}
+
+
+def test_flipped_item_is_the_mirrored_image(image_folder):
+    folder = data.FlipImageFolder(image_folder, 16)
+    x0, y0 = folder[3, 0]
+    x1, y1 = folder[3, 1]
+    assert x0.shape == (3, 16, 16) and y0 == y1 == 0
+    assert torch.equal(x1, x0.flip(-1)) and -1 <= x0.min() and x0.max() <= 1
+
+
+#################################################################################
+#                                  Training                                     #
+#################################################################################
+
+
+def test_train_with_local_vae_writes_a_rebuildable_checkpoint(tmp_path, image_folder, vae_dir):
+    run_dir = run(tmp_path, image_folder, "--vae", vae_dir, "--max-steps", "4", "--ckpt-every", "2",
+                  "--sample-every", "2", "--sample-steps", "3", "--sample-images", "4", "--tensorboard")
+    assert os.path.basename(run_dir) == "000-DiT-S-2-layer-norm"
+    assert any(f.startswith("events.") for f in os.listdir(os.path.join(run_dir, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000002.pt", "0000004.pt", "latest.pt"]
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["0000002.png", "0000004.png"]
+    assert Image.open(os.path.join(run_dir, "samples", "0000004.png")).size[0] > 64
+    ckpt = train_utils.load_checkpoint(run_dir)  # weights_only=True
+    assert ckpt["step"] == 4 and (ckpt["epoch"], ckpt["position"]) == (1, 1)  # 3 steps per epoch
+    config = ckpt["config"]
+    assert json.load(open(os.path.join(run_dir, "config.json"))) == config
+    assert config["script"] == "train.py" and config["vae"] == vae_dir and config["latent_scale"] == 0.18215
+    assert (config["image_size"], config["input_size"], config["in_channels"]) == (16, 8, 4)
+    assert config["num_classes"] == 4 and config["learn_sigma"] and config["class_dropout_prob"] == 0.1
+    model = build_model_from_config(config)
+    model.load_state_dict(ckpt["ema"])  # strict: the config alone rebuilds the model
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    for text in ("loss", "grad norm", "steps/s", "img/s", "saved EMA sample grid"):
+        assert text in log
+
+
+def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_dir):
+    out = torchrun(29531, "train.py", *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path),
+                   "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1", "--debug-save-rank-weights")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    ckpt = train_utils.load_checkpoint(run_dir)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 1 and len(ckpt["rng"]) == 2
+    ranks = [torch.load(os.path.join(run_dir, f"rank{r}-weights.pt"), weights_only=True) for r in (0, 1)]
+    assert_same_weights({"model": ranks[0]}, {"model": ranks[1]}, keys=("model",))
+    assert_same_weights({"model": ranks[0]}, ckpt, keys=("model",))
+    assert ranks[0]["final_layer.linear.weight"].abs().sum() > 0  # zero at init: the step did update it
+
+
+def test_extract_then_train_from_latents(tmp_path, image_folder, vae_dir, monkeypatch):
+    common = ["--data-path", image_folder, "--image-size", "16", "--vae", vae_dir, "--shard-size", "5",
+              "--batch-size", "2", "--num-workers", "0", "--num-classes", "4"]
+    one = str(tmp_path / "one")
+    extract_latents.main([*common, "--latents-dir", one])
+    out = torchrun(29532, "extract_latents.py", *common, "--latents-dir", str(tmp_path / "two"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    index = json.load(open(os.path.join(one, "index.json")))
+    assert index["num_images"] == NUM_IMAGES and [s["count"] for s in index["shards"]] == [5, 5, 2]
+    assert (index["latent_size"], index["latent_channels"], index["vae"]) == (8, 4, vae_dir)
+    # the same latents whatever the number of processes (noise seeded per shard)
+    for s in index["shards"]:
+        a = torch.load(os.path.join(one, s["file"]), weights_only=True)
+        b = torch.load(os.path.join(tmp_path, "two", s["file"]), weights_only=True)
+        assert a["latents"].shape == (s["count"], 2, 4, 8, 8)
+        torch.testing.assert_close(a["latents"], b["latents"], rtol=0, atol=1e-5)
+        assert torch.equal(a["labels"], b["labels"])
+    # (index, flip) keys give the same labels as the images; the flipped latent is another encoding
+    shards, folder = data.LatentShards(one), data.FlipImageFolder(image_folder, 16)
+    for i in range(NUM_IMAGES):
+        assert shards[i, 0][1] == shards[i, 1][1] == folder[i, 0][1]
+        assert not torch.equal(shards[i, 0][0], shards[i, 1][0])
+
+    # training reads the shards and never loads the VAE when it draws no sample grids
+    def no_vae(*args, **kwargs):
+        raise AssertionError("the VAE was loaded")
+
+    monkeypatch.setattr(train, "load_vae", no_vae)
+    run_dir = train.main([*TINY, "--latents-dir", one, "--results-dir", str(tmp_path / "runs"), "--max-steps", "3",
+                          "--no-layernorm"])
+    ckpt = train_utils.load_checkpoint(run_dir)
+    assert run_dir.endswith("000-DiT-S-2-none") and ckpt["step"] == 3
+    config = ckpt["config"]
+    assert config["normalization"] == "none" and config["latents_dir"] == one
+    assert (config["vae"], config["image_size"], config["input_size"], config["in_channels"]) == (vae_dir, 16, 8, 4)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, image_folder, vae_dir, monkeypatch):
+    # 12 images / batch 4 = 3 steps per epoch: the crash (after step 4's checkpoint) is mid-epoch
+    args = ("--vae", vae_dir, "--max-steps", "7", "--ckpt-every", "2", "--sample-every", "3", "--sample-steps", "2",
+            "--sample-images", "3", "--num-workers", "1")
+    full = run(tmp_path / "full", image_folder, *args)
+
+    real_step = train_utils.Trainer.train_step
+
+    def crashing(self, x, y):
+        if self.step == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(train_utils.Trainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", image_folder, *args)
+    monkeypatch.setattr(train_utils.Trainer, "train_step", real_step)
+    cut = only_run(tmp_path / "cut")
+    ckpt = train_utils.load_checkpoint(cut)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["position"]) == (4, 1, 1)
+
+    assert train.main(["--resume", cut, "--num-workers", "1"]) == cut
+    a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
+    assert a["step"] == b["step"] == 7
+    assert_same_weights(a, b)
+    for x, y in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    for name in ("0000006.png", "0000007.png"):  # grids drawn after the resume match too
+        assert open(os.path.join(full, "samples", name), "rb").read() == open(os.path.join(cut, "samples", name), "rb").read()
+
+
+def test_resume_refuses_a_contradicting_flag(tmp_path, image_folder):
+    run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "1")
+    with pytest.raises(SystemExit, match="--hidden-size 64 contradicts the run being resumed"):
+        train.main(["--resume", run_dir, "--hidden-size", "64"])
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, image_folder, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half a file, then the "crash"
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        run(tmp_path, image_folder, "--vae", "none", "--max-steps", "4", "--ckpt-every", "2")
+    monkeypatch.setattr(torch, "save", real_save)
+    checkpoints = os.path.join(only_run(tmp_path), "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["0000002.pt", "latest.pt"]  # no partial or temp files
+    assert train_utils.load_checkpoint(only_run(tmp_path))["step"] == 2
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
+    cmd = [sys.executable, "train.py", *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path),
+           "--vae", "none", "--max-steps", "1000000", "--ckpt-every", "1000000", "--log-every", "10"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        log = None
+        while time.time() < deadline:
+            runs = os.listdir(tmp_path)
+            log = os.path.join(tmp_path, runs[0], "log.txt") if runs else None
+            if log and os.path.exists(log) and "| loss" in open(log).read():  # a step was logged
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM received" in output and "Traceback" not in output
+    ckpt = train_utils.load_checkpoint(only_run(tmp_path))
+    assert 10 <= ckpt["step"] < 1000000
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "1")
+    message = str(stop.value)
+    assert "loss became" in message and "last good checkpoint is untouched" in message
+    ckpt = train_utils.load_checkpoint(only_run(tmp_path))
+    bad_step = int(message.split(" and ")[1].split(";")[0])
+    assert ckpt["step"] == bad_step - 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert f"{bad_step:07d}.pt" not in os.listdir(os.path.join(only_run(tmp_path), "checkpoints"))
+
+
+#################################################################################
+#                              Errors for bad input                             #
+#################################################################################
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vae", "none", "--image-size", "15"], "--image-size 15 is not a multiple of the patch size 2"),
+    (["--num-classes", "2", "--vae", "none"], "has 3 classes but --num-classes is 2"),
+    (["--vae", "none", "--global-batch-size", "64"], "fewer than one global batch of 64"),
+    (["--vae", "/no/such/vae"], "is not a directory"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, image_folder, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, image_folder, *extra)
+
+
+def test_image_size_must_divide_by_vae_factor_times_patch(tmp_path, image_folder, vae_dir):
+    with pytest.raises(SystemExit, match=r"--image-size 18 is not a multiple of 4 \(VAE downsampling 2 x patch size 2"):
+        run(tmp_path, image_folder, "--vae", vae_dir, "--image-size", "18")
+
+
+def test_batch_not_divisible_by_world_size(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the check comes before the process group is joined
+    with pytest.raises(SystemExit, match="--global-batch-size 5 is not divisible by the world size 2"):
+        run(tmp_path, image_folder, "--vae", "none", "--global-batch-size", "5")
+
+
+def test_missing_data_path_is_a_message_not_a_traceback(tmp_path):
+    cmd = [sys.executable, "train.py", *TINY, "--vae", "none", "--data-path", str(tmp_path / "nope"),
+           "--results-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "--data-path" in out.stderr and "no such directory" in out.stderr and "Traceback" not in out.stderr
+
+
+#################################################################################
+#                                 Demo and GPU                                  #
+#################################################################################
+
+
+def test_digits_demo_runs(tmp_path):
+    digits = str(tmp_path / "digits")
+    run_dir = train.main(["--demo", "--data-path", digits, "--results-dir", str(tmp_path / "runs"), "--max-steps", "2",
+                          "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--sample-steps", "2",
+                          "--sample-images", "10", "--num-workers", "0"])
+    assert sorted(os.listdir(digits)) == [str(i) for i in range(10)]
+    assert sum(len(os.listdir(os.path.join(digits, c))) for c in os.listdir(digits)) == 1797
+    config = train_utils.load_checkpoint(run_dir)["config"]
+    assert (config["vae"], config["in_channels"], config["num_classes"]) == ("none", 3, 10)
+    assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_compile_grad_checkpointing(tmp_path, image_folder):
+    run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "3", "--precision", "bf16", "--compile",
+                  "--grad-checkpointing", "--device", "cuda", "--sample-every", "3", "--sample-steps", "2")
+    ckpt = train_utils.load_checkpoint(run_dir)
+    assert ckpt["step"] == 3 and "peak mem" in open(os.path.join(run_dir, "log.txt")).read()

@@ -1,0 +1,465 @@
+"""Train a class-conditional latent DiT (Peebles & Xie, 2023), on one process or many (torchrun).
+
+    python train.py                                             # the digits demo: ~10 min on 2 CPU cores
+    torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /data/imagenet/train
+    torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --latents-dir latents/in256 --precision bf16 --compile
+    python train.py --resume results/000-DiT-XL-2-layer-norm    # continue a run exactly where it stopped
+
+Data: --data-path is an ImageFolder tree (DIR/<class>/<image>). Images are ADM-center-cropped to
+--image-size, mirrored at random, scaled to [-1, 1] and encoded by the Stable Diffusion VAE (--vae ema |
+mse | a local AutoencoderKL folder), latent = sample of the posterior * --latent-scale. --vae none trains
+in pixel space. --latents-dir trains from latents extract_latents.py wrote once (both flips of every
+image), without loading the VAE for training. Both paths see the same images with the same flips at
+every step (data.FlipSampler); "same results" means the same data order and the same latent
+distribution, not the same bits, because the posterior sample's noise differs between the two.
+
+Recipe (defaults): AdamW lr 1e-4, no weight decay, global batch 256, EMA 0.9999, 1000-step linear
+diffusion with learned sigma, class dropout 0.1. Attention goes through scaled_dot_product_attention
+(flash / memory-efficient kernels on GPU, best with --precision bf16).
+
+Runs: <--results-dir>/<index>-<model>-<normalization>/ with log.txt, config.json, checkpoints/<step>.pt
+and checkpoints/latest.pt (every --ckpt-every steps and at the end), samples/<step>.png (EMA sample grid
+every --sample-every steps) and, with --tensorboard, TensorBoard events. The loop is train_utils.Trainer:
+exact resume (on CPU an interrupted run resumed with --resume ends with bitwise the weights of an
+uninterrupted one), a checkpoint and a clean exit on SIGTERM, and a clear stop on a NaN/inf loss that
+leaves the last good checkpoint alone. Sample scripts rebuild the model from a checkpoint's config alone.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from data import (
+    VAE_HELP, FlipSampler, LatentShards, check_num_classes, load_vae, open_image_folder, vae_geometry,
+    write_digits_folder,
+)
+from diffusion import create_diffusion
+from models import NORM_LAYERS, DiT_models, build_model_from_config
+from train_utils import (
+    PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_global_batch, cleanup_distributed,
+    create_logger, load_checkpoint, new_run_dir, resolve_resume, setup_distributed, write_json,
+)
+
+DEFAULT_IMAGE_SIZE, DEFAULT_VAE, DEFAULT_LATENT_SCALE = 256, "ema", 0.18215
+
+# `python train.py` with no arguments (or --demo): sklearn's 8x8 digits, written once as a 32x32 ImageFolder
+# and ADM-cropped to 16x16, in pixel space, with a DiT-S/4 shrunk to 4 blocks of width 128 (16 tokens).
+# Tuned on 2 CPU cores: the small model with many steps beats a larger one with fewer; no flips (a mirrored
+# digit is not a digit); EMA 0.995 because the run is short (0.9999 would still hold the zero-output start).
+DEMO = dict(
+    data_path=os.path.join("data", "digits"), image_size=16, vae="none", num_classes=10, no_flip=True,
+    model="DiT-S/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64, lr=2e-3, ema_decay=0.995,
+    max_steps=8000, epochs=10_000, log_every=500, ckpt_every=2000, sample_every=2000, sample_steps=250,
+    sample_images=40, cfg_scale=4.0, num_workers=1, precision="fp32",
+)
+
+# Flags a resumed run may change (to extend it, move its data, or tune the step); every other flag
+# comes from the checkpoint's config and may not contradict it.
+RESUME_OVERRIDES = (
+    "max_steps", "epochs", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_images", "cfg_scale",
+    "num_workers", "tensorboard", "compile", "grad_checkpointing", "precision", "lr", "weight_decay", "grad_clip",
+    "ema_decay", "data_path", "latents_dir", "results_dir",
+)
+# Flags that only steer this process; never saved in the config.
+RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="ImageFolder tree: DIR/<class>/<image>")
+    g.add_argument("--latents-dir", default=None, help="train from latents written by extract_latents.py")
+    g.add_argument("--image-size", type=int, default=None,
+                   help=f"pixels (default {DEFAULT_IMAGE_SIZE}, or the latents' size); a multiple of VAE factor x patch")
+    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--vae", default=None, help=f"{VAE_HELP}; default {DEFAULT_VAE}")
+    g.add_argument("--latent-scale", type=float, default=None, help=f"default {DEFAULT_LATENT_SCALE}")
+    g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (the DiT recipe flips)")
+    g.add_argument("--num-workers", type=int, default=4)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
+    g.add_argument("--depth", type=int, default=None, help="override the model's depth")
+    g.add_argument("--hidden-size", type=int, default=None, help="override the model's width")
+    g.add_argument("--num-heads", type=int, default=None, help="override the model's attention heads")
+    g.add_argument("--normalization", choices=sorted(NORM_LAYERS), default="layer-norm")
+    g.add_argument("--no-layernorm", action="store_true", help="same as --normalization none")
+    g.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1400)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
+    g.add_argument("--global-batch-size", type=int, default=256)
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the global grad norm (default: off)")
+    g.add_argument("--precision", choices=PRECISIONS, default="tf32", help="tf32: fp32 with TF32 matmuls on GPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations to save memory")
+    g = p.add_argument_group("run")
+    g.add_argument("--results-dir", default="results")
+    g.add_argument("--resume", default=None, help="run directory (its latest checkpoint) or checkpoint file")
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--ckpt-every", type=int, default=50_000)
+    g.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid every N steps (0: never)")
+    g.add_argument("--sample-steps", type=int, default=250, help="DDPM steps for the sample grid")
+    g.add_argument("--sample-images", type=int, default=16, help="images in the sample grid")
+    g.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance of the grid (1: none)")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
+    g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    g.add_argument("--demo", action="store_true", help="the digits demo (what `python train.py` alone runs); "
+                                                       "other flags override its settings")
+    g.add_argument("--debug-save-rank-weights", action="store_true",
+                   help="at the end, every rank saves its own weights to <run>/rank<r>-weights.pt (DDP checks)")
+    return p
+
+
+def parse_args(argv=None):
+    """(args, explicit): the parsed flags (the demo's settings filled in where asked for) and the
+    names of the flags given on the command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    probe = build_parser()  # the same parser with no defaults: only explicit flags appear
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(probe.parse_args(argv)))
+    if not argv:
+        args.demo = True
+    if args.demo and not args.resume:
+        for key, value in DEMO.items():
+            if key not in explicit:
+                setattr(args, key, value)
+    if args.no_layernorm:
+        args.normalization = "none"
+        explicit.add("normalization")
+    return args, explicit
+
+
+def merge_resume_config(args, explicit, config):
+    """A resumed run takes its settings from the checkpoint; explicit flags may only change the
+    RESUME_OVERRIDES (anything else that contradicts the checkpoint is an error)."""
+    merged = argparse.Namespace(**vars(args))
+    for key, value in config.items():
+        if not hasattr(merged, key):
+            continue
+        if key in explicit and getattr(args, key) != value:
+            if key not in RESUME_OVERRIDES:
+                raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the run being resumed "
+                                 f"({key}={value!r}); drop the flag (a resumed run keeps its settings)")
+            continue
+        setattr(merged, key, value)
+    return merged
+
+
+def resolve_data(args):
+    """Fill in image size, VAE and latent scale (from the latents' index when training from latents;
+    a flag that contradicts it is an error) and check the sizes before any work. Returns
+    (VAE downsampling factor, model input channels)."""
+    index = None
+    if args.latents_dir:
+        from data import read_latents_index
+
+        index = read_latents_index(args.latents_dir)
+        for key in ("image_size", "latent_scale", "vae"):  # an explicit --vae says where to load it from
+            flag = getattr(args, key)
+            if key != "vae" and flag is not None and flag != index[key]:
+                raise SystemExit(f"--{key.replace('_', '-')} {flag} contradicts the latents in {args.latents_dir} "
+                                 f"({key}={index[key]}); drop the flag")
+            if flag is None:
+                setattr(args, key, index[key])
+        check_num_classes(len(index["classes"]), args.num_classes, f"--latents-dir {args.latents_dir}")
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
+    args.vae = args.vae or DEFAULT_VAE
+    args.latent_scale = args.latent_scale or DEFAULT_LATENT_SCALE
+    if index is not None and args.vae == "none":
+        raise SystemExit("--vae none cannot be used with --latents-dir (latents come from a VAE)")
+    if index is not None:  # the VAE is not needed to train (only to decode sample grids)
+        factor, channels = args.image_size // index["latent_size"], index["latent_channels"]
+    else:
+        factor, channels = vae_geometry(args.vae)
+    patch = int(args.model.split("/")[1])
+    if args.image_size <= 0 or args.image_size % (factor * patch):
+        what = (f"the patch size {patch} of {args.model}" if factor == 1 else
+                f"{factor * patch} (VAE downsampling {factor} x patch size {patch} of {args.model})")
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of {what}; "
+                         f"pick e.g. {max(1, round(args.image_size / (factor * patch))) * factor * patch}")
+    return factor, channels
+
+
+def make_config(args, factor, channels, steps_per_epoch):
+    """The run's config (plain types): every training flag plus what build_model_from_config reads
+    and what sample scripts need (image_size, vae, latent_scale)."""
+    config = {k: v for k, v in vars(args).items() if k not in RUNTIME_ONLY}
+    config.update(input_size=args.image_size // factor, in_channels=channels, learn_sigma=True,
+                  steps_per_epoch=steps_per_epoch, script="train.py")
+    return config
+
+
+#################################################################################
+#                                 Batches                                       #
+#################################################################################
+
+
+class BatchStream:
+    """Endless iterator of (x, y) device batches, epoch after epoch, from (epoch, position).
+
+    Every step takes exactly one batch and an epoch has a fixed number of steps (drop_last), so
+    (epoch, position) says exactly where the data stands; a resumed run starts its sampler there
+    without loading the skipped images. `encode` maps the pixel batch to the model's input (the VAE).
+    """
+
+    def __init__(self, loader, steps_per_epoch, device, encode=None, epoch=0, position=0):
+        self.loader, self.sampler = loader, loader.sampler
+        self.steps_per_epoch, self.device, self.encode = steps_per_epoch, device, encode
+        self.epoch, self.position = epoch, position
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.start = self.position * self.loader.batch_size
+            self._batches = iter(self.loader)
+        x, y = next(self._batches)
+        self.position += 1
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.encode is not None:
+            x = self.encode(x)
+        return x, y
+
+    def state(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def close(self):
+        self._batches = None  # lets the loader's workers go
+
+
+def vae_encoder(vae, latent_scale):
+    """x in [-1, 1] -> a posterior sample of the VAE * latent_scale (draws from the global RNG, which
+    checkpoints save, so resumed runs draw the same noise)."""
+
+    @torch.no_grad()
+    def encode(x):
+        return vae.encode(x).latent_dist.sample().mul_(latent_scale)
+
+    return encode
+
+
+#################################################################################
+#                                 Sample grids                                  #
+#################################################################################
+
+
+@torch.no_grad()
+def sample_grid(model, diffusion, labels, noise, cfg_scale, null_class, clip_denoised, autocast):
+    """DDPM samples of `model` from fixed `noise` for `labels`, with classifier-free guidance when
+    cfg_scale > 1 (the batch is doubled with the null class). Uses (and must run inside a fork of)
+    the global RNG."""
+    if cfg_scale > 1:
+        noise = torch.cat([noise, noise])
+        y = torch.cat([labels, torch.full_like(labels, null_class)])
+        fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale)
+    else:
+        fn, kwargs = model.forward, dict(y=labels)
+    with autocast:
+        out = diffusion.p_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip_denoised,
+                                      model_kwargs=kwargs, device=noise.device)
+    return out[: len(labels)].float()
+
+
+def make_sample_hook(trainer, args, vae, tensorboard):
+    """Trainer hook: on rank 0, the EMA model samples a grid from fixed noise and labels (the same
+    every time, so grids over a run are comparable) into <run>/samples/<step>.png. It runs inside
+    torch.random.fork_rng, so the training RNG stream, and hence exact resume, is untouched."""
+    ema, device = trainer.ema, trainer.dist.device
+    diffusion = create_diffusion(str(args.sample_steps))
+    n, num_classes = args.sample_images, args.num_classes
+    cfg_scale = args.cfg_scale if args.class_dropout_prob > 0 else 1.0
+    nrow = num_classes if num_classes <= 16 else math.ceil(math.sqrt(n))
+    os.makedirs(os.path.join(trainer.run_dir, "samples"), exist_ok=True)
+
+    def hook(step):
+        if trainer.dist.is_main:
+            from torchvision.utils import save_image
+
+            t0 = time.time()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(args.global_seed)
+                noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, device=device)
+                labels = torch.arange(n, device=device) % num_classes
+                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, num_classes, vae is None, trainer.autocast())
+                if vae is not None:
+                    with torch.no_grad():
+                        x = vae.decode(x / args.latent_scale).sample.float()
+            x = ((x.clamp(-1, 1) + 1) / 2).cpu()
+            if x.shape[-1] < 64:  # tiny images: enlarge (nearest) so the grid is readable
+                x = torch.nn.functional.interpolate(x, scale_factor=math.ceil(64 / x.shape[-1]), mode="nearest")
+            path = os.path.join(trainer.run_dir, "samples", f"{step:07d}.png")
+            save_image(x, path, nrow=nrow, padding=2, pad_value=1.0)
+            hook.last_path = path
+            if tensorboard is not None:
+                from torchvision.utils import make_grid
+
+                tensorboard.add_image("samples/ema", make_grid(x, nrow=nrow), step)
+            trainer.logger.info(f"saved EMA sample grid {path} ({args.sample_steps} DDPM steps, cfg {cfg_scale}, "
+                                f"{time.time() - t0:.1f}s)")
+        barrier()
+
+    hook.last_path = None
+    return hook
+
+
+#################################################################################
+#                                   Main                                        #
+#################################################################################
+
+
+def main(argv=None):
+    args, explicit = parse_args(argv)
+    ckpt = run_dir = None
+    if args.resume:
+        run_dir, ckpt_path = resolve_resume(args.resume)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except ValueError as e:
+            raise SystemExit(f"--resume {args.resume}: {e}")
+        args = merge_resume_config(args, explicit, ckpt["config"])
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_batch = check_global_batch(args.global_batch_size, world_size)  # before any work
+    factor, channels = resolve_data(args)
+    d = setup_distributed(args.device)
+    try:
+        return train(args, d, local_batch, factor, channels, ckpt, run_dir)
+    finally:
+        cleanup_distributed()
+
+
+def make_loader(args, d, local_batch):
+    """(data set, loader, steps per epoch). Images or their pre-extracted latents, read through the
+    same (index, flip) keys of a FlipSampler; the demo writes its digits folder first (rank 0)."""
+    if args.demo and not args.latents_dir and not os.path.isdir(args.data_path):
+        if d.is_main:
+            print(f"writing the digits demo data set to {args.data_path}/ (once)")
+            write_digits_folder(args.data_path)
+        barrier()
+    if args.latents_dir:
+        dataset = LatentShards(args.latents_dir)
+    else:
+        dataset = open_image_folder(args.data_path, args.image_size, args.num_classes)
+    sampler = FlipSampler(dataset, num_replicas=d.world_size, rank=d.rank, seed=args.global_seed, flip=not args.no_flip)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the data set has {len(dataset)} images, fewer than one global batch of "
+                         f"{args.global_batch_size}; lower --global-batch-size")
+    # The loader's own generator: creating its iterators must not draw from the global RNG.
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=d.device.type == "cuda", drop_last=True,
+                        persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(0))
+    return dataset, loader, steps_per_epoch
+
+
+def make_vae(args, d, channels):
+    """The VAE that encodes batches on the fly, or (training from latents) only decodes the sample
+    grids on rank 0; None when there is nothing for it to do."""
+    if args.vae == "none" or (args.latents_dir and not (args.sample_every > 0 and d.is_main)):
+        return None
+    try:
+        vae = load_vae(args.vae, d.device)
+    except SystemExit as e:
+        if not args.latents_dir:
+            raise
+        raise SystemExit(f"{e}\nTraining from latents needs the VAE only to decode the sample grids: pass "
+                         f"--vae PATH (a local copy) or --sample-every 0")
+    if vae.config.latent_channels != channels:
+        raise SystemExit(f"the VAE {args.vae} has {vae.config.latent_channels} latent channels; "
+                         f"the latents have {channels}")
+    return vae
+
+
+def train(args, d, local_batch, factor, channels, ckpt, run_dir):
+    dataset, loader, steps_per_epoch = make_loader(args, d, local_batch)
+
+    # Run directory and config: a new run, or the resumed run's (with the flags it may change).
+    if ckpt is None:
+        run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
+        run_dir = broadcast_object(run_dir)
+        config = make_config(args, factor, channels, steps_per_epoch)
+        if d.is_main:
+            write_json(os.path.join(run_dir, "config.json"), config)
+    else:
+        config = {**ckpt["config"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
+    logger = create_logger(run_dir, d.is_main)
+    tensorboard = None
+    if args.tensorboard and d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    # Model: the same initial weights on every rank, then a different RNG stream per rank.
+    torch.manual_seed(args.global_seed)
+    model = build_model_from_config(config)
+    model.check_labels = False  # labels are < num_classes: checked on the data set above
+    model.grad_checkpointing = args.grad_checkpointing
+    torch.manual_seed(args.global_seed * d.world_size + d.rank)
+    trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
+                      config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
+                      grad_clip=args.grad_clip, precision=args.precision, compile=args.compile)
+    epoch = position = 0
+    if ckpt is not None:
+        trainer.load(ckpt)
+        for group in trainer.opt.param_groups:  # --lr / --weight-decay may change on resume
+            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        epoch, position = ckpt.get("epoch", 0), ckpt.get("position", 0)
+        if position >= steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
+
+    vae = make_vae(args, d, channels)
+    encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
+    stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position)
+    max_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        max_steps = min(max_steps, args.max_steps)
+    params = sum(p.numel() for p in model.parameters())
+    source = f"latents {args.latents_dir}" if args.latents_dir else f"images {args.data_path}"
+    logger.info(f"run {run_dir}: {args.model} ({params:,} parameters, depth {len(model.blocks)}, width "
+                f"{model.pos_embed.shape[-1]}, normalization {args.normalization}), {source}: {len(dataset):,} "
+                f"images, {len(dataset.classes)} classes, {args.image_size}px, vae {args.vae}, input "
+                f"{channels}x{config['input_size']}x{config['input_size']}")
+    logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
+                f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
+                + (", compiled" if args.compile else "") + (", grad checkpointing" if args.grad_checkpointing else ""))
+
+    hooks = [(args.sample_every, make_sample_hook(trainer, args, vae, tensorboard))] if args.sample_every > 0 else []
+    try:
+        finished = trainer.fit(stream, max_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                               hooks=hooks, tensorboard=tensorboard, extra_state=stream.state)
+    except StopTraining as e:
+        logger.error(str(e))
+        raise SystemExit(f"error: {e}")
+    finally:
+        stream.close()
+        if tensorboard is not None:
+            tensorboard.close()
+    if args.debug_save_rank_weights:
+        torch.save(trainer.raw.state_dict(), os.path.join(run_dir, f"rank{d.rank}-weights.pt"))
+    if finished and d.is_main:
+        logger.info(f"done: step {trainer.step}, checkpoint {os.path.join(run_dir, 'checkpoints', 'latest.pt')}")
+        if hooks and hooks[0][1].last_path:
+            logger.info(f"EMA sample grid: {hooks[0][1].last_path}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
