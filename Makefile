@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test toy clean-venv
+.PHONY: setup test toy ablation clean-venv
 
 # `make toy SEEDS="0 1 2"` for the multi-seed check; extra train_toy.py flags via TOY_ARGS.
 SEEDS ?= 0
@@ -24,6 +24,10 @@ test: setup
 # The main job: the toy identity study, both variants, CPU preset -> results/toy/.
 toy: setup
 	$(PYTHON) toy_study.py --seeds $(SEEDS) $(TOY_ARGS)
+
+# Every normalization variant on the toy study and the digits demo -> results/ablation/summary.md.
+ablation: setup
+	$(PYTHON) ablation.py --seeds $(SEEDS)
 
 clean-venv:
 	rm -rf $(VENV)

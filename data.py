@@ -222,7 +222,8 @@ def load_vae(vae, device):
         model = AutoencoderKL.from_pretrained(source)
     except Exception as e:  # offline hub, missing files, a folder of something else
         raise SystemExit(f"could not load the VAE {source!r}: {e}\n"
-                         f"Offline? Pass --vae PATH to a local copy (AutoencoderKL.save_pretrained)")
+                         f"Offline? Pass --vae PATH to a local copy (AutoencoderKL.save_pretrained), or use a "
+                         f"Hugging Face cache with HF_HUB_OFFLINE=1")
     model.requires_grad_(False)
     return model.eval().to(device)
 

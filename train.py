@@ -389,6 +389,7 @@ def make_vae(args, d, channels):
 
 def train(args, d, local_batch, factor, channels, ckpt, run_dir):
     dataset, loader, steps_per_epoch = make_loader(args, d, local_batch)
+    vae = make_vae(args, d, channels)  # before the run directory: a VAE that fails to load leaves no run
 
     # Run directory and config: a new run, or the resumed run's (with the flags it may change).
     if ckpt is None:
@@ -425,7 +426,6 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
             epoch, position = epoch + 1, 0
         logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
 
-    vae = make_vae(args, d, channels)
     encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
     stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position)
     max_steps = args.epochs * steps_per_epoch

@@ -182,6 +182,14 @@ def test_extract_then_train_from_latents(tmp_path, image_folder, vae_dir, monkey
         assert shards[i, 0][1] == shards[i, 1][1] == folder[i, 0][1]
         assert not torch.equal(shards[i, 0][0], shards[i, 1][0])
 
+    with pytest.raises(SystemExit, match="--image-size 32 contradicts the latents"):
+        train.main([*TINY, "--latents-dir", one, "--image-size", "32", "--results-dir", str(tmp_path / "runs")])
+
+    # with sample grids the VAE (from the index) decodes them
+    grids = train.main([*TINY, "--latents-dir", one, "--results-dir", str(tmp_path / "grids"), "--max-steps", "2",
+                        "--sample-every", "2", "--sample-steps", "2", "--sample-images", "2"])
+    assert os.listdir(os.path.join(grids, "samples")) == ["0000002.png"]
+
     # training reads the shards and never loads the VAE when it draws no sample grids
     def no_vae(*args, **kwargs):
         raise AssertionError("the VAE was loaded")
