@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data import center_crop_arr, load_vae  # the same ADM crop and VAE loading as train.py
 import outliers
 from diffusion import create_diffusion
 from download import DEFAULT_LATENT_SCALE, load_model
@@ -123,19 +124,6 @@ def slug(label):
 #################################################################################
 
 
-def center_crop_arr(image, image_size):
-    """ADM center crop: halve with BOX while the short side is >= 2x the target, BICUBIC-resize the short
-    side to the target, then crop the center square. PIL image -> (S, S, 3) uint8 array."""
-    while min(*image.size) >= 2 * image_size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = image_size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.array(image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top: top + image_size, left: left + image_size]
-
-
 def list_images(data_path):
     """Sorted (path, class folder) pairs of every image under data_path; class folder is "" for images
     lying directly in data_path. SystemExit when there are none."""
@@ -168,20 +156,6 @@ def load_images(data_path, image_size, batch_size, seed):
         classes.append(folders.index(folder) if folder else None)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, (None if None in classes else torch.tensor(classes)), len(folders)
-
-
-def load_vae(spec, device):
-    """The diffusers AutoencoderKL for a vae spec ("ema", "mse" or a local folder), in eval mode."""
-    from diffusers.models import AutoencoderKL
-
-    source = VAE_REPOS.get(spec, spec)
-    if spec not in VAE_REPOS and not os.path.isdir(spec):
-        raise SystemExit(f"vae {spec!r}: not 'ema', 'mse', 'none' or an existing local folder")
-    try:
-        return AutoencoderKL.from_pretrained(source).to(device).eval()
-    except Exception as e:
-        raise SystemExit(f"could not load the VAE {source!r} ({type(e).__name__}: {e}); without internet, "
-                         f"pass --vae with a local diffusers AutoencoderKL folder") from e
 
 
 @torch.no_grad()
