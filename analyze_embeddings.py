@@ -40,7 +40,6 @@ from download import DEFAULT_LATENT_SCALE, load_model
 
 DEFAULT_TIMESTEPS = (50, 250, 500, 750, 999)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 VAE_DOWNSAMPLE = 8
 
 
