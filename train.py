@@ -330,6 +330,9 @@ def make_sample_hook(trainer, args, vae, tensorboard):
 
 def main(argv=None):
     args, explicit = parse_args(argv)
+    if args.demo and "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        # The demo's tiny matmuls run ~3x faster on one thread than on two beside a loader worker.
+        torch.set_num_threads(1)
     ckpt = run_dir = None
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
