@@ -1,0 +1,48 @@
+"""Tests for ablation.py: the tables it builds from finished runs and analysis output."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+import ablation
+import toy_study
+import train_toy
+
+TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--num-eval-samples",
+        "4", "--sampling-steps", "10", "--log-every", "2", "--threads", "1", "--preset", "cpu", "--steps", "4",
+        "--eval-steps", "2"]
+
+
+def test_toy_table_summary_and_plot(tmp_path):
+    runs = [train_toy.main([*TINY, "--results-dir", str(tmp_path / "runs"), "--normalization", n]) for n in ("layer-norm", "dyt")]
+    table = ablation.toy_table(runs)
+    for run in runs:
+        norm = toy_study.load_config(run)["normalization"]
+        last = [r for r in toy_study.load_metrics(run) if r["step"] == 4]
+        ema = next(r for r in last if r["weights"] == "ema")
+        assert table[norm]["step"] == 4 and table[norm]["seeds"] == 1
+        assert table[norm]["ema_rms"]["mean"] == pytest.approx(ema["rms"])
+        assert table[norm]["final_loss"] == pytest.approx(toy_study.final_loss(run))
+    ablation.plot_toy(runs, str(tmp_path / "toy.png"))
+    assert os.path.getsize(tmp_path / "toy.png") > 1000
+    args = argparse.Namespace(variants=["layer-norm", "dyt"], seeds=[0], digits_steps=0)
+    text = ablation.write_summary(str(tmp_path), table, {}, args)
+    ratio = table["dyt"]["ema_rms"]["mean"] / table["layer-norm"]["ema_rms"]["mean"]
+    assert f"| {ratio:.2f} |" in text and "| dyt | 4 | 1 |" in text
+
+
+def test_outlier_table_takes_worst_block_value(tmp_path):
+    def layer(max_abs, ratio, kurt, massive):
+        return dict(max_abs=max_abs, max_median_ratio=ratio, rms_kurtosis=kurt, massive_count=massive)
+
+    stats = {"models": {"ln": {"config": {"normalization": "layer-norm"}, "summary": {"overall": {"channel": 3}},
+                               "stats": {"10": {"embed": layer(999, 999, 999, 999), "block.0": layer(5, 2, 1.5, 0),
+                                                "final": layer(999, 999, 999, 999)},
+                                         "500": {"block.0": layer(50, 20, 9.0, 2), "block.1": layer(7, 3, 2.0, 1)}}}}}
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(stats))
+    row = ablation.outlier_table(str(path))["layer-norm"]
+    assert (row["max_abs"], row["max_median_ratio"], row["rms_kurtosis"], row["massive_count"]) == (50, 20, 9.0, 2)
+    assert row["dominant_channel"] == {"channel": 3}
