@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test toy ablation clean-venv
+.PHONY: setup test toy ablation bench clean-venv
 
 # `make toy SEEDS="0 1 2"` for the multi-seed check; extra train_toy.py flags via TOY_ARGS.
 SEEDS ?= 0
@@ -28,6 +28,12 @@ toy: setup
 # Every normalization variant on the toy study and the digits demo -> results/ablation/summary.md.
 ablation: setup
 	$(PYTHON) ablation.py --seeds $(SEEDS)
+
+# Speed: our DiT vs diffusers' DiTTransformer2DModel (CPU: DiT-S/2, batch 8, fp32; GPU: DiT-XL/2, batch 32)
+# -> printed and added to docs/benchmarks.md. More flags via BENCH_ARGS, e.g. BENCH_ARGS="--settings bf16+compile".
+BENCH_ARGS ?=
+bench: setup
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

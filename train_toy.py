@@ -29,6 +29,8 @@ from train_utils import (
 
 # Model overrides of the toy: 2x2 pixels with 2 channels, one class, no label dropout.
 TOY_IMAGE_SIZE, TOY_CHANNELS = 2, 2
+TOY_MODEL = dict(input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1, class_dropout_prob=0.0,
+                 learn_sigma=True)
 
 PRESETS = {
     # The study's setting (../shared/REFERENCE.md): meant for a GPU.
@@ -200,8 +202,7 @@ def main(argv=None):
         run_dir = broadcast_object(run_dir)
         config = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "device", "explicit")}
         # The model description every script reads back (models.build_model_from_config).
-        config.update(image_size=TOY_IMAGE_SIZE, input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1,
-                      class_dropout_prob=0.0, learn_sigma=True, vae="none", script="train_toy.py")
+        config.update(image_size=TOY_IMAGE_SIZE, vae="none", script="train_toy.py", **TOY_MODEL)
         if d.is_main:
             write_json(os.path.join(run_dir, "config.json"), config)
     local_batch = check_global_batch(args.global_batch_size, d.world_size)

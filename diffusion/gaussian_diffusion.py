@@ -124,6 +124,26 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
 # Helpers
 # ---------------------------------------------------------------------------
 
+_DEVICE_TABLES = {}  # (float64 bytes of a schedule table, device) -> the table as float32 on that device
+
+
+def _device_table(arr, device):
+    """A schedule table as a float32 tensor on `device`, copied there once and then reused.
+
+    Indexing a table that already lives on the GPU needs no host-device copy, so a training step or a
+    sampling step makes no hidden synchronization here. The float32 cast happens on the CPU (some
+    backends, e.g. MPS, lack float64); casting before or after indexing gives the same values.
+    """
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    key = (arr.tobytes(), str(device))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        if len(_DEVICE_TABLES) > 512:  # many schedules (respacings) in one process: start over
+            _DEVICE_TABLES.clear()
+        table = _DEVICE_TABLES[key] = th.from_numpy(arr).to(th.float32).to(device)
+    return table
+
+
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
     """Gather arr[timesteps] as float32 on the timesteps' device, broadcast to shape.
 
@@ -131,9 +151,7 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     :param timesteps: integer tensor of shape [batch].
     :param broadcast_shape: target shape whose first dim is the batch.
     """
-    # Index on the CPU in float64 first: some backends (e.g. MPS) lack float64.
-    values = th.from_numpy(np.asarray(arr))[timesteps.detach().long().cpu()]
-    values = values.to(device=timesteps.device, dtype=th.float32)
+    values = _device_table(arr, timesteps.device)[timesteps.detach().long()]
     values = values.view(-1, *([1] * (len(broadcast_shape) - 1)))
     return values.expand(broadcast_shape)
 

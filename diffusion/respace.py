@@ -86,14 +86,19 @@ class _WrappedModel:
     `model.forward_with_cfg`.
     """
 
-    def __init__(self, model, timestep_map, original_num_steps):
+    def __init__(self, model, timestep_map, original_num_steps, maps=None):
         self.model = model
         self.timestep_map = timestep_map
         self.original_num_steps = original_num_steps
+        # The map as a tensor per (device, dtype), shared by the diffusion's wrappers and copied to the
+        # device once, so that a step makes no host-device copy (and no synchronization) for it.
+        self._maps = {} if maps is None else maps
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        return self.model(x, map_tensor[ts], **kwargs)
+        key = (ts.device, ts.dtype)
+        if key not in self._maps:
+            self._maps[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        return self.model(x, self._maps[key][ts], **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -105,6 +110,7 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def __init__(self, use_timesteps, **kwargs):
         self.use_timesteps = set(int(t) for t in use_timesteps)
+        self._timestep_maps = {}  # timestep_map on each (device, dtype), shared by every _WrappedModel
         self.original_num_steps = len(kwargs["betas"])
         if not self.use_timesteps:
             raise ValueError("use_timesteps must not be empty")
@@ -141,7 +147,7 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.original_num_steps)
+        return _WrappedModel(model, self.timestep_map, self.original_num_steps, self._timestep_maps)
 
     def _scale_timesteps(self, t):
         # DiT feeds the original integer timesteps; no rescaling to [0, 1000).

@@ -659,3 +659,27 @@ def test_uniform_sampler():
     assert torch.equal(w, torch.ones(64))
     with pytest.raises(NotImplementedError):
         create_named_schedule_sampler("nope", d)
+
+
+def test_schedule_tables_live_on_the_device_once():
+    """_extract_into_tensor gathers from a float32 copy of the table cached per device (no host-device
+    copy per call) and returns exactly the float64 values cast to float32."""
+    d = create_diffusion(timestep_respacing="")
+    t = torch.tensor([0, 5, 999, 5])
+    got = gd._extract_into_tensor(d.sqrt_alphas_cumprod, t, (4, 2, 3))
+    want = torch.from_numpy(d.sqrt_alphas_cumprod[t.numpy()]).float()
+    assert got.shape == (4, 2, 3) and got.dtype == torch.float32
+    assert torch.equal(got[:, 0, 0], want) and torch.equal(got[:, 1, 2], want)
+    table = gd._device_table(d.sqrt_alphas_cumprod, t.device)
+    assert gd._device_table(d.sqrt_alphas_cumprod.copy(), t.device) is table  # same values: same tensor
+    assert gd._device_table(d.betas, t.device) is not table
+
+
+def test_respaced_wrapper_maps_timesteps_with_a_cached_map():
+    d = create_diffusion(timestep_respacing="10")
+    seen = []
+    wrapped = d._wrap_model(lambda x, t: seen.append(t) or x)
+    for _ in range(2):
+        wrapped(torch.zeros(3), torch.tensor([0, 4, 9]))
+    assert [t.tolist() for t in seen] == [[d.timestep_map[i] for i in (0, 4, 9)]] * 2
+    assert len(d._timestep_maps) == 1 and d._wrap_model(lambda x, t: x)._maps is d._timestep_maps

@@ -336,3 +336,16 @@ def test_bad_inputs_raise_clear_errors():
         DiT(**dict(TINY, input_size=5))
     with pytest.raises(ValueError, match="even batch"):
         model.forward_with_cfg(torch.randn(3, 3, 4, 4), torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), 4.0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiles_without_graph_breaks(checkpointing):
+    """torch.compile sees the whole training forward as one graph (no host syncs or Python fallbacks in
+    the hot path), with the label check left on and with gradient checkpointing."""
+    torch._dynamo.reset()
+    model = build_model("DiT-S/8", input_size=16, depth=2).train()
+    model.grad_checkpointing = checkpointing
+    x, t, y = torch.randn(2, 4, 16, 16), torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
+    explained = torch._dynamo.explain(model)(x, t, y)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

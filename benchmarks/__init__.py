@@ -1,0 +1,1 @@
+"""Speed benchmarks (`make bench`); see bench.py."""

@@ -1,0 +1,581 @@
+"""Speed benchmark: our DiT against diffusers' DiTTransformer2DModel, side by side in one run.
+
+Measures, for each setting asked (a precision, optionally +compile and/or +ckpt):
+  * training step = forward + backward + AdamW + EMA through the real `train_utils.Trainer`, with the
+    same Gaussian-diffusion loss (MSE + learned-variance VB term) for both models;
+  * DDPM sampling, N respaced steps, with and without classifier-free guidance;
+and, once per run, the toy study's training steps/s (both variants of its preset).
+
+Ours and the peer run in alternating rounds (ours, peer, ours, peer, ...) so that a machine that
+speeds up or slows down during the run affects both alike; each figure is the median over rounds,
+with the interquartile range as the spread. GPU timings synchronize before and after each round.
+
+    python benchmarks/bench.py                                    # CPU: DiT-S/2, 32x32 latents, batch 8, fp32
+    python benchmarks/bench.py --settings bf16 bf16+compile       # GPU default model: DiT-XL/2, batch 32
+    python benchmarks/bench.py --model DiT-B/2 --batch-size 64 --settings tf32 bf16+ckpt --peak-tflops 989
+
+Results are printed and inserted at the top of docs/benchmarks.md (`--record ''` to skip).
+FLOPs: one multiply-add = 2 FLOPs (the FlopCounterMode convention). The DiT paper's "Gflops" count
+multiply-adds, so its 118.6 for DiT-XL/2 is 237 GFLOPs here; a training step is 3x the forward.
+"""
+
+import argparse
+import contextlib
+import datetime
+import inspect
+import json
+import logging
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from diffusion import create_diffusion  # noqa: E402
+from models import DIT_SIZES, DiT, DiT_models, build_model  # noqa: E402
+from train_utils import DistInfo, Trainer  # noqa: E402
+
+IMPLS = ("ours", "peer")
+PRECISIONS = ("fp32", "tf32", "bf16")
+MARKER = "<!-- new results go below this line, newest first -->"
+
+#################################################################################
+#                               Model FLOPs                                     #
+#################################################################################
+
+
+def forward_flops(config):
+    """Matmul FLOPs of one image's forward pass, from the architecture alone (2 per multiply-add).
+
+    Counts every Linear/Conv and the two attention matmuls (Q K^T and A V); elementwise work (norms,
+    GELU, softmax, modulation) is left out, as FlopCounterMode leaves it out.
+    """
+    p, d, depth = config["patch_size"], config["hidden_size"], config["depth"]
+    c_in = config["in_channels"]
+    c_out = 2 * c_in if config["learn_sigma"] else c_in
+    tokens = (config["input_size"] // p) ** 2
+    mlp = int(d * config["mlp_ratio"])
+    macs = tokens * c_in * p * p * d  # patch embedding
+    macs += 256 * d + d * d  # timestep MLP (256 sinusoidal frequencies)
+    per_block = (
+        d * 6 * d  # adaLN modulation (per image)
+        + tokens * d * 3 * d  # qkv
+        + 2 * tokens * tokens * d  # Q K^T and attention x V, all heads
+        + tokens * d * d  # attention output projection
+        + 2 * tokens * d * mlp  # MLP
+    )
+    macs += depth * per_block
+    macs += d * 2 * d + tokens * d * p * p * c_out  # final adaLN + projection
+    return 2 * macs
+
+
+def train_flops(config):
+    """Model FLOPs of one image's training step: forward + backward (2x forward). Recomputation by
+    gradient checkpointing is not counted (MFU counts useful work only)."""
+    return 3 * forward_flops(config)
+
+
+#################################################################################
+#                                   Models                                      #
+#################################################################################
+
+
+class PeerDiT(nn.Module):
+    """diffusers' DiTTransformer2DModel (the peer) behind our forward(x, t, y) signature, so that the
+    same diffusion loss, Trainer and samplers drive both models."""
+
+    forward_with_cfg = DiT.forward_with_cfg  # the same guidance arithmetic as ours
+
+    def __init__(self, config):
+        super().__init__()
+        from diffusers import DiTTransformer2DModel
+
+        d, heads = config["hidden_size"], config["num_heads"]
+        self.in_channels = config["in_channels"]
+        self.net = DiTTransformer2DModel(
+            num_attention_heads=heads, attention_head_dim=d // heads, in_channels=self.in_channels,
+            out_channels=2 * self.in_channels if config["learn_sigma"] else self.in_channels,
+            num_layers=config["depth"], sample_size=config["input_size"], patch_size=config["patch_size"],
+            num_embeds_ada_norm=config["num_classes"], norm_eps=1e-6,
+        )
+
+    def forward(self, x, t, y):
+        return self.net(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+def size_overrides(args):
+    return {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
+
+
+def model_config(args):
+    """The DiT config `build_impl` builds, without building it (DiT-XL/2 is 2.7 GB in fp32)."""
+    config = {k: v.default for k, v in inspect.signature(DiT).parameters.items()}
+    size, patch = args.model[len("DiT-"):].split("/")
+    depth, hidden_size, num_heads = DIT_SIZES[size]
+    config.update(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch),
+                  input_size=args.input_size)
+    config.update(size_overrides(args))
+    return config
+
+
+def build_impl(impl, args):
+    """A freshly initialised model of `args.model` (with the size overrides) for `impl`."""
+    ours = build_model(args.model, input_size=args.input_size, **size_overrides(args))
+    if impl == "ours":
+        ours.check_labels = False  # as in train.py: labels come from a checked data set, no host sync
+        return ours
+    peer = PeerDiT(ours.config)
+    del ours
+    return peer
+
+
+def parse_setting(setting):
+    """'bf16+compile+ckpt' -> ('bf16', compile=True, ckpt=True), with a clear error on a typo."""
+    precision, *flags = setting.split("+")
+    unknown = [f for f in flags if f not in ("compile", "ckpt")]
+    if precision not in PRECISIONS or unknown:
+        raise SystemExit(f"unknown setting {setting!r}: write a precision {PRECISIONS} optionally followed by "
+                         f"'+compile' and/or '+ckpt' (gradient checkpointing), e.g. bf16+compile")
+    return precision, "compile" in flags, "ckpt" in flags
+
+
+def make_trainer(model, precision, compile, ckpt, device, lr=1e-4, ema_decay=0.9999):
+    """The production Trainer (AdamW, EMA, grad-norm, autocast) on one device."""
+    if ckpt:
+        if isinstance(model, PeerDiT):
+            model.net.enable_gradient_checkpointing()
+        else:
+            model.grad_checkpointing = True
+    logger = logging.getLogger("bench")
+    logger.addHandler(logging.NullHandler())
+    return Trainer(model, create_diffusion(timestep_respacing=""), dist_info=DistInfo(0, 1, 0, device),
+                   run_dir=None, logger=logger, config={}, lr=lr, ema_decay=ema_decay, precision=precision,
+                   compile=compile)
+
+
+#################################################################################
+#                                   Timing                                      #
+#################################################################################
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(times):
+    """Median and interquartile range of a list of seconds."""
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4)
+    else:
+        q1, q3 = min(times), max(times)
+    return {"median": statistics.median(times), "iqr": q3 - q1, "n": len(times)}
+
+
+def interleaved(runs, rounds, device):
+    """Time each callable of `runs` ({name: fn}) once per round, the names alternating within every
+    round (and their order reversed every other round). Returns {name: [seconds per round]}."""
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_tflops(precision, device, n=None, reps=10):
+    """Measured dense matmul rate (TFLOP/s) in the precision's dtype: the MFU denominator when
+    --peak-tflops is not given."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        for _ in range(3):
+            a @ b
+        times = interleaved({"mm": lambda: a @ b}, reps, device)["mm"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def peak_memory_probe(args, impl, setting):
+    """Peak memory of a few training steps. GPU: measured in-process by the caller. CPU: a fresh
+    subprocess reports its peak RSS above its RSS after start-up, so earlier work does not count."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe", f"{impl}:{setting}", "--model", args.model,
+           "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--device", "cpu"]
+    for key in ("depth", "hidden_size", "num_heads", "threads"):
+        if getattr(args, key):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def rss_mib():
+    """Peak resident set size of this process so far, in MiB. Linux: VmHWM, which starts afresh at
+    exec (ru_maxrss would keep the forking parent's peak); elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def run_probe(args):
+    impl, setting = args.probe.split(":", 1)
+    precision, compile, ckpt = parse_setting(setting)
+    device = torch.device(args.device)
+    base = rss_mib()
+    x, y = random_batch(args, device)
+    trainer = make_trainer(build_impl(impl, args), precision, compile, ckpt, device)
+    for _ in range(2):
+        trainer.train_step(x, y)
+    print(json.dumps({"peak_mib": rss_mib() - base}))
+
+
+def random_batch(args, device, n=None):
+    n = n or args.batch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, args.input_size, args.input_size, generator=g).to(device)
+    y = torch.randint(0, 1000, (n,), generator=g).to(device)
+    return x, y
+
+
+#################################################################################
+#                                  Benchmarks                                   #
+#################################################################################
+
+
+def bench_training(args, device, setting, flops_per_image, peak_tflops):
+    """Training-step rows for ours and the peer in one setting."""
+    precision, compile, ckpt = parse_setting(setting)
+    x, y = random_batch(args, device)
+    trainers, mem = {}, {}
+    for impl in IMPLS:
+        torch.manual_seed(0)
+        trainers[impl] = make_trainer(build_impl(impl, args), precision, compile, ckpt, device)
+    for impl, trainer in trainers.items():  # warm-up (and compilation)
+        for _ in range(args.warmup):
+            trainer.train_step(x, y)
+    synchronize(device)
+
+    def steps(impl):
+        def run():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(args.steps_per_round):
+                trainers[impl].train_step(x, y)
+            if device.type == "cuda":
+                synchronize(device)
+                mem[impl] = max(mem.get(impl, 0), torch.cuda.max_memory_allocated(device) / 2**20)
+        return run
+
+    times = interleaved({impl: steps(impl) for impl in IMPLS}, args.rounds, device)
+    if device.type != "cuda" and not args.no_memory:
+        mem = {impl: peak_memory_probe(args, impl, setting) for impl in IMPLS}
+    rows = []
+    for impl in IMPLS:
+        s = summarize([t / args.steps_per_round for t in times[impl]])
+        ips = args.batch_size / s["median"]
+        tflops = ips * flops_per_image / 1e12
+        rows.append(dict(impl=impl, setting=setting, step_ms=1e3 * s["median"], iqr_ms=1e3 * s["iqr"], n=s["n"],
+                         images_per_s=ips, peak_mib=mem.get(impl), tflops=tflops, mfu=tflops / peak_tflops))
+    rows[0]["ratio"] = rows[0]["step_ms"] / rows[1]["step_ms"]
+    del trainers
+    return rows
+
+
+def bench_sampling(args, device, precision):
+    """Images/s of N-step DDPM sampling, with and without guidance, for ours and the peer."""
+    diffusion = create_diffusion(timestep_respacing=str(args.sample_steps))
+    models = {}
+    for impl in IMPLS:
+        torch.manual_seed(0)
+        models[impl] = build_impl(impl, args).to(device).eval()
+    n = args.sample_batch_size
+    x, y = random_batch(args, device, n)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+
+    def loop(impl, cfg):
+        def run():
+            model = models[impl]
+            with torch.inference_mode(), autocast:
+                if cfg:
+                    y2 = torch.cat([y, torch.full_like(y, 1000)])
+                    diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, *x.shape[1:]), torch.cat([x, x]),
+                                            clip_denoised=False, model_kwargs=dict(y=y2, cfg_scale=args.cfg_scale),
+                                            device=device)
+                else:
+                    diffusion.p_sample_loop(model, x.shape, x, clip_denoised=False, model_kwargs=dict(y=y),
+                                            device=device)
+        return run
+
+    rows = []
+    try:
+        for cfg in (False, True):
+            runs = {impl: loop(impl, cfg) for impl in IMPLS}
+            for impl in IMPLS:  # warm-up: one guided / unguided model call
+                with torch.inference_mode(), autocast:
+                    t = torch.full((2 * n if cfg else n,), 999, device=device)
+                    if cfg:
+                        models[impl].forward_with_cfg(torch.cat([x, x]), t, torch.cat([y, y]), args.cfg_scale)
+                    else:
+                        models[impl](x, t, y)
+            times = interleaved(runs, args.sample_rounds, device)
+            for impl in IMPLS:
+                s = summarize(times[impl])
+                rows.append(dict(impl=impl, guidance=f"cfg {args.cfg_scale}" if cfg else "none",
+                                 seconds=s["median"], iqr_s=s["iqr"], n=s["n"], images_per_s=n / s["median"]))
+            rows[-2]["ratio"] = rows[-2]["seconds"] / rows[-1]["seconds"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return rows
+
+
+def bench_toy(args, device):
+    """Training steps/s of the toy study's preset (paper on a GPU, cpu otherwise), both variants."""
+    from train_toy import PRESETS, TOY_MODEL, zero_batches
+
+    name = args.toy_preset or ("paper" if device.type == "cuda" else "cpu")
+    preset = PRESETS[name]
+    sizes = {k: preset[k] for k in ("depth", "hidden_size", "num_heads") if preset[k] is not None}
+    trainers = {}
+    for norm in ("layer-norm", "none"):
+        torch.manual_seed(0)
+        model = build_model(preset["model"], normalization=norm, **TOY_MODEL, **sizes)
+        trainers[norm] = make_trainer(model, args.toy_precision, False, False, device,
+                                      lr=preset["lr"], ema_decay=preset["ema_decay"])
+    x, y = next(zero_batches(preset["global_batch_size"], device))
+
+    def steps(norm):
+        def run():
+            for _ in range(args.toy_steps):
+                trainers[norm].train_step(x, y)
+        return run
+
+    for norm in trainers:
+        steps(norm)()  # warm-up
+    times = interleaved({norm: steps(norm) for norm in trainers}, 3, device)
+    rows = []
+    for norm in trainers:
+        rate = args.toy_steps / statistics.median(times[norm])
+        rows.append(dict(preset=name, normalization=norm, batch=preset["global_batch_size"],
+                         steps_per_s=rate, preset_minutes=preset["steps"] / rate / 60))
+    return rows
+
+
+#################################################################################
+#                                   Report                                      #
+#################################################################################
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def versions():
+    try:
+        import diffusers
+        peer = diffusers.__version__
+    except ImportError:
+        peer = "not installed"
+    return f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {peer}"
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
+    """The run as a markdown section: header lines and one table per benchmark."""
+    lines = [f"## {header['date']} | {header['device']}", "",
+             f"- versions: {header['versions']}; torch threads: {header['threads']}",
+             f"- command: `{header['command']}`",
+             f"- model: {args.model}, {args.input_size}x{args.input_size} latents, batch {args.batch_size}; "
+             f"model FLOPs per image: {header['gflops']:.2f} GFLOPs forward, {3 * header['gflops']:.2f} training",
+             "- MFU against: " + ", ".join(f"{p} {v:.1f} TFLOP/s ({src})" for p, (v, src) in peaks.items()), ""]
+    if train_rows:
+        mem = "peak GPU memory (MiB)" if device.type == "cuda" else "peak RSS increase (MiB)"
+        lines += ["Training step (forward + backward + AdamW + EMA), median over rounds:", "",
+                  f"| model | setting | step ms | IQR ms | images/s | {mem} | TFLOP/s | MFU | ours / peer |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in train_rows:
+            lines.append(f"| {r['impl']} | {r['setting']} | {r['step_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                         f"{r['images_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | {r['tflops']:.3f} | "
+                         f"{100 * r['mfu']:.1f}% | {fmt(r.get('ratio'), '.2f')} |")
+        lines.append("")
+    if sample_rows:
+        lines += [f"Sampling: {args.sample_steps}-step DDPM, batch {args.sample_batch_size}, "
+                  f"{header['sample_precision']}:", "",
+                  "| model | guidance | seconds per batch | IQR s | images/s | ours / peer |", "|---|---|---|---|---|---|"]
+        for r in sample_rows:
+            lines.append(f"| {r['impl']} | {r['guidance']} | {r['seconds']:.3f} | {r['iqr_s']:.3f} | "
+                         f"{r['images_per_s']:.2f} | {fmt(r.get('ratio'), '.2f')} |")
+        lines.append("")
+    if toy_rows:
+        lines += [f"Toy study training ({args.toy_precision}, training steps only, no evaluations):", "",
+                  "| preset | normalization | batch | steps/s | minutes for the preset's steps |", "|---|---|---|---|---|"]
+        for r in toy_rows:
+            lines.append(f"| {r['preset']} | {r['normalization']} | {r['batch']} | {r['steps_per_s']:.1f} | "
+                         f"{r['preset_minutes']:.1f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def record(path, section):
+    """Insert `section` at the top of the results in `path` (newest first), atomically."""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    else:
+        text = "# Benchmarks\n\nWritten by `make bench` (benchmarks/bench.py).\n\n"
+    if MARKER not in text:
+        text = text.rstrip("\n") + "\n\n" + MARKER + "\n"
+    head, tail = text.split(MARKER, 1)
+    text = head + MARKER + "\n\n" + section + tail.lstrip("\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(DiT_models), help="default: DiT-XL/2 on a GPU, DiT-S/2 on a CPU")
+    p.add_argument("--image-size", type=int, default=256, help="image size; latents are 8x smaller")
+    p.add_argument("--input-size", type=int, help="latent size (overrides --image-size)")
+    p.add_argument("--depth", type=int, help="override the model's depth (tests use tiny models)")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--batch-size", type=int, help="per-device batch; default 32 on a GPU, 8 on a CPU")
+    p.add_argument("--settings", nargs="+",
+                   help="precision[+compile][+ckpt] each, e.g. fp32 tf32 bf16 bf16+compile bf16+compile+ckpt; "
+                        "default: fp32 on a CPU, tf32 bf16 bf16+compile on a GPU")
+    p.add_argument("--compile", action="store_true", help="add +compile to every setting")
+    p.add_argument("--grad-checkpointing", action="store_true", help="add +ckpt to every setting")
+    p.add_argument("--warmup", type=int, help="untimed steps per model and setting (default 2 CPU, 10 GPU)")
+    p.add_argument("--rounds", type=int, help="timed rounds per model (default 7 CPU, 10 GPU)")
+    p.add_argument("--steps-per-round", type=int, help="training steps per round (default 1 CPU, 10 GPU)")
+    p.add_argument("--peak-tflops", type=float, help="MFU denominator; default: a measured large-matmul rate")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory subprocesses")
+    p.add_argument("--sample-steps", type=int, help="DDPM steps (default 5 CPU, 250 GPU)")
+    p.add_argument("--sample-batch-size", type=int, help="default: --batch-size")
+    p.add_argument("--sample-rounds", type=int, default=3)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--toy-preset", choices=["paper", "cpu"], help="default: paper on a GPU, cpu otherwise")
+    p.add_argument("--toy-steps", type=int, help="toy steps per round (default 50 CPU, 200 GPU)")
+    p.add_argument("--toy-precision", choices=PRECISIONS, help="default: fp32 CPU, bf16 GPU")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "toy"], help="parts to leave out")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: CUDA when available")
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--record", default=os.path.join(REPO, "docs", "benchmarks.md"),
+                   help="markdown file to insert the results into ('' = print only)")
+    p.add_argument("--json", help="also write the raw rows to this JSON file")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory probe "impl:setting"
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    gpu = args.device == "cuda"
+    defaults = dict(model="DiT-XL/2" if gpu else "DiT-S/2", batch_size=32 if gpu else 8,
+                    settings=["tf32", "bf16", "bf16+compile"] if gpu else ["fp32"], warmup=10 if gpu else 2,
+                    rounds=10 if gpu else 7, steps_per_round=10 if gpu else 1, sample_steps=250 if gpu else 5,
+                    toy_steps=200 if gpu else 50, toy_precision="bf16" if gpu else "fp32")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.image_size % 8 and args.input_size is None:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of 8 (the VAE's downsampling)")
+    args.input_size = args.input_size or args.image_size // 8
+    args.sample_batch_size = args.sample_batch_size or args.batch_size
+    args.settings = [s + ("+compile" if args.compile and "compile" not in s else "")
+                     + ("+ckpt" if args.grad_checkpointing and "ckpt" not in s else "") for s in args.settings]
+    for s in args.settings:
+        parse_setting(s)
+    for key in ("batch_size", "rounds", "steps_per_round", "sample_steps", "sample_batch_size", "toy_steps"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        return run_probe(args)
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise SystemExit("the peer needs diffusers: pip install -r requirements.txt")
+    device = torch.device(args.device)
+    fwd = forward_flops(model_config(args))
+    precisions = sorted({parse_setting(s)[0] for s in args.settings}, key=PRECISIONS.index)
+    peaks = {p: (args.peak_tflops, "--peak-tflops") if args.peak_tflops else
+             (matmul_tflops(p, device), "measured matmul") for p in precisions}
+    header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
+                  versions=versions(), threads=torch.get_num_threads(), gflops=fwd / 1e9,
+                  command="python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                  sample_precision=precisions[-1])
+    print(f"{header['device']} | {header['versions']} | {args.model} {args.input_size}x{args.input_size} "
+          f"batch {args.batch_size}", flush=True)
+    train_rows, sample_rows, toy_rows = [], [], []
+    if "train" not in args.skip:
+        for setting in args.settings:
+            print(f"training step: {setting} ...", flush=True)
+            train_rows += bench_training(args, device, setting, 3 * fwd, peaks[parse_setting(setting)[0]][0])
+    if "sample" not in args.skip:
+        print(f"sampling: {args.sample_steps} steps ...", flush=True)
+        sample_rows = bench_sampling(args, device, header["sample_precision"])
+    if "toy" not in args.skip:
+        print("toy preset ...", flush=True)
+        toy_rows = bench_toy(args, device)
+    section = report(args, device, header, train_rows, sample_rows, toy_rows, peaks)
+    print("\n" + section)
+    if args.record:
+        record(args.record, section)
+        print(f"recorded in {args.record}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, training=train_rows, sampling=sample_rows, toy=toy_rows), f, indent=1)
+    return dict(training=train_rows, sampling=sample_rows, toy=toy_rows)
+
+
+if __name__ == "__main__":
+    main()
