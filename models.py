@@ -100,7 +100,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous(): the transposed view would otherwise set the memory layout of every token tensor
+        # downstream (elementwise ops keep their first input's layout), so each LayerNorm and Linear
+        # would copy its input first.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 #################################################################################
@@ -160,8 +163,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)  # unbind: one backward op instead of three zero-filled
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 

@@ -327,8 +327,10 @@ class Trainer:
             loss = self.diffusion.training_losses(self.model, x, t, dict(y=y))["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = self.grad_clip if self.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
+        if self.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
+        else:  # only the norm, for the log: clip_grad_norm_(inf) would also rescale every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.raw.parameters() if p.grad is not None])
         self.opt.step()
         update_ema(self.ema, self.raw, self.ema_decay)
         self.step += 1

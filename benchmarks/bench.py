@@ -182,6 +182,14 @@ def summarize(times):
     return {"median": statistics.median(times), "iqr": q3 - q1, "n": len(times)}
 
 
+def paired_ratio(times):
+    """ours / peer as the median of the per-round ratios: the two runs of a round are adjacent in time,
+    so a slow spell of the machine cancels out of each ratio (more stable than a ratio of medians)."""
+    ratios = [ours / peer for ours, peer in zip(times["ours"], times["peer"])]
+    s = summarize(ratios)
+    return {"ratio": s["median"], "ratio_iqr": s["iqr"]}
+
+
 def interleaved(runs, rounds, device):
     """Time each callable of `runs` ({name: fn}) once per round, the names alternating within every
     round (and their order reversed every other round). Returns {name: [seconds per round]}."""
@@ -299,7 +307,7 @@ def bench_training(args, device, setting, flops_per_image, peak_tflops):
         tflops = ips * flops_per_image / 1e12
         rows.append(dict(impl=impl, setting=setting, step_ms=1e3 * s["median"], iqr_ms=1e3 * s["iqr"], n=s["n"],
                          images_per_s=ips, peak_mib=mem.get(impl), tflops=tflops, mfu=tflops / peak_tflops))
-    rows[0]["ratio"] = rows[0]["step_ms"] / rows[1]["step_ms"]
+    rows[0].update(paired_ratio(times))
     del trainers
     return rows
 
@@ -348,7 +356,7 @@ def bench_sampling(args, device, precision):
                 s = summarize(times[impl])
                 rows.append(dict(impl=impl, guidance=f"cfg {args.cfg_scale}" if cfg else "none",
                                  seconds=s["median"], iqr_s=s["iqr"], n=s["n"], images_per_s=n / s["median"]))
-            rows[-2]["ratio"] = rows[-2]["seconds"] / rows[-1]["seconds"]
+            rows[-2].update(paired_ratio(times))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
@@ -415,6 +423,10 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def ratio_cell(row):
+    return f"{row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})" if "ratio" in row else "-"
+
+
 def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
     """The run as a markdown section: header lines and one table per benchmark."""
     lines = [f"## {header['date']} | {header['device']}", "",
@@ -425,13 +437,13 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
              "- MFU against: " + ", ".join(f"{p} {v:.1f} TFLOP/s ({src})" for p, (v, src) in peaks.items()), ""]
     if train_rows:
         mem = "peak GPU memory (MiB)" if device.type == "cuda" else "peak RSS increase (MiB)"
-        lines += ["Training step (forward + backward + AdamW + EMA), median over rounds:", "",
+        lines += ["Training step (forward + backward + AdamW + EMA), median over rounds; ours / peer = median of the per-round ratios:", "",
                   f"| model | setting | step ms | IQR ms | images/s | {mem} | TFLOP/s | MFU | ours / peer |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in train_rows:
             lines.append(f"| {r['impl']} | {r['setting']} | {r['step_ms']:.1f} | {r['iqr_ms']:.1f} | "
                          f"{r['images_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | {r['tflops']:.3f} | "
-                         f"{100 * r['mfu']:.1f}% | {fmt(r.get('ratio'), '.2f')} |")
+                         f"{100 * r['mfu']:.1f}% | {ratio_cell(r)} |")
         lines.append("")
     if sample_rows:
         lines += [f"Sampling: {args.sample_steps}-step DDPM, batch {args.sample_batch_size}, "
@@ -439,7 +451,7 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
                   "| model | guidance | seconds per batch | IQR s | images/s | ours / peer |", "|---|---|---|---|---|---|"]
         for r in sample_rows:
             lines.append(f"| {r['impl']} | {r['guidance']} | {r['seconds']:.3f} | {r['iqr_s']:.3f} | "
-                         f"{r['images_per_s']:.2f} | {fmt(r.get('ratio'), '.2f')} |")
+                         f"{r['images_per_s']:.2f} | {ratio_cell(r)} |")
         lines.append("")
     if toy_rows:
         lines += [f"Toy study training ({args.toy_precision}, training steps only, no evaluations):", "",
