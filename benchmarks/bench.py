@@ -205,10 +205,10 @@ def interleaved(runs, rounds, device):
     return times
 
 
-def matmul_tflops(precision, device, n=None, reps=20):
+def matmul_tflops(precision, device, n=None, reps=20, budget_s=3.0):
     """Measured dense matmul rate (TFLOP/s) in the precision's dtype: the MFU denominator when
-    --peak-tflops is not given. The fastest of `reps` runs, since a peak is what the machine can do
-    (a median would let a noisy machine push MFU above 100%)."""
+    --peak-tflops is not given. The fastest of up to `reps` runs (stopping after `budget_s`), since a
+    peak is what the machine can do (a median would let a noisy machine push MFU above 100%)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -216,12 +216,20 @@ def matmul_tflops(precision, device, n=None, reps=20):
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        for _ in range(3):
-            a @ b
-        times = interleaved({"mm": lambda: a @ b}, reps, device)["mm"]
+        a @ b
+        times, start = [], time.perf_counter()
+        while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+            times += interleaved({"mm": lambda: a @ b}, 1, device)["mm"]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n**3 / min(times) / 1e12
+
+
+def peak_tflops(precision, device):
+    """MFU denominator for a setting: the faster of its own matmul and fp32's (a CPU without bf16 units
+    runs bf16 matmuls slower than fp32 ones, and autocast could always have stayed in fp32)."""
+    rate = matmul_tflops(precision, device)
+    return rate if precision == "fp32" else max(rate, matmul_tflops("fp32", device))
 
 
 def peak_memory_probe(args, impl, setting):
@@ -421,13 +429,14 @@ def versions():
 
 
 def git_commit():
-    """Short hash of the checked-out commit, '+dirty' with uncommitted changes ('unknown' outside git)."""
+    """Short hash of the checked-out commit, '+dirty' when Python files or requirements differ from it
+    ('unknown' outside git)."""
     def git(*cmd):
         return subprocess.run(["git", "-C", REPO, *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "requirements.txt")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
@@ -574,7 +583,7 @@ def main(argv=None):
     fwd = forward_flops(model_config(args))
     precisions = sorted({parse_setting(s)[0] for s in args.settings}, key=PRECISIONS.index)
     peaks = {p: (args.peak_tflops, "--peak-tflops") if args.peak_tflops else
-             (matmul_tflops(p, device), "measured matmul") for p in precisions}
+             (peak_tflops(p, device), "measured matmul") for p in precisions}
     header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
                   versions=versions(), threads=torch.get_num_threads(), gflops=fwd / 1e9, commit=git_commit(),
                   command="python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

@@ -169,3 +169,10 @@ def test_paired_ratio_cancels_machine_drift():
     """Round 2 ran on a machine twice as slow for both models: the per-round ratios are all 0.8."""
     times = {"ours": [0.8, 1.6, 0.8], "peer": [1.0, 2.0, 1.0]}
     assert bench.paired_ratio(times) == {"ratio": pytest.approx(0.8), "ratio_iqr": pytest.approx(0.0)}
+
+
+def test_peak_is_the_faster_of_the_setting_and_fp32(monkeypatch):
+    rates = {"fp32": 5.0, "tf32": 9.0, "bf16": 1.0}  # a CPU without bf16 units; a GPU's TF32 cores
+    monkeypatch.setattr(bench, "matmul_tflops", lambda precision, device: rates[precision])
+    cpu = torch.device("cpu")
+    assert [bench.peak_tflops(p, cpu) for p in ("fp32", "tf32", "bf16")] == [5.0, 9.0, 5.0]
