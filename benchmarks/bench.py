@@ -382,7 +382,7 @@ def bench_toy(args, device):
     for norm in ("layer-norm", "none"):
         torch.manual_seed(0)
         model = build_model(preset["model"], normalization=norm, **TOY_MODEL, **sizes)
-        trainers[norm] = make_trainer(model, args.toy_precision, False, False, device,
+        trainers[norm] = make_trainer(model, args.toy_precision, args.toy_compile, False, device,
                                       lr=preset["lr"], ema_decay=preset["ema_decay"])
     x, y = next(zero_batches(preset["global_batch_size"], device))
 
@@ -477,7 +477,8 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
                          f"{r['images_per_s']:.2f} | {ratio_cell(r)} |")
         lines.append("")
     if toy_rows:
-        lines += [f"Toy study training ({args.toy_precision}, training steps only, no evaluations):", "",
+        lines += [f"Toy study training ({args.toy_precision}{'+compile' if args.toy_compile else ''}, "
+                  "training steps only, no evaluations):", "",
                   "| preset | normalization | batch | steps/s | minutes for the preset's steps |", "|---|---|---|---|---|"]
         for r in toy_rows:
             lines.append(f"| {r['preset']} | {r['normalization']} | {r['batch']} | {r['steps_per_s']:.1f} | "
@@ -535,6 +536,7 @@ def parse_args(argv=None):
     p.add_argument("--toy-preset", choices=["paper", "cpu"], help="default: paper on a GPU, cpu otherwise")
     p.add_argument("--toy-steps", type=int, help="toy steps per round (default 50 CPU, 200 GPU)")
     p.add_argument("--toy-precision", choices=PRECISIONS, help="default: fp32 CPU, bf16 GPU")
+    p.add_argument("--toy-compile", action="store_true", help="torch.compile the toy models")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "toy"], help="parts to leave out")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: CUDA when available")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
