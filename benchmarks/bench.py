@@ -596,7 +596,11 @@ def main(argv=None):
     if "train" not in args.skip:
         for setting in args.settings:
             print(f"training step: {setting} ...", flush=True)
-            train_rows += bench_training(args, device, setting, 3 * fwd, peaks[parse_setting(setting)[0]][0])
+            try:
+                train_rows += bench_training(args, device, setting, 3 * fwd, peaks[parse_setting(setting)[0]][0])
+            except torch.OutOfMemoryError:
+                raise SystemExit(f"out of memory in setting {setting} (both models, their AdamW states and EMAs "
+                                 f"live on the device at once): use a smaller --batch-size or add +ckpt")
     if "sample" not in args.skip:
         print(f"sampling: {args.sample_steps} steps ...", flush=True)
         sample_rows = bench_sampling(args, device, header["sample_precision"])
