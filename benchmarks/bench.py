@@ -156,8 +156,9 @@ def make_trainer(model, precision, compile, ckpt, device, lr=1e-4, ema_decay=0.9
             model.net.enable_gradient_checkpointing()
         else:
             model.grad_checkpointing = True
-    logger = logging.getLogger("bench")
-    logger.addHandler(logging.NullHandler())
+    logger = logging.getLogger("bench")  # silent: the Trainer logs only inside fit(), which is not used here
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
     return Trainer(model, create_diffusion(timestep_respacing=""), dist_info=DistInfo(0, 1, 0, device),
                    run_dir=None, logger=logger, config={}, lr=lr, ema_decay=ema_decay, precision=precision,
                    compile=compile)
