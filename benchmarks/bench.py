@@ -43,10 +43,9 @@ import torch.nn as nn  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
 from models import DIT_SIZES, DiT, DiT_models, build_model  # noqa: E402
-from train_utils import DistInfo, Trainer  # noqa: E402
+from train_utils import PRECISIONS, DistInfo, Trainer, atomic_write  # noqa: E402
 
 IMPLS = ("ours", "peer")
-PRECISIONS = ("fp32", "tf32", "bf16")
 MARKER = "<!-- new results go below this line, newest first -->"
 
 #################################################################################
@@ -130,13 +129,11 @@ def model_config(args):
 
 def build_impl(impl, args):
     """A freshly initialised model of `args.model` (with the size overrides) for `impl`."""
+    if impl == "peer":
+        return PeerDiT(model_config(args))
     ours = build_model(args.model, input_size=args.input_size, **size_overrides(args))
-    if impl == "ours":
-        ours.check_labels = False  # as in train.py: labels come from a checked data set, no host sync
-        return ours
-    peer = PeerDiT(ours.config)
-    del ours
-    return peer
+    ours.check_labels = False  # as in train.py: labels come from a checked data set, no host sync
+    return ours
 
 
 def parse_setting(setting):
@@ -206,6 +203,20 @@ def interleaved(runs, rounds, device):
     return times
 
 
+@contextlib.contextmanager
+def precision_mode(precision, device):
+    """TF32 matmuls for 'tf32' and bf16 autocast for 'bf16' (as the Trainer sets them), restored after."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    try:
+        with autocast:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def matmul_tflops(precision, device, n=None, reps=20, budget_s=3.0):
     """Measured dense matmul rate (TFLOP/s) in the precision's dtype: the MFU denominator when
     --peak-tflops is not given. The fastest of up to `reps` runs (stopping after `budget_s`), since a
@@ -214,15 +225,11 @@ def matmul_tflops(precision, device, n=None, reps=20, budget_s=3.0):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
+    with precision_mode(precision, device):
         a @ b
         times, start = [], time.perf_counter()
         while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
             times += interleaved({"mm": lambda: a @ b}, 1, device)["mm"]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n**3 / min(times) / 1e12
 
 
@@ -331,44 +338,35 @@ def bench_sampling(args, device, precision):
         models[impl] = build_impl(impl, args).to(device).eval()
     n = args.sample_batch_size
     x, y = random_batch(args, device, n)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
     def loop(impl, cfg):
         def run():
             model = models[impl]
-            with torch.inference_mode(), autocast:
-                if cfg:
-                    y2 = torch.cat([y, torch.full_like(y, 1000)])
-                    diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, *x.shape[1:]), torch.cat([x, x]),
-                                            clip_denoised=False, model_kwargs=dict(y=y2, cfg_scale=args.cfg_scale),
-                                            device=device)
-                else:
-                    diffusion.p_sample_loop(model, x.shape, x, clip_denoised=False, model_kwargs=dict(y=y),
-                                            device=device)
+            if cfg:
+                y2 = torch.cat([y, torch.full_like(y, 1000)])
+                diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, *x.shape[1:]), torch.cat([x, x]),
+                                        clip_denoised=False, model_kwargs=dict(y=y2, cfg_scale=args.cfg_scale),
+                                        device=device)
+            else:
+                diffusion.p_sample_loop(model, x.shape, x, clip_denoised=False, model_kwargs=dict(y=y), device=device)
         return run
 
     rows = []
-    try:
+    with torch.inference_mode(), precision_mode(precision, device):
         for cfg in (False, True):
             runs = {impl: loop(impl, cfg) for impl in IMPLS}
             for impl in IMPLS:  # warm-up: one guided / unguided model call
-                with torch.inference_mode(), autocast:
-                    t = torch.full((2 * n if cfg else n,), 999, device=device)
-                    if cfg:
-                        models[impl].forward_with_cfg(torch.cat([x, x]), t, torch.cat([y, y]), args.cfg_scale)
-                    else:
-                        models[impl](x, t, y)
+                t = torch.full((2 * n if cfg else n,), 999, device=device)
+                if cfg:
+                    models[impl].forward_with_cfg(torch.cat([x, x]), t, torch.cat([y, y]), args.cfg_scale)
+                else:
+                    models[impl](x, t, y)
             times = interleaved(runs, args.sample_rounds, device)
             for impl in IMPLS:
                 s = summarize(times[impl])
                 rows.append(dict(impl=impl, guidance=f"cfg {args.cfg_scale}" if cfg else "none",
                                  seconds=s["median"], iqr_s=s["iqr"], n=s["n"], images_per_s=n / s["median"]))
             rows[-2].update(paired_ratio(times))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
 
 
@@ -500,10 +498,7 @@ def record(path, section):
     head, tail = text.split(MARKER, 1)
     text = head + MARKER + "\n\n" + section + tail.lstrip("\n")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 #################################################################################

@@ -176,3 +176,13 @@ def test_peak_is_the_faster_of_the_setting_and_fp32(monkeypatch):
     monkeypatch.setattr(bench, "matmul_tflops", lambda precision, device: rates[precision])
     cpu = torch.device("cpu")
     assert [bench.peak_tflops(p, cpu) for p in ("fp32", "tf32", "bf16")] == [5.0, 9.0, 5.0]
+
+
+def test_precision_mode_sets_and_restores():
+    cpu, a = torch.device("cpu"), torch.randn(4, 4)
+    before = torch.backends.cuda.matmul.allow_tf32
+    with bench.precision_mode("bf16", cpu):
+        assert (a @ a).dtype == torch.bfloat16
+    with bench.precision_mode("tf32", cpu):
+        assert torch.backends.cuda.matmul.allow_tf32 and (a @ a).dtype == torch.float32
+    assert torch.backends.cuda.matmul.allow_tf32 == before and (a @ a).dtype == torch.float32
