@@ -26,7 +26,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -43,10 +42,10 @@ import torch.nn as nn  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
 from models import DIT_SIZES, DiT, DiT_models, build_model  # noqa: E402
+from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
 from train_utils import PRECISIONS, DistInfo, Trainer, atomic_write  # noqa: E402
 
 IMPLS = ("ours", "peer")
-MARKER = "<!-- new results go below this line, newest first -->"
 
 #################################################################################
 #                               Model FLOPs                                     #
@@ -164,6 +163,13 @@ def make_trainer(model, precision, compile, ckpt, device, lr=1e-4, ema_decay=0.9
 #################################################################################
 #                                   Timing                                      #
 #################################################################################
+
+
+def say(row):
+    """One measured row, printed as soon as it exists (a run cut short by a time limit keeps what it
+    measured in its log)."""
+    print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+          flush=True)
 
 
 def synchronize(device):
@@ -291,11 +297,11 @@ def random_batch(args, device, n=None):
 
 
 def bench_training(args, device, setting, flops_per_image, peak_tflops):
-    """Training-step rows for ours and the peer in one setting."""
+    """Training-step rows for ours and the peer (unless --no-peer) in one setting."""
     precision, compile, ckpt = parse_setting(setting)
     x, y = random_batch(args, device)
     trainers, mem = {}, {}
-    for impl in IMPLS:
+    for impl in args.impls:
         torch.manual_seed(0)
         trainers[impl] = make_trainer(build_impl(impl, args), precision, compile, ckpt, device)
     for impl, trainer in trainers.items():  # warm-up (and compilation)
@@ -314,26 +320,30 @@ def bench_training(args, device, setting, flops_per_image, peak_tflops):
                 mem[impl] = max(mem.get(impl, 0), torch.cuda.max_memory_allocated(device) / 2**20)
         return run
 
-    times = interleaved({impl: steps(impl) for impl in IMPLS}, args.rounds, device)
+    times = interleaved({impl: steps(impl) for impl in args.impls}, args.rounds, device)
     if device.type != "cuda" and not args.no_memory:
-        mem = {impl: peak_memory_probe(args, impl, setting) for impl in IMPLS}
+        mem = {impl: peak_memory_probe(args, impl, setting) for impl in args.impls}
     rows = []
-    for impl in IMPLS:
+    for impl in args.impls:
         s = summarize([t / args.steps_per_round for t in times[impl]])
         ips = args.batch_size / s["median"]
         tflops = ips * flops_per_image / 1e12
         rows.append(dict(impl=impl, setting=setting, step_ms=1e3 * s["median"], iqr_ms=1e3 * s["iqr"], n=s["n"],
                          images_per_s=ips, peak_mib=mem.get(impl), tflops=tflops, mfu=tflops / peak_tflops))
-    rows[0].update(paired_ratio(times))
+    if "peer" in times:
+        rows[0].update(paired_ratio(times))
+    for row in rows:
+        say(row)
     del trainers
     return rows
 
 
-def bench_sampling(args, device, precision):
-    """Images/s of N-step DDPM sampling, with and without guidance, for ours and the peer."""
+def bench_sampling(args, device, precision, forward_flops_per_image, peak_tflops):
+    """Images/s of N-step DDPM sampling, without and/or with guidance (--sample-guidance), for ours and
+    the peer. Model FLOPs per image: steps x forward, twice that with guidance (the batch is doubled)."""
     diffusion = create_diffusion(timestep_respacing=str(args.sample_steps))
     models = {}
-    for impl in IMPLS:
+    for impl in args.impls:
         torch.manual_seed(0)
         models[impl] = build_impl(impl, args).to(device).eval()
     n = args.sample_batch_size
@@ -353,20 +363,27 @@ def bench_sampling(args, device, precision):
 
     rows = []
     with torch.inference_mode(), precision_mode(precision, device):
-        for cfg in (False, True):
-            runs = {impl: loop(impl, cfg) for impl in IMPLS}
-            for impl in IMPLS:  # warm-up: one guided / unguided model call
+        for cfg in {"both": (False, True), "none": (False,), "cfg": (True,)}[args.sample_guidance]:
+            runs = {impl: loop(impl, cfg) for impl in args.impls}
+            for impl in args.impls:  # warm-up: one guided / unguided model call
                 t = torch.full((2 * n if cfg else n,), 999, device=device)
                 if cfg:
                     models[impl].forward_with_cfg(torch.cat([x, x]), t, torch.cat([y, y]), args.cfg_scale)
                 else:
                     models[impl](x, t, y)
             times = interleaved(runs, args.sample_rounds, device)
-            for impl in IMPLS:
+            new = []
+            for impl in args.impls:
                 s = summarize(times[impl])
-                rows.append(dict(impl=impl, guidance=f"cfg {args.cfg_scale}" if cfg else "none",
-                                 seconds=s["median"], iqr_s=s["iqr"], n=s["n"], images_per_s=n / s["median"]))
-            rows[-2].update(paired_ratio(times))
+                tflops = n / s["median"] * args.sample_steps * (2 if cfg else 1) * forward_flops_per_image / 1e12
+                new.append(dict(impl=impl, guidance=f"cfg {args.cfg_scale}" if cfg else "none",
+                                seconds=s["median"], iqr_s=s["iqr"], n=s["n"], images_per_s=n / s["median"],
+                                tflops=tflops, mfu=tflops / peak_tflops))
+            if "peer" in times:
+                new[0].update(paired_ratio(times))
+            for row in new:
+                say(row)
+            rows += new
     return rows
 
 
@@ -398,47 +415,15 @@ def bench_toy(args, device):
     for norm in trainers:
         rate = args.toy_steps / statistics.median(times[norm])
         rows.append(dict(preset=name, normalization=norm, batch=preset["global_batch_size"],
-                         steps_per_s=rate, preset_minutes=preset["steps"] / rate / 60))
+                         setting=args.toy_precision + ("+compile" if args.toy_compile else ""),
+                         steps=preset["steps"], steps_per_s=rate, preset_minutes=preset["steps"] / rate / 60))
+        say(rows[-1])
     return rows
 
 
 #################################################################################
 #                                   Report                                      #
 #################################################################################
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model} ({os.cpu_count()} cores)"
-
-
-def versions():
-    try:
-        import diffusers
-        peer = diffusers.__version__
-    except ImportError:
-        peer = "not installed"
-    return f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {peer}"
-
-
-def git_commit():
-    """Short hash of the checked-out commit, '+dirty' when Python files or requirements differ from it
-    ('unknown' outside git)."""
-    def git(*cmd):
-        return subprocess.run(["git", "-C", REPO, *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "requirements.txt")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 def fmt(value, spec):
@@ -470,10 +455,11 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
     if sample_rows:
         lines += [f"Sampling: {args.sample_steps}-step DDPM, batch {args.sample_batch_size}, "
                   f"{header['sample_precision']}:", "",
-                  "| model | guidance | seconds per batch | IQR s | images/s | ours / peer |", "|---|---|---|---|---|---|"]
+                  "| model | guidance | seconds per batch | IQR s | images/s | TFLOP/s | MFU | ours / peer |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sample_rows:
             lines.append(f"| {r['impl']} | {r['guidance']} | {r['seconds']:.3f} | {r['iqr_s']:.3f} | "
-                         f"{r['images_per_s']:.2f} | {ratio_cell(r)} |")
+                         f"{r['images_per_s']:.2f} | {r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio_cell(r)} |")
         lines.append("")
     if toy_rows:
         lines += [f"Toy study training ({args.toy_precision}{'+compile' if args.toy_compile else ''}, "
@@ -484,21 +470,6 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
                          f"{r['preset_minutes']:.1f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def record(path, section):
-    """Insert `section` at the top of the results in `path` (newest first), atomically."""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    else:
-        text = "# Benchmarks\n\nWritten by `make bench` (benchmarks/bench.py).\n\n"
-    if MARKER not in text:
-        text = text.rstrip("\n") + "\n\n" + MARKER + "\n"
-    head, tail = text.split(MARKER, 1)
-    text = head + MARKER + "\n\n" + section + tail.lstrip("\n")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 #################################################################################
@@ -528,6 +499,9 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, help="DDPM steps (default 5 CPU, 250 GPU)")
     p.add_argument("--sample-batch-size", type=int, help="default: --batch-size")
     p.add_argument("--sample-rounds", type=int, default=3)
+    p.add_argument("--sample-guidance", choices=["both", "none", "cfg"], default="both",
+                   help="time sampling without guidance, with it (--cfg-scale), or both")
+    p.add_argument("--no-peer", action="store_true", help="time our model only (also when diffusers is missing)")
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--toy-preset", choices=["paper", "cpu"], help="default: paper on a GPU, cpu otherwise")
     p.add_argument("--toy-steps", type=int, help="toy steps per round (default 50 CPU, 200 GPU)")
@@ -561,6 +535,7 @@ def parse_args(argv=None):
                      + ("+ckpt" if args.grad_checkpointing and "ckpt" not in s else "") for s in args.settings]
     for s in args.settings:
         parse_setting(s)
+    args.impls = IMPLS[:1] if args.no_peer else IMPLS
     for key in ("batch_size", "rounds", "steps_per_round", "sample_steps", "sample_batch_size", "toy_steps"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
@@ -573,10 +548,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.probe:
         return run_probe(args)
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        raise SystemExit("the peer needs diffusers: pip install -r requirements.txt")
+    if "peer" in args.impls:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            print("diffusers is not installed: timing our model only (the peer needs `pip install diffusers`, or "
+                  "wheels carried to a machine without internet: see docs/benchmarks.md)", flush=True)
+            args.impls = IMPLS[:1]
     device = torch.device(args.device)
     fwd = forward_flops(model_config(args))
     precisions = sorted({parse_setting(s)[0] for s in args.settings}, key=PRECISIONS.index)
@@ -585,10 +563,17 @@ def main(argv=None):
     header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
                   versions=versions(), threads=torch.get_num_threads(), gflops=fwd / 1e9, commit=git_commit(),
                   command="python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                  sample_precision=precisions[-1])
+                  sample_precision=precisions[-1], impls=list(args.impls),
+                  peak_tflops={p: v for p, (v, _) in peaks.items()})
     print(f"{header['device']} | {header['versions']} | {args.model} {args.input_size}x{args.input_size} "
           f"batch {args.batch_size}", flush=True)
     train_rows, sample_rows, toy_rows = [], [], []
+
+    def dump():  # after every part, so that a run stopped by a time limit keeps what it measured
+        if args.json:
+            atomic_write(args.json, lambda f: f.write(json.dumps(
+                dict(header=header, training=train_rows, sampling=sample_rows, toy=toy_rows), indent=1).encode()))
+
     if "train" not in args.skip:
         for setting in args.settings:
             print(f"training step: {setting} ...", flush=True)
@@ -597,20 +582,21 @@ def main(argv=None):
             except torch.OutOfMemoryError:
                 raise SystemExit(f"out of memory in setting {setting} (both models, their AdamW states and EMAs "
                                  f"live on the device at once): use a smaller --batch-size or add +ckpt")
+            dump()
     if "sample" not in args.skip:
         print(f"sampling: {args.sample_steps} steps ...", flush=True)
-        sample_rows = bench_sampling(args, device, header["sample_precision"])
+        precision = header["sample_precision"]
+        sample_rows = bench_sampling(args, device, precision, fwd, peaks[precision][0])
+        dump()
     if "toy" not in args.skip:
         print("toy preset ...", flush=True)
         toy_rows = bench_toy(args, device)
+        dump()
     section = report(args, device, header, train_rows, sample_rows, toy_rows, peaks)
     print("\n" + section)
     if args.record:
         record(args.record, section)
         print(f"recorded in {args.record}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, training=train_rows, sampling=sample_rows, toy=toy_rows), f, indent=1)
     return dict(training=train_rows, sampling=sample_rows, toy=toy_rows)
 
 

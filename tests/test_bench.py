@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench
+from benchmarks import bench, records
 from models import build_model
 
 TINY = ["--model", "DiT-S/8", "--input-size", "16", "--depth", "2", "--batch-size", "2", "--rounds", "2",
@@ -109,11 +109,11 @@ def test_interleaved_alternates_and_summarize():
 
 def test_record_puts_newest_first(tmp_path):
     path = str(tmp_path / "b.md")
-    bench.record(path, "## first\n")
-    bench.record(path, "## second\n")
+    records.record(path, "## first\n")
+    records.record(path, "## second\n")
     text = open(path).read()
     assert text.startswith("# Benchmarks")
-    assert text.index(bench.MARKER) < text.index("## second") < text.index("## first")
+    assert text.index(records.MARKER) < text.index("## second") < text.index("## first")
 
 
 def test_end_to_end_tiny(tmp_path):
@@ -141,6 +141,7 @@ def test_cpu_memory_probe_reports_growth():
     assert mib is not None and mib > 1  # 64 x 4 x 16 x 16 activations and AdamW state: several MiB
 
 
+@pytest.mark.gpu
 def test_cuda_tables_benchmark_runs():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
@@ -148,6 +149,7 @@ def test_cuda_tables_benchmark_runs():
     assert rows["training"][0]["peak_mib"] > 0
 
 
+@pytest.mark.gpu
 def test_cuda_training_step_makes_no_host_syncs():
     """After the first step (which copies the schedule tables to the GPU), a training step never waits
     for the GPU: loss and grad norm stay on the device until the loop logs them."""

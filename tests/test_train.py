@@ -350,6 +350,7 @@ def test_digits_demo_runs(tmp_path):
     assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_compile_grad_checkpointing(tmp_path, image_folder):
     run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "3", "--precision", "bf16", "--compile",

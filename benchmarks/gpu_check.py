@@ -1,0 +1,396 @@
+"""`make gpu-check`: one command that proves the GPU path and measures it against the targets.
+
+Made for short GPU windows (about 9 minutes, no internet). Each part runs as its own process with its own
+time limit, so a part that crashes or hangs costs only its budget and the others still report:
+
+  tests     the GPU-only tests (pytest -m gpu: bf16 + compile + grad checkpointing in train.py, the
+            benchmark on CUDA, no host syncs in a training step)
+  train     train.py in bf16 + compile (the digits demo data): a checkpoint, a sample grid, then --resume
+            to a later step
+  xl-train  one DiT-XL/2 training step (256 px = 32x32 latents, batch 32), bf16 and bf16+compile, ours
+            against diffusers' DiTTransformer2DModel (benchmarks/bench.py): images/s, peak memory, MFU
+            against the measured bf16 matmul peak
+  xl-sample 250-step DDPM sampling of DiT-XL/2 with classifier-free guidance (images/s, MFU)
+  toy       the toy study's paper preset (DiT-XS/1, batch 2048, fp32: the study's precision), both
+            variants, eager and compiled, and the 50k-step wall time extrapolated from steps/s
+
+It prints a verdict per check (pass / fail / figure) and writes one dated section to docs/benchmarks.md.
+Without a GPU it runs the same parts with tiny shapes on the CPU (a few minutes), says that no GPU was
+found, and exits 0 unless a part broke: a dry run that keeps the check from rotting.
+
+    python benchmarks/gpu_check.py                       # = make gpu-check
+    python3 benchmarks/gpu_check.py --wheels .whl        # on a machine without diffusers: install carried wheels
+    python benchmarks/gpu_check.py --only toy xl-sample  # some parts only
+
+The exit code is 1 when a part failed to run (crash, timeout, missing output); missing a speed target is
+reported as `fail` in the verdicts but is a measurement, not a breakage, and leaves the exit code 0.
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
+
+PARTS = ("tests", "train", "xl-train", "xl-sample", "toy")
+
+# Targets of the GPU check (docs/benchmarks.md explains them). MFU counts 2 FLOPs per multiply-add.
+TARGET_TRAIN_MFU = 0.45  # DiT-XL/2 bf16+compile training step
+TARGET_SAMPLE_MFU = 0.45  # DiT-XL/2 250-step guided sampling
+TARGET_TOY_MINUTES = 10.0  # the paper preset's steps, both variants together
+
+# Seconds each part may take on a GPU; the whole check stays under 9 minutes of wall time.
+# The toy part's budget is split 1:2 between its eager and compiled runs (the CPU dry run skips compiling).
+GPU_BUDGET = {"tests": 100, "train": 140, "xl-train": 200, "xl-sample": 60, "toy": 105}
+CPU_BUDGET = {"tests": 120, "train": 120, "xl-train": 120, "xl-sample": 60, "toy": 60}
+
+
+#################################################################################
+#                                  Environment                                  #
+#################################################################################
+
+
+def install_wheels(wheel_dir, env):
+    """If diffusers is missing and `wheel_dir` holds wheels (carried to a machine without internet),
+    install them into a temporary folder on the child processes' PYTHONPATH. Returns a message."""
+    probe = subprocess.run([sys.executable, "-c", "import diffusers"], capture_output=True, env=env)
+    if probe.returncode == 0:
+        return None
+    wheels = sorted(glob.glob(os.path.join(wheel_dir, "*.whl"))) if wheel_dir else []
+    if not wheels:
+        return (f"diffusers is not installed and no wheels were found in {wheel_dir!r}: the peer is skipped "
+                "(see docs/benchmarks.md for carrying wheels)")
+    target = tempfile.mkdtemp(prefix="gpu-check-site-")
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                          "--target", target, *wheels], capture_output=True, text=True)
+    if out.returncode:
+        return f"installing the wheels in {wheel_dir} failed (the peer is skipped): {out.stderr.strip()[-300:]}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [target, env.get("PYTHONPATH")]))
+    return f"installed {len(wheels)} carried wheels from {wheel_dir} for this check"
+
+
+def run_part(name, cmd, budget, log_dir, env):
+    """Run one command with a time limit, its output teed to the console and <log_dir>/<name>.log.
+    Returns (exit code or 'timeout', seconds, output)."""
+    print(f"\n=== {name}: {shlex.join(cmd)}  (limit {budget} s)", flush=True)
+    start = time.perf_counter()
+    lines = []
+    with open(os.path.join(log_dir, f"{name}.log"), "a") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = start + budget
+            for line in iter_lines(proc, deadline):
+                print("  | " + line, end="", flush=True)
+                log.write(line)
+                lines.append(line)
+            rc = proc.wait(timeout=max(1, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = "timeout"
+    seconds = time.perf_counter() - start
+    print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)
+    return rc, seconds, "".join(lines)
+
+
+def iter_lines(proc, deadline):
+    """Lines of proc's output until it closes; TimeoutExpired once `deadline` passes (checked per line and
+    by a watchdog thread that kills the process group, so a silent hang cannot block the read)."""
+    import threading
+
+    def watchdog():
+        while proc.poll() is None:
+            if time.perf_counter() > deadline:
+                try:
+                    os.killpg(proc.pid, 9)
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    for line in proc.stdout:
+        yield line
+    if time.perf_counter() > deadline:
+        raise subprocess.TimeoutExpired(proc.args, deadline)
+
+
+#################################################################################
+#                                     Parts                                     #
+#################################################################################
+
+
+def bench_cmd(gpu, json_path, part):
+    """benchmarks/bench.py for one part, at full size on a GPU and tiny on a CPU."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), "--record", "", "--json", json_path]
+    if gpu:
+        size = ["--model", "DiT-XL/2", "--image-size", "256", "--batch-size", "32"]
+        if part == "xl-train":
+            return cmd + size + ["--skip", "sample", "toy", "--settings", "bf16", "bf16+compile", "--warmup", "3",
+                                 "--rounds", "5", "--steps-per-round", "5"]
+        if part == "xl-sample":
+            return cmd + size + ["--skip", "train", "toy", "--settings", "bf16", "--no-peer", "--sample-guidance",
+                                 "cfg", "--sample-steps", "250", "--sample-rounds", "2"]
+        return cmd + ["--skip", "train", "sample", "--settings", "fp32", "--toy-preset", "paper",
+                      "--toy-precision", "fp32", "--toy-steps", "100"]
+    size = ["--model", "DiT-S/2", "--input-size", "8", "--depth", "2", "--batch-size", "4", "--threads", "2",
+            "--device", "cpu", "--no-memory"]
+    if part == "xl-train":
+        return cmd + size + ["--skip", "sample", "toy", "--settings", "fp32", "--warmup", "1", "--rounds", "2",
+                             "--steps-per-round", "1"]
+    if part == "xl-sample":
+        return cmd + size + ["--skip", "train", "toy", "--settings", "fp32", "--no-peer", "--sample-guidance", "cfg",
+                             "--sample-steps", "5", "--sample-rounds", "1"]
+    return cmd + size + ["--skip", "train", "sample", "--settings", "fp32", "--toy-preset", "cpu",
+                         "--toy-precision", "fp32", "--toy-steps", "5"]
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_tests(gpu, rc, out):
+    """Verdict of the GPU-only tests from pytest's summary line."""
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", out)}
+    if rc != 0 and rc != 5:  # 5: no tests collected
+        return "fail", f"pytest exit {rc}: {counts}"
+    if not gpu:
+        return "figure", f"no GPU: {counts.get('skipped', 0)} GPU tests skipped cleanly"
+    return ("pass" if counts.get("passed") and not counts.get("skipped") else "fail"), f"{counts}"
+
+
+def train_cmds(gpu, work):
+    """A short train.py run with a checkpoint and a sample grid, then a resume to a later step."""
+    data, results = os.path.join(work, "digits"), os.path.join(work, "runs")
+    if gpu:
+        speed = ["--precision", "bf16", "--compile", "--device", "cuda"]
+        steps, more = 40, 60
+    else:
+        speed = ["--precision", "fp32", "--device", "cpu"]
+        steps, more = 4, 6
+    first = [sys.executable, os.path.join(REPO, "train.py"), "--demo", "--data-path", data, "--results-dir", results,
+             "--max-steps", str(steps), "--ckpt-every", str(steps), "--sample-every", str(steps), "--sample-steps", "20",
+             "--sample-images", "16", "--log-every", str(steps // 4), "--num-workers", "1", *speed]
+    return first, steps, more, results, speed
+
+
+def check_train(gpu, results, steps, more, outputs):
+    """Verdict of the train.py round trip: checkpoints at both steps, a sample grid, and (GPU) peak memory
+    in the log."""
+    runs = sorted(glob.glob(os.path.join(results, "*")))
+    if len(runs) != 1:
+        return "fail", f"expected one run directory in {results}, found {len(runs)}"
+    run = runs[0]
+    missing = [p for p in (f"checkpoints/{steps:07d}.pt", f"checkpoints/{more:07d}.pt", "checkpoints/latest.pt",
+                           f"samples/{steps:07d}.png") if not os.path.exists(os.path.join(run, p))]
+    with open(os.path.join(run, "log.txt")) as f:
+        log = f.read()
+    if missing:
+        return "fail", f"missing in {run}: {', '.join(missing)}"
+    if gpu and "peak mem" not in log:
+        return "fail", "log.txt does not report GPU peak memory"
+    rates = re.findall(r"([\d.]+) steps/s", "".join(outputs))
+    return "pass", (f"checkpoint at {steps}, sample grid, resumed to {more}"
+                    + (f"; last logged {rates[-1]} steps/s" if rates else ""))
+
+
+#################################################################################
+#                                   Verdicts                                    #
+#################################################################################
+
+
+def training_verdicts(gpu, rows):
+    """bf16+compile MFU against the target and ours against the peer, per setting."""
+    verdicts = []
+    for r in rows:
+        if r["impl"] != "ours":
+            continue
+        text = f"{r['images_per_s']:.0f} images/s, {100 * r['mfu']:.1f}% MFU, {r['peak_mib'] or 0:.0f} MiB"
+        if "ratio" in r:
+            text += f"; ours / peer {r['ratio']:.2f}"
+        name = f"DiT-XL/2 training {r['setting']}" if gpu else f"tiny training {r['setting']}"
+        if gpu and r["setting"] == "bf16+compile":
+            ok = r["mfu"] >= TARGET_TRAIN_MFU and r.get("ratio", 0.0) < 1.0
+            verdicts.append((name, "pass" if ok else "fail",
+                             text + f" (target >= {100 * TARGET_TRAIN_MFU:.0f}% MFU and faster than the peer)"))
+        else:
+            verdicts.append((name, "figure", text))
+    return verdicts
+
+
+def sampling_verdicts(gpu, rows):
+    verdicts = []
+    for r in rows:
+        text = f"{r['images_per_s']:.2f} images/s, {100 * r['mfu']:.1f}% MFU ({r['guidance']})"
+        if gpu:
+            verdicts.append(("DiT-XL/2 250-step guided sampling", "pass" if r["mfu"] >= TARGET_SAMPLE_MFU else "fail",
+                             text + f" (target >= {100 * TARGET_SAMPLE_MFU:.0f}% MFU)"))
+        else:
+            verdicts.append(("tiny guided sampling", "figure", text))
+    return verdicts
+
+
+def toy_verdicts(gpu, rows):
+    """Per setting: both variants' minutes for the preset's steps, summed, against the target."""
+    verdicts = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        same = [r for r in rows if r["setting"] == setting]
+        total = sum(r["preset_minutes"] for r in same)
+        text = (", ".join(f"{r['normalization']} {r['steps_per_s']:.0f} steps/s" for r in same)
+                + f": {total:.1f} min for {same[0]['steps']} steps x {len(same)} variants")
+        if gpu:
+            verdicts.append((f"toy paper preset {setting}", "pass" if total < TARGET_TOY_MINUTES else "fail",
+                             text + f" (target < {TARGET_TOY_MINUTES:.0f} min)"))
+        else:
+            verdicts.append((f"toy cpu preset {setting}", "figure", text))
+    return verdicts
+
+
+def section(header, verdicts, parts, results):
+    """The run as one markdown section for docs/benchmarks.md."""
+    lines = [f"## {header['date']} | gpu-check | {header['device']}", "",
+             f"- versions: {header['versions']}; commit: {header['commit']}",
+             f"- command: `{header['command']}`; wall time {header['wall_s']:.0f} s"
+             + ("" if header["gpu"] else " (no GPU found: CPU dry run with tiny shapes)"), ""]
+    if header.get("note"):
+        lines += [f"- {header['note']}", ""]
+    peaks = {}
+    for data in results.values():
+        peaks.update(data["header"].get("peak_tflops", {}))
+    if peaks:
+        lines += ["- measured matmul peak: " + ", ".join(f"{p} {v:.3g} TFLOP/s" for p, v in peaks.items()), ""]
+    lines += ["| check | verdict | figures |", "|---|---|---|"]
+    lines += [f"| {name} | {verdict} | {text} |" for name, verdict, text in verdicts]
+    lines += ["", "| part | exit | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {rc} | {seconds:.0f} |" for name, (rc, seconds) in parts.items()]
+    return "\n".join(lines) + "\n"
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=PARTS, help="run these parts only (default: all)")
+    p.add_argument("--wheels", default=os.path.join(REPO, ".whl"),
+                   help="folder of wheels (diffusers and its missing needs) to install when diffusers is missing")
+    p.add_argument("--record", default=os.path.join(REPO, "docs", "benchmarks.md"),
+                   help="markdown file to insert the results into ('' = print only)")
+    p.add_argument("--out", help="folder for the parts' logs and JSON (default: a temporary folder)")
+    p.add_argument("--cpu", action="store_true", help="the CPU dry run even when a GPU is present")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    gpu = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if gpu else "cpu")
+    out = args.out or tempfile.mkdtemp(prefix="gpu-check-")
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the same code path, tiny, on the CPU
+        print("No GPU found: running the CPU dry run with tiny shapes (the GPU figures need a GPU).", flush=True)
+    note = install_wheels(args.wheels, env)
+    if note:
+        print(note, flush=True)
+    budget = GPU_BUDGET if gpu else CPU_BUDGET
+    todo = args.only or PARTS
+    parts, verdicts, results = {}, [], {}
+
+    if "tests" in todo:
+        rc, sec, text = run_part("tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p",
+                                           "no:cacheprovider", os.path.join(REPO, "tests")], budget["tests"], out, env)
+        parts["tests"] = (rc, sec)
+        verdicts.append(("GPU-only tests",) + check_tests(gpu, rc, text))
+
+    if "train" in todo:
+        work = tempfile.mkdtemp(prefix="gpu-check-train-")
+        first, steps, more, runs, speed = train_cmds(gpu, work)
+        rc, sec, text1 = run_part("train", first, 0.6 * budget["train"], out, env)
+        text2 = ""
+        if rc == 0:
+            run = sorted(glob.glob(os.path.join(runs, "*")))[-1]
+            resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", run, "--max-steps", str(more),
+                      "--num-workers", "1", *speed]
+            rc, sec2, text2 = run_part("train", resume, budget["train"] - sec, out, env)
+            sec += sec2
+        parts["train"] = (rc, sec)
+        verdicts.append(("train.py " + " ".join(speed[:-2] if gpu else speed[:2]) + ": checkpoint, grid, resume",)
+                        + (check_train(gpu, runs, steps, more, [text1, text2]) if rc == 0 else
+                           ("fail", f"exit {rc}; see {out}/train.log")))
+
+    for part in ("xl-train", "xl-sample", "toy"):
+        if part not in todo:
+            continue
+        cmds = [bench_cmd(gpu, os.path.join(out, f"{part}.json"), part)]
+        shares = [1.0]
+        if part == "toy" and gpu:  # eager and compiled, each with its own JSON
+            cmds.append(bench_cmd(gpu, os.path.join(out, "toy-compile.json"), part) + ["--toy-compile"])
+            shares = [1 / 3, 2 / 3]
+        rcs, total = [], 0.0
+        for i, cmd in enumerate(cmds):
+            rc, sec, _ = run_part(part, cmd, shares[i] * budget[part], out, env)
+            rcs.append(rc)
+            total += sec
+            data = read_json(cmd[cmd.index("--json") + 1])
+            if data is None:
+                continue
+            key = part if i == 0 else f"{part}-compile"
+            results[key] = data
+            if part == "xl-train":
+                verdicts += training_verdicts(gpu, data["training"])
+            elif part == "xl-sample":
+                verdicts += sampling_verdicts(gpu, data["sampling"])
+            else:
+                verdicts += toy_verdicts(gpu, data["toy"])
+        rc = next((r for r in rcs if r != 0), 0)
+        parts[part] = (rc, total)
+        if rc != 0:
+            verdicts.append((part, "fail", f"exit {rc}; see {out}/{part}.log (figures above were measured before it stopped)"))
+
+    header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
+                  versions=versions() if not note else versions() + " (from the carried wheels)",
+                  commit=git_commit(), gpu=gpu, wall_s=time.perf_counter() - start, note=note,
+                  command="python benchmarks/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    if note:  # diffusers lives in the child processes' PYTHONPATH only: read its version from a result
+        peer = next((d["header"]["versions"] for d in results.values()), None)
+        header["versions"] = peer or header["versions"]
+    text = section(header, verdicts, parts, results)
+    print("\n" + ("" if gpu else "No GPU found: this was the CPU dry run; the GPU figures are still open.\n") + text)
+    print("\n".join(f"{verdict:>6}  {name}: {figures}" for name, verdict, figures in verdicts))
+    if args.record:
+        record(args.record, text)
+        print(f"recorded in {args.record}")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(dict(header=header, verdicts=verdicts, parts=parts, results=results), f, indent=1)
+    broken = [name for name, (rc, _) in parts.items() if rc != 0]
+    if broken:
+        print(f"parts that did not finish: {', '.join(broken)} (logs in {out})")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
