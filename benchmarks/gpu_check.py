@@ -299,7 +299,20 @@ def parse_args(argv=None):
                    help="markdown file to insert the results into ('' = print only)")
     p.add_argument("--out", help="folder for the parts' logs and JSON (default: a temporary folder)")
     p.add_argument("--cpu", action="store_true", help="the CPU dry run even when a GPU is present")
-    return p.parse_args(argv)
+    p.add_argument("--budget", nargs="+", default=[], metavar="PART=SECONDS",
+                   help="change a part's time limit, e.g. --budget xl-train=400 (a slower GPU, a cold compile cache)")
+    args = p.parse_args(argv)
+    budgets = {}
+    for item in args.budget:
+        part, _, seconds = item.partition("=")
+        try:
+            budgets[part] = float(seconds)
+        except ValueError:
+            budgets[part] = -1.0
+        if part not in PARTS or budgets[part] <= 0:
+            p.error(f"--budget {item!r}: write PART=SECONDS with PART one of {', '.join(PARTS)} and SECONDS > 0")
+    args.budget = budgets
+    return args
 
 
 def main(argv=None):
@@ -316,7 +329,7 @@ def main(argv=None):
     note = install_wheels(args.wheels, env)
     if note:
         print(note, flush=True)
-    budget = GPU_BUDGET if gpu else CPU_BUDGET
+    budget = {**(GPU_BUDGET if gpu else CPU_BUDGET), **args.budget}
     todo = args.only or PARTS
     parts, verdicts, results = {}, [], {}
 
