@@ -395,7 +395,7 @@ def bench_toy(args, device):
     preset = PRESETS[name]
     sizes = {k: preset[k] for k in ("depth", "hidden_size", "num_heads") if preset[k] is not None}
     trainers = {}
-    for norm in ("layer-norm", "none"):
+    for norm in args.toy_variants:
         torch.manual_seed(0)
         model = build_model(preset["model"], normalization=norm, **TOY_MODEL, **sizes)
         trainers[norm] = make_trainer(model, args.toy_precision, args.toy_compile, False, device,
@@ -507,6 +507,9 @@ def parse_args(argv=None):
     p.add_argument("--toy-steps", type=int, help="toy steps per round (default 50 CPU, 200 GPU)")
     p.add_argument("--toy-precision", choices=PRECISIONS, help="default: fp32 CPU, bf16 GPU")
     p.add_argument("--toy-compile", action="store_true", help="torch.compile the toy models")
+    p.add_argument("--toy-variants", nargs="+", choices=["layer-norm", "none"], default=["layer-norm", "none"],
+                   help="toy variants to time in this process (gpu_check.py runs one per process, concurrently, "
+                        "as toy_study.py trains them)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "toy"], help="parts to leave out")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: CUDA when available")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")

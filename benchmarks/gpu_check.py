@@ -56,6 +56,7 @@ TARGET_TOY_MINUTES = 10.0  # the paper preset's steps, both variants together
 # Seconds each part may take on a GPU; the whole check stays under 9 minutes of wall time.
 # The toy part's budget is split 1:2 between its eager and compiled runs (the CPU dry run skips compiling).
 GPU_BUDGET = {"tests": 100, "train": 140, "xl-train": 200, "xl-sample": 60, "toy": 105}
+MIN_PART_SECONDS = 5  # a part that would get less is skipped (reported, and the check exits 1)
 CPU_BUDGET = {"tests": 120, "train": 120, "xl-train": 120, "xl-sample": 60, "toy": 60}
 
 
@@ -86,7 +87,10 @@ def install_wheels(wheel_dir, env):
 def run_part(name, cmd, budget, log_dir, env):
     """Run one command with a time limit, its output teed to the console and <log_dir>/<name>.log.
     Returns (exit code or 'timeout', seconds, output)."""
-    print(f"\n=== {name}: {shlex.join(cmd)}  (limit {budget} s)", flush=True)
+    if budget < MIN_PART_SECONDS:
+        print(f"\n=== {name}: skipped, {budget:.0f} s left of the check's time limit", flush=True)
+        return "skipped", 0.0, ""
+    print(f"\n=== {name}: {shlex.join(cmd)}  (limit {budget:.0f} s)", flush=True)
     start = time.perf_counter()
     lines = []
     with open(os.path.join(log_dir, f"{name}.log"), "a") as log:
@@ -106,6 +110,38 @@ def run_part(name, cmd, budget, log_dir, env):
     seconds = time.perf_counter() - start
     print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)
     return rc, seconds, "".join(lines)
+
+
+def run_concurrently(name, cmds, budget, log_dir, env):
+    """Run `cmds` at the same time, each logging to <log_dir>/<name>-<i>.log, under one time limit.
+    Returns (0, the first non-zero exit code, or 'timeout'; seconds). Prints each log when done."""
+    if budget < MIN_PART_SECONDS:
+        print(f"\n=== {name}: skipped, {budget:.0f} s left of the check's time limit", flush=True)
+        return "skipped", 0.0
+    print(f"\n=== {name}: {len(cmds)} processes at once (limit {budget:.0f} s)", flush=True)
+    start, procs, logs = time.perf_counter(), [], []
+    for i, cmd in enumerate(cmds):
+        print(f"  {i}: {shlex.join(cmd)}", flush=True)
+        logs.append(open(os.path.join(log_dir, f"{name}-{i}.log"), "w"))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    rc = 0
+    for proc in procs:
+        try:
+            code = proc.wait(timeout=max(1.0, start + budget - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        rc = rc or code
+    for proc, log in zip(procs, logs):
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()
+        with open(log.name) as f:
+            print("".join("  | " + line for line in f), end="", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)
+    return rc, seconds
 
 
 def iter_lines(proc, deadline):
@@ -128,6 +164,18 @@ def iter_lines(proc, deadline):
         yield line
     if time.perf_counter() > deadline:
         raise subprocess.TimeoutExpired(proc.args, deadline)
+
+
+class Budget(dict):
+    """Per-part time limits that never run past the whole check's deadline: budget[part] is the part's
+    own limit or the time left, whichever is smaller (0 once the deadline has passed)."""
+
+    def __init__(self, limits, deadline):
+        super().__init__(limits)
+        self.deadline = deadline
+
+    def __getitem__(self, part):
+        return max(0.0, min(super().__getitem__(part), self.deadline - time.perf_counter()))
 
 
 #################################################################################
@@ -156,6 +204,7 @@ def bench_cmd(gpu, json_path, part):
     if part == "xl-sample":
         return cmd + size + ["--skip", "train", "toy", "--settings", "fp32", "--no-peer", "--sample-guidance", "cfg",
                              "--sample-steps", "5", "--sample-rounds", "1"]
+    size[size.index("--threads") + 1] = "1"  # two toy processes at once, one thread each (as toy_study.py)
     return cmd + size + ["--skip", "train", "sample", "--settings", "fp32", "--toy-preset", "cpu",
                          "--toy-precision", "fp32", "--toy-steps", "5"]
 
@@ -250,19 +299,26 @@ def sampling_verdicts(gpu, rows):
 
 
 def toy_verdicts(gpu, rows):
-    """Per setting: both variants' minutes for the preset's steps, summed, against the target."""
+    """Per setting: the variants trained at the same time (one process each, as toy_study.py runs them),
+    so the wall time of the preset is the slower variant's, against the target."""
     verdicts = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         same = [r for r in rows if r["setting"] == setting]
-        total = sum(r["preset_minutes"] for r in same)
+        total = max(r["preset_minutes"] for r in same)
         text = (", ".join(f"{r['normalization']} {r['steps_per_s']:.0f} steps/s" for r in same)
-                + f": {total:.1f} min for {same[0]['steps']} steps x {len(same)} variants")
+                + f" side by side: {total:.1f} min for {same[0]['steps']} steps of both variants")
         if gpu:
             verdicts.append((f"toy paper preset {setting}", "pass" if total < TARGET_TOY_MINUTES else "fail",
                              text + f" (target < {TARGET_TOY_MINUTES:.0f} min)"))
         else:
             verdicts.append((f"toy cpu preset {setting}", "figure", text))
     return verdicts
+
+
+def broken_verdict(part, rc, log):
+    if rc == "skipped":
+        return part, "skipped", "the check's time limit was reached before this part (raise --time-limit)"
+    return part, "fail", f"exit {rc}; see {log} (figures above were measured before it stopped)"
 
 
 def section(header, verdicts, parts, results):
@@ -299,6 +355,8 @@ def parse_args(argv=None):
                    help="markdown file to insert the results into ('' = print only)")
     p.add_argument("--out", help="folder for the parts' logs and JSON (default: a temporary folder)")
     p.add_argument("--cpu", action="store_true", help="the CPU dry run even when a GPU is present")
+    p.add_argument("--time-limit", type=float, help="seconds for the whole check; each part gets at most what "
+                   "is left, and parts that find too little left are skipped (default 530 on a GPU, 290 on a CPU)")
     p.add_argument("--budget", nargs="+", default=[], metavar="PART=SECONDS",
                    help="change a part's time limit, e.g. --budget xl-train=400 (a slower GPU, a cold compile cache)")
     args = p.parse_args(argv)
@@ -329,7 +387,8 @@ def main(argv=None):
     note = install_wheels(args.wheels, env)
     if note:
         print(note, flush=True)
-    budget = {**(GPU_BUDGET if gpu else CPU_BUDGET), **args.budget}
+    limit = args.time_limit or (530 if gpu else 290)
+    budget = Budget({**(GPU_BUDGET if gpu else CPU_BUDGET), **args.budget}, start + limit)
     todo = args.only or PARTS
     parts, verdicts, results = {}, [], {}
 
@@ -342,47 +401,59 @@ def main(argv=None):
     if "train" in todo:
         work = tempfile.mkdtemp(prefix="gpu-check-train-")
         first, steps, more, runs, speed = train_cmds(gpu, work)
-        rc, sec, text1 = run_part("train", first, 0.6 * budget["train"], out, env)
+        limit = budget["train"]
+        rc, sec, text1 = run_part("train", first, 0.6 * limit, out, env)
         text2 = ""
         if rc == 0:
             run = sorted(glob.glob(os.path.join(runs, "*")))[-1]
             resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", run, "--max-steps", str(more),
                       "--num-workers", "1", *speed]
-            rc, sec2, text2 = run_part("train", resume, budget["train"] - sec, out, env)
+            rc, sec2, text2 = run_part("train", resume, min(limit - sec, budget["train"]), out, env)
             sec += sec2
         parts["train"] = (rc, sec)
         verdicts.append(("train.py " + " ".join(speed[:-2] if gpu else speed[:2]) + ": checkpoint, grid, resume",)
                         + (check_train(gpu, runs, steps, more, [text1, text2]) if rc == 0 else
                            ("fail", f"exit {rc}; see {out}/train.log")))
 
-    for part in ("xl-train", "xl-sample", "toy"):
+    for part in ("xl-train", "xl-sample"):
         if part not in todo:
             continue
-        cmds = [bench_cmd(gpu, os.path.join(out, f"{part}.json"), part)]
-        shares = [1.0]
-        if part == "toy" and gpu:  # eager and compiled, each with its own JSON
-            cmds.append(bench_cmd(gpu, os.path.join(out, "toy-compile.json"), part) + ["--toy-compile"])
-            shares = [1 / 3, 2 / 3]
-        rcs, total = [], 0.0
-        for i, cmd in enumerate(cmds):
-            rc, sec, _ = run_part(part, cmd, shares[i] * budget[part], out, env)
+        json_path = os.path.join(out, f"{part}.json")
+        rc, sec, _ = run_part(part, bench_cmd(gpu, json_path, part), budget[part], out, env)
+        parts[part] = (rc, sec)
+        data = read_json(json_path)
+        if data is not None:
+            results[part] = data
+            verdicts += (training_verdicts(gpu, data["training"]) if part == "xl-train"
+                         else sampling_verdicts(gpu, data["sampling"]))
+        if rc != 0:
+            verdicts.append(broken_verdict(part, rc, f"{out}/{part}.log"))
+
+    if "toy" in todo:
+        # toy_study.py trains the two variants side by side, so they are timed side by side: one process
+        # each, at the same time, eager and then compiled (the CPU dry run skips compiling).
+        rcs, total, limit = [], 0.0, budget["toy"]
+        for setting, share in ([("eager", 1 / 3), ("compile", 1.0)] if gpu else [("eager", 1.0)]):
+            cmds = {}
+            for norm in ("layer-norm", "none"):
+                json_path = os.path.join(out, f"toy-{setting}-{norm}.json")
+                cmds[json_path] = (bench_cmd(gpu, json_path, "toy") + ["--toy-variants", norm]
+                                   + (["--toy-compile"] if setting == "compile" else []))
+            rc, sec = run_concurrently(f"toy-{setting}", list(cmds.values()), min(share * limit, limit - total), out, env)
             rcs.append(rc)
             total += sec
-            data = read_json(cmd[cmd.index("--json") + 1])
-            if data is None:
-                continue
-            key = part if i == 0 else f"{part}-compile"
-            results[key] = data
-            if part == "xl-train":
-                verdicts += training_verdicts(gpu, data["training"])
-            elif part == "xl-sample":
-                verdicts += sampling_verdicts(gpu, data["sampling"])
-            else:
-                verdicts += toy_verdicts(gpu, data["toy"])
+            rows = []
+            for json_path in cmds:
+                data = read_json(json_path)
+                if data is not None:
+                    results[os.path.basename(json_path)[:-5]] = data
+                    rows += data["toy"]
+            if len(rows) == 2:
+                verdicts += toy_verdicts(gpu, rows)
         rc = next((r for r in rcs if r != 0), 0)
-        parts[part] = (rc, total)
+        parts["toy"] = (rc, total)
         if rc != 0:
-            verdicts.append((part, "fail", f"exit {rc}; see {out}/{part}.log (figures above were measured before it stopped)"))
+            verdicts.append(broken_verdict("toy", rc, f"{out}/toy-*.log"))
 
     header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
                   versions=versions() if not note else versions() + " (from the carried wheels)",
