@@ -133,6 +133,22 @@ def test_end_to_end_tiny(tmp_path):
     text = out.read_text()
     assert "| ours | fp32 |" in text and "| peer | fp32 |" in text and "Toy study" in text
     assert json.loads((tmp_path / "rows.json").read_text())["header"]["gflops"] > 0
+    fwd = bench.forward_flops(bench.model_config(bench.parse_args(TINY)))
+    for r in rows["sampling"]:  # model FLOPs per image: steps x forward, doubled by guidance's doubled batch
+        per_image = 2 * fwd * (2 if r["guidance"] != "none" else 1)
+        assert r["tflops"] == pytest.approx(r["images_per_s"] * per_image / 1e12)
+
+
+def test_our_model_only_guided_sampling_one_toy_variant(tmp_path):
+    """The gpu-check's narrow runs: no peer, guided sampling only, one toy variant per process; the JSON
+    holds the rows and the measured matmul peak."""
+    rows = bench.main([*TINY, "--record", "", "--no-peer", "--sample-guidance", "cfg", "--toy-variants", "none",
+                       "--json", str(tmp_path / "rows.json")])
+    assert [r["impl"] for r in rows["training"]] == ["ours"] and "ratio" not in rows["training"][0]
+    assert [(r["impl"], r["guidance"]) for r in rows["sampling"]] == [("ours", "cfg 4.0")]
+    assert [r["normalization"] for r in rows["toy"]] == ["none"]
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert saved["toy"] == rows["toy"] and saved["header"]["peak_tflops"]["fp32"] > 0
 
 
 def test_cpu_memory_probe_reports_growth():
