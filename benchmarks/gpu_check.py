@@ -15,8 +15,9 @@ time limit, so a part that crashes or hangs costs only its budget and the others
             variants, eager and compiled, and the 50k-step wall time extrapolated from steps/s
 
 It prints a verdict per check (pass / fail / figure) and writes one dated section to docs/benchmarks.md.
-Without a GPU it runs the same parts with tiny shapes on the CPU (a few minutes), says that no GPU was
-found, and exits 0 unless a part broke: a dry run that keeps the check from rotting.
+Without a GPU it runs the same parts with tiny shapes on the CPU (about a minute), says that no GPU was
+found, records nothing unless --record is given, and exits 0 unless a part broke: a dry run that keeps
+the check from rotting.
 
     python benchmarks/gpu_check.py                       # = make gpu-check
     python3 benchmarks/gpu_check.py --wheels .whl        # on a machine without diffusers: install carried wheels
@@ -284,7 +285,8 @@ def training_verdicts(gpu, rows):
     for r in rows:
         if r["impl"] != "ours":
             continue
-        text = f"{r['images_per_s']:.0f} images/s, {100 * r['mfu']:.1f}% MFU, {r['peak_mib'] or 0:.0f} MiB"
+        text = f"{r['images_per_s']:.0f} images/s, {100 * r['mfu']:.1f}% MFU"
+        text += f", {r['peak_mib']:.0f} MiB" if r["peak_mib"] else ""
         text += f"; ours / peer {r['ratio']:.2f}" if "ratio" in r else "; no peer in this run"
         name = f"DiT-XL/2 training {r['setting']}" if gpu else f"tiny training {r['setting']}"
         if gpu and r["setting"] == "bf16+compile":
@@ -361,8 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=PARTS, help="run these parts only (default: all)")
     p.add_argument("--wheels", default=os.path.join(REPO, ".whl"),
                    help="folder of wheels (diffusers and its missing needs) to install when diffusers is missing")
-    p.add_argument("--record", default=os.path.join(REPO, "docs", "benchmarks.md"),
-                   help="markdown file to insert the results into ('' = print only)")
+    p.add_argument("--record", help="markdown file to insert the results into ('' = print only); default: "
+                   "docs/benchmarks.md after a GPU run, nothing after the CPU dry run")
     p.add_argument("--out", help="folder for the parts' logs and JSON (default: a temporary folder)")
     p.add_argument("--cpu", action="store_true", help="the CPU dry run even when a GPU is present")
     p.add_argument("--time-limit", type=float, help="seconds for the whole check; each part gets at most what "
@@ -476,9 +478,13 @@ def main(argv=None):
     text = section(header, verdicts, parts, results)
     print("\n" + ("" if gpu else "No GPU found: this was the CPU dry run; the GPU figures are still open.\n") + text)
     print("\n".join(f"{verdict:>6}  {name}: {figures}" for name, verdict, figures in verdicts))
+    if args.record is None and gpu:
+        args.record = os.path.join(REPO, "docs", "benchmarks.md")
     if args.record:
         record(args.record, text)
         print(f"recorded in {args.record}")
+    else:
+        print("not recorded (the CPU dry run records only with --record PATH)" if not gpu else "not recorded")
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(dict(header=header, verdicts=verdicts, parts=parts, results=results), f, indent=1)
     broken = [name for name, (rc, _) in parts.items() if rc != 0]
