@@ -13,7 +13,9 @@ training can pick the flip that data.FlipSampler chooses for each step. Output i
 Shard k is encoded by rank k % world_size, with the posterior noise drawn from a generator seeded by
 (--global-seed, k): the output is the same for any number of processes. The latents follow the same
 distribution as train.py's on-the-fly encoding but not the same bits (other noise draws). Shards are
-written atomically; a rerun with the same settings keeps the shards that are already there.
+written atomically; a rerun with the same settings keeps the shards that are already there. SIGTERM,
+SIGINT or SIGUSR1 (a cluster's pre-emption) stops between two batches with exit code 75: rerun the same
+command to finish.
 """
 
 import argparse
@@ -26,7 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data import INDEX_FILE, LATENTS_FORMAT, VAE_HELP, load_vae, open_image_folder, vae_geometry
-from train_utils import barrier, cleanup_distributed, save_checkpoint, setup_distributed, write_json
+from train_utils import (
+    PREEMPTED_EXIT, StopFlag, barrier, cleanup_distributed, ignore_stop_signals, save_checkpoint, setup_distributed,
+    write_json,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS_FILE = "settings.json"
@@ -69,18 +74,47 @@ def shard_seed(global_seed, k):
 
 
 @torch.no_grad()
-def encode_shard(vae, folder, start, end, args, device):
-    """Latents (n, 2, C, h, w) and labels (n,) of images start..end-1."""
+def encode_shard(vae, folder, start, end, args, device, stop=()):
+    """Latents (n, 2, C, h, w) and labels (n,) of images start..end-1; None when `stop` turned true
+    between two batches (a stop signal: the shard is redone by the next run)."""
     loader = DataLoader(BothFlips(folder, start, end), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)
     generator = torch.Generator().manual_seed(shard_seed(args.global_seed, start // args.shard_size))
     latents, labels = [], []
     for x, y in loader:
+        if stop:
+            return None
         x = x.to(device, non_blocking=True).flatten(0, 1)  # (2B, 3, H, W): image, mirror, image, mirror, ...
         z = vae.encode(x).latent_dist.sample(generator=generator).mul_(args.latent_scale)
         latents.append(z.unflatten(0, (-1, 2)).to("cpu", DTYPES[args.dtype]))
         labels.append(y)
     return torch.cat(latents), torch.cat(labels).long()
+
+
+def shard_entry(k, shard_size, n):
+    """The index entry of shard k: its file name, first image and image count."""
+    start, end = k * shard_size, min((k + 1) * shard_size, n)
+    return dict(file=f"shard-{k:05d}.pt", start=start, count=end - start)
+
+
+def encode_my_shards(vae, folder, shards, args, d, stop, t0):
+    """Encode and save this rank's shards that are not on disk yet (every world_size-th). Returns False
+    when a stop signal came first (the shard in progress is dropped and redone by the next run)."""
+    for k, shard in enumerate(shards):
+        path = os.path.join(args.latents_dir, shard["file"])
+        if k % d.world_size != d.rank or os.path.isfile(path):
+            continue
+        start, end = shard["start"], shard["start"] + shard["count"]
+        encoded = encode_shard(vae, folder, start, end, args, d.device, stop)
+        if encoded is None:
+            return False
+        latents, labels = encoded
+        save_checkpoint({"latents": latents, "labels": labels, "start": start}, path)
+        print(f"[rank {d.rank}] wrote {path} ({end - start} images, {time.time() - t0:.0f}s)", flush=True)
+        if stop:
+            return False
+    return True
 
 
 def check_settings(path, settings):
@@ -125,17 +159,13 @@ def main(argv=None):
                   f"{args.vae} into {num_shards} shards of {args.shard_size} in {args.latents_dir} "
                   f"({d.world_size} process(es) on {d.device.type})", flush=True)
         t0 = time.time()
-        shards = []
-        for k in range(num_shards):
-            start, end = k * args.shard_size, min((k + 1) * args.shard_size, n)
-            name = f"shard-{k:05d}.pt"
-            shards.append(dict(file=name, start=start, count=end - start))
-            path = os.path.join(args.latents_dir, name)
-            if k % d.world_size != d.rank or os.path.isfile(path):
-                continue
-            latents, labels = encode_shard(vae, folder, start, end, args, d.device)
-            save_checkpoint({"latents": latents, "labels": labels, "start": start}, path)
-            print(f"[rank {d.rank}] wrote {path} ({end - start} images, {time.time() - t0:.0f}s)", flush=True)
+        shards = [shard_entry(k, args.shard_size, n) for k in range(num_shards)]
+        with StopFlag() as stop:
+            finished = encode_my_shards(vae, folder, shards, args, d, stop, t0)
+        if not finished:
+            print(f"[rank {d.rank}] {stop.name} received: stopped between batches; the shards written so far are "
+                  f"kept, rerun the same command to finish (exit code {PREEMPTED_EXIT})", flush=True)
+            raise SystemExit(PREEMPTED_EXIT)
         barrier()
         if d.is_main:
             missing = [s["file"] for s in shards if not os.path.isfile(os.path.join(args.latents_dir, s["file"]))]

@@ -12,6 +12,8 @@ noise come from its own generator (sample.image_generators), and images are draw
 [k * B, (k + 1) * B) with B = --per-proc-batch-size that are dealt out to the processes. So the same
 images come out for any number of processes (bit for bit, for the same B). PNGs are written
 atomically; a rerun of the same command skips the images already written (an interrupted run resumes).
+SIGTERM, SIGINT or SIGUSR1 (a cluster's pre-emption) stops after the batch in progress, its images saved,
+with exit code 75.
 The reference guides the first 3 latent channels only (--cfg-channels 3 reproduces that); the default
 here guides every noise channel.
 """
@@ -32,7 +34,9 @@ from tqdm import tqdm
 from diffusion import create_diffusion
 from sample import (add_model_args, check_vae, decode, image_generators, load_for_sampling, load_vae,
                     prepare_guidance, sample_images, to_rgb)
-from train_utils import atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from train_utils import (
+    PREEMPTED_EXIT, StopFlag, atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed,
+)
 
 
 def parse_args(argv=None):
@@ -167,16 +171,21 @@ def main(argv=None):
     mine = batches_to_draw(missing, num, batch_size)[d.rank::d.world_size]
 
     start, written = time.time(), 0
-    for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
-        generators = image_generators(args.global_seed, indices)
-        labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
-        samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
-                                clip_denoised=vae is None)
-        images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", 0.18215)).float()))
-        for index, image in zip(indices, images):
-            if index in todo:
-                save_png(png_path(folder, index), image)
-                written += 1
+    with StopFlag() as stop:
+        for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
+            generators = image_generators(args.global_seed, indices)
+            labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
+            samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
+                                    clip_denoised=vae is None)
+            images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", 0.18215)).float()))
+            for index, image in zip(indices, images):
+                if index in todo:
+                    save_png(png_path(folder, index), image)
+                    written += 1
+            if stop:
+                print(f"[rank {d.rank}] {stop.name} received: stopped after {written} new images, all saved; rerun "
+                      f"the same command to draw the rest (exit code {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+                raise SystemExit(PREEMPTED_EXIT)
 
     total = torch.tensor([written], dtype=torch.long, device=d.device)
     if dist.is_initialized():

@@ -26,8 +26,12 @@ Runs: <--results-dir>/<index>-<model>-<normalization>/ with log.txt, config.json
 and checkpoints/latest.pt (every --ckpt-every steps and at the end), samples/<step>.png (EMA sample grid
 every --sample-every steps) and, with --tensorboard, TensorBoard events. The loop is train_utils.Trainer:
 exact resume (on CPU an interrupted run resumed with --resume ends with bitwise the weights of an
-uninterrupted one), a checkpoint and a clean exit on SIGTERM, and a clear stop on a NaN/inf loss that
-leaves the last good checkpoint alone. Sample scripts rebuild the model from a checkpoint's config alone.
+uninterrupted one), and a clear stop on a NaN/inf loss that leaves the last good checkpoint alone.
+
+Pre-emption: SIGTERM, SIGINT or SIGUSR1, sent to the process, to its whole process group (as SLURM and
+`timeout` do) or to torchrun, saves a checkpoint at the next step boundary on every rank and exits with
+code 75; `--resume auto` continues the newest run with the same settings, so a requeued job script needs
+no change (README, "Running on a cluster"). Sample scripts rebuild the model from a checkpoint's config alone.
 """
 
 import argparse
@@ -46,8 +50,9 @@ from data import (
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from train_utils import (
-    PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_global_batch, cleanup_distributed,
-    create_logger, load_checkpoint, new_run_dir, resolve_resume, setup_distributed, write_json,
+    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_global_batch,
+    cleanup_distributed, create_logger, find_run_to_resume, ignore_stop_signals, load_checkpoint, new_run_dir,
+    resolve_resume, setup_distributed, write_json,
 )
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE, DEFAULT_LATENT_SCALE = 256, "ema", 0.18215
@@ -108,7 +113,9 @@ def build_parser():
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations to save memory")
     g = p.add_argument_group("run")
     g.add_argument("--results-dir", default="results")
-    g.add_argument("--resume", default=None, help="run directory (its latest checkpoint) or checkpoint file")
+    g.add_argument("--resume", default=None,
+                   help="run directory (its latest checkpoint) or checkpoint file; 'auto': the newest run in "
+                        "--results-dir with these settings, or a new run if there is none (for requeued jobs)")
     g.add_argument("--log-every", type=int, default=100)
     g.add_argument("--ckpt-every", type=int, default=50_000)
     g.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid every N steps (0: never)")
@@ -136,7 +143,7 @@ def parse_args(argv=None):
     explicit = set(vars(probe.parse_args(argv)))
     if not argv:
         args.demo = True
-    if args.demo and not args.resume:
+    if args.demo and (not args.resume or args.resume == "auto"):
         for key, value in DEMO.items():
             if key not in explicit:
                 setattr(args, key, value)
@@ -144,6 +151,17 @@ def parse_args(argv=None):
         args.normalization = "none"
         explicit.add("normalization")
     return args, explicit
+
+
+def auto_resume(args):
+    """`--resume auto`: the newest run in --results-dir whose config agrees with these flags (those a
+    resumed run may change aside), or None for a new run."""
+    wanted = {k: v for k, v in vars(args).items()
+              if v is not None and k not in RESUME_OVERRIDES and k not in RUNTIME_ONLY}
+    run_dir = find_run_to_resume(args.results_dir, wanted)
+    print(f"--resume auto: continuing {run_dir}" if run_dir else
+          f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
+    return run_dir
 
 
 def merge_resume_config(args, explicit, config):
@@ -334,6 +352,8 @@ def main(argv=None):
         # The demo's tiny matmuls run ~3x faster on one thread than on two beside a loader worker.
         torch.set_num_threads(1)
     ckpt = run_dir = None
+    if args.resume == "auto":
+        args.resume = auto_resume(args)
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         try:
@@ -370,7 +390,7 @@ def make_loader(args, d, local_batch):
                          f"{args.global_batch_size}; lower --global-batch-size")
     # The loader's own generator: creating its iterators must not draw from the global RNG.
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=d.device.type == "cuda", drop_last=True,
+                        pin_memory=d.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
                         persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(0))
     return dataset, loader, steps_per_epoch
 
@@ -460,7 +480,9 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
             tensorboard.close()
     if args.debug_save_rank_weights:
         torch.save(trainer.raw.state_dict(), os.path.join(run_dir, f"rank{d.rank}-weights.pt"))
-    if finished and d.is_main:
+    if not finished:
+        raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
+    if d.is_main:
         logger.info(f"done: step {trainer.step}, checkpoint {os.path.join(run_dir, 'checkpoints', 'latest.pt')}")
         if hooks and hooks[0][1].last_path:
             logger.info(f"EMA sample grid: {hooks[0][1].last_path}")

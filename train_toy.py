@@ -23,8 +23,8 @@ import torch
 from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
 from train_utils import (
-    Trainer, StopTraining, barrier, check_global_batch, cleanup_distributed, create_logger, load_checkpoint,
-    new_run_dir, resolve_resume, setup_distributed, write_json, broadcast_object,
+    PREEMPTED_EXIT, Trainer, StopTraining, barrier, check_global_batch, cleanup_distributed, create_logger,
+    find_run_to_resume, load_checkpoint, new_run_dir, resolve_resume, setup_distributed, write_json, broadcast_object,
 )
 
 # Model overrides of the toy: 2x2 pixels with 2 channels, one class, no label dropout.
@@ -70,7 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--results-dir", default="results/toy-runs")
-    p.add_argument("--resume", default=None, help="run directory (or checkpoint file) to continue")
+    p.add_argument("--resume", default=None,
+                   help="run directory (or checkpoint file) to continue; 'auto': the newest run in --results-dir "
+                        "with these settings, or a new run if there is none (for requeued jobs)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
@@ -101,6 +103,8 @@ def finalize_eval_steps(args):
 
 # What a resumed run takes from the command line (to extend it); everything else comes from its config.
 RESUME_OVERRIDES = ("steps", "eval_steps", "ckpt_every", "log_every")
+# Flags that only steer this process; never saved in the config.
+RUNTIME_ONLY = ("resume", "threads", "device", "explicit")
 
 
 
@@ -190,6 +194,12 @@ def main(argv=None):
     d = setup_distributed(args.device)
     check_global_batch(args.global_batch_size, d.world_size)  # before any work (re-checked on resume)
     ckpt = None
+    if args.resume == "auto":
+        wanted = {k: v for k, v in vars(args).items()
+                  if k not in (*RUNTIME_ONLY, *RESUME_OVERRIDES, "eval_every")}
+        args.resume = find_run_to_resume(args.results_dir, wanted)
+        print(f"--resume auto: continuing {args.resume}" if args.resume else
+              f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         ckpt = load_checkpoint(ckpt_path)
@@ -200,7 +210,7 @@ def main(argv=None):
     else:
         run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
         run_dir = broadcast_object(run_dir)
-        config = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "device", "explicit")}
+        config = {k: v for k, v in vars(args).items() if k not in RUNTIME_ONLY}
         # The model description every script reads back (models.build_model_from_config).
         config.update(image_size=TOY_IMAGE_SIZE, vae="none", script="train_toy.py", **TOY_MODEL)
         if d.is_main:
@@ -226,13 +236,15 @@ def main(argv=None):
     sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
     hooks = [(1, lambda step: evaluate(trainer, sampler, args, step))]
     try:
-        trainer.fit(zero_batches(local_batch, d.device), args.steps, log_every=args.log_every,
-                    ckpt_every=args.ckpt_every, hooks=hooks)
+        finished = trainer.fit(zero_batches(local_batch, d.device), args.steps, log_every=args.log_every,
+                               ckpt_every=args.ckpt_every, hooks=hooks)
     except StopTraining as e:
         logger.error(str(e))
         raise SystemExit(1)
     finally:
         cleanup_distributed()
+    if not finished:
+        raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
     return run_dir
 
 

@@ -3,8 +3,10 @@ EMA, atomic checkpoints, and the training loop itself (`Trainer.fit`).
 
 A script builds a model, a diffusion and a batch source, then hands them to `Trainer`. The loop
 checkpoints every `ckpt_every` steps (atomically, loadable with weights_only=True), resumes exactly
-(weights, optimizer, EMA, RNG states and data position), saves a checkpoint and exits on SIGTERM, and
-stops on a NaN/inf loss without overwriting the last good checkpoint.
+(weights, optimizer, EMA, RNG states and data position), saves a checkpoint at the next step boundary and
+exits with PREEMPTED_EXIT on SIGTERM, SIGINT or SIGUSR1 (a cluster's pre-emption; DataLoader workers
+ignore these signals, see `ignore_stop_signals`), and stops on a NaN/inf loss without overwriting the
+last good checkpoint.
 """
 
 import contextlib
@@ -183,6 +185,23 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"could not load checkpoint {path!r} (corrupt, truncated or not a plain checkpoint): {e}") from e
 
 
+def find_run_to_resume(results_dir, wanted):
+    """`--resume auto`: the newest run directory in `results_dir` that has a checkpoint and whose
+    config.json agrees with `wanted` on every key both hold (the settings of this command line), or None.
+    So one job script can be requeued unchanged: the first start trains afresh, later ones continue."""
+    for run_dir in sorted(glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")), reverse=True):
+        try:
+            with open(os.path.join(run_dir, "config.json")) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not os.path.isfile(os.path.join(run_dir, "checkpoints", "latest.pt")):
+            continue
+        if all(config[k] == v for k, v in wanted.items() if k in config):
+            return run_dir
+    return None
+
+
 def resolve_resume(path):
     """`--resume` takes a run directory (its latest checkpoint) or a checkpoint file; returns
     (run_dir, checkpoint_file)."""
@@ -266,6 +285,62 @@ def format_duration(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+# Signals that stop training at the next step boundary with a checkpoint: SLURM and `timeout` send
+# SIGTERM (to the whole process group), Ctrl-C sends SIGINT, `sbatch --signal=USR1@120` sends SIGUSR1.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+# Exit code after such a stop (EX_TEMPFAIL in sysexits.h: "try again later"); a requeue script tests for it.
+PREEMPTED_EXIT = 75
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader `worker_init_fn`: workers ignore the stop signals, which reach them too when the whole
+    process group is signalled, so they keep serving batches until the main process has saved and
+    shuts them down (a worker killed by SIGTERM would crash the main process before it can save)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """Route the stop signals to `handler(signum, frame)` inside the block (main thread only: Python
+    delivers signals there), restoring the previous handlers afterwards."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class StopFlag:
+    """`with StopFlag() as stop:` routes the stop signals to a flag that a loop checks at its own safe
+    points (after a batch of images or a shard is written): `if stop: ...`; `stop.name` names the signal.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.name = None
+        self._signals = None
+
+    def _handler(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __bool__(self):
+        return self.name is not None
+
+    def __enter__(self):
+        self._signals = stop_signals(self._handler)
+        self._signals.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._signals.__exit__(*exc)
+
+
 class StopTraining(Exception):
     """Raised on a NaN/inf loss; the run stops without writing a checkpoint of the bad weights."""
 
@@ -308,6 +383,7 @@ class Trainer:
         )
         self.step = 0
         self.stop_requested = False
+        self.stop_signal = None  # the name of the signal that asked the loop to stop
         self.loss_history = []  # [step, mean loss since the previous log line], saved in checkpoints
 
     # ----------------------------------------------------------------------------------------------
@@ -377,13 +453,21 @@ class Trainer:
             torch.manual_seed(self.config.get("global_seed", 0) * 1000 + self.step * self.dist.world_size + self.dist.rank)
 
     # ----------------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame):
+    def _on_stop_signal(self, signum, frame):
+        """Ask the loop to save and stop at the next step boundary. A second Ctrl-C stops at once."""
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.stop_requested = True
+        self.stop_signal = signal.Signals(signum).name
 
     def fit(self, batches, max_steps, *, log_every=100, ckpt_every=None, hooks=(), tensorboard=None, extra_state=None):
         """Train from self.step to max_steps on `batches` (an iterator of (x, y) on the device,
         already positioned at self.step). Checkpoints every `ckpt_every` steps and at the end."""
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+        with stop_signals(self._on_stop_signal):
+            return self._fit(batches, max_steps, log_every, ckpt_every, hooks, tensorboard, extra_state)
+
+    def _fit(self, batches, max_steps, log_every, ckpt_every, hooks, tensorboard, extra_state):
+        """The loop of `fit`; returns True when max_steps was reached, False after a stop signal."""
         start_step, start_time = self.step, time.time()
         last_step, last_time = self.step, start_time
         running_loss = torch.zeros((), device=self.dist.device)
@@ -391,57 +475,55 @@ class Trainer:
         samples_per_step = None
         if self.dist.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        try:
-            while self.step < max_steps:
-                x, y = next(batches)
-                samples_per_step = x.shape[0] * self.dist.world_size
-                loss, grad_norm = self.train_step(x, y)
-                running_loss += loss
-                running_norm += grad_norm
-                at_ckpt = bool(ckpt_every) and self.step % ckpt_every == 0
-                final = self.step == max_steps
-                stop = self._stop_everywhere()  # the same answer on every rank
-                if self.step % log_every == 0 or at_ckpt or final or stop:
-                    n = self.step - last_step
-                    avg_loss = self._mean_over_ranks(running_loss / n)
-                    if not math.isfinite(avg_loss):
-                        raise StopTraining(
-                            f"loss became {avg_loss} between steps {last_step} and {self.step}; stopping. "
-                            f"The last good checkpoint is untouched: resume from it with a lower --lr or --grad-clip"
-                        )
-                    self.loss_history.append([self.step, avg_loss])
-                    now = time.time()
-                    rate = n / max(now - last_time, 1e-9)
-                    eta = (max_steps - self.step) / max((self.step - start_step) / (now - start_time), 1e-9)
-                    msg = (f"step {self.step:7d}/{max_steps} | loss {avg_loss:.4g} | grad norm "
-                           f"{running_norm.item() / n:.3g} | {rate:.2f} steps/s | {rate * samples_per_step:.1f} img/s | "
-                           f"ETA {format_duration(eta)}")
-                    if self.dist.device.type == "cuda":
-                        msg += f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-                    self.logger.info(msg)
-                    if tensorboard is not None:
-                        tensorboard.add_scalar("train/loss", avg_loss, self.step)
-                        tensorboard.add_scalar("train/grad_norm", running_norm.item() / n, self.step)
-                        tensorboard.add_scalar("train/steps_per_sec", rate, self.step)
-                    running_loss.zero_()
-                    running_norm.zero_()
-                    last_step, last_time = self.step, now
-                pause = time.time()  # time in hooks and checkpoints is left out of steps/s and ETA
-                for every, fn in hooks:
-                    if (every and self.step % every == 0) or final:
-                        fn(self.step)
-                if at_ckpt or final or stop:
-                    self.save(extra_state() if extra_state else None)
-                pause = time.time() - pause
-                last_time += pause
-                start_time += pause
-                if stop and not final:
-                    self.logger.info(f"SIGTERM received: saved a checkpoint at step {self.step}; exiting")
-                    return False
-            return True
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+        while self.step < max_steps:
+            x, y = next(batches)
+            samples_per_step = x.shape[0] * self.dist.world_size
+            loss, grad_norm = self.train_step(x, y)
+            running_loss += loss
+            running_norm += grad_norm
+            at_ckpt = bool(ckpt_every) and self.step % ckpt_every == 0
+            final = self.step == max_steps
+            stop = self._stop_everywhere()  # the same answer on every rank
+            if self.step % log_every == 0 or at_ckpt or final or stop:
+                n = self.step - last_step
+                avg_loss = self._mean_over_ranks(running_loss / n)
+                if not math.isfinite(avg_loss):
+                    raise StopTraining(
+                        f"loss became {avg_loss} between steps {last_step} and {self.step}; stopping. "
+                        f"The last good checkpoint is untouched: resume from it with a lower --lr or --grad-clip"
+                    )
+                self.loss_history.append([self.step, avg_loss])
+                now = time.time()
+                rate = n / max(now - last_time, 1e-9)
+                eta = (max_steps - self.step) / max((self.step - start_step) / (now - start_time), 1e-9)
+                msg = (f"step {self.step:7d}/{max_steps} | loss {avg_loss:.4g} | grad norm "
+                       f"{running_norm.item() / n:.3g} | {rate:.2f} steps/s | {rate * samples_per_step:.1f} img/s | "
+                       f"ETA {format_duration(eta)}")
+                if self.dist.device.type == "cuda":
+                    msg += f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+                self.logger.info(msg)
+                if tensorboard is not None:
+                    tensorboard.add_scalar("train/loss", avg_loss, self.step)
+                    tensorboard.add_scalar("train/grad_norm", running_norm.item() / n, self.step)
+                    tensorboard.add_scalar("train/steps_per_sec", rate, self.step)
+                running_loss.zero_()
+                running_norm.zero_()
+                last_step, last_time = self.step, now
+            pause = time.time()  # time in hooks and checkpoints is left out of steps/s and ETA
+            for every, fn in hooks:
+                if (every and self.step % every == 0) or final:
+                    fn(self.step)
+            if at_ckpt or final or stop:
+                self.save(extra_state() if extra_state else None)
+            pause = time.time() - pause
+            last_time += pause
+            start_time += pause
+            if stop and not final:
+                self.logger.info(f"{self.stop_signal or 'a stop signal (sent to another rank)'} received: saved a "
+                                 f"checkpoint at step {self.step}; exiting with code {PREEMPTED_EXIT} (continue with "
+                                 f"--resume {self.run_dir} or --resume auto)")
+                return False
+        return True
 
     def _mean_over_ranks(self, value):
         if self.dist.distributed:
@@ -451,7 +533,7 @@ class Trainer:
         return value.item()
 
     def _stop_everywhere(self):
-        """True when any rank got SIGTERM. Single process: checked every step. Distributed: one tiny
+        """True when any rank got a stop signal. Single process: checked every step. Distributed: one tiny
         all-reduce every 10 steps (so the step stays free of host syncs otherwise)."""
         if not self.dist.distributed:
             return self.stop_requested

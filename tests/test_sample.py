@@ -413,3 +413,38 @@ def test_sample_ddp_helpers():
     assert sample_ddp.checkpoint_tag("results/003-run/checkpoints/latest.pt", {"ckpt_step": 500}) == "003-run-0000500"
     assert sample_ddp.checkpoint_tag("results/003-run/checkpoints/0000400.pt", {"ckpt_step": 400}) == "003-run-0000400"
     assert sample_ddp.checkpoint_tag("weights.pt", {}) == "weights"
+
+
+class StopAfter:
+    """Stands in for train_utils.StopFlag: reports a stop signal once it has been asked `n` times."""
+
+    def __init__(self, n):
+        self.n, self.name = n, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __bool__(self):
+        self.n -= 1
+        if self.n < 0:
+            self.name = "SIGTERM"
+        return self.n < 0
+
+
+def test_sample_ddp_stop_signal_keeps_the_batch_then_finishes_identically(tmp_path, ckpt, monkeypatch, capsys):
+    """A stop signal ends the run after the batch in progress (its PNGs saved, no .npz, exit 75); the same
+    command then draws the rest and the .npz equals an uninterrupted run's."""
+    path = ckpt[0]
+    straight = sample_ddp.main(["--ckpt", path, "--sample-dir", str(tmp_path / "straight"), *DDP_FLAGS])
+    monkeypatch.setattr(sample_ddp, "StopFlag", lambda: StopAfter(1))  # stop after the second batch
+    with pytest.raises(SystemExit) as stop:
+        sample_ddp.main(["--ckpt", path, "--sample-dir", str(tmp_path / "cut"), *DDP_FLAGS])
+    assert stop.value.code == 75 and "SIGTERM received: stopped after 6 new images" in capsys.readouterr().err
+    folder = os.path.join(tmp_path / "cut", os.path.basename(straight))
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(6)] and not os.path.exists(folder + ".npz")
+    monkeypatch.undo()
+    sample_ddp.main(["--ckpt", path, "--sample-dir", str(tmp_path / "cut"), *DDP_FLAGS])
+    np.testing.assert_array_equal(npz_of(folder), npz_of(straight))

@@ -3,8 +3,10 @@ ImageFolder and a small diffusers AutoencoderKL written to tmp folders, torchrun
 processes, pre-extracted latents, exact resume, atomic checkpoints, SIGTERM, NaN stops and the errors
 for bad input."""
 
+import contextlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ import extract_latents
 import train
 import train_utils
 from models import build_model_from_config
+from test_sample import StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES, NUM_CLASSES = 12, 3
@@ -263,27 +266,140 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, image_folde
     assert train_utils.load_checkpoint(only_run(tmp_path))["step"] == 2
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
-    cmd = [sys.executable, "train.py", *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path),
-           "--vae", "none", "--max-steps", "1000000", "--ckpt-every", "1000000", "--log-every", "10"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_and_signal(cmd, results_dir, sig, whole_group=True, wait_for="| loss"):
+    """Start `cmd` in its own process group, wait until its log shows a training step, send `sig` to the
+    group (as SLURM and `timeout` do) or to the process alone; returns (exit code, output)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        deadline = time.time() + 120
-        log = None
-        while time.time() < deadline:
-            runs = os.listdir(tmp_path)
-            log = os.path.join(tmp_path, runs[0], "log.txt") if runs else None
-            if log and os.path.exists(log) and "| loss" in open(log).read():  # a step was logged
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            logs = [os.path.join(results_dir, r, "log.txt") for r in os.listdir(results_dir)] \
+                if os.path.isdir(results_dir) else []
+            if any(os.path.exists(log) and wait_for in open(log).read() for log in logs):
                 break
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        if whole_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=180)
     finally:
-        proc.kill()
-    assert proc.returncode == 0, output[-3000:]
-    assert "SIGTERM received" in output and "Traceback" not in output
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, output
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes_exactly(tmp_path, image_folder):
+    """SLURM's pre-emption: SIGTERM to every process of the job, the two DataLoader workers included. The
+    workers ignore it, the main process saves at the next step and exits 75; resuming to step N then gives
+    bitwise the weights of an uninterrupted N-step run."""
+    flags = [*TINY, "--data-path", image_folder, "--vae", "none", "--num-workers", "2"]
+    cut_dir = tmp_path / "cut"
+    cmd = [sys.executable, "train.py", *flags, "--results-dir", str(cut_dir), "--max-steps", "1000000",
+           "--ckpt-every", "1000000", "--log-every", "2"]
+    code, output = start_and_signal(cmd, str(cut_dir), signal.SIGTERM)
+    assert code == train_utils.PREEMPTED_EXIT, output[-3000:]
+    assert "SIGTERM received: saved a checkpoint" in output and "Traceback" not in output
+    assert "killed by signal" not in output
+    cut = only_run(cut_dir)
+    stopped = train_utils.load_checkpoint(cut)["step"]
+    assert 2 <= stopped < 1000000
+    target = stopped + 3
+    train.main(["--resume", cut, "--max-steps", str(target), "--num-workers", "2"])
+    full = train.main([*flags, "--results-dir", str(tmp_path / "full"), "--max-steps", str(target)])
+    a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
+    assert a["step"] == b["step"] == target
+    assert_same_weights(a, b)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_sigusr1_and_sigint_to_the_process_save_too(tmp_path, image_folder, sig):
+    cmd = [sys.executable, "train.py", *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path),
+           "--vae", "none", "--max-steps", "1000000", "--ckpt-every", "1000000", "--log-every", "2",
+           "--num-workers", "1"]
+    code, output = start_and_signal(cmd, str(tmp_path), sig, whole_group=False)
+    assert code == train_utils.PREEMPTED_EXIT, output[-3000:]
+    assert f"{signal.Signals(sig).name} received" in output and "Traceback" not in output
+    assert train_utils.load_checkpoint(only_run(tmp_path))["step"] >= 2
+
+
+def test_sigterm_to_torchrun_group_saves_on_every_rank(tmp_path, image_folder):
+    """Two gloo ranks, each with a loader worker, SIGTERM to the whole group (torchrun included): both
+    ranks stop at the same step (the flag is all-reduced every 10 steps), rank 0 saves, and the ranks exit
+    75 (torchrun itself reports the signal with its own traceback and exit code 1: its behaviour, not ours)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537", "train.py",
+           *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path), "--vae", "none",
+           "--max-steps", "1000000", "--ckpt-every", "1000000", "--log-every", "10", "--num-workers", "1"]
+    code, output = start_and_signal(cmd, str(tmp_path), signal.SIGTERM)
+    assert code != 0 and "SIGTERM received: saved a checkpoint" in output, output[-3000:]
+    assert "killed by signal" not in output and "Traceback" not in output.split("SIGTERM received")[0]
+    assert f"exiting with code {train_utils.PREEMPTED_EXIT}" in output
     ckpt = train_utils.load_checkpoint(only_run(tmp_path))
-    assert 10 <= ckpt["step"] < 1000000
+    assert ckpt["step"] % 10 == 0 and ckpt["step"] >= 10 and ckpt["world_size"] == 2
+
+
+def test_resume_auto_starts_then_continues_the_same_settings(tmp_path, image_folder):
+    flags = [*TINY, "--data-path", image_folder, "--results-dir", str(tmp_path), "--vae", "none", "--resume", "auto"]
+    first = run_with(flags, "--max-steps", "2")
+    assert train_utils.load_checkpoint(first)["step"] == 2
+    assert run_with(flags, "--max-steps", "4") == first  # the requeued line continues it
+    assert train_utils.load_checkpoint(first)["step"] == 4
+    other = run_with(flags, "--max-steps", "2", "--global-seed", "1")  # other settings: a new run
+    assert other != first and train_utils.load_checkpoint(other)["step"] == 2
+
+
+def run_with(flags, *extra):
+    return train.main([*flags, *extra])
+
+
+def test_stop_flag_catches_a_real_signal_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGUSR1)
+    with train_utils.StopFlag() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert stop and stop.name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_loader_workers_ignore_the_stop_signals():
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_worker_that_ignores_then_sleeps)
+    proc.start()
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(2.0)
+    assert proc.is_alive()  # ignored: a worker is shut down by its main process, not by the signal
+    proc.kill()
+    proc.join()
+
+
+def _worker_that_ignores_then_sleeps():
+    train_utils.ignore_stop_signals(0)
+    time.sleep(30)
+
+
+def test_extract_latents_stop_signal_keeps_whole_shards_then_finishes_identically(tmp_path, image_folder, vae_dir,
+                                                                                 monkeypatch, capsys):
+    """A stop signal ends extraction between two batches with exit 75, keeping only whole shards; the
+    same command then finishes, with the shards of an uninterrupted extraction."""
+    common = ["--data-path", image_folder, "--image-size", "16", "--vae", vae_dir, "--shard-size", "5",
+              "--batch-size", "2", "--num-workers", "1", "--num-classes", "4"]
+    extract_latents.main([*common, "--latents-dir", str(tmp_path / "straight")])
+    monkeypatch.setattr(extract_latents, "StopFlag", lambda: StopAfter(5))
+    with pytest.raises(SystemExit) as stop:
+        extract_latents.main([*common, "--latents-dir", str(tmp_path / "cut")])
+    assert stop.value.code == train_utils.PREEMPTED_EXIT and "SIGTERM received" in capsys.readouterr().out
+    # 3 batch checks + 1 after saving shard 0, then the stop comes in shard 1's first batch
+    assert sorted(f for f in os.listdir(tmp_path / "cut") if f.startswith("shard")) == ["shard-00000.pt"]
+    assert not os.path.exists(tmp_path / "cut" / "index.json")
+    monkeypatch.undo()
+    extract_latents.main([*common, "--latents-dir", str(tmp_path / "cut")])
+    for name in ("shard-00000.pt", "shard-00001.pt", "shard-00002.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)
+        b = torch.load(tmp_path / "cut" / name, weights_only=True)
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):

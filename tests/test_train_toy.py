@@ -156,3 +156,22 @@ def test_notebook_runs_top_to_bottom(tmp_path):
         del os.environ["TOY_RUN_LN"], os.environ["TOY_RUN_NOLN"]
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2
+
+
+def test_stop_signal_saves_and_exits_75_then_resume_auto_continues(tmp_path, monkeypatch):
+    """A stop signal (simulated at step 3) saves and exits 75; the same command line with --resume auto
+    then continues that run to its last step, and other settings start a new run."""
+    real = train_utils.Trainer._stop_everywhere
+    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
+    flags = ["--steps", "5", "--eval-steps", "5", "--num-eval-samples", "4", "--sampling-steps", "3",
+             "--resume", "auto"]
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path, *flags)
+    assert stop.value.code == train_utils.PREEMPTED_EXIT
+    (first,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    assert train_utils.load_checkpoint(first)["step"] == 3
+    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
+    assert run_toy(tmp_path, *flags) == first
+    assert train_utils.load_checkpoint(first)["step"] == 5
+    other = run_toy(tmp_path, *flags, "--global-seed", "1")
+    assert other != first and train_utils.load_checkpoint(other)["step"] == 5
