@@ -7,6 +7,11 @@ sets return exactly that image, flipped or not. Nothing depends on data-loader w
 on the global RNG, so a run resumed at (epoch, position) sees the same batches it would have seen,
 and training from pre-extracted latents sees the same images with the same flips as the on-the-fly
 path (only the VAE's posterior sample differs: same distribution, other noise).
+
+Unreadable images (truncated, corrupt, not an image) do not kill a run: `FlipImageFolder` replaces one by
+the next readable image of the data set (a pure function of the index and the files, so resume stays
+exact) and appends its path and reason to a report file that `BadImages` reads in the main process,
+which logs each once and stops the run when more than --max-bad-images distinct images are unreadable.
 """
 
 import bisect
@@ -54,16 +59,69 @@ class FlipImageFolder(ImageFolder):
     def __init__(self, root, image_size):
         super().__init__(root)
         self.image_size = image_size
+        self.bad_images_file = None  # where unreadable images are reported (set before the workers start)
 
     def image(self, index):
-        """The unflipped (3, H, W) image `index` and its label."""
-        path, label = self.samples[index]
-        return to_tensor(center_crop_arr(self.loader(path), self.image_size)), label
+        """The unflipped (3, H, W) image `index` and its label; an unreadable image is reported and
+        replaced by the next readable one (index + 1, + 2, ... wrapping around)."""
+        for i in range(index, index + len(self.samples)):
+            path, label = self.samples[i % len(self.samples)]
+            try:
+                return to_tensor(center_crop_arr(self.loader(path), self.image_size)), label
+            except UNREADABLE as e:
+                report_bad_image(self.bad_images_file, path, e)
+        raise RuntimeError(f"no image in {self.root} can be read")
 
     def __getitem__(self, key):
         index, flip = key
         x, label = self.image(index)
         return (x.flip(-1) if flip else x), label
+
+
+# What PIL raises for a truncated, corrupt or non-image file (UnidentifiedImageError is an OSError).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def report_bad_image(report_file, path, error):
+    """Append "path<TAB>reason" to the report file (one short O_APPEND write: safe from many workers)."""
+    line = f"{path}\t{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+    if report_file is None:
+        print(f"unreadable image skipped: {line.strip()}", flush=True)
+        return
+    with open(report_file, "a") as f:
+        f.write(line)
+
+
+class BadImages:
+    """The main process's view of the unreadable-image reports in `report_file`: `check()` logs every
+    newly reported image once (with its reason) and stops with a clear message when more than `limit`
+    distinct images are unreadable. Earlier reports in the file (a resumed run) count too, silently."""
+
+    def __init__(self, report_file, limit, log, flag="--max-bad-images"):
+        self.report_file, self.limit, self.log, self.flag = report_file, limit, log, flag
+        self.seen, self._offset = set(), 0
+        self.check(quiet=True)
+
+    def check(self, quiet=False):
+        try:
+            if os.path.getsize(self.report_file) == self._offset:
+                return
+            with open(self.report_file) as f:
+                f.seek(self._offset)
+                text = f.read()
+        except FileNotFoundError:
+            return
+        complete = text[:text.rfind("\n") + 1]  # a line still being written is read next time
+        self._offset += len(complete.encode())
+        for line in complete.splitlines():
+            path, _, reason = line.partition("\t")
+            if path not in self.seen:
+                self.seen.add(path)
+                if not quiet:
+                    self.log(f"unreadable image skipped (replaced by the next readable one): {path} ({reason})")
+        if len(self.seen) > self.limit:
+            raise SystemExit(f"{len(self.seen)} unreadable images, more than {self.flag} {self.limit} (list in "
+                             f"{self.report_file}): repair or remove them, or raise {self.flag}")
 
 
 def open_image_folder(path, image_size, num_classes):

@@ -27,7 +27,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data import INDEX_FILE, LATENTS_FORMAT, VAE_HELP, load_vae, open_image_folder, vae_geometry
+from data import INDEX_FILE, LATENTS_FORMAT, VAE_HELP, BadImages, load_vae, open_image_folder, vae_geometry
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, barrier, cleanup_distributed, ignore_stop_signals, save_checkpoint, setup_distributed,
     write_json,
@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard file")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage type of the latents")
     p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--max-bad-images", type=int, default=10,
+                   help="unreadable images (each reported once, replaced by the next readable one) tolerated")
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     return p.parse_args(argv)
@@ -98,7 +100,7 @@ def shard_entry(k, shard_size, n):
     return dict(file=f"shard-{k:05d}.pt", start=start, count=end - start)
 
 
-def encode_my_shards(vae, folder, shards, args, d, stop, t0):
+def encode_my_shards(vae, folder, shards, args, d, stop, t0, check_bad_images):
     """Encode and save this rank's shards that are not on disk yet (every world_size-th). Returns False
     when a stop signal came first (the shard in progress is dropped and redone by the next run)."""
     for k, shard in enumerate(shards):
@@ -110,6 +112,7 @@ def encode_my_shards(vae, folder, shards, args, d, stop, t0):
         if encoded is None:
             return False
         latents, labels = encoded
+        check_bad_images()  # before saving: a shard past the limit is not written
         save_checkpoint({"latents": latents, "labels": labels, "start": start}, path)
         print(f"[rank {d.rank}] wrote {path} ({end - start} images, {time.time() - t0:.0f}s)", flush=True)
         if stop:
@@ -160,8 +163,10 @@ def main(argv=None):
                   f"({d.world_size} process(es) on {d.device.type})", flush=True)
         t0 = time.time()
         shards = [shard_entry(k, args.shard_size, n) for k in range(num_shards)]
+        folder.bad_images_file = os.path.join(args.latents_dir, "bad_images.txt")
+        bad = BadImages(folder.bad_images_file, args.max_bad_images, print)
         with StopFlag() as stop:
-            finished = encode_my_shards(vae, folder, shards, args, d, stop, t0)
+            finished = encode_my_shards(vae, folder, shards, args, d, stop, t0, bad.check)
         if not finished:
             print(f"[rank {d.rank}] {stop.name} received: stopped between batches; the shards written so far are "
                   f"kept, rerun the same command to finish (exit code {PREEMPTED_EXIT})", flush=True)

@@ -44,8 +44,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import (
-    VAE_HELP, FlipSampler, LatentShards, check_num_classes, load_vae, open_image_folder, read_latents_index,
-    vae_geometry, write_digits_folder,
+    VAE_HELP, BadImages, FlipSampler, LatentShards, check_num_classes, load_vae, open_image_folder,
+    read_latents_index, vae_geometry, write_digits_folder,
 )
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
@@ -72,8 +72,8 @@ DEMO = dict(
 # comes from the checkpoint's config and may not contradict it.
 RESUME_OVERRIDES = (
     "max_steps", "epochs", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_images", "cfg_scale",
-    "num_workers", "tensorboard", "compile", "grad_checkpointing", "precision", "lr", "weight_decay", "grad_clip",
-    "ema_decay", "data_path", "latents_dir", "results_dir",
+    "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
+    "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir",
 )
 # Flags that only steer this process; never saved in the config.
 RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm")
@@ -91,6 +91,9 @@ def build_parser():
     g.add_argument("--latent-scale", type=float, default=None, help=f"default {DEFAULT_LATENT_SCALE}")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (the DiT recipe flips)")
     g.add_argument("--num-workers", type=int, default=4)
+    g.add_argument("--max-bad-images", type=int, default=10,
+                   help="unreadable images (each logged once, replaced by the next readable one) tolerated "
+                        "before the run stops")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
     g.add_argument("--depth", type=int, default=None, help="override the model's depth")
@@ -235,9 +238,10 @@ class BatchStream:
     without loading the skipped images. `encode` maps the pixel batch to the model's input (the VAE).
     """
 
-    def __init__(self, loader, steps_per_epoch, device, encode=None, epoch=0, position=0):
+    def __init__(self, loader, steps_per_epoch, device, encode=None, epoch=0, position=0, check=None):
         self.loader, self.sampler = loader, loader.sampler
         self.steps_per_epoch, self.device, self.encode = steps_per_epoch, device, encode
+        self.check = check  # called after every batch (the unreadable-image reports)
         self.epoch, self.position = epoch, position
         self._batches = None
 
@@ -250,6 +254,8 @@ class BatchStream:
             self.sampler.start = self.position * self.loader.batch_size
             self._batches = iter(self.loader)
         x, y = next(self._batches)
+        if self.check is not None:
+            self.check()
         self.position += 1
         if self.position == self.steps_per_epoch:
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None
@@ -453,7 +459,11 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
         logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
 
     encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
-    stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position)
+    check = None
+    if not args.latents_dir:  # unreadable images: reported by the loader workers, logged and counted here
+        dataset.bad_images_file = os.path.join(run_dir, "bad_images.txt")
+        check = BadImages(dataset.bad_images_file, args.max_bad_images, logger.warning).check
+    stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position, check)
     max_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         max_steps = min(max_steps, args.max_steps)

@@ -402,6 +402,56 @@ def test_extract_latents_stop_signal_keeps_whole_shards_then_finishes_identicall
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
 
 
+@pytest.fixture
+def folder_with_bad_image(tmp_path, image_folder):
+    """The image folder plus a truncated PNG (the first half of a valid file) in class0."""
+    import shutil
+
+    root = tmp_path / "bad-data"
+    shutil.copytree(image_folder, root)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(buf, format="PNG")
+    (root / "class0" / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return str(root), str(root / "class0" / "truncated.png")
+
+
+def test_truncated_image_is_logged_once_skipped_and_resume_stays_exact(tmp_path, folder_with_bad_image,
+                                                                       monkeypatch):
+    """13 images with one truncated: every epoch draws it, it is logged once (path and reason), replaced by
+    the next readable image, and a run stopped at step 3 and resumed to 8 equals an uninterrupted run."""
+    root, bad = folder_with_bad_image
+    flags = [*TINY, "--data-path", root, "--vae", "none", "--num-workers", "2", "--global-batch-size", "2"]
+    full = train.main([*flags, "--results-dir", str(tmp_path / "full"), "--max-steps", "14"])  # two epochs
+    log = open(os.path.join(full, "log.txt")).read()
+    assert log.count("unreadable image skipped") == 1 and bad in log and "OSError" in log
+    real = train_utils.Trainer._stop_everywhere
+    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--results-dir", str(tmp_path / "cut"), "--max-steps", "14"])
+    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
+    cut = only_run(tmp_path / "cut")
+    train.main(["--resume", cut, "--num-workers", "2"])
+    assert_same_weights(train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut))
+
+
+def test_too_many_unreadable_images_stop_with_the_flag_named(tmp_path, folder_with_bad_image):
+    root, bad = folder_with_bad_image
+    with pytest.raises(SystemExit, match="more than --max-bad-images 0") as stop:
+        train.main([*TINY, "--data-path", root, "--vae", "none", "--results-dir", str(tmp_path / "runs"),
+                    "--max-steps", "14", "--global-batch-size", "2", "--max-bad-images", "0"])
+    assert "bad_images.txt" in str(stop.value)
+
+
+def test_extract_latents_skips_a_truncated_image(tmp_path, folder_with_bad_image, vae_dir, capsys):
+    root, bad = folder_with_bad_image
+    extract_latents.main(["--data-path", root, "--image-size", "16", "--vae", vae_dir, "--shard-size", "5",
+                          "--batch-size", "2", "--num-workers", "1", "--num-classes", "4",
+                          "--latents-dir", str(tmp_path / "latents")])
+    out = capsys.readouterr().out
+    assert out.count("unreadable image skipped") == 1 and bad in out
+    assert json.load(open(tmp_path / "latents" / "index.json"))["num_images"] == NUM_IMAGES + 1
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
     with pytest.raises(SystemExit) as stop:
         run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "1")
