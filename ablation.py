@@ -24,6 +24,7 @@ import time
 import matplotlib.pyplot as plt
 
 import toy_study
+from cli import COUNT, INDEX
 from models import NORM_LAYERS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -190,9 +191,9 @@ def write_summary(out, toy, digits, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=sorted(NORM_LAYERS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--parallel", type=int, default=2)
-    p.add_argument("--digits-steps", type=int, default=1500, help="training steps of each digits run")
+    p.add_argument("--seeds", type=INDEX, nargs="+", default=[0])
+    p.add_argument("--parallel", type=COUNT, default=2)
+    p.add_argument("--digits-steps", type=COUNT, default=1500, help="training steps of each digits run")
     p.add_argument("--skip-toy", action="store_true")
     p.add_argument("--skip-digits", action="store_true")
     p.add_argument("--out", default="results/ablation")

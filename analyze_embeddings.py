@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli import COUNT, INDEX
 from data import center_crop_arr, load_vae  # the same ADM crop and VAE loading as train.py
 import outliers
 from diffusion import create_diffusion
@@ -52,15 +53,15 @@ def parse_args(argv=None):
                    "default: random Gaussian latents")
     p.add_argument("--zero-data", action="store_true", help="without --data-path: x0 = 0 instead of N(0, 1)")
     p.add_argument("--out", default="results/viz", help="output folder for the plots and stats.json")
-    p.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+    p.add_argument("--timesteps", type=INDEX, nargs="+", default=list(DEFAULT_TIMESTEPS))
+    p.add_argument("--batch-size", type=COUNT, default=8)
+    p.add_argument("--seed", type=INDEX, default=0)
+    p.add_argument("--class-labels", type=INDEX, nargs="+", default=None,
                    help="labels for the batch (repeated to the batch size); default: the image folders' "
                         "classes when they match the model's class count, else random")
     p.add_argument("--vae", default=None, help="override every checkpoint's VAE: ema, mse, none or a local path")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="which weights of a training checkpoint")
-    p.add_argument("--top-k", type=int, default=5, help="outlier channels listed per layer")
+    p.add_argument("--top-k", type=COUNT, default=5, help="outlier channels listed per layer")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
     bad = [t for t in args.timesteps if not 0 <= t < 1000]
@@ -260,6 +261,8 @@ def print_summary(label, analysis):
 
 def main(argv=None):
     args = parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the analysis, not after it
+        raise SystemExit(f"--out {args.out} is a file; give a folder (it is created if missing)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     diffusion = create_diffusion(timestep_respacing="")
     cache, loaded = {}, []

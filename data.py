@@ -120,14 +120,16 @@ class BadImages:
                 if not quiet:
                     self.log(f"unreadable image skipped (replaced by the next readable one): {path} ({reason})")
         if len(self.seen) > self.limit:
-            raise SystemExit(f"{len(self.seen)} unreadable images, more than {self.flag} {self.limit} (list in "
+            n = len(self.seen)
+            raise SystemExit(f"{n} unreadable image{'s' * (n != 1)}, more than {self.flag} {self.limit} (list in "
                              f"{self.report_file}): repair or remove them, or raise {self.flag}")
 
 
 def open_image_folder(path, image_size, num_classes):
     """FlipImageFolder at `path`, with clear errors for a missing/empty folder and too many classes."""
     if not path:
-        raise SystemExit("no data: pass --data-path DIR (an ImageFolder tree: DIR/<class>/<image>) or --latents-dir")
+        raise SystemExit("no data: pass --data-path DIR (an ImageFolder tree: DIR/<class>/<image>) or --latents-dir, "
+                         "or --demo for the built-in digits demo (what `python train.py` with no flags runs)")
     if not os.path.isdir(path):
         raise SystemExit(f"--data-path {path}: no such directory (expected an ImageFolder tree DIR/<class>/<image>)")
     try:

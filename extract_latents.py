@@ -27,6 +27,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cli import COUNT, INDEX, POSITIVE
 from data import INDEX_FILE, LATENTS_FORMAT, VAE_HELP, BadImages, load_vae, open_image_folder, vae_geometry
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, barrier, cleanup_distributed, ignore_stop_signals, save_checkpoint, setup_distributed,
@@ -41,17 +42,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True, help="ImageFolder tree: DIR/<class>/<image>")
     p.add_argument("--latents-dir", required=True, help="output directory")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-classes", type=int, default=1000, help="error if the folder has more classes")
+    p.add_argument("--image-size", type=COUNT, default=256)
+    p.add_argument("--num-classes", type=COUNT, default=1000, help="error if the folder has more classes")
     p.add_argument("--vae", default="ema", help=VAE_HELP.replace(" | none (pixel space)", ""))
-    p.add_argument("--latent-scale", type=float, default=0.18215)
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call per process (x2 with flips)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard file")
+    p.add_argument("--latent-scale", type=POSITIVE, default=0.18215)
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images per VAE call per process (x2 with flips)")
+    p.add_argument("--shard-size", type=COUNT, default=10_000, help="images per shard file")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage type of the latents")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--max-bad-images", type=int, default=10,
+    p.add_argument("--num-workers", type=INDEX, default=4)
+    p.add_argument("--max-bad-images", type=INDEX, default=10,
                    help="unreadable images (each reported once, replaced by the next readable one) tolerated")
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--global-seed", type=INDEX, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     return p.parse_args(argv)
 

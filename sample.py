@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import torch
 
+from cli import COUNT, INDEX, NON_NEGATIVE
 from diffusion import create_diffusion
 from download import PRETRAINED_MODELS, WEIGHTS, build_and_load, find_model, official_config
 from models import DiT_models, NORM_LAYERS
@@ -38,16 +39,16 @@ def add_model_args(p):
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or raw weights of a training checkpoint")
     p.add_argument("--model", choices=list(DiT_models), default=None,
                    help="default: from the checkpoint, else DiT-XL/2")
-    p.add_argument("--image-size", type=int, default=None, help="pixels; default: from the checkpoint, else 256")
-    p.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint, else 1000")
+    p.add_argument("--image-size", type=COUNT, default=None, help="pixels; default: from the checkpoint, else 256")
+    p.add_argument("--num-classes", type=COUNT, default=None, help="default: from the checkpoint, else 1000")
     p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default=None,
                    help="default: from the checkpoint (a different value is an error)")
     p.add_argument("--vae", default=None, metavar="VAE",
                    help=f"{VAE_CHOICES}: stabilityai/sd-vae-ft-<ema|mse>, no VAE (pixel-space model), or a "
                         f"local diffusers AutoencoderKL folder; default: from the checkpoint, else mse")
-    p.add_argument("--cfg-channels", type=int, default=None,
+    p.add_argument("--cfg-channels", type=COUNT, default=None,
                    help="guide only the first N noise channels (3 = the reference code); default: all")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--num-sampling-steps", type=COUNT, default=250)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddim: deterministic (eta 0)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
 
@@ -55,10 +56,10 @@ def add_model_args(p):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+    p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--class-labels", type=INDEX, nargs="+", default=None,
                    help=f"one image per label; default {DEFAULT_CLASS_LABELS} (or 0..7 modulo the class count)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=INDEX, default=0)
     p.add_argument("--out", default="sample.png", help="PNG grid to write")
     return p.parse_args(argv)
 

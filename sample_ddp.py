@@ -31,6 +31,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from cli import COUNT, INDEX, NON_NEGATIVE
 from diffusion import create_diffusion
 from sample import (add_model_args, check_vae, decode, image_generators, load_for_sampling, load_vae,
                     prepare_guidance, sample_images, to_rgb)
@@ -43,10 +44,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--sample-dir", default="samples")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="1.5 for the paper's FID-50K")
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--per-proc-batch-size", type=COUNT, default=32)
+    p.add_argument("--num-fid-samples", type=COUNT, default=50_000)
+    p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=1.5, help="1.5 for the paper's FID-50K")
+    p.add_argument("--global-seed", type=INDEX, default=0)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs (faster, as the reference; --no-tf32 for full fp32)")
     args = p.parse_args(argv)

@@ -29,6 +29,8 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
+from cli import COUNT, INDEX
+
 LABELS = {"layer-norm": "LayerNorm", "none": "no LayerNorm"}
 COLORS = {"layer-norm": "tab:red", "none": "tab:blue"}
 ERRORS = ("rms", "mean_abs", "max_abs")
@@ -295,9 +297,9 @@ def run_all(jobs, parallel, results_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=INDEX, nargs="+", default=[0])
     p.add_argument("--variants", nargs="+", default=["layer-norm", "none"])
-    p.add_argument("--parallel", type=int, default=2, help="training processes at a time (one thread each)")
+    p.add_argument("--parallel", type=COUNT, default=2, help="training processes at a time (one thread each)")
     p.add_argument("--results-dir", default="results/toy-runs", help="where the run directories go")
     p.add_argument("--out", default="results/toy", help="where compare.png and the summaries go")
     p.add_argument("--report", nargs="+", metavar="RUN_DIR", help="only write the report for finished runs")

@@ -43,6 +43,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from cli import COUNT, DROPOUT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from data import (
     VAE_HELP, BadImages, FlipSampler, LatentShards, check_num_classes, load_vae, open_image_folder,
     read_latents_index, vae_geometry, write_digits_folder,
@@ -50,9 +51,9 @@ from data import (
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from train_utils import (
-    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_global_batch,
-    cleanup_distributed, create_logger, find_run_to_resume, ignore_stop_signals, load_checkpoint, new_run_dir,
-    resolve_resume, setup_distributed, write_json,
+    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_checkpoint_belongs,
+    check_global_batch, cleanup_distributed, configure_threads, create_logger, find_run_to_resume,
+    ignore_stop_signals, load_checkpoint, log_failures, new_run_dir, resolve_resume, setup_distributed, write_json,
 )
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE, DEFAULT_LATENT_SCALE = 256, "ema", 0.18215
@@ -76,7 +77,7 @@ RESUME_OVERRIDES = (
     "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir",
 )
 # Flags that only steer this process; never saved in the config.
-RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm")
+RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm", "threads")
 
 
 def build_parser():
@@ -84,33 +85,33 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="ImageFolder tree: DIR/<class>/<image>")
     g.add_argument("--latents-dir", default=None, help="train from latents written by extract_latents.py")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--image-size", type=COUNT, default=None,
                    help=f"pixels (default {DEFAULT_IMAGE_SIZE}, or the latents' size); a multiple of VAE factor x patch")
-    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--num-classes", type=COUNT, default=1000)
     g.add_argument("--vae", default=None, help=f"{VAE_HELP}; default {DEFAULT_VAE}")
-    g.add_argument("--latent-scale", type=float, default=None, help=f"default {DEFAULT_LATENT_SCALE}")
+    g.add_argument("--latent-scale", type=POSITIVE, default=None, help=f"default {DEFAULT_LATENT_SCALE}")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (the DiT recipe flips)")
-    g.add_argument("--num-workers", type=int, default=4)
-    g.add_argument("--max-bad-images", type=int, default=10,
+    g.add_argument("--num-workers", type=INDEX, default=4)
+    g.add_argument("--max-bad-images", type=INDEX, default=10,
                    help="unreadable images (each logged once, replaced by the next readable one) tolerated "
                         "before the run stops")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
-    g.add_argument("--depth", type=int, default=None, help="override the model's depth")
-    g.add_argument("--hidden-size", type=int, default=None, help="override the model's width")
-    g.add_argument("--num-heads", type=int, default=None, help="override the model's attention heads")
+    g.add_argument("--depth", type=COUNT, default=None, help="override the model's depth")
+    g.add_argument("--hidden-size", type=COUNT, default=None, help="override the model's width")
+    g.add_argument("--num-heads", type=COUNT, default=None, help="override the model's attention heads")
     g.add_argument("--normalization", choices=sorted(NORM_LAYERS), default="layer-norm")
     g.add_argument("--no-layernorm", action="store_true", help="same as --normalization none")
-    g.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g.add_argument("--class-dropout-prob", type=DROPOUT, default=0.1, help="label dropout for classifier-free guidance")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1400)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
-    g.add_argument("--global-batch-size", type=int, default=256)
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--grad-clip", type=float, default=None, help="clip the global grad norm (default: off)")
+    g.add_argument("--epochs", type=COUNT, default=1400)
+    g.add_argument("--max-steps", type=COUNT, default=None, help="stop after this many steps (default: --epochs)")
+    g.add_argument("--global-batch-size", type=COUNT, default=256)
+    g.add_argument("--global-seed", type=INDEX, default=0)
+    g.add_argument("--lr", type=POSITIVE, default=1e-4)
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
+    g.add_argument("--ema-decay", type=FRACTION, default=0.9999)
+    g.add_argument("--grad-clip", type=POSITIVE, default=None, help="clip the global grad norm (default: off)")
     g.add_argument("--precision", choices=PRECISIONS, default="tf32", help="tf32: fp32 with TF32 matmuls on GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations to save memory")
@@ -119,14 +120,17 @@ def build_parser():
     g.add_argument("--resume", default=None,
                    help="run directory (its latest checkpoint) or checkpoint file; 'auto': the newest run in "
                         "--results-dir with these settings, or a new run if there is none (for requeued jobs)")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--ckpt-every", type=int, default=50_000)
-    g.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid every N steps (0: never)")
-    g.add_argument("--sample-steps", type=int, default=250, help="DDPM steps for the sample grid")
-    g.add_argument("--sample-images", type=int, default=16, help="images in the sample grid")
-    g.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance of the grid (1: none)")
+    g.add_argument("--log-every", type=COUNT, default=100)
+    g.add_argument("--ckpt-every", type=COUNT, default=50_000)
+    g.add_argument("--sample-every", type=INDEX, default=10_000, help="EMA sample grid every N steps (0: never)")
+    g.add_argument("--sample-steps", type=COUNT, default=250, help="DDPM steps for the sample grid")
+    g.add_argument("--sample-images", type=COUNT, default=16, help="images in the sample grid")
+    g.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance of the grid (1: none)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    g.add_argument("--threads", type=COUNT, default=None,
+                   help="torch CPU threads per process (default: OMP_NUM_THREADS, else 1 for models under 10M "
+                        "parameters, else all cores)")
     g.add_argument("--demo", action="store_true", help="the digits demo (what `python train.py` alone runs); "
                                                        "other flags override its settings")
     g.add_argument("--debug-save-rank-weights", action="store_true",
@@ -354,9 +358,6 @@ def make_sample_hook(trainer, args, vae, tensorboard):
 
 def main(argv=None):
     args, explicit = parse_args(argv)
-    if args.demo and "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
-        # The demo's tiny matmuls run ~3x faster on one thread than on two beside a loader worker.
-        torch.set_num_threads(1)
     ckpt = run_dir = None
     if args.resume == "auto":
         args.resume = auto_resume(args)
@@ -366,6 +367,7 @@ def main(argv=None):
             ckpt = load_checkpoint(ckpt_path)
         except ValueError as e:
             raise SystemExit(f"--resume {args.resume}: {e}")
+        check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
         args = merge_resume_config(args, explicit, ckpt["config"])
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_batch = check_global_batch(args.global_batch_size, world_size)  # before any work
@@ -433,70 +435,74 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
     else:
         config = {**ckpt["config"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
     logger = create_logger(run_dir, d.is_main)
-    tensorboard = None
-    if args.tensorboard and d.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+    with log_failures(logger):
+        tensorboard = None
+        if args.tensorboard and d.is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-    # Model: the same initial weights on every rank, then a different RNG stream per rank.
-    torch.manual_seed(args.global_seed)
-    model = build_model_from_config(config)
-    model.check_labels = False  # labels are < num_classes: checked on the data set above
-    model.grad_checkpointing = args.grad_checkpointing
-    torch.manual_seed(args.global_seed * d.world_size + d.rank)
-    trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
-                      config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
-                      grad_clip=args.grad_clip, precision=args.precision, compile=args.compile)
-    epoch = position = 0
-    if ckpt is not None:
-        trainer.load(ckpt)
-        for group in trainer.opt.param_groups:  # --lr / --weight-decay may change on resume
-            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-        epoch, position = ckpt.get("epoch", 0), ckpt.get("position", 0)
-        if position >= steps_per_epoch:
-            epoch, position = epoch + 1, 0
-        logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
+        # Model: the same initial weights on every rank, then a different RNG stream per rank.
+        torch.manual_seed(args.global_seed)
+        model = build_model_from_config(config)
+        model.check_labels = False  # labels are < num_classes: checked on the data set above
+        model.grad_checkpointing = args.grad_checkpointing
+        torch.manual_seed(args.global_seed * d.world_size + d.rank)
+        trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
+                          config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
+                          grad_clip=args.grad_clip, precision=args.precision, compile=args.compile)
+        epoch = position = 0
+        if ckpt is not None:
+            trainer.load(ckpt)
+            for group in trainer.opt.param_groups:  # --lr / --weight-decay may change on resume
+                group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+            epoch, position = ckpt.get("epoch", 0), ckpt.get("position", 0)
+            if position >= steps_per_epoch:
+                epoch, position = epoch + 1, 0
+            logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
 
-    encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
-    check = None
-    if not args.latents_dir:  # unreadable images: reported by the loader workers, logged and counted here
-        dataset.bad_images_file = os.path.join(run_dir, "bad_images.txt")
-        check = BadImages(dataset.bad_images_file, args.max_bad_images, logger.warning).check
-    stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position, check)
-    max_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        max_steps = min(max_steps, args.max_steps)
-    params = sum(p.numel() for p in model.parameters())
-    source = f"latents {args.latents_dir}" if args.latents_dir else f"images {args.data_path}"
-    logger.info(f"run {run_dir}: {args.model} ({params:,} parameters, depth {len(model.blocks)}, width "
-                f"{model.pos_embed.shape[-1]}, normalization {args.normalization}), {source}: {len(dataset):,} "
-                f"images, {len(dataset.classes)} classes, {args.image_size}px, vae {args.vae}, input "
-                f"{channels}x{config['input_size']}x{config['input_size']}")
-    logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
-                f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
-                + (", compiled" if args.compile else "") + (", grad checkpointing" if args.grad_checkpointing else ""))
+        encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
+        check = None
+        if not args.latents_dir:  # unreadable images: reported by the loader workers, logged and counted here
+            dataset.bad_images_file = os.path.join(run_dir, "bad_images.txt")
+            check = BadImages(dataset.bad_images_file, args.max_bad_images, logger.warning).check
+        stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position, check)
+        max_steps = args.epochs * steps_per_epoch
+        if args.max_steps is not None:
+            max_steps = min(max_steps, args.max_steps)
+        params = sum(p.numel() for p in model.parameters())
+        logger.info(configure_threads(args.threads, params))
+        source = f"latents {args.latents_dir}" if args.latents_dir else f"images {args.data_path}"
+        logger.info(f"run {run_dir}: {args.model} ({params:,} parameters, depth {len(model.blocks)}, width "
+                    f"{model.pos_embed.shape[-1]}, normalization {args.normalization}), {source}: {len(dataset):,} "
+                    f"images, {len(dataset.classes)} classes, {args.image_size}px, vae {args.vae}, input "
+                    f"{channels}x{config['input_size']}x{config['input_size']}")
+        logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
+                    f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
+                    + (", compiled" if args.compile else "")
+                    + (", grad checkpointing" if args.grad_checkpointing else ""))
 
-    hooks = [(args.sample_every, make_sample_hook(trainer, args, vae, tensorboard))] if args.sample_every > 0 else []
-    try:
-        finished = trainer.fit(stream, max_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                               hooks=hooks, tensorboard=tensorboard, extra_state=stream.state)
-    except StopTraining as e:
-        logger.error(str(e))
-        raise SystemExit(f"error: {e}")
-    finally:
-        stream.close()
-        if tensorboard is not None:
-            tensorboard.close()
-    if args.debug_save_rank_weights:
-        torch.save(trainer.raw.state_dict(), os.path.join(run_dir, f"rank{d.rank}-weights.pt"))
-    if not finished:
-        raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
-    if d.is_main:
-        logger.info(f"done: step {trainer.step}, checkpoint {os.path.join(run_dir, 'checkpoints', 'latest.pt')}")
-        if hooks and hooks[0][1].last_path:
-            logger.info(f"EMA sample grid: {hooks[0][1].last_path}")
-    return run_dir
+        hooks = []
+        if args.sample_every > 0:
+            hooks = [(args.sample_every, make_sample_hook(trainer, args, vae, tensorboard))]
+        try:
+            finished = trainer.fit(stream, max_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                                   hooks=hooks, tensorboard=tensorboard, extra_state=stream.state)
+        except StopTraining as e:
+            raise SystemExit(f"error: {e}")
+        finally:
+            stream.close()
+            if tensorboard is not None:
+                tensorboard.close()
+        if args.debug_save_rank_weights:
+            torch.save(trainer.raw.state_dict(), os.path.join(run_dir, f"rank{d.rank}-weights.pt"))
+        if not finished:
+            raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
+        if d.is_main:
+            logger.info(f"done: step {trainer.step}, checkpoint {os.path.join(run_dir, 'checkpoints', 'latest.pt')}")
+            if hooks and hooks[0][1].last_path:
+                logger.info(f"EMA sample grid: {hooks[0][1].last_path}")
+        return run_dir
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ import time
 
 import torch
 
+from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
 from train_utils import (
-    PREEMPTED_EXIT, Trainer, StopTraining, barrier, check_global_batch, cleanup_distributed, create_logger,
-    find_run_to_resume, load_checkpoint, new_run_dir, resolve_resume, setup_distributed, write_json, broadcast_object,
+    PREEMPTED_EXIT, Trainer, StopTraining, barrier, broadcast_object, check_checkpoint_belongs, check_global_batch,
+    cleanup_distributed, configure_threads, create_logger, find_run_to_resume, load_checkpoint, log_failures,
+    new_run_dir, resolve_resume, setup_distributed, write_json,
 )
 
 # Model overrides of the toy: 2x2 pixels with 2 channels, one class, no label dropout.
@@ -49,26 +51,26 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="'auto' = paper on a GPU, cpu otherwise; flags below override the preset")
     p.add_argument("--model", choices=list(DiT_models))
-    p.add_argument("--depth", type=int, help="override the model's depth (the cpu preset uses a smaller DiT-XS)")
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--num-heads", type=int)
+    p.add_argument("--depth", type=COUNT, help="override the model's depth (the cpu preset uses a smaller DiT-XS)")
+    p.add_argument("--hidden-size", type=COUNT)
+    p.add_argument("--num-heads", type=COUNT)
     p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default="layer-norm")
     p.add_argument("--no-layernorm", action="store_true", help="same as --normalization none")
-    p.add_argument("--steps", type=int, help="training steps")
-    p.add_argument("--global-batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=COUNT, help="training steps")
+    p.add_argument("--global-batch-size", type=COUNT)
+    p.add_argument("--lr", type=POSITIVE)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"])
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--eval-steps", type=int, nargs="+", help="steps at which to evaluate (the last step always is)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (instead of --eval-steps)")
-    p.add_argument("--num-eval-samples", type=int, default=100)
-    p.add_argument("--sampling-steps", type=int, default=1000, help="DDPM steps for evaluation (1000 = full)")
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--warmup-steps", type=INDEX)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
+    p.add_argument("--ema-decay", type=FRACTION)
+    p.add_argument("--grad-clip", type=POSITIVE, default=None)
+    p.add_argument("--global-seed", type=INDEX, default=0)
+    p.add_argument("--eval-steps", type=COUNT, nargs="+", help="steps at which to evaluate (the last step always is)")
+    p.add_argument("--eval-every", type=COUNT, help="evaluate every N steps (instead of --eval-steps)")
+    p.add_argument("--num-eval-samples", type=COUNT, default=100)
+    p.add_argument("--sampling-steps", type=COUNT, default=1000, help="DDPM steps for evaluation (1000 = full)")
+    p.add_argument("--ckpt-every", type=COUNT)
+    p.add_argument("--log-every", type=COUNT)
     p.add_argument("--results-dir", default="results/toy-runs")
     p.add_argument("--resume", default=None,
                    help="run directory (or checkpoint file) to continue; 'auto': the newest run in --results-dir "
@@ -76,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for this process (torch.set_num_threads)")
+    p.add_argument("--threads", type=COUNT, default=None, help="CPU threads for this process (torch.set_num_threads)")
     args = p.parse_args(argv)
     if args.no_layernorm:
         args.normalization = "none"
@@ -189,8 +191,6 @@ def zero_batches(local_batch, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     d = setup_distributed(args.device)
     check_global_batch(args.global_batch_size, d.world_size)  # before any work (re-checked on resume)
     ckpt = None
@@ -203,6 +203,7 @@ def main(argv=None):
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         ckpt = load_checkpoint(ckpt_path)
+        check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
         config = ckpt["config"]
         config.update({key: getattr(args, key) for key in RESUME_OVERRIDES if key in args.explicit})
         args = finalize_eval_steps(argparse.Namespace(**{**vars(args), **config, "resume": args.resume}))
@@ -217,35 +218,36 @@ def main(argv=None):
             write_json(os.path.join(run_dir, "config.json"), config)
     local_batch = check_global_batch(args.global_batch_size, d.world_size)
     logger = create_logger(run_dir, d.is_main)
-    torch.manual_seed(args.global_seed * d.world_size + d.rank)
-    model = build_model_from_config(config)
-    trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
-                      config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
-                      grad_clip=args.grad_clip, precision=args.precision, compile=args.compile,
-                      lr_schedule=lr_multiplier(config))
-    if ckpt is not None:
-        trainer.load(ckpt)
-        if d.is_main:
-            truncate_metrics(run_dir, trainer.step)
-        logger.info(f"resumed {run_dir} at step {trainer.step}")
-    params = sum(p.numel() for p in model.parameters())
-    logger.info(f"toy run {run_dir}: {args.model} depth {len(model.blocks)} width {model.pos_embed.shape[-1]} "
-                f"({params:,} params), normalization={args.normalization}, preset={args.preset}, "
-                f"batch {args.global_batch_size}, lr {args.lr} ({args.lr_schedule}), {args.steps} steps, "
-                f"evaluations at {args.eval_steps}")
-    sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
-    hooks = [(1, lambda step: evaluate(trainer, sampler, args, step))]
-    try:
-        finished = trainer.fit(zero_batches(local_batch, d.device), args.steps, log_every=args.log_every,
-                               ckpt_every=args.ckpt_every, hooks=hooks)
-    except StopTraining as e:
-        logger.error(str(e))
-        raise SystemExit(1)
-    finally:
-        cleanup_distributed()
-    if not finished:
-        raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
-    return run_dir
+    with log_failures(logger):
+        torch.manual_seed(args.global_seed * d.world_size + d.rank)
+        model = build_model_from_config(config)
+        trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
+                          config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
+                          grad_clip=args.grad_clip, precision=args.precision, compile=args.compile,
+                          lr_schedule=lr_multiplier(config))
+        if ckpt is not None:
+            trainer.load(ckpt)
+            if d.is_main:
+                truncate_metrics(run_dir, trainer.step)
+            logger.info(f"resumed {run_dir} at step {trainer.step}")
+        params = sum(p.numel() for p in model.parameters())
+        logger.info(configure_threads(args.threads, params))
+        logger.info(f"toy run {run_dir}: {args.model} depth {len(model.blocks)} width {model.pos_embed.shape[-1]} "
+                    f"({params:,} params), normalization={args.normalization}, preset={args.preset}, "
+                    f"batch {args.global_batch_size}, lr {args.lr} ({args.lr_schedule}), {args.steps} steps, "
+                    f"evaluations at {args.eval_steps}")
+        sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
+        hooks = [(1, lambda step: evaluate(trainer, sampler, args, step))]
+        try:
+            finished = trainer.fit(zero_batches(local_batch, d.device), args.steps, log_every=args.log_every,
+                                   ckpt_every=args.ckpt_every, hooks=hooks)
+        except StopTraining as e:
+            raise SystemExit(f"error: {e}")
+        finally:
+            cleanup_distributed()
+        if not finished:
+            raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
+        return run_dir
 
 
 if __name__ == "__main__":

@@ -185,6 +185,26 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"could not load checkpoint {path!r} (corrupt, truncated or not a plain checkpoint): {e}") from e
 
 
+# The config keys that decide what a checkpoint's weights are: a run's checkpoints must all agree on them.
+MODEL_KEYS = ("model", "depth", "hidden_size", "num_heads", "normalization", "input_size", "in_channels",
+              "num_classes", "learn_sigma", "image_size", "vae")
+
+
+def check_checkpoint_belongs(run_dir, ckpt_path, ckpt_config):
+    """Refuse to resume a run directory from a checkpoint of another model (one copied in by hand, say):
+    its config must agree with the run's config.json on MODEL_KEYS."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            run_config = json.load(f)
+    except (OSError, ValueError):
+        return  # no config.json (a bare checkpoint file): nothing to compare with
+    differ = [k for k in MODEL_KEYS if k in run_config and k in ckpt_config and run_config[k] != ckpt_config[k]]
+    if differ:
+        detail = ", ".join(f"{k} {ckpt_config[k]!r} (run: {run_config[k]!r})" for k in differ)
+        raise SystemExit(f"{ckpt_path} does not belong to the run {run_dir}: it has {detail}. Resume from the "
+                         f"checkpoint's own run directory, or remove it from this one")
+
+
 def find_run_to_resume(results_dir, wanted):
     """`--resume auto`: the newest run directory in `results_dir` that has a checkpoint and whose
     config.json agrees with `wanted` on every key both hold (the settings of this command line), or None.
@@ -278,6 +298,26 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def configure_threads(requested=None, num_params=None, small=10_000_000):
+    """Set torch's CPU thread count and return a line for the log saying how many and why.
+
+    --threads wins; else OMP_NUM_THREADS (which torch reads at start-up, and which torchrun and the job
+    runners set to 1 per process) is respected; else a model under `small` parameters gets one thread
+    (its matmuls are too small to split, and a second busy process on the machine makes several threads
+    collapse: 0.2 vs 6-7 steps/s measured on the digits demo); else torch's default (all cores)."""
+    if requested:
+        torch.set_num_threads(requested)
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        why = "OMP_NUM_THREADS"
+    elif num_params is not None and num_params < small:
+        torch.set_num_threads(1)
+        why = f"a model of {num_params / 1e6:.2g}M parameters runs fastest on one; --threads to change"
+    else:
+        why = "torch's default; --threads to change"
+    return f"torch CPU threads: {torch.get_num_threads()} ({why})"
+
+
 def format_duration(seconds):
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -339,6 +379,25 @@ class StopFlag:
 
     def __exit__(self, *exc):
         return self._signals.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def log_failures(logger):
+    """Write why a run stopped into its log.txt (the console shows it too): the message of a SystemExit,
+    an interrupt, or an exception's type and message (its traceback still reaches the console). A stop
+    by signal logs itself and exits PREEMPTED_EXIT; that and success add nothing."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code not in (None, 0, PREEMPTED_EXIT):
+            logger.error(f"run stopped: {e.code}")
+        raise
+    except KeyboardInterrupt:
+        logger.error("run stopped: interrupted")
+        raise
+    except Exception as e:
+        logger.error(f"run failed: {type(e).__name__}: {e}")
+        raise
 
 
 class StopTraining(Exception):
@@ -438,7 +497,12 @@ class Trainer:
         barrier()
 
     def load(self, ckpt):
-        """Restore from a checkpoint dict written by `save`."""
+        """Restore from a checkpoint dict written by `save`; remove the temporary files that a writer
+        killed mid-checkpoint left in the run's checkpoints folder (rank 0)."""
+        if self.dist.is_main and self.run_dir:
+            for stale in glob(os.path.join(self.run_dir, "checkpoints", ".tmp-*")):
+                os.unlink(stale)
+                self.logger.info(f"removed {stale}, left by a checkpoint write that was killed")
         self.raw.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["opt"])
@@ -488,10 +552,8 @@ class Trainer:
                 n = self.step - last_step
                 avg_loss = self._mean_over_ranks(running_loss / n)
                 if not math.isfinite(avg_loss):
-                    raise StopTraining(
-                        f"loss became {avg_loss} between steps {last_step} and {self.step}; stopping. "
-                        f"The last good checkpoint is untouched: resume from it with a lower --lr or --grad-clip"
-                    )
+                    raise StopTraining(f"loss became {avg_loss} between steps {last_step} and {self.step}; "
+                                       f"stopping. {self._last_good_checkpoint()}")
                 self.loss_history.append([self.step, avg_loss])
                 now = time.time()
                 rate = n / max(now - last_time, 1e-9)
@@ -524,6 +586,15 @@ class Trainer:
                                  f"--resume {self.run_dir} or --resume auto)")
                 return False
         return True
+
+    def _last_good_checkpoint(self):
+        """What a NaN stop leaves to resume from: the newest checkpoint, if one was written."""
+        folder = os.path.join(self.run_dir or "", "checkpoints")
+        steps = [int(n[:-3]) for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n[:-3].isdigit()]
+        if self.run_dir and steps:
+            return (f"The last good checkpoint (step {max(steps)}) is untouched: resume from it with a lower --lr "
+                    f"or --grad-clip")
+        return "No checkpoint was written before it: start again with a lower --lr or --grad-clip"
 
     def _mean_over_ranks(self, value):
         if self.dist.distributed:

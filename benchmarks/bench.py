@@ -40,6 +40,7 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion  # noqa: E402
 from models import DIT_SIZES, DiT, DiT_models, build_model  # noqa: E402
 from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
@@ -480,31 +481,31 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(DiT_models), help="default: DiT-XL/2 on a GPU, DiT-S/2 on a CPU")
-    p.add_argument("--image-size", type=int, default=256, help="image size; latents are 8x smaller")
-    p.add_argument("--input-size", type=int, help="latent size (overrides --image-size)")
-    p.add_argument("--depth", type=int, help="override the model's depth (tests use tiny models)")
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--batch-size", type=int, help="per-device batch; default 32 on a GPU, 8 on a CPU")
+    p.add_argument("--image-size", type=COUNT, default=256, help="image size; latents are 8x smaller")
+    p.add_argument("--input-size", type=COUNT, help="latent size (overrides --image-size)")
+    p.add_argument("--depth", type=COUNT, help="override the model's depth (tests use tiny models)")
+    p.add_argument("--hidden-size", type=COUNT)
+    p.add_argument("--num-heads", type=COUNT)
+    p.add_argument("--batch-size", type=COUNT, help="per-device batch; default 32 on a GPU, 8 on a CPU")
     p.add_argument("--settings", nargs="+",
                    help="precision[+compile][+ckpt] each, e.g. fp32 tf32 bf16 bf16+compile bf16+compile+ckpt; "
                         "default: fp32 on a CPU, tf32 bf16 bf16+compile on a GPU")
     p.add_argument("--compile", action="store_true", help="add +compile to every setting")
     p.add_argument("--grad-checkpointing", action="store_true", help="add +ckpt to every setting")
-    p.add_argument("--warmup", type=int, help="untimed steps per model and setting (default 2 CPU, 10 GPU)")
-    p.add_argument("--rounds", type=int, help="timed rounds per model (default 7 CPU, 10 GPU)")
-    p.add_argument("--steps-per-round", type=int, help="training steps per round (default 1 CPU, 10 GPU)")
-    p.add_argument("--peak-tflops", type=float, help="MFU denominator; default: a measured large-matmul rate")
+    p.add_argument("--warmup", type=INDEX, help="untimed steps per model and setting (default 2 CPU, 10 GPU)")
+    p.add_argument("--rounds", type=COUNT, help="timed rounds per model (default 7 CPU, 10 GPU)")
+    p.add_argument("--steps-per-round", type=COUNT, help="training steps per round (default 1 CPU, 10 GPU)")
+    p.add_argument("--peak-tflops", type=POSITIVE, help="MFU denominator; default: a measured large-matmul rate")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory subprocesses")
-    p.add_argument("--sample-steps", type=int, help="DDPM steps (default 5 CPU, 250 GPU)")
-    p.add_argument("--sample-batch-size", type=int, help="default: --batch-size")
-    p.add_argument("--sample-rounds", type=int, default=3)
+    p.add_argument("--sample-steps", type=COUNT, help="DDPM steps (default 5 CPU, 250 GPU)")
+    p.add_argument("--sample-batch-size", type=COUNT, help="default: --batch-size")
+    p.add_argument("--sample-rounds", type=COUNT, default=3)
     p.add_argument("--sample-guidance", choices=["both", "none", "cfg"], default="both",
                    help="time sampling without guidance, with it (--cfg-scale), or both")
     p.add_argument("--no-peer", action="store_true", help="time our model only (also when diffusers is missing)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0)
     p.add_argument("--toy-preset", choices=["paper", "cpu"], help="default: paper on a GPU, cpu otherwise")
-    p.add_argument("--toy-steps", type=int, help="toy steps per round (default 50 CPU, 200 GPU)")
+    p.add_argument("--toy-steps", type=COUNT, help="toy steps per round (default 50 CPU, 200 GPU)")
     p.add_argument("--toy-precision", choices=PRECISIONS, help="default: fp32 CPU, bf16 GPU")
     p.add_argument("--toy-compile", action="store_true", help="torch.compile the toy models")
     p.add_argument("--toy-variants", nargs="+", choices=["layer-norm", "none"], default=["layer-norm", "none"],
@@ -512,7 +513,7 @@ def parse_args(argv=None):
                         "as toy_study.py trains them)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "toy"], help="parts to leave out")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: CUDA when available")
-    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=COUNT, help="torch CPU threads (torch.set_num_threads)")
     p.add_argument("--record", default=os.path.join(REPO, "docs", "benchmarks.md"),
                    help="markdown file to insert the results into ('' = print only)")
     p.add_argument("--json", help="also write the raw rows to this JSON file")
@@ -539,9 +540,6 @@ def parse_args(argv=None):
     for s in args.settings:
         parse_setting(s)
     args.impls = IMPLS[:1] if args.no_peer else IMPLS
-    for key in ("batch_size", "rounds", "steps_per_round", "sample_steps", "sample_batch_size", "toy_steps"):
-        if getattr(args, key) < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
     return args
 
 

@@ -249,7 +249,8 @@ def train_cmds(gpu, work):
         speed = ["--precision", "fp32", "--device", "cpu"]
         steps, more = 4, 6
     first = [sys.executable, os.path.join(REPO, "train.py"), "--demo", "--data-path", data, "--results-dir", results,
-             "--max-steps", str(steps), "--ckpt-every", str(steps), "--sample-every", str(steps), "--sample-steps", "20",
+             "--max-steps", str(steps), "--ckpt-every", str(steps), "--sample-every", str(steps),
+             "--sample-steps", "20",
              "--sample-images", "16", "--log-every", str(steps // 4), "--num-workers", "1", *speed]
     return first, steps, more, results, speed
 
@@ -454,7 +455,8 @@ def main(argv=None):
                 json_path = os.path.join(out, f"toy-{setting}-{norm}.json")
                 cmds[json_path] = (bench_cmd(gpu, json_path, "toy") + ["--toy-variants", norm]
                                    + (["--toy-compile"] if setting == "compile" else []))
-            rc, sec = run_concurrently(f"toy-{setting}", list(cmds.values()), min(share * toy_limit, toy_limit - total), out, env)
+            limit = min(share * toy_limit, toy_limit - total)
+            rc, sec = run_concurrently(f"toy-{setting}", list(cmds.values()), limit, out, env)
             rcs.append(rc)
             total += sec
             rows = []
@@ -474,7 +476,8 @@ def main(argv=None):
     seen = next((d["header"]["versions"] for d in results.values()), None)
     header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
                   versions=seen or versions(), commit=git_commit(), gpu=gpu, wall_s=time.perf_counter() - start,
-                  note=note, command="python benchmarks/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+                  note=note, command="python benchmarks/gpu_check.py "
+                  + shlex.join(argv if argv is not None else sys.argv[1:]))
     text = section(header, verdicts, parts, results)
     print("\n" + ("" if gpu else "No GPU found: this was the CPU dry run; the GPU figures are still open.\n") + text)
     print("\n".join(f"{verdict:>6}  {name}: {figures}" for name, verdict, figures in verdicts))

@@ -329,6 +329,9 @@ def test_command_errors(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ae.main(["--ckpt", runs["ln"], "--timesteps", "1000", "--out", str(tmp_path)])
     assert "--timesteps" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")  # refused before the analysis runs, not after
+    with pytest.raises(SystemExit, match="--out .*a-file is a file"):
+        ae.main(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a-file")])
 
 
 def test_latents_from_a_local_vae(runs, tmp_path):

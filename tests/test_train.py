@@ -8,6 +8,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,6 +354,29 @@ def run_with(flags, *extra):
     return train.main([*flags, *extra])
 
 
+def test_nan_loss_before_any_checkpoint_says_so(tmp_path, image_folder):
+    with pytest.raises(SystemExit, match="No checkpoint was written before it"):
+        run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "100")
+
+
+def test_resume_removes_stale_temp_checkpoints_and_refuses_a_foreign_one(tmp_path, image_folder):
+    run_dir = run(tmp_path / "a", image_folder, "--vae", "none", "--max-steps", "2")
+    stale = os.path.join(run_dir, "checkpoints", ".tmp-0000004.ptk2j3h4")  # a writer killed by kill -9
+    open(stale, "wb").write(b"partial")
+    train.main(["--resume", run_dir, "--max-steps", "3"])
+    assert not os.path.exists(stale) and "removed" in open(os.path.join(run_dir, "log.txt")).read()
+    other = run(tmp_path / "b", image_folder, "--vae", "none", "--max-steps", "2", "--hidden-size", "64")
+    foreign = os.path.join(run_dir, "checkpoints", "0000009.pt")
+    shutil.copyfile(os.path.join(other, "checkpoints", "0000002.pt"), foreign)
+    with pytest.raises(SystemExit, match="does not belong to the run .* hidden_size 64 \\(run: 32\\)"):
+        train.main(["--resume", foreign])
+
+
+def test_no_data_names_the_demo(tmp_path):
+    with pytest.raises(SystemExit, match="--demo for the built-in digits demo"):
+        train.main(["--max-steps", "20", "--results-dir", str(tmp_path), "--vae", "none"])
+
+
 def test_stop_flag_catches_a_real_signal_and_restores_the_handler():
     before = signal.getsignal(signal.SIGUSR1)
     with train_utils.StopFlag() as stop:
@@ -405,8 +429,6 @@ def test_extract_latents_stop_signal_keeps_whole_shards_then_finishes_identicall
 @pytest.fixture
 def folder_with_bad_image(tmp_path, image_folder):
     """The image folder plus a truncated PNG (the first half of a valid file) in class0."""
-    import shutil
-
     root = tmp_path / "bad-data"
     shutil.copytree(image_folder, root)
     buf = io.BytesIO()
@@ -440,6 +462,8 @@ def test_too_many_unreadable_images_stop_with_the_flag_named(tmp_path, folder_wi
         train.main([*TINY, "--data-path", root, "--vae", "none", "--results-dir", str(tmp_path / "runs"),
                     "--max-steps", "14", "--global-batch-size", "2", "--max-bad-images", "0"])
     assert "bad_images.txt" in str(stop.value)
+    log = open(os.path.join(only_run(tmp_path / "runs"), "log.txt")).read()
+    assert "run stopped: 1 unreadable image, more than --max-bad-images 0" in log
 
 
 def test_extract_latents_skips_a_truncated_image(tmp_path, folder_with_bad_image, vae_dir, capsys):
@@ -456,10 +480,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folde
     with pytest.raises(SystemExit) as stop:
         run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "1")
     message = str(stop.value)
-    assert "loss became" in message and "last good checkpoint is untouched" in message
-    ckpt = train_utils.load_checkpoint(only_run(tmp_path))
     bad_step = int(message.split(" and ")[1].split(";")[0])
+    assert "loss became" in message and f"last good checkpoint (step {bad_step - 1}) is untouched" in message
+    ckpt = train_utils.load_checkpoint(only_run(tmp_path))
     assert ckpt["step"] == bad_step - 1
+    assert "run stopped: error: loss became" in open(os.path.join(only_run(tmp_path), "log.txt")).read()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert f"{bad_step:07d}.pt" not in os.listdir(os.path.join(only_run(tmp_path), "checkpoints"))
 
@@ -523,3 +548,34 @@ def test_gpu_bf16_compile_grad_checkpointing(tmp_path, image_folder):
                   "--grad-checkpointing", "--device", "cuda", "--sample-every", "3", "--sample-steps", "2")
     ckpt = train_utils.load_checkpoint(run_dir)
     assert ckpt["step"] == 3 and "peak mem" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_thread_count_defaults(monkeypatch):
+    """--threads wins, then OMP_NUM_THREADS, then one thread for a small model, else torch's default."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        default = train_utils.configure_threads(None, 10**9)
+        assert default == "torch CPU threads: 2 (torch's default; --threads to change)"
+        assert train_utils.configure_threads(None, 10**6).startswith("torch CPU threads: 1 (a model of 1M parameters")
+        assert torch.get_num_threads() == 1
+        assert train_utils.configure_threads(2, 10**6).startswith("torch CPU threads: 2 (--threads")
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert train_utils.configure_threads(None, 10**6) == "torch CPU threads: 2 (OMP_NUM_THREADS)"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_resumed_small_run_logs_one_thread(tmp_path, image_folder, monkeypatch):
+    """The count is chosen from the model, so a resumed run gets it too (it used to on a fresh demo only)."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "2")
+        torch.set_num_threads(2)
+        train.main(["--resume", run_dir, "--max-steps", "3"])
+        log = open(os.path.join(run_dir, "log.txt")).read()
+        assert log.count("torch CPU threads: 1 (a model of") == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,73 @@
+"""Tests for cli.py: every script refuses a nonsense numeric flag at parse time, naming the flag and the
+allowed range, before any work starts."""
+
+import argparse
+
+import pytest
+
+import ablation
+import analyze_embeddings
+import extract_latents
+import sample
+import sample_ddp
+import toy_study
+import train
+import train_toy
+from benchmarks import bench
+from cli import at_least, number
+
+
+def test_at_least():
+    assert at_least(1)("3") == 3 and at_least(0)("0") == 0
+    for bad in ("0", "-2", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer >= 1"):
+            at_least(1)(bad)
+
+
+@pytest.mark.parametrize("kind,good,bad", [
+    (number(0, low_open=True), ["1e-4", "3"], ["0", "-1e-4", "nan", "inf", "x"]),
+    (number(0), ["0", "2.5"], ["-0.1", "nan"]),
+    (number(0, 1), ["0", "1", "0.9999"], ["1.0001", "-1"]),
+    (number(0, 1, high_open=True), ["0", "0.5"], ["1", "2"]),
+])
+def test_number_ranges(kind, good, bad):
+    for text in good:
+        assert kind(text) == float(text)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a number"):
+            kind(text)
+
+
+CASES = [  # (parse, flag, bad value, what the message says)
+    (train.parse_args, "--global-batch-size", "0", "an integer >= 1"),
+    (train.parse_args, "--global-batch-size", "-4", "an integer >= 1"),
+    (train.parse_args, "--lr", "-0.001", "a number > 0"),
+    (train.parse_args, "--max-steps", "0", "an integer >= 1"),
+    (train.parse_args, "--ema-decay", "1.5", "a number in [0, 1]"),
+    (train.parse_args, "--class-dropout-prob", "1", "a number in [0, 1)"),
+    (train.parse_args, "--cfg-scale", "-2", "a number >= 0"),
+    (train.parse_args, "--num-workers", "-1", "an integer >= 0"),
+    (train.parse_args, "--sample-steps", "0", "an integer >= 1"),
+    (train_toy.parse_args, "--steps", "0", "an integer >= 1"),
+    (train_toy.parse_args, "--global-batch-size", "0", "an integer >= 1"),
+    (train_toy.parse_args, "--grad-clip", "0", "a number > 0"),
+    (sample.parse_args, "--num-sampling-steps", "0", "an integer >= 1"),
+    (sample.parse_args, "--cfg-scale", "-2", "a number >= 0"),
+    (sample_ddp.parse_args, "--per-proc-batch-size", "0", "an integer >= 1"),
+    (sample_ddp.parse_args, "--num-fid-samples", "-5", "an integer >= 1"),
+    (extract_latents.parse_args, "--shard-size", "0", "an integer >= 1"),
+    (analyze_embeddings.parse_args, "--timesteps", "-1", "an integer >= 0"),
+    (toy_study.main, "--parallel", "0", "an integer >= 1"),
+    (ablation.main, "--digits-steps", "0", "an integer >= 1"),
+    (bench.parse_args, "--rounds", "0", "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("parse,flag,value,says", CASES, ids=[f"{p.__module__}{f}={v}" for p, f, v, _ in CASES])
+def test_bad_numeric_flag_is_refused_at_parse_time(parse, flag, value, says, capsys):
+    required = {extract_latents.parse_args: ["--data-path", "d", "--latents-dir", "l"]}.get(parse, [])
+    with pytest.raises(SystemExit) as stop:
+        parse([*required, flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be {says}, got '{value}'" in err
