@@ -131,10 +131,10 @@ NORM_LAYERS = {
     "dyt": lambda dim: DynamicTanh(dim, alpha_init=0.5),
 }
 
-# Variants whose blocks keep the default (Xavier) init of their adaLN modulation instead of zero. The
-# DyT authors' DiT runs dropped the blocks' adaLN zero-init; the final layer stays zero, so a new model
-# still outputs exactly zero.
-NO_BLOCK_ADALN_ZERO_INIT = {"dyt"}
+# Variants without adaLN-Zero: the DyT authors' DiT recipe removes all four zero-initialisations (the
+# blocks' adaLN modulation, the final layer's adaLN modulation, the final linear's weight and bias), which
+# keep their default Xavier / zero-bias init, so a new DyT model does not output zero.
+NO_ZERO_INIT = {"dyt"}
 
 
 def make_norm(name, dim):
@@ -279,7 +279,8 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         """Xavier-uniform linears with zero bias, N(0, 0.02) embeddings, fixed sin-cos positions, and
-        zero adaLN modulation and output projection, so a new model computes exactly zero."""
+        zero adaLN modulation and output projection, so a new model computes exactly zero (except the
+        NO_ZERO_INIT variants, which keep the Xavier init there)."""
 
         def basic_init(module):
             if isinstance(module, nn.Linear):
@@ -296,10 +297,11 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.normalization not in NO_BLOCK_ADALN_ZERO_INIT:
-            for block in self.blocks:
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.normalization in NO_ZERO_INIT:
+            return
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)

@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    p.add_argument("--debug-save-rank-weights", action="store_true",
+                   help="at the end, every rank saves its initial, final and EMA weights to <run>/rank<r>-weights.pt")
     p.add_argument("--threads", type=COUNT, default=None, help="CPU threads for this process (torch.set_num_threads)")
     args = p.parse_args(argv)
     if args.no_layernorm:
@@ -106,7 +108,7 @@ def finalize_eval_steps(args):
 # What a resumed run takes from the command line (to extend it); everything else comes from its config.
 RESUME_OVERRIDES = ("steps", "eval_steps", "ckpt_every", "log_every")
 # Flags that only steer this process; never saved in the config.
-RUNTIME_ONLY = ("resume", "threads", "device", "explicit")
+RUNTIME_ONLY = ("resume", "threads", "device", "explicit", "debug_save_rank_weights")
 
 
 
@@ -219,8 +221,11 @@ def main(argv=None):
     local_batch = check_global_batch(args.global_batch_size, d.world_size)
     logger = create_logger(run_dir, d.is_main)
     with log_failures(logger):
-        torch.manual_seed(args.global_seed * d.world_size + d.rank)
-        model = build_model_from_config(config)
+        torch.manual_seed(args.global_seed)  # the same initial weights on every rank, for any world size,
+        model = build_model_from_config(config)  # so every rank's EMA starts from the weights DDP broadcasts
+        initial = {k: v.clone() for k, v in model.state_dict().items()} if args.debug_save_rank_weights else None
+        if d.world_size > 1:  # then one training RNG stream per rank (one process keeps its stream as before)
+            torch.manual_seed(args.global_seed * d.world_size + d.rank)
         trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
                           config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
                           grad_clip=args.grad_clip, precision=args.precision, compile=args.compile,
@@ -245,6 +250,9 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         finally:
             cleanup_distributed()
+        if args.debug_save_rank_weights:
+            torch.save({"initial": initial, "model": trainer.raw.state_dict(), "ema": trainer.ema.state_dict()},
+                       os.path.join(run_dir, f"rank{d.rank}-weights.pt"))
         if not finished:
             raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
         return run_dir

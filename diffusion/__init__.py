@@ -30,7 +30,7 @@ def create_diffusion(
     """
     betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
-        loss_type = gd.LossType.KL
+        loss_type = gd.LossType.RESCALED_KL  # as the reference: the VB term x num_timesteps, on the MSE's scale
     elif rescale_learned_sigmas:
         loss_type = gd.LossType.RESCALED_MSE
     else:

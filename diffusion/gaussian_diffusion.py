@@ -90,15 +90,16 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
     return np.array(betas, dtype=np.float64)
 
 
-_NAMED_SCHEDULES = ("linear", "cosine")
+_NAMED_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2")
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
-    """Return a float64 beta schedule by name ("linear" or "cosine").
+    """Return a float64 beta schedule by name ("linear", "cosine" or "squaredcos_cap_v2").
 
     The linear schedule is the DDPM one (1e-4 .. 0.02 for 1000 steps), with
     both ends scaled by 1000 / T so other step counts give a comparable
-    process. The cosine schedule is the improved-DDPM one.
+    process. The cosine schedule is the improved-DDPM one; "squaredcos_cap_v2"
+    is the reference DiT code's (and diffusers') name for it.
     """
     if num_diffusion_timesteps < 1:
         raise ValueError(f"num_diffusion_timesteps must be >= 1, got {num_diffusion_timesteps}")
@@ -110,7 +111,7 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
             beta_end=scale * 0.02,
             num_diffusion_timesteps=num_diffusion_timesteps,
         )
-    if schedule_name == "cosine":
+    if schedule_name in ("cosine", "squaredcos_cap_v2"):
         return betas_for_alpha_bar(
             num_diffusion_timesteps,
             lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,

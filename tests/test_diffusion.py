@@ -394,16 +394,56 @@ def test_rescaled_mse_and_kl_losses():
     torch.testing.assert_close(rescaled["vb"], plain["vb"] * 0.25)
     torch.testing.assert_close(rescaled["mse"], plain["mse"])
 
-    kl_diff = create_diffusion("250", use_kl=True)
-    assert kl_diff.loss_type == gd.LossType.KL and kl_diff.loss_type.is_vb()
+    kl_diff = SpacedDiffusion(
+        use_timesteps=space_timesteps(1000, "250"), betas=gd.get_named_beta_schedule("linear", 1000),
+        model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.LEARNED_RANGE,
+        loss_type=gd.LossType.KL,
+    )
     kl_terms = kl_diff.training_losses(model, x0, t, noise=noise)
     torch.testing.assert_close(kl_terms["loss"], plain["vb"])  # MSE path's vb detaches only the mean
-    rkl = SpacedDiffusion(
-        use_timesteps=kl_diff.use_timesteps, betas=gd.get_named_beta_schedule("linear", 1000),
-        model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.LEARNED_RANGE,
-        loss_type=gd.LossType.RESCALED_KL,
-    )
+    rkl = create_diffusion("250", use_kl=True)  # the reference's use_kl: the rescaled KL
+    assert rkl.loss_type == gd.LossType.RESCALED_KL and rkl.loss_type.is_vb()
     torch.testing.assert_close(rkl.training_losses(model, x0, t, noise=noise)["loss"], kl_terms["loss"] * 250)
+
+
+def test_use_kl_loss_is_num_timesteps_times_the_closed_form_kl():
+    """create_diffusion(use_kl=True) (the reference's RESCALED_KL): at t > 0 the loss is T x the mean KL, in
+    bits, between the true posterior q(x_{t-1} | x_t, x_0) and the model's Gaussian, computed here in float64
+    numpy from the schedule formulas, with the learned variance interpolated in the log domain."""
+    torch.manual_seed(0)
+    model = SplitModel()
+    d = create_diffusion("250", use_kl=True)
+    x0 = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 137])
+    model = model.double()
+    loss = d.training_losses(model, x0, t, noise=noise)["loss"].detach().numpy()
+
+    full = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    abar = full[sorted(space_timesteps(1000, "250"))]
+    abar_prev = np.append(1.0, abar[:-1])
+    beta = 1 - abar / abar_prev
+    for i, step in enumerate(t.tolist()):
+        a, a_prev, b = abar[step], abar_prev[step], beta[step]
+        x_0, e = x0[i].numpy(), noise[i].numpy()
+        x_t = np.sqrt(a) * x_0 + np.sqrt(1 - a) * e
+        out = model(torch.from_numpy(x_t)[None], torch.tensor([step]))[0].detach().numpy()
+        eps, v = out[:3], out[3:]
+        post_var = b * (1 - a_prev) / (1 - a)
+        mean_q = np.sqrt(a_prev) * b / (1 - a) * x_0 + np.sqrt(1 - b) * (1 - a_prev) / (1 - a) * x_t
+        x0_pred = (x_t - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        mean_p = np.sqrt(a_prev) * b / (1 - a) * x0_pred + np.sqrt(1 - b) * (1 - a_prev) / (1 - a) * x_t
+        frac = (v + 1) / 2
+        log_var_p = frac * np.log(b) + (1 - frac) * np.log(post_var)
+        kl = 0.5 * (log_var_p - np.log(post_var) + (post_var + (mean_q - mean_p) ** 2) / np.exp(log_var_p) - 1)
+        # rtol 1e-5: the diffusion's schedule tables are float32 on the device (the formulas here float64)
+        np.testing.assert_allclose(loss[i], 250 * kl.mean() / np.log(2.0), rtol=1e-5)
+
+
+def test_cosine_schedule_has_the_reference_name_too():
+    np.testing.assert_array_equal(gd.get_named_beta_schedule("squaredcos_cap_v2", 1000),
+                                  gd.get_named_beta_schedule("cosine", 1000))
+    assert create_diffusion("10", noise_schedule="squaredcos_cap_v2").num_timesteps == 10
 
 
 def test_training_losses_passes_model_kwargs():

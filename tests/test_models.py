@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import DiT, DiT_models, NORM_LAYERS, build_model, get_2d_sincos_pos_embed
+from models import NO_ZERO_INIT, NORM_LAYERS, DiT, DiT_models, build_model, get_2d_sincos_pos_embed
 
 TINY = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=5)
 
@@ -211,7 +211,7 @@ def test_registry_has_all_configs_and_overrides():
         build_model("DiT-XXL/2")
 
 
-@pytest.mark.parametrize("norm", sorted(NORM_LAYERS))
+@pytest.mark.parametrize("norm", sorted(set(NORM_LAYERS) - NO_ZERO_INIT))
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_new_model_is_exactly_zero(norm, learn_sigma):
     torch.manual_seed(0)
@@ -303,15 +303,26 @@ def test_normalization_recorded_and_mismatch_refused():
         none.load_state_dict(ln.state_dict(), strict=False)
 
 
-def test_dyt_init_and_block_adaln_not_zeroed():
-    """DyT: alpha starts at 0.5 in every norm; blocks' adaLN is not zero-initialised (as in the DyT
-    paper's DiT runs) while the final layer is, so the model still outputs zero."""
+def test_dyt_follows_the_dyt_recipe_without_zero_init():
+    """DyT: alpha starts at 0.5 in every norm, and, as in the DyT authors' DiT recipe, none of the four
+    adaLN-Zero initialisations is applied: the blocks' and the final layer's adaLN modulation and the final
+    linear keep Xavier-uniform weights (|w| <= sqrt(6 / (fan_in + fan_out)), std = that bound / sqrt(3))
+    with zero biases, so a new DyT model does not output zero (a LayerNorm one does)."""
     torch.manual_seed(0)
     model = DiT(**TINY, normalization="dyt")
     alphas = [p for n, p in model.named_parameters() if n.endswith(".alpha")]
     assert len(alphas) == 2 * 2 + 1 and all(float(a.detach()) == 0.5 for a in alphas)
-    assert model.blocks[0].adaLN_modulation[-1].weight.abs().sum() > 0
-    assert DiT(**TINY).blocks[0].adaLN_modulation[-1].weight.abs().sum() == 0
+    for linear in (model.blocks[0].adaLN_modulation[-1], model.final_layer.adaLN_modulation[-1],
+                   model.final_layer.linear):
+        fan_out, fan_in = linear.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = linear.weight.detach()
+        assert w.abs().max() <= bound and abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.2
+        assert torch.equal(linear.bias.detach(), torch.zeros_like(linear.bias))
+    x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([10, 500]), torch.tensor([1, 2])
+    assert model(x, t, y).abs().min() > 0
+    assert DiT(**TINY)(x, t, y).abs().max() == 0
+    assert DiT(**TINY).final_layer.linear.weight.abs().sum() == 0
     sd = model.state_dict()
     assert bytes(sd["normalization"].tolist()) == b"dyt" and "blocks.0.norm1.alpha" in sd
 

@@ -126,13 +126,25 @@ def test_seed_spread_in_summary(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path):
+    """Two gloo ranks: the same initial weights on both and as a single process (the init does not depend
+    on the world size), and every rank's EMA and weights equal after training (the EMA starts from the
+    broadcast weights on every rank, not only on rank 0)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train_toy.py",
-           *TINY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path)]
+           *TINY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path / "two"),
+           "--debug-save-rank-weights"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    run = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    run = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
     assert len(toy_study.load_metrics(run)) == 2
     assert train_utils.load_checkpoint(run)["world_size"] == 2
+    ranks = [torch.load(os.path.join(run, f"rank{r}-weights.pt"), weights_only=True) for r in (0, 1)]
+    one = run_toy(tmp_path / "one", "--steps", "1", "--eval-steps", "1", "--debug-save-rank-weights")
+    single = torch.load(os.path.join(one, "rank0-weights.pt"), weights_only=True)
+    for key in ("initial", "model", "ema"):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), f"{key}.{name} differs between ranks"
+    for name, value in single["initial"].items():
+        assert torch.equal(value, ranks[0]["initial"][name]), f"initial {name} depends on the world size"
 
 
 def test_bad_batch_split_is_a_clear_error(tmp_path):
