@@ -162,10 +162,10 @@ def write_summary(out, toy, digits, args):
         if v not in toy:
             continue
         r = toy[v]
-        ratio = r["ema_rms"]["mean"] / base if base else float("nan")
-        lines.append(f"| {v} | {r['step']} | {r['seeds']} | {r['ema_rms']['mean']:.2e} [{r['ema_rms']['min']:.1e}, "
-                     f"{r['ema_rms']['max']:.1e}] | {r['ema_max_abs']['mean']:.2e} | {r['raw_rms']['mean']:.2e} | {ratio:.2f} | "
-                     f"{fmt(r['final_loss'])} |")
+        ratio = f"{r['ema_rms']['mean'] / base:.2f}" if base else "- (no layer-norm run)"
+        rms = r["ema_rms"]
+        lines.append(f"| {v} | {r['step']} | {r['seeds']} | {rms['mean']:.2e} [{rms['min']:.2e}, {rms['max']:.2e}] | "
+                     f"{r['ema_max_abs']['mean']:.2e} | {r['raw_rms']['mean']:.2e} | {ratio} | {fmt(r['final_loss'])} |")
     lines += ["", "![toy error per variant](toy_errors.png)", "",
               "## Digits demo (pixel-space DiT, EMA weights)", "",
               "Outlier statistics over all blocks and analysed timesteps (the largest value of each): max |x| of the "
