@@ -34,10 +34,10 @@ import torch
 from PIL import Image
 
 from cli import COUNT, INDEX
-from data import center_crop_arr, load_vae  # the same ADM crop and VAE loading as train.py
+from data import LATENT_SCALE, center_crop_arr, load_vae  # the same ADM crop and VAE loading as train.py
 import outliers
 from diffusion import create_diffusion
-from download import DEFAULT_LATENT_SCALE, load_model
+from download import load_model
 
 DEFAULT_TIMESTEPS = (50, 250, 500, 750, 999)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -91,7 +91,7 @@ def load_checkpoint(ckpt, weights="ema", vae=None):
     if vae is not None:
         config["vae"] = vae
     config.setdefault("vae", "none" if model.in_channels != 4 else "ema")
-    config.setdefault("latent_scale", DEFAULT_LATENT_SCALE)
+    config.setdefault("latent_scale", LATENT_SCALE)
     if config.get("image_size") is None:
         factor = 1 if config["vae"] == "none" else VAE_DOWNSAMPLE
         config["image_size"] = model.input_size * factor

@@ -246,6 +246,9 @@ class LatentShards(Dataset):
 #################################################################################
 
 VAE_HELP = "ema | mse (stabilityai/sd-vae-ft-<ema|mse>) | none (pixel space) | PATH (a local AutoencoderKL folder)"
+# Latents of the Stable Diffusion VAE are multiplied by this before the DiT sees them (the reference's
+# constant); a run's config records the value it used as latent_scale.
+LATENT_SCALE = 0.18215
 
 
 def vae_source(vae):
@@ -274,8 +277,11 @@ def vae_geometry(vae):
 
 
 def load_vae(vae, device):
-    """The frozen diffusers AutoencoderKL for a --vae value, in eval mode on `device`."""
-    from diffusers.models import AutoencoderKL
+    """The frozen diffusers AutoencoderKL for a --vae value, in eval mode on `device` (training, latent
+    extraction, sampling and analysis all load it here); None for "none" (a pixel-space model)."""
+    if vae == "none":
+        return None
+    from diffusers.models import AutoencoderKL  # imported here: diffusers takes seconds to import
 
     source = vae_source(vae)
     try:

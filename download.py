@@ -35,6 +35,7 @@ import zipfile
 
 import torch
 
+from data import LATENT_SCALE
 from models import build_model_from_config
 from train_utils import atomic_write
 
@@ -43,8 +44,6 @@ PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/"  # + file name
 PRETRAINED_DIR = "pretrained_models"  # relative to the working directory, like the reference repo
 
-# Latents of the Stable Diffusion VAE are multiplied by this before the DiT sees them.
-DEFAULT_LATENT_SCALE = 0.18215
 WEIGHTS = ("ema", "raw")
 
 
@@ -150,7 +149,7 @@ def official_config(image_size):
     latents of the sd-vae-ft VAE (8x downsampling, 4 channels)."""
     return dict(model="DiT-XL/2", image_size=image_size, input_size=image_size // 8, in_channels=4,
                 num_classes=1000, class_dropout_prob=0.1, learn_sigma=True, normalization="layer-norm",
-                vae="mse", latent_scale=DEFAULT_LATENT_SCALE)
+                vae="mse", latent_scale=LATENT_SCALE)
 
 
 def config_from_reference_args(args):
@@ -187,7 +186,7 @@ def split_checkpoint(ckpt, weights="ema", source="checkpoint"):
     state_dict = ckpt[key]
     if isinstance(ckpt.get("config"), dict):
         config = dict(ckpt["config"])
-        config.setdefault("latent_scale", DEFAULT_LATENT_SCALE)
+        config.setdefault("latent_scale", LATENT_SCALE)
         if isinstance(ckpt.get("step"), int):
             config["ckpt_step"] = ckpt["step"]
     elif isinstance(ckpt.get("args"), argparse.Namespace):
@@ -251,6 +250,6 @@ def load_model(name_or_path, weights="ema", **overrides):
             )
         stored = state_dict.get("normalization")
         norm = bytes(stored.tolist()).decode() if torch.is_tensor(stored) else "layer-norm"
-        config = dict(normalization=norm, latent_scale=DEFAULT_LATENT_SCALE)
+        config = dict(normalization=norm, latent_scale=LATENT_SCALE)
     config = {**config, **overrides}
     return build_and_load(state_dict, config, source=str(name_or_path)), config

@@ -28,7 +28,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cli import COUNT, INDEX, POSITIVE
-from data import INDEX_FILE, LATENTS_FORMAT, VAE_HELP, BadImages, load_vae, open_image_folder, vae_geometry
+from data import (
+    INDEX_FILE, LATENT_SCALE, LATENTS_FORMAT, VAE_HELP, BadImages, load_vae, open_image_folder, vae_geometry,
+)
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, barrier, cleanup_distributed, ignore_stop_signals, save_checkpoint, setup_distributed,
     write_json,
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=COUNT, default=256)
     p.add_argument("--num-classes", type=COUNT, default=1000, help="error if the folder has more classes")
     p.add_argument("--vae", default="ema", help=VAE_HELP.replace(" | none (pixel space)", ""))
-    p.add_argument("--latent-scale", type=POSITIVE, default=0.18215)
+    p.add_argument("--latent-scale", type=POSITIVE, default=LATENT_SCALE)
     p.add_argument("--batch-size", type=COUNT, default=32, help="images per VAE call per process (x2 with flips)")
     p.add_argument("--shard-size", type=COUNT, default=10_000, help="images per shard file")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage type of the latents")

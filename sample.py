@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from cli import COUNT, INDEX, NON_NEGATIVE
+from data import LATENT_SCALE, VAE_HELP, load_vae
 from diffusion import create_diffusion
 from download import PRETRAINED_MODELS, WEIGHTS, build_and_load, find_model, official_config
 from models import DiT_models, NORM_LAYERS
 
 # The reference sample.py's labels: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
-VAE_CHOICES = "ema | mse | none | PATH"
 
 
 def add_model_args(p):
@@ -44,8 +44,7 @@ def add_model_args(p):
     p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default=None,
                    help="default: from the checkpoint (a different value is an error)")
     p.add_argument("--vae", default=None, metavar="VAE",
-                   help=f"{VAE_CHOICES}: stabilityai/sd-vae-ft-<ema|mse>, no VAE (pixel-space model), or a "
-                        f"local diffusers AutoencoderKL folder; default: from the checkpoint, else mse")
+                   help=f"{VAE_HELP}; default: from the checkpoint, else mse")
     p.add_argument("--cfg-channels", type=COUNT, default=None,
                    help="guide only the first N noise channels (3 = the reference code); default: all")
     p.add_argument("--num-sampling-steps", type=COUNT, default=250)
@@ -110,27 +109,6 @@ def load_for_sampling(args):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     return model, config
-
-
-def load_vae(vae, device):
-    """The diffusers AutoencoderKL for a --vae value, or None for "none" (the model samples pixels)."""
-    if vae == "none":
-        return None
-    if vae in ("ema", "mse"):
-        source = f"stabilityai/sd-vae-ft-{vae}"
-    elif os.path.isdir(vae):
-        source = vae
-    else:
-        raise SystemExit(f"--vae {vae!r}: expected {VAE_CHOICES} (a folder saved by AutoencoderKL.save_pretrained)")
-    from diffusers.models import AutoencoderKL  # imported here: diffusers takes seconds to import
-
-    try:
-        model = AutoencoderKL.from_pretrained(source)
-    except Exception as e:
-        raise SystemExit(f"could not load the VAE {source!r}: {e}\nOffline, pass --vae PATH to a local copy "
-                         f"(a folder saved by AutoencoderKL.save_pretrained), or use a Hugging Face cache "
-                         f"with HF_HUB_OFFLINE=1 (which also skips the network retries)")
-    return model.to(device).eval()
 
 
 def check_vae(vae, model, config):
@@ -270,7 +248,7 @@ def main(argv=None):
     y = torch.tensor(labels, device=device)
     samples = sample_images(model, diffusion, y, image_generators(args.seed, range(len(labels))), cfg_scale,
                             args.cfg_channels, args.sampler, clip_denoised=vae is None, progress=True)
-    images = to_rgb(decode(vae, samples, config.get("latent_scale", 0.18215)).float().cpu())
+    images = to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float().cpu())
     from torchvision.utils import save_image
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

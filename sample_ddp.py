@@ -32,9 +32,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import COUNT, INDEX, NON_NEGATIVE
+from data import LATENT_SCALE, load_vae
 from diffusion import create_diffusion
-from sample import (add_model_args, check_vae, decode, image_generators, load_for_sampling, load_vae,
-                    prepare_guidance, sample_images, to_rgb)
+from sample import (add_model_args, check_vae, decode, image_generators, load_for_sampling, prepare_guidance,
+                    sample_images, to_rgb)
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed,
 )
@@ -178,7 +179,7 @@ def main(argv=None):
             labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
             samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
                                     clip_denoised=vae is None)
-            images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", 0.18215)).float()))
+            images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float()))
             for index, image in zip(indices, images):
                 if index in todo:
                     save_png(png_path(folder, index), image)

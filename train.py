@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from cli import COUNT, DROPOUT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from data import (
-    VAE_HELP, BadImages, FlipSampler, LatentShards, check_num_classes, load_vae, open_image_folder,
+    LATENT_SCALE, VAE_HELP, BadImages, FlipSampler, LatentShards, check_num_classes, load_vae, open_image_folder,
     read_latents_index, vae_geometry, write_digits_folder,
 )
 from diffusion import create_diffusion
@@ -56,7 +56,7 @@ from train_utils import (
     ignore_stop_signals, load_checkpoint, log_failures, new_run_dir, resolve_resume, setup_distributed, write_json,
 )
 
-DEFAULT_IMAGE_SIZE, DEFAULT_VAE, DEFAULT_LATENT_SCALE = 256, "ema", 0.18215
+DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
 
 # `python train.py` with no arguments (or --demo): sklearn's 8x8 digits, written once as a 32x32 ImageFolder
 # and ADM-cropped to 16x16, in pixel space, with a DiT-S/4 shrunk to 4 blocks of width 128 (16 tokens).
@@ -89,7 +89,7 @@ def build_parser():
                    help=f"pixels (default {DEFAULT_IMAGE_SIZE}, or the latents' size); a multiple of VAE factor x patch")
     g.add_argument("--num-classes", type=COUNT, default=1000)
     g.add_argument("--vae", default=None, help=f"{VAE_HELP}; default {DEFAULT_VAE}")
-    g.add_argument("--latent-scale", type=POSITIVE, default=None, help=f"default {DEFAULT_LATENT_SCALE}")
+    g.add_argument("--latent-scale", type=POSITIVE, default=None, help=f"default {LATENT_SCALE}")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (the DiT recipe flips)")
     g.add_argument("--num-workers", type=INDEX, default=4)
     g.add_argument("--max-bad-images", type=INDEX, default=10,
@@ -204,7 +204,7 @@ def resolve_data(args):
         check_num_classes(len(index["classes"]), args.num_classes, f"--latents-dir {args.latents_dir}")
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
     args.vae = args.vae or DEFAULT_VAE
-    args.latent_scale = args.latent_scale or DEFAULT_LATENT_SCALE
+    args.latent_scale = args.latent_scale or LATENT_SCALE
     if index is not None and args.vae == "none":
         raise SystemExit("--vae none cannot be used with --latents-dir (latents come from a VAE)")
     if index is not None:  # the VAE is not needed to train (only to decode sample grids)
