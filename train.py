@@ -434,6 +434,8 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
             write_json(os.path.join(run_dir, "config.json"), config)
     else:
         config = {**ckpt["config"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
+        if d.is_main:  # config.json says what the run does now (an extended --max-steps, a moved data path)
+            write_json(os.path.join(run_dir, "config.json"), config)
     logger = create_logger(run_dir, d.is_main)
     with log_failures(logger):
         tensorboard = None

@@ -24,7 +24,7 @@ from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
 from train_utils import (
-    PREEMPTED_EXIT, Trainer, StopTraining, barrier, broadcast_object, check_checkpoint_belongs, check_global_batch,
+    PRECISIONS, PREEMPTED_EXIT, Trainer, StopTraining, barrier, broadcast_object, check_checkpoint_belongs, check_global_batch,
     cleanup_distributed, configure_threads, create_logger, find_run_to_resume, load_checkpoint, log_failures,
     new_run_dir, resolve_resume, setup_distributed, write_json,
 )
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None,
                    help="run directory (or checkpoint file) to continue; 'auto': the newest run in --results-dir "
                         "with these settings, or a new run if there is none (for requeued jobs)")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--debug-save-rank-weights", action="store_true",
@@ -210,6 +210,8 @@ def main(argv=None):
         config.update({key: getattr(args, key) for key in RESUME_OVERRIDES if key in args.explicit})
         args = finalize_eval_steps(argparse.Namespace(**{**vars(args), **config, "resume": args.resume}))
         config["eval_steps"] = args.eval_steps
+        if d.is_main:  # config.json says what the run does now (e.g. extended --steps)
+            write_json(os.path.join(run_dir, "config.json"), config)
     else:
         run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
         run_dir = broadcast_object(run_dir)

@@ -292,12 +292,6 @@ def gather_rng_states(dist_info):
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def unwrap(model):
-    """The plain module inside DDP / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def configure_threads(requested=None, num_params=None, small=10_000_000):
     """Set torch's CPU thread count and return a line for the log saying how many and why.
 

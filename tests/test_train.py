@@ -346,6 +346,7 @@ def test_resume_auto_starts_then_continues_the_same_settings(tmp_path, image_fol
     assert train_utils.load_checkpoint(first)["step"] == 2
     assert run_with(flags, "--max-steps", "4") == first  # the requeued line continues it
     assert train_utils.load_checkpoint(first)["step"] == 4
+    assert json.load(open(os.path.join(first, "config.json")))["max_steps"] == 4  # rewritten when extended
     other = run_with(flags, "--max-steps", "2", "--global-seed", "1")  # other settings: a new run
     assert other != first and train_utils.load_checkpoint(other)["step"] == 2
 

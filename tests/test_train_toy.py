@@ -183,7 +183,8 @@ def test_stop_signal_saves_and_exits_75_then_resume_auto_continues(tmp_path, mon
     (first,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     assert train_utils.load_checkpoint(first)["step"] == 3
     monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
-    assert run_toy(tmp_path, *flags) == first
-    assert train_utils.load_checkpoint(first)["step"] == 5
+    assert run_toy(tmp_path, *flags, "--steps", "6") == first
+    assert train_utils.load_checkpoint(first)["step"] == 6
+    assert json.load(open(os.path.join(first, "config.json")))["steps"] == 6  # rewritten when extended
     other = run_toy(tmp_path, *flags, "--global-seed", "1")
     assert other != first and train_utils.load_checkpoint(other)["step"] == 5
