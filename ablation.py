@@ -17,50 +17,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import matplotlib.pyplot as plt
 
-import toy_study
 from cli import COUNT, INDEX
+from jobs import run_jobs
 from models import NORM_LAYERS
+from toy import final_loss, load_config, load_metrics, summarize, train_runs
+from train_utils import newest_run
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["layer-norm", "none", "rms-norm", "dyt"]
 COLORS = {"layer-norm": "tab:red", "none": "tab:blue", "rms-norm": "tab:green", "dyt": "tab:purple"}
-
-
-def run_parallel(commands, parallel, log_dir):
-    """Run shell-free commands `parallel` at a time, each logging to its own file; fail loudly."""
-    os.makedirs(log_dir, exist_ok=True)
-    pending, running = list(enumerate(commands)), []
-    while pending or running:
-        while pending and len(running) < parallel:
-            i, cmd = pending.pop(0)
-            log = open(os.path.join(log_dir, f"job{i}.log"), "w")
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: `parallel` of them share the cores
-            running.append((i, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-            print(f"  started: {' '.join(cmd[1:])}", flush=True)
-            time.sleep(1.0)  # distinct run-directory indices
-        for item in list(running):
-            i, proc, log = item
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                if proc.returncode:
-                    raise SystemExit(f"job failed (exit {proc.returncode}): {' '.join(commands[i])}; "
-                                     f"see {os.path.join(log_dir, f'job{i}.log')}")
-        time.sleep(1.0)
-
-
-def new_dirs(results_dir, before):
-    return sorted(os.path.join(results_dir, d) for d in set(os.listdir(results_dir)) - before)
-
-
-def listing(path):
-    return set(os.listdir(path)) if os.path.isdir(path) else set()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,21 +39,21 @@ def listing(path):
 def run_toy(variants, seeds, parallel, results_dir, extra):
     jobs = [(v, s, extra) for s in seeds for v in variants]
     print(f"[ablation] toy study: {len(jobs)} runs", flush=True)
-    return toy_study.run_all(jobs, parallel, results_dir)
+    return train_runs(jobs, parallel, results_dir, os.path.join(results_dir, "logs"))
 
 
 def toy_table(runs):
     """Per variant, the errors at the last evaluated step (EMA and raw), mean and range over seeds."""
     last = {}
     for run in runs:
-        cfg = toy_study.load_config(run)
-        rows = toy_study.load_metrics(run)
+        cfg = load_config(run)
+        rows = load_metrics(run)
         step = max(r["step"] for r in rows)
         for r in rows:
             if r["step"] == step:
                 last.setdefault((cfg["normalization"], r["weights"]), []).append(r)
     table = {}
-    losses = toy_study.summarize(runs)["final_loss"]
+    losses = summarize(runs)["final_loss"]
     for (norm, weights), rows in last.items():
         table.setdefault(norm, {"step": rows[0]["step"], "seeds": len(rows), "final_loss": losses.get(norm, {}).get("mean")})
         for e in ("rms", "max_abs"):
@@ -98,8 +67,8 @@ def plot_toy(runs, path):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     seen = set()
     for run in runs:
-        norm = toy_study.load_config(run)["normalization"]
-        pts = sorted((r["step"], r["rms"]) for r in toy_study.load_metrics(run) if r["weights"] == "ema")
+        norm = load_config(run)["normalization"]
+        pts = sorted((r["step"], r["rms"]) for r in load_metrics(run) if r["weights"] == "ema")
         ax.plot(*zip(*pts), marker="o", color=COLORS.get(norm), label=None if norm in seen else norm)
         seen.add(norm)
     ax.set_yscale("log")
@@ -118,12 +87,12 @@ def plot_toy(runs, path):
 # ---------------------------------------------------------------------------------------------------
 
 def run_digits(variants, steps, parallel, results_dir, log_dir):
-    before = listing(results_dir)
+    """The digits demo for every variant (jobs.py, logs only); returns the run directories."""
     cmds = [[sys.executable, "train.py", "--demo", "--normalization", v, "--max-steps", str(steps),
              "--results-dir", results_dir, "--sample-every", "0"] for v in variants]
     print(f"[ablation] digits demo: {len(cmds)} runs of {steps} steps", flush=True)
-    run_parallel(cmds, parallel, log_dir)
-    return new_dirs(results_dir, before)
+    run_jobs(cmds, parallel, log_dir)
+    return [newest_run(results_dir, {"normalization": v, "max_steps": steps}) for v in variants]
 
 
 def outlier_table(stats_path):
@@ -209,12 +178,12 @@ def main(argv=None):
     if not args.skip_digits:
         runs = run_digits(args.variants, args.digits_steps, args.parallel, os.path.join(args.out, "digits-runs"),
                           os.path.join(args.out, "logs"))
-        subprocess.run([sys.executable, "analyze_embeddings.py", "--ckpt", *runs, "--out",
-                        os.path.join(args.out, "outliers"), "--batch-size", "32"], cwd=ROOT, check=True)
+        run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", *runs, "--out", os.path.join(args.out, "outliers"),
+                   "--batch-size", "32"]], 1, os.path.join(args.out, "logs", "outliers"), tags=["outliers"])
         table = outlier_table(os.path.join(args.out, "outliers", "stats.json"))
         for run in runs:
-            norm = toy_study.load_config(run)["normalization"]
-            digits[norm] = dict(run=run, final_loss=toy_study.final_loss(run), **table.get(norm, {}))
+            norm = load_config(run)["normalization"]
+            digits[norm] = dict(run=run, final_loss=final_loss(run), **table.get(norm, {}))
     print(write_summary(args.out, toy, digits, args))
     print(f"[ablation] wrote {args.out}/summary.md ({(time.time() - start) / 60:.1f} min)")
 

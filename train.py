@@ -52,7 +52,7 @@ from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_checkpoint_belongs,
-    check_global_batch, cleanup_distributed, configure_threads, create_logger, find_run_to_resume,
+    check_global_batch, cleanup_distributed, configure_threads, create_logger, newest_run,
     ignore_stop_signals, load_checkpoint, log_failures, new_run_dir, resolve_resume, setup_distributed, write_json,
 )
 
@@ -165,7 +165,7 @@ def auto_resume(args):
     resumed run may change aside), or None for a new run."""
     wanted = {k: v for k, v in vars(args).items()
               if v is not None and k not in RESUME_OVERRIDES and k not in RUNTIME_ONLY}
-    run_dir = find_run_to_resume(args.results_dir, wanted)
+    run_dir = newest_run(args.results_dir, wanted)
     print(f"--resume auto: continuing {run_dir}" if run_dir else
           f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
     return run_dir

@@ -22,29 +22,13 @@ import torch
 
 from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
+from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
 from models import DiT_models, NORM_LAYERS, build_model_from_config
 from train_utils import (
     PRECISIONS, PREEMPTED_EXIT, Trainer, StopTraining, barrier, broadcast_object, check_checkpoint_belongs, check_global_batch,
-    cleanup_distributed, configure_threads, create_logger, find_run_to_resume, load_checkpoint, log_failures,
+    cleanup_distributed, configure_threads, create_logger, newest_run, load_checkpoint, log_failures,
     new_run_dir, resolve_resume, setup_distributed, write_json,
 )
-
-# Model overrides of the toy: 2x2 pixels with 2 channels, one class, no label dropout.
-TOY_IMAGE_SIZE, TOY_CHANNELS = 2, 2
-TOY_MODEL = dict(input_size=TOY_IMAGE_SIZE, in_channels=TOY_CHANNELS, num_classes=1, class_dropout_prob=0.0,
-                 learn_sigma=True)
-
-PRESETS = {
-    # The study's setting (../shared/REFERENCE.md): meant for a GPU.
-    "paper": dict(model="DiT-XS/1", steps=50_000, global_batch_size=2048, lr=1e-4, lr_schedule="constant",
-                  warmup_steps=0, ema_decay=0.9999, eval_steps=[10_000, 50_000], ckpt_every=10_000,
-                  log_every=500, depth=None, hidden_size=None, num_heads=None),
-    # Small enough that `make toy` trains both variants on 2 CPU cores within 15 minutes.
-    "cpu": dict(model="DiT-XS/1", steps=12_000, global_batch_size=256, lr=1e-3, lr_schedule="cosine",
-                warmup_steps=200, ema_decay=0.999, eval_steps=[3_000, 6_000, 12_000], ckpt_every=3_000,
-                log_every=500, depth=2, hidden_size=64, num_heads=4),
-}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,14 +112,6 @@ def lr_multiplier(config):
     return schedule
 
 
-def sample_error(samples):
-    """Errors of samples whose target is exactly zero: every value is an error."""
-    v = samples.double().flatten()
-    max_abs = v.abs().max().item()
-    return dict(mean_abs=v.abs().mean().item(), max_abs=max_abs, rms=v.square().mean().sqrt().item(),
-                max_abs_8bit=max_abs * 127.5, num_values=v.numel())
-
-
 @torch.no_grad()
 def draw_samples(model, diffusion, num, seed, device):
     """`num` samples from fixed noise and a fixed sampler RNG, without touching the global RNG."""
@@ -183,14 +159,6 @@ def truncate_metrics(run_dir, step):
             f.writelines(rows)
 
 
-def zero_batches(local_batch, device):
-    """The toy data set: an endless stream of all-zero images with label 0."""
-    x = torch.zeros(local_batch, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE, device=device)
-    y = torch.zeros(local_batch, dtype=torch.long, device=device)
-    while True:
-        yield x, y
-
-
 def main(argv=None):
     args = parse_args(argv)
     d = setup_distributed(args.device)
@@ -199,7 +167,7 @@ def main(argv=None):
     if args.resume == "auto":
         wanted = {k: v for k, v in vars(args).items()
                   if k not in (*RUNTIME_ONLY, *RESUME_OVERRIDES, "eval_every")}
-        args.resume = find_run_to_resume(args.results_dir, wanted)
+        args.resume = newest_run(args.results_dir, wanted)
         print(f"--resume auto: continuing {args.resume}" if args.resume else
               f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
     if args.resume:

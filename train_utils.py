@@ -103,14 +103,34 @@ def check_global_batch(global_batch_size, world_size):
 #################################################################################
 
 
+def run_indices(results_dir):
+    """The indices of the run directories `<index>-...` in results_dir."""
+    names = (os.path.basename(p) for p in glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")))
+    return {int(name.split("-", 1)[0]) for name in names}
+
+
 def new_run_dir(results_dir, model_name, normalization):
-    """`<results_dir>/<index>-<model>-<normalization>/`, index = number of runs already there."""
+    """Claim `<results_dir>/<index>-<model>-<normalization>/` with the next free index, atomically: the
+    index is taken by creating `.claim-<index>` exclusively, so runs started at the same moment (the job
+    runner, several jobs on one file system) never share an index or a directory."""
     os.makedirs(results_dir, exist_ok=True)
-    index = len(glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")))
-    name = f"{index:03d}-{model_name.replace('/', '-')}-{normalization}"
-    path = os.path.join(results_dir, name)
-    os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
-    return path
+    index = max(run_indices(results_dir), default=-1) + 1
+    while True:
+        claim = os.path.join(results_dir, f".claim-{index:03d}")
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # another run is claiming this index right now
+            index += 1
+            continue
+        try:
+            if index in run_indices(results_dir):  # claimed and created by a run that has let go of its claim
+                index += 1
+                continue
+            path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}-{normalization}")
+            os.makedirs(os.path.join(path, "checkpoints"))
+            return path
+        finally:
+            os.unlink(claim)
 
 
 def create_logger(run_dir, is_main):
@@ -205,10 +225,10 @@ def check_checkpoint_belongs(run_dir, ckpt_path, ckpt_config):
                          f"checkpoint's own run directory, or remove it from this one")
 
 
-def find_run_to_resume(results_dir, wanted):
-    """`--resume auto`: the newest run directory in `results_dir` that has a checkpoint and whose
-    config.json agrees with `wanted` on every key both hold (the settings of this command line), or None.
-    So one job script can be requeued unchanged: the first start trains afresh, later ones continue."""
+def newest_run(results_dir, wanted):
+    """The newest run directory in `results_dir` that has a checkpoint and whose config.json agrees with
+    `wanted` on every key both hold, or None. `--resume auto` passes the command line's settings (so one
+    job script can be requeued unchanged); the job runners find the runs their jobs made."""
     for run_dir in sorted(glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")), reverse=True):
         try:
             with open(os.path.join(run_dir, "config.json")) as f:

@@ -390,7 +390,7 @@ def bench_sampling(args, device, precision, forward_flops_per_image, peak_tflops
 
 def bench_toy(args, device):
     """Training steps/s of the toy study's preset (paper on a GPU, cpu otherwise), both variants."""
-    from train_toy import PRESETS, TOY_MODEL, zero_batches
+    from toy import PRESETS, TOY_MODEL, zero_batches
 
     name = args.toy_preset or ("paper" if device.type == "cuda" else "cpu")
     preset = PRESETS[name]

@@ -580,3 +580,20 @@ def test_resumed_small_run_logs_one_thread(tmp_path, image_folder, monkeypatch):
         assert log.count("torch CPU threads: 1 (a model of") == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _claim_run_dir(args):
+    results_dir, name = args
+    return train_utils.new_run_dir(results_dir, "DiT-S/2", name)
+
+
+def test_parallel_new_run_dir_calls_get_distinct_directories_and_indices(tmp_path):
+    """Eight processes claim a run directory at the same moment (same or different names): every one gets
+    its own directory and its own index (the index is claimed with an exclusive create)."""
+    names = ["layer-norm", "none"] * 4
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        dirs = pool.map(_claim_run_dir, [(str(tmp_path), n) for n in names])
+    assert len(set(dirs)) == 8 and all(os.path.isdir(os.path.join(d, "checkpoints")) for d in dirs)
+    assert sorted(int(os.path.basename(d)[:3]) for d in dirs) == list(range(8))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".claim")]
+    assert os.path.basename(train_utils.new_run_dir(str(tmp_path), "DiT-S/2", "none")).startswith("008-")

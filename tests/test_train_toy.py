@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import toy
 import toy_study
 import train_toy
 import train_utils
@@ -27,7 +28,7 @@ def test_sample_error_matches_direct_computation():
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(7, 2, 2, 2, generator=gen) * 1e-3
     v = s.double().numpy().ravel()
-    got = train_toy.sample_error(s)
+    got = toy.sample_error(s)
     assert got["num_values"] == 56
     np.testing.assert_allclose(got["mean_abs"], np.mean(np.abs(v)), rtol=1e-12)
     np.testing.assert_allclose(got["max_abs"], np.max(np.abs(v)), rtol=1e-12)
@@ -56,14 +57,14 @@ def test_run_writes_metrics_samples_config_and_checkpoints(tmp_path):
     run = run_toy(tmp_path, "--steps", "10", "--eval-steps", "5", "--ckpt-every", "5", "--no-layernorm")
     cfg = json.load(open(os.path.join(run, "config.json")))
     assert cfg["normalization"] == "none" and cfg["steps"] == 10 and cfg["eval_steps"] == [5, 10]
-    rows = toy_study.load_metrics(run)
+    rows = toy.load_metrics(run)
     assert [(r["step"], r["weights"]) for r in rows] == [(5, "raw"), (5, "ema"), (10, "raw"), (10, "ema")]
     required = {"step", "weights", "mean_abs", "max_abs", "rms", "num_samples", "sampling_steps", "normalization"}
     for r in rows:
         assert required <= set(r)
         assert r["num_samples"] == 8 and r["sampling_steps"] == 20 and r["normalization"] == "none"
         # the stored metrics are those of the stored samples
-        s = toy_study.load_samples(run, r["step"], r["weights"])
+        s = toy.load_samples(run, r["step"], r["weights"])
         assert s.shape == (8, 2, 2, 2)
         assert r["rms"] == pytest.approx(float(s.double().square().mean().sqrt()), rel=1e-12)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000005.pt", "0000010.pt", "latest.pt"]
@@ -95,7 +96,7 @@ def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
     assert resumed == cut
 
     strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]
-    assert strip(toy_study.load_metrics(cut)) == strip(toy_study.load_metrics(full))
+    assert strip(toy.load_metrics(cut)) == strip(toy.load_metrics(full))
     a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
     for key in ("model", "ema"):
         for name in a[key]:
@@ -108,8 +109,8 @@ def test_report_and_ratios(tmp_path):
     for name in ("compare.png", "errors.png", "summary.md", "summary.json"):
         assert os.path.getsize(tmp_path / "out" / name) > 100
     summary = json.load(open(tmp_path / "out" / "summary.json"))
-    ln = {(r["step"], r["weights"]): r for r in toy_study.load_metrics(runs[0])}
-    no = {(r["step"], r["weights"]): r for r in toy_study.load_metrics(runs[1])}
+    ln = {(r["step"], r["weights"]): r for r in toy.load_metrics(runs[0])}
+    no = {(r["step"], r["weights"]): r for r in toy.load_metrics(runs[1])}
     for ratio in summary["ratios"]:
         key = (ratio["step"], ratio["weights"])
         assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
@@ -118,8 +119,8 @@ def test_report_and_ratios(tmp_path):
 
 def test_seed_spread_in_summary(tmp_path):
     runs = [run_toy(tmp_path, "--steps", "4", "--eval-steps", "4", "--global-seed", str(s), "--no-layernorm") for s in (0, 1)]
-    rows = [r for r in toy_study.summarize(runs)["rows"] if r["weights"] == "ema"]
-    values = [toy_study.load_metrics(r)[-1]["rms"] for r in runs]
+    rows = [r for r in toy.summarize(runs)["rows"] if r["weights"] == "ema"]
+    values = [toy.load_metrics(r)[-1]["rms"] for r in runs]
     assert rows[0]["rms"]["n"] == 2
     assert rows[0]["rms"]["mean"] == pytest.approx(np.mean(values))
     assert rows[0]["rms"]["min"] == min(values) and rows[0]["rms"]["max"] == max(values)
@@ -135,7 +136,7 @@ def test_torchrun_two_processes(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     run = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
-    assert len(toy_study.load_metrics(run)) == 2
+    assert len(toy.load_metrics(run)) == 2
     assert train_utils.load_checkpoint(run)["world_size"] == 2
     ranks = [torch.load(os.path.join(run, f"rank{r}-weights.pt"), weights_only=True) for r in (0, 1)]
     one = run_toy(tmp_path / "one", "--steps", "1", "--eval-steps", "1", "--debug-save-rank-weights")
