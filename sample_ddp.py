@@ -34,7 +34,7 @@ from tqdm import tqdm
 from cli import COUNT, INDEX, NON_NEGATIVE
 from data import LATENT_SCALE, load_vae
 from diffusion import create_diffusion
-from sample import (add_model_args, check_vae, decode, image_generators, load_for_sampling, prepare_guidance,
+from sampling import (add_model_args, check_vae, decode, image_generators, load_for_sampling, prepare_guidance,
                     sample_images, to_rgb)
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed,

@@ -15,6 +15,7 @@ from PIL import Image
 import download
 import sample
 import sample_ddp
+import sampling
 from diffusion import create_diffusion
 from models import build_model_from_config
 
@@ -268,8 +269,8 @@ def test_sample_images_per_image_randomness(tmp_path, normalization, sampler):
     labels = torch.tensor([3, 1, 4, 1])
 
     def draw(indices, cfg_scale=4.0):
-        gens = sample.image_generators(7, indices)
-        return sample.sample_images(model, diffusion, labels[list(indices)], gens, cfg_scale, sampler=sampler,
+        gens = sampling.image_generators(7, indices)
+        return sampling.sample_images(model, diffusion, labels[list(indices)], gens, cfg_scale, sampler=sampler,
                                     clip_denoised=True)
 
     batch = draw(range(4))
@@ -353,7 +354,7 @@ def test_vae_path_decode(tmp_path):
     assert Image.open(out).size == grid_size(2, 16)
     # The decode path is vae.decode(latents / latent_scale).sample.
     z = torch.randn(1, 4, 8, 8)
-    torch.testing.assert_close(sample.decode(vae.eval(), z, 0.5), vae.decode(z / 0.5).sample)
+    torch.testing.assert_close(sampling.decode(vae.eval(), z, 0.5), vae.decode(z / 0.5).sample)
     # A VAE with other latent channels is refused with a clear message.
     path, _, _, _ = write_checkpoint(tmp_path / "c3.pt", in_channels=3, input_size=8, image_size=16, vae=vae_dir)
     with pytest.raises(SystemExit, match="4 latent channels but the model expects 3"):

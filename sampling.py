@@ -1,0 +1,199 @@
+"""Sampling helpers shared by sample.py and sample_ddp.py: the model flags and their loading (official
+checkpoints, this repo's checkpoints, bare state dicts), VAE decoding, per-image random generators, and
+the guided sampler.
+
+Randomness: image i of a run uses its own generator seeded from (seed, i), for the starting noise and
+every DDPM step's noise, so an image does not depend on how many others are drawn with it, nor on how
+many processes draw them.
+"""
+
+import sys
+
+import numpy as np
+import torch
+
+from cli import COUNT
+from data import VAE_HELP
+from download import PRETRAINED_MODELS, WEIGHTS, build_and_load, find_model, official_config
+from models import NORM_LAYERS, DiT_models
+
+
+def add_model_args(p):
+    """Flags shared with sample_ddp.py that say which weights to load and how to decode them."""
+    p.add_argument("--ckpt", default=None,
+                   help="checkpoint file or run directory of this repo (or a reference/bare DiT checkpoint); "
+                        "default: the official DiT-XL-2-<size> file, downloaded into pretrained_models/")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or raw weights of a training checkpoint")
+    p.add_argument("--model", choices=list(DiT_models), default=None,
+                   help="default: from the checkpoint, else DiT-XL/2")
+    p.add_argument("--image-size", type=COUNT, default=None, help="pixels; default: from the checkpoint, else 256")
+    p.add_argument("--num-classes", type=COUNT, default=None, help="default: from the checkpoint, else 1000")
+    p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default=None,
+                   help="default: from the checkpoint (a different value is an error)")
+    p.add_argument("--vae", default=None, metavar="VAE",
+                   help=f"{VAE_HELP}; default: from the checkpoint, else mse")
+    p.add_argument("--cfg-channels", type=COUNT, default=None,
+                   help="guide only the first N noise channels (3 = the reference code); default: all")
+    p.add_argument("--num-sampling-steps", type=COUNT, default=250)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddim: deterministic (eta 0)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+
+
+#################################################################################
+#                              Model and VAE                                    #
+#################################################################################
+
+
+def load_for_sampling(args):
+    """(model, config) for the flags: --ckpt (our config wins; conflicting flags are an error) or the
+    official DiT-XL-2-<image size> file. The model is on the CPU in eval mode."""
+    if args.ckpt is None:
+        size = args.image_size or 256
+        name = f"DiT-XL-2-{size}x{size}.pt"
+        if name not in PRETRAINED_MODELS or args.model not in (None, "DiT-XL/2"):
+            raise SystemExit(f"official weights exist only for DiT-XL/2 at 256 and 512 pixels "
+                             f"({', '.join(PRETRAINED_MODELS)}); pass --ckpt for anything else")
+    else:
+        name = args.ckpt
+    try:
+        state_dict, config = find_model(name, args.weights)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
+    if config is None:  # a bare state dict: the flags describe it, with the reference's defaults
+        size, vae = args.image_size or 256, args.vae or "mse"
+        config = official_config(size)
+        config.update(model=args.model or "DiT-XL/2", num_classes=args.num_classes or 1000, vae=vae)
+        if vae == "none":
+            config.update(input_size=size, in_channels=3)
+        stored = state_dict.get("normalization")
+        if torch.is_tensor(stored):
+            config["normalization"] = bytes(stored.tolist()).decode()
+    else:
+        config.setdefault("image_size", config.get("input_size", 32) * (1 if config.get("vae") == "none" else 8))
+        for flag, key in (("model", "model"), ("image_size", "image_size"), ("num_classes", "num_classes")):
+            value = getattr(args, flag)
+            if value is not None and value != config.get(key):
+                raise SystemExit(f"--{flag.replace('_', '-')} {value} conflicts with the checkpoint "
+                                 f"({key}={config.get(key)!r}); drop the flag, the checkpoint says what it is")
+    if args.normalization is not None:
+        config["normalization"] = args.normalization
+    if args.vae is not None:
+        config["vae"] = args.vae
+    config.setdefault("vae", "mse")
+    try:
+        model = build_and_load(state_dict, config, source=name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return model, config
+
+
+def check_vae(vae, model, config):
+    """Refuse a VAE whose latents do not match the model's input channels."""
+    if vae is not None and vae.config.latent_channels != model.in_channels:
+        raise SystemExit(f"the VAE {config['vae']!r} has {vae.config.latent_channels} latent channels but the "
+                         f"model expects {model.in_channels} input channels; pick the VAE it was trained with")
+
+
+@torch.no_grad()
+def decode(vae, latents, latent_scale):
+    """Latents -> pixels in about [-1, 1]: vae.decode(latents / latent_scale); no VAE: unchanged."""
+    if vae is None:
+        return latents
+    return vae.decode(latents / latent_scale).sample
+
+
+def to_rgb(images):
+    """(N, 3, H, W) for PNGs: 1 channel is repeated; other counts keep the first 3 (zero-padded)."""
+    c = images.shape[1]
+    if c == 3:
+        return images
+    if c == 1:
+        return images.repeat(1, 3, 1, 1)
+    if c > 3:
+        return images[:, :3]
+    pad = torch.full_like(images[:, :1], -1.0).repeat(1, 3 - c, 1, 1)  # missing channels black
+    return torch.cat([images, pad], dim=1)
+
+
+#################################################################################
+#                                  Sampling                                     #
+#################################################################################
+
+
+def image_generators(seed, indices):
+    """One numpy generator per image, seeded from (seed, index) through SeedSequence (independent streams;
+    torch's CPU generator would keep only 32 bits of a combined seed)."""
+    return [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)]))) for i in indices]
+
+
+def standard_normal(generators, shape, device):
+    """One (C, H, W) standard-normal draw from each image's generator, stacked: (N, C, H, W)."""
+    x = np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])
+    return torch.from_numpy(x).to(device)
+
+
+def has_null_class(model):
+    """Whether the label table has the extra "null" row that classifier-free guidance needs."""
+    return model.y_embedder.embedding_table.num_embeddings > model.num_classes
+
+
+@torch.no_grad()
+def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",
+                  clip_denoised=False, progress=False):
+    """Draw one sample per label (a LongTensor on the model's device): returns (N, C, H, W) model-space
+    samples (latents, or pixels for a pixel-space model).
+
+    generators[i] supplies image i's starting noise and then its noise at every DDPM step, so image i
+    is the same whatever else is in the batch. With cfg_scale > 1 the batch is doubled with the null
+    label and model.forward_with_cfg guides the first `cfg_channels` noise channels (None: all); both
+    halves share the same noise and stay identical, the first is returned.
+    """
+    device = labels.device
+    n = len(labels)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    x = standard_normal(generators, shape, device)
+    guided = cfg_scale > 1.0
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+
+        def fn(x_in, t, y):
+            return model.forward_with_cfg(x_in, t, y, cfg_scale, guidance_channels=cfg_channels)
+    else:
+        fn = model
+    steps = list(range(diffusion.num_timesteps))[::-1]
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="sampling", file=sys.stderr)
+    for i in steps:
+        x_in = torch.cat([x, x]) if guided else x
+        t = torch.full((len(x_in),), i, device=device, dtype=torch.long)
+        if sampler == "ddim":  # eta = 0: deterministic, no noise drawn
+            x = diffusion.ddim_sample(fn, x_in, t, clip_denoised=clip_denoised, model_kwargs=dict(y=labels),
+                                      eta=0.0)["sample"][:n]
+            continue
+        out = diffusion.p_mean_variance(fn, x_in, t, clip_denoised=clip_denoised, model_kwargs=dict(y=labels))
+        mean, log_variance = out["mean"][:n], out["log_variance"][:n]
+        if i > 0:
+            x = mean + torch.exp(0.5 * log_variance) * standard_normal(generators, shape, device)
+        else:
+            x = mean
+    return x
+
+
+def prepare_guidance(model, cfg_scale, cfg_channels):
+    """Validate the guidance flags against the model; returns the cfg scale to use (1.0 when the model
+    has no null class: it cannot be guided, so it samples unguided, with a message)."""
+    if cfg_scale > 1.0 and not has_null_class(model):
+        print(f"note: this model has no null class (trained without label dropout): sampling unguided "
+              f"instead of --cfg-scale {cfg_scale}", file=sys.stderr)
+        return 1.0
+    if cfg_channels is not None and not 1 <= cfg_channels <= model.in_channels:
+        raise SystemExit(f"--cfg-channels must lie in [1, {model.in_channels}] for this model, got {cfg_channels}")
+    return cfg_scale
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
