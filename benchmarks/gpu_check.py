@@ -386,11 +386,113 @@ def parse_args(argv=None):
     return args
 
 
+class Check:
+    """What the parts share: GPU or not, the output folder, the child environment, the time budget, and
+    what each part reports (exit codes and seconds, verdict rows, the benchmarks' JSON)."""
+
+    def __init__(self, gpu, out, env, budget):
+        self.gpu, self.out, self.env, self.budget = gpu, out, env, budget
+        self.parts, self.verdicts, self.results = {}, [], {}
+
+
+def part_tests(c):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
+           os.path.join(REPO, "tests")]
+    rc, sec, text = run_part("tests", cmd, c.budget["tests"], c.out, c.env)
+    c.parts["tests"] = (rc, sec)
+    c.verdicts.append(("GPU-only tests",) + check_tests(c.gpu, rc, text))
+
+
+def part_train(c):
+    """train.py with a checkpoint and a sample grid, then --resume to a later step."""
+    work = os.path.join(c.out, "train-work")  # the digits data and the run, kept for a look afterwards
+    shutil.rmtree(work, ignore_errors=True)  # a previous check's run in the same --out
+    first, steps, more, runs, speed = train_cmds(c.gpu, work)
+    train_limit = c.budget["train"]
+    rc, sec, text1 = run_part("train", first, 0.6 * train_limit, c.out, c.env)
+    text2 = ""
+    made = sorted(glob.glob(os.path.join(runs, "*")))
+    if rc == 0 and made:
+        resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", made[-1], "--max-steps", str(more),
+                  "--num-workers", "1", *speed]
+        rc, sec2, text2 = run_part("train", resume, min(train_limit - sec, c.budget["train"]), c.out, c.env)
+        sec += sec2
+    c.parts["train"] = (rc, sec)
+    flags = " ".join(f for f in speed if f not in ("--device", "cuda", "cpu"))
+    c.verdicts.append((f"train.py {flags}: checkpoint, grid, resume",)
+                      + (check_train(c.gpu, runs, steps, more, [text1, text2]) if rc == 0 else
+                         ("fail", f"exit {rc}; see {c.out}/train.log")))
+
+
+def part_bench(c, part):
+    """xl-train or xl-sample: one bench.py run."""
+    json_path = os.path.join(c.out, f"{part}.json")
+    rc, sec, _ = run_part(part, bench_cmd(c.gpu, json_path, part), c.budget[part], c.out, c.env)
+    c.parts[part] = (rc, sec)
+    data = read_json(json_path)
+    if data is not None:
+        c.results[part] = data
+        c.verdicts += (training_verdicts(c.gpu, data["training"]) if part == "xl-train"
+                       else sampling_verdicts(c.gpu, data["sampling"]))
+    if rc != 0:
+        c.verdicts.append(broken_verdict(part, rc, f"{c.out}/{part}.log"))
+
+
+def part_toy(c):
+    """toy_study.py trains the two variants side by side, so they are timed side by side: one process each,
+    at the same time, eager and then compiled (the CPU dry run skips compiling)."""
+    rcs, total, toy_limit = [], 0.0, c.budget["toy"]
+    for setting, share in ([("eager", 1 / 3), ("compile", 1.0)] if c.gpu else [("eager", 1.0)]):
+        cmds = {}
+        for norm in ("layer-norm", "none"):
+            json_path = os.path.join(c.out, f"toy-{setting}-{norm}.json")
+            cmds[json_path] = (bench_cmd(c.gpu, json_path, "toy") + ["--toy-variants", norm]
+                               + (["--toy-compile"] if setting == "compile" else []))
+        limit = min(share * toy_limit, toy_limit - total)
+        rc, sec = run_concurrently(f"toy-{setting}", list(cmds.values()), limit, c.out, c.env)
+        rcs.append(rc)
+        total += sec
+        rows = []
+        for json_path in cmds:
+            data = read_json(json_path)
+            if data is not None:
+                c.results[os.path.basename(json_path)[:-5]] = data
+                rows += data["toy"]
+        if len(rows) == 2:
+            c.verdicts += toy_verdicts(c.gpu, rows)
+    rc = next((r for r in rcs if r != 0), 0)
+    c.parts["toy"] = (rc, total)
+    if rc != 0:
+        c.verdicts.append(broken_verdict("toy", rc, f"{c.out}/toy-*.log"))
+
+
+def report(c, args, argv, note, start):
+    """Print the section and the verdicts, record the section, write summary.json."""
+    # Versions as the parts saw them (carried wheels live on the child processes' PYTHONPATH only).
+    seen = next((d["header"]["versions"] for d in c.results.values()), None)
+    header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                  device=device_name(torch.device("cuda" if c.gpu else "cpu")), versions=seen or versions(),
+                  commit=git_commit(), gpu=c.gpu, wall_s=time.perf_counter() - start, note=note,
+                  command="python benchmarks/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    text = section(header, c.verdicts, c.parts, c.results)
+    print("\n" + ("" if c.gpu else "No GPU found: this was the CPU dry run; the GPU figures are still open.\n") + text)
+    print("\n".join(f"{verdict:>6}  {name}: {figures}" for name, verdict, figures in c.verdicts))
+    record_to = args.record
+    if record_to is None:  # default: a GPU run is recorded, the CPU dry run is not
+        record_to = os.path.join(REPO, "docs", "benchmarks.md") if c.gpu else ""
+    if record_to:
+        record(record_to, text)
+        print(f"recorded in {record_to}")
+    else:
+        print("not recorded (the CPU dry run records only with --record PATH)" if not c.gpu else "not recorded")
+    with open(os.path.join(c.out, "summary.json"), "w") as f:
+        json.dump(dict(header=header, verdicts=c.verdicts, parts=c.parts, results=c.results), f, indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if gpu else "cpu")
     out = args.out or tempfile.mkdtemp(prefix="gpu-check-")
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -401,96 +503,15 @@ def main(argv=None):
     if note:
         print(note, flush=True)
     time_limit = args.time_limit or (530 if gpu else 290)
-    budget = Budget({**(GPU_BUDGET if gpu else CPU_BUDGET), **args.budget}, start + time_limit)
+    c = Check(gpu, out, env, Budget({**(GPU_BUDGET if gpu else CPU_BUDGET), **args.budget}, start + time_limit))
     todo = args.only or PARTS
-    parts, verdicts, results = {}, [], {}
-
-    if "tests" in todo:
-        rc, sec, text = run_part("tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p",
-                                           "no:cacheprovider", os.path.join(REPO, "tests")], budget["tests"], out, env)
-        parts["tests"] = (rc, sec)
-        verdicts.append(("GPU-only tests",) + check_tests(gpu, rc, text))
-
-    if "train" in todo:
-        work = os.path.join(out, "train-work")  # the digits data and the run, kept for a look afterwards
-        shutil.rmtree(work, ignore_errors=True)  # a previous check's run in the same --out
-        first, steps, more, runs, speed = train_cmds(gpu, work)
-        train_limit = budget["train"]
-        rc, sec, text1 = run_part("train", first, 0.6 * train_limit, out, env)
-        text2 = ""
-        made = sorted(glob.glob(os.path.join(runs, "*")))
-        if rc == 0 and made:
-            run = made[-1]
-            resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", run, "--max-steps", str(more),
-                      "--num-workers", "1", *speed]
-            rc, sec2, text2 = run_part("train", resume, min(train_limit - sec, budget["train"]), out, env)
-            sec += sec2
-        parts["train"] = (rc, sec)
-        flags = " ".join(f for f in speed if f not in ("--device", "cuda", "cpu"))
-        verdicts.append((f"train.py {flags}: checkpoint, grid, resume",)
-                        + (check_train(gpu, runs, steps, more, [text1, text2]) if rc == 0 else
-                           ("fail", f"exit {rc}; see {out}/train.log")))
-
-    for part in ("xl-train", "xl-sample"):
-        if part not in todo:
-            continue
-        json_path = os.path.join(out, f"{part}.json")
-        rc, sec, _ = run_part(part, bench_cmd(gpu, json_path, part), budget[part], out, env)
-        parts[part] = (rc, sec)
-        data = read_json(json_path)
-        if data is not None:
-            results[part] = data
-            verdicts += (training_verdicts(gpu, data["training"]) if part == "xl-train"
-                         else sampling_verdicts(gpu, data["sampling"]))
-        if rc != 0:
-            verdicts.append(broken_verdict(part, rc, f"{out}/{part}.log"))
-
-    if "toy" in todo:
-        # toy_study.py trains the two variants side by side, so they are timed side by side: one process
-        # each, at the same time, eager and then compiled (the CPU dry run skips compiling).
-        rcs, total, toy_limit = [], 0.0, budget["toy"]
-        for setting, share in ([("eager", 1 / 3), ("compile", 1.0)] if gpu else [("eager", 1.0)]):
-            cmds = {}
-            for norm in ("layer-norm", "none"):
-                json_path = os.path.join(out, f"toy-{setting}-{norm}.json")
-                cmds[json_path] = (bench_cmd(gpu, json_path, "toy") + ["--toy-variants", norm]
-                                   + (["--toy-compile"] if setting == "compile" else []))
-            limit = min(share * toy_limit, toy_limit - total)
-            rc, sec = run_concurrently(f"toy-{setting}", list(cmds.values()), limit, out, env)
-            rcs.append(rc)
-            total += sec
-            rows = []
-            for json_path in cmds:
-                data = read_json(json_path)
-                if data is not None:
-                    results[os.path.basename(json_path)[:-5]] = data
-                    rows += data["toy"]
-            if len(rows) == 2:
-                verdicts += toy_verdicts(gpu, rows)
-        rc = next((r for r in rcs if r != 0), 0)
-        parts["toy"] = (rc, total)
-        if rc != 0:
-            verdicts.append(broken_verdict("toy", rc, f"{out}/toy-*.log"))
-
-    # Versions as the parts saw them (carried wheels live on the child processes' PYTHONPATH only).
-    seen = next((d["header"]["versions"] for d in results.values()), None)
-    header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
-                  versions=seen or versions(), commit=git_commit(), gpu=gpu, wall_s=time.perf_counter() - start,
-                  note=note, command="python benchmarks/gpu_check.py "
-                  + shlex.join(argv if argv is not None else sys.argv[1:]))
-    text = section(header, verdicts, parts, results)
-    print("\n" + ("" if gpu else "No GPU found: this was the CPU dry run; the GPU figures are still open.\n") + text)
-    print("\n".join(f"{verdict:>6}  {name}: {figures}" for name, verdict, figures in verdicts))
-    if args.record is None and gpu:
-        args.record = os.path.join(REPO, "docs", "benchmarks.md")
-    if args.record:
-        record(args.record, text)
-        print(f"recorded in {args.record}")
-    else:
-        print("not recorded (the CPU dry run records only with --record PATH)" if not gpu else "not recorded")
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(dict(header=header, verdicts=verdicts, parts=parts, results=results), f, indent=1)
-    broken = [name for name, (rc, _) in parts.items() if rc != 0]
+    runners = {"tests": part_tests, "train": part_train, "xl-train": lambda c: part_bench(c, "xl-train"),
+               "xl-sample": lambda c: part_bench(c, "xl-sample"), "toy": part_toy}
+    for part in PARTS:
+        if part in todo:
+            runners[part](c)
+    report(c, args, argv, note, start)
+    broken = [name for name, (rc, _) in c.parts.items() if rc != 0]
     if broken:
         print(f"parts that did not finish: {', '.join(broken)} (logs in {out})")
     return 1 if broken else 0
