@@ -159,10 +159,9 @@ def truncate_metrics(run_dir, step):
             f.writelines(rows)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    d = setup_distributed(args.device)
-    check_global_batch(args.global_batch_size, d.world_size)  # before any work (re-checked on resume)
+def open_run(args, d):
+    """(args, run_dir, config, checkpoint or None): the resumed run (its config, with the flags a resumed
+    run may change; config.json rewritten) or a new run directory with its config.json."""
     ckpt = None
     if args.resume == "auto":
         wanted = {k: v for k, v in vars(args).items()
@@ -188,6 +187,14 @@ def main(argv=None):
         config.update(image_size=TOY_IMAGE_SIZE, vae="none", script="train_toy.py", **TOY_MODEL)
         if d.is_main:
             write_json(os.path.join(run_dir, "config.json"), config)
+    return args, run_dir, config, ckpt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = setup_distributed(args.device)
+    check_global_batch(args.global_batch_size, d.world_size)  # before any work (re-checked on resume)
+    args, run_dir, config, ckpt = open_run(args, d)
     local_batch = check_global_batch(args.global_batch_size, d.world_size)
     logger = create_logger(run_dir, d.is_main)
     with log_failures(logger):
