@@ -26,6 +26,8 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
+from train_utils import load_checkpoint
+
 #################################################################################
 #                               Images                                          #
 #################################################################################
@@ -227,7 +229,7 @@ class LatentShards(Dataset):
     def shard(self, k):
         if k not in self._open:
             path = os.path.join(self.dir, self.shards[k]["file"])
-            self._open[k] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            self._open[k] = load_checkpoint(path, mmap=True)
         return self._open[k]
 
     def __getitem__(self, key):

@@ -15,10 +15,11 @@
     reference DiT train.py (which pickle an argparse.Namespace under "args") it is derived; for a bare
     state dict of unknown origin it is None.
 
-`load_model(name_or_path, weights="ema", **overrides) -> (model, config)`
-    find_model, then build the DiT the config describes (keyword overrides win, e.g. normalization=...,
-    or model=... / input_size=... for a bare state dict), load the weights strictly and return the
-    model in eval mode on the CPU with the config it was built from.
+`load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **overrides) -> (model, config)`
+    find_model, then build the DiT the config describes (keyword overrides win, e.g. normalization=...;
+    a bare state dict is described by them: model=... / image_size=... / vae=...), load the weights
+    strictly and return the model in eval mode on the CPU with the config it was built from. Keys in
+    must_match are checked against a file's own config instead of overriding it.
 
 Everything is loaded with torch.load(weights_only=True): a file that pickles anything beyond tensors and
 plain Python types (argparse.Namespace allowed) is refused, never executed. Every failure (missing
@@ -28,16 +29,14 @@ that says what was expected.
 
 import argparse
 import os
-import pickle
 import sys
 import urllib.request
-import zipfile
 
 import torch
 
 from data import LATENT_SCALE
-from models import build_model_from_config
-from train_utils import atomic_write
+from models import build_model_from_config, stored_normalization
+from train_utils import atomic_write, load_checkpoint
 
 # The two official DiT-XL/2 files (raw EMA state dicts), by name -> image size.
 PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
@@ -109,41 +108,6 @@ def download_model(model_name):
 #################################################################################
 
 
-def load_file(path):
-    """torch.load `path` on the CPU with weights_only=True (argparse.Namespace allowed, for the
-    reference repo's training checkpoints). A run directory means its checkpoints/latest.pt.
-
-    Raises FileNotFoundError for a missing path and ValueError for a corrupt, truncated or unsafe file.
-    """
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoints", "latest.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no checkpoint at {path!r}: pass an official name ({', '.join(PRETRAINED_MODELS)}), "
-            f"a .pt checkpoint file, or a run directory containing checkpoints/latest.pt"
-        )
-    # Files written by torch.save are zip archives; memory-map them so optimizer states we skip
-    # are never read. Older (legacy) files cannot be memory-mapped.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
-            detail = lines[0] if lines else str(e).splitlines()[0]
-            raise ValueError(
-                f"refusing to load {path!r}: it pickles objects other than tensors and plain Python types, "
-                f"which could run arbitrary code ({detail}). Only weights_only checkpoints are loaded."
-            ) from None
-        raise ValueError(f"could not load {path!r}: not a PyTorch checkpoint, or corrupt ({e})") from e
-    except Exception as e:
-        raise ValueError(
-            f"could not load {path!r}: the file is corrupt, truncated or not a PyTorch checkpoint "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
-
-
 def official_config(image_size):
     """The config of the official DiT-XL/2 files: 1000 ImageNet classes, learned sigma, LayerNorm,
     latents of the sd-vae-ft VAE (8x downsampling, 4 channels)."""
@@ -208,7 +172,11 @@ def find_model(name_or_path, weights="ema"):
         path = download_model(name_or_path)
     else:
         path = str(name_or_path)
-    return split_checkpoint(load_file(path), weights, source=path)
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (or an official name: {', '.join(PRETRAINED_MODELS)})") from None
+    return split_checkpoint(ckpt, weights, source=path)
 
 
 def _describe(config):
@@ -234,22 +202,40 @@ def build_and_load(state_dict, config, source="checkpoint"):
     return model.eval()
 
 
-def load_model(name_or_path, weights="ema", **overrides):
+def bare_config(state_dict, overrides, source, bare_model=None):
+    """The config of a bare state dict, from the overrides (which must name the model, unless
+    `bare_model` gives a default) on top of the reference's defaults: 256 px, 1000 classes, the mse VAE
+    (vae="none": a pixel-space model with 3 channels); the normalization is read from the state dict."""
+    overrides = {"model": bare_model, **overrides} if bare_model else overrides
+    if "model" not in overrides:
+        raise ValueError(f"{source} is a bare state dict with no config: say which model it is, e.g. "
+                         f"load_model(path, model='DiT-XL/2', image_size=256) (sample.py: --model and --image-size)")
+    size = overrides.get("image_size", 256)
+    config = official_config(size)
+    config.update(model=overrides["model"], normalization=stored_normalization(state_dict))
+    if overrides.get("vae") == "none":
+        config.update(input_size=size, in_channels=3)
+    return config
+
+
+def load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **overrides):
     """`(model, config)`: find_model, then build and load the DiT (see the module docstring).
 
-    overrides (None values ignored) update the config before the model is built: e.g. normalization,
-    or for a bare state dict without a config model="DiT-S/2", input_size=32, num_classes=1000.
+    overrides (None values ignored) update the config before the model is built: e.g. normalization or
+    vae, or for a bare state dict (see bare_config) model="DiT-S/2", image_size=64, num_classes=10.
+    For a file that has its own config, the keys named in `must_match` are checked against it instead
+    (a conflict is a ValueError): a flag cannot turn a checkpoint into another model. `bare_model` is
+    the model a bare state dict is taken to be when no model= is given (sample.py: DiT-XL/2).
     """
     state_dict, config = find_model(name_or_path, weights)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config is None:
-        if "model" not in overrides:
-            raise ValueError(
-                f"{name_or_path} is a bare state dict with no config: say which model it is, e.g. "
-                f"load_model(path, model='DiT-XL/2', input_size=32) (sample.py: --model and --image-size)"
-            )
-        stored = state_dict.get("normalization")
-        norm = bytes(stored.tolist()).decode() if torch.is_tensor(stored) else "layer-norm"
-        config = dict(normalization=norm, latent_scale=LATENT_SCALE)
-    config = {**config, **overrides}
+    if config is None:  # the overrides describe it
+        config = {**bare_config(state_dict, overrides, name_or_path, bare_model), **overrides}
+    else:
+        config.setdefault("image_size", config.get("input_size", 32) * (1 if config.get("vae") == "none" else 8))
+        for key in must_match:
+            if key in overrides and overrides[key] != config.get(key):
+                raise ValueError(f"--{key.replace('_', '-')} {overrides[key]} conflicts with the checkpoint "
+                                 f"({key}={config.get(key)!r}); drop the flag, the checkpoint says what it is")
+        config = {**config, **{k: v for k, v in overrides.items() if k not in must_match}}
     return build_and_load(state_dict, config, source=str(name_or_path)), config

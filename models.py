@@ -392,11 +392,18 @@ def _save_normalization(module, state_dict, prefix, local_metadata):
         state_dict[prefix + NORM_KEY] = torch.tensor(list(module.normalization.encode()), dtype=torch.uint8)
 
 
+def stored_normalization(state_dict, prefix=""):
+    """The normalization a DiT state dict was saved with (the only place its key is decoded): the bytes
+    of its name under NORM_KEY, or "layer-norm" when the key is absent (the official files)."""
+    stored = state_dict.get(prefix + NORM_KEY)
+    return "layer-norm" if stored is None else bytes(stored.tolist()).decode()
+
+
 def _check_normalization(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Load pre-hook: refuse a checkpoint of another normalization variant with a clear message.
     A state_dict without the key (e.g. the official files) is a LayerNorm model."""
-    stored = state_dict.pop(prefix + NORM_KEY, None)
-    name = "layer-norm" if stored is None else bytes(stored.tolist()).decode()
+    name = stored_normalization(state_dict, prefix)
+    state_dict.pop(prefix + NORM_KEY, None)
     if name != module.normalization:
         raise ValueError(
             f"this checkpoint was trained with normalization={name!r} but the model was built with "

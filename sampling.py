@@ -14,7 +14,7 @@ import torch
 
 from cli import COUNT
 from data import VAE_HELP
-from download import PRETRAINED_MODELS, WEIGHTS, build_and_load, find_model, official_config
+from download import PRETRAINED_MODELS, WEIGHTS, load_model
 from models import NORM_LAYERS, DiT_models
 
 
@@ -45,8 +45,9 @@ def add_model_args(p):
 
 
 def load_for_sampling(args):
-    """(model, config) for the flags: --ckpt (our config wins; conflicting flags are an error) or the
-    official DiT-XL-2-<image size> file. The model is on the CPU in eval mode."""
+    """(model, config) for the flags: --ckpt (its config wins; conflicting --model / --image-size /
+    --num-classes are an error) or the official DiT-XL-2-<image size> file. The model is on the CPU in
+    eval mode."""
     if args.ckpt is None:
         size = args.image_size or 256
         name = f"DiT-XL-2-{size}x{size}.pt"
@@ -56,34 +57,12 @@ def load_for_sampling(args):
     else:
         name = args.ckpt
     try:
-        state_dict, config = find_model(name, args.weights)
+        model, config = load_model(name, args.weights, must_match=("model", "image_size", "num_classes"),
+                                   bare_model="DiT-XL/2", model=args.model, image_size=args.image_size,
+                                   num_classes=args.num_classes, normalization=args.normalization, vae=args.vae)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
-    if config is None:  # a bare state dict: the flags describe it, with the reference's defaults
-        size, vae = args.image_size or 256, args.vae or "mse"
-        config = official_config(size)
-        config.update(model=args.model or "DiT-XL/2", num_classes=args.num_classes or 1000, vae=vae)
-        if vae == "none":
-            config.update(input_size=size, in_channels=3)
-        stored = state_dict.get("normalization")
-        if torch.is_tensor(stored):
-            config["normalization"] = bytes(stored.tolist()).decode()
-    else:
-        config.setdefault("image_size", config.get("input_size", 32) * (1 if config.get("vae") == "none" else 8))
-        for flag, key in (("model", "model"), ("image_size", "image_size"), ("num_classes", "num_classes")):
-            value = getattr(args, flag)
-            if value is not None and value != config.get(key):
-                raise SystemExit(f"--{flag.replace('_', '-')} {value} conflicts with the checkpoint "
-                                 f"({key}={config.get(key)!r}); drop the flag, the checkpoint says what it is")
-    if args.normalization is not None:
-        config["normalization"] = args.normalization
-    if args.vae is not None:
-        config["vae"] = args.vae
-    config.setdefault("vae", "mse")
-    try:
-        model = build_and_load(state_dict, config, source=name)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    config.setdefault("vae", "mse")  # the reference sample.py's VAE
     return model, config
 
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from jobs import run_jobs
-from train_utils import newest_run
+from train_utils import load_checkpoint, newest_run
 
 # Model overrides of the toy: 2x2 pixels with 2 channels, one class, no label dropout.
 TOY_IMAGE_SIZE, TOY_CHANNELS = 2, 2
@@ -73,7 +73,7 @@ def load_metrics(run_dir):
 
 def load_samples(run_dir, step, weights="ema"):
     """The (num_samples, 2, 2, 2) samples saved at `step` for the "raw" or "ema" weights."""
-    return torch.load(os.path.join(run_dir, f"samples_{step}.pt"), weights_only=True)[weights]
+    return load_checkpoint(os.path.join(run_dir, f"samples_{step}.pt"))[weights]
 
 
 def eval_steps(run_dir):
@@ -178,8 +178,6 @@ def summarize(runs):
 
 def final_loss(run_dir, last=4):
     """Mean training loss over the last `last` log intervals of a run (from its latest checkpoint)."""
-    from train_utils import load_checkpoint
-
     history = load_checkpoint(run_dir).get("loss_history") or []
     values = [loss for _, loss in history[-last:]]
     return statistics.fmean(values) if values else float("nan")

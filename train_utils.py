@@ -9,15 +9,18 @@ ignore these signals, see `ignore_stop_signals`), and stops on a NaN/inf loss wi
 last good checkpoint.
 """
 
+import argparse
 import contextlib
 import json
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import tempfile
 import time
+import zipfile
 from copy import deepcopy
 from dataclasses import dataclass
 from glob import glob
@@ -193,16 +196,38 @@ def link_latest(path, latest):
             atomic_write(latest, lambda f: f.write(src.read()))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely (weights_only=True) with clear errors for a wrong path or a bad file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoints", "latest.pt")
+def checkpoint_file(path):
+    """A run directory means its checkpoints/latest.pt; anything else is the file itself."""
+    return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """The one function that opens checkpoint files (resume, sampling, analysis, the toy report, the
+    benchmarks): torch.load(weights_only=True), with argparse.Namespace allowed (the reference repo's
+    training checkpoints hold their args). A run directory means its checkpoints/latest.pt. `mmap`
+    memory-maps a zip-format file, so entries nobody uses (optimizer states) are never read.
+
+    FileNotFoundError for a missing file; ValueError naming the file for a corrupt, truncated or unsafe
+    one (a file that pickles code is refused, never executed)."""
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}; pass a run directory or a .pt checkpoint file")
+        raise FileNotFoundError(f"no checkpoint at {path!r}; pass a .pt checkpoint file or a run directory "
+                                f"containing checkpoints/latest.pt")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, garbage, or pickled objects that are not plain types
-        raise ValueError(f"could not load checkpoint {path!r} (corrupt, truncated or not a plain checkpoint): {e}") from e
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
+            detail = lines[0] if lines else str(e).splitlines()[0]
+            raise ValueError(f"refusing to load {path!r}: it pickles objects other than tensors and plain Python "
+                             f"types, which could run arbitrary code ({detail}). Only weights_only checkpoints are "
+                             f"loaded.") from None
+        raise ValueError(f"could not load {path!r}: not a PyTorch checkpoint, or corrupt ({e})") from e
+    except Exception as e:  # truncated zip, garbage
+        raise ValueError(f"could not load {path!r}: the file is corrupt, truncated or not a PyTorch checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 # The config keys that decide what a checkpoint's weights are: a run's checkpoints must all agree on them.
@@ -235,7 +260,7 @@ def newest_run(results_dir, wanted):
                 config = json.load(f)
         except (OSError, ValueError):
             continue
-        if not os.path.isfile(os.path.join(run_dir, "checkpoints", "latest.pt")):
+        if not os.path.isfile(checkpoint_file(run_dir)):
             continue
         if all(config[k] == v for k, v in wanted.items() if k in config):
             return run_dir
@@ -245,12 +270,8 @@ def newest_run(results_dir, wanted):
 def resolve_resume(path):
     """`--resume` takes a run directory (its latest checkpoint) or a checkpoint file; returns
     (run_dir, checkpoint_file)."""
-    if os.path.isdir(path):
-        ckpt = os.path.join(path, "checkpoints", "latest.pt")
-        run_dir = path
-    else:
-        ckpt = path
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    ckpt = checkpoint_file(path)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
     if not os.path.isfile(ckpt):
         raise SystemExit(f"--resume {path}: no checkpoint found at {ckpt}")
     return run_dir, ckpt

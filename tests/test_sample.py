@@ -178,6 +178,23 @@ def test_bare_state_dict(tmp_path):
     assert loaded.normalization == "none" and same_weights(loaded, model)
 
 
+def test_load_model_describes_a_bare_pixel_model_and_checks_flags_against_a_config(tmp_path, ckpt):
+    """A bare state dict of a pixel-space model: the overrides (and bare_model) say what it is, with the
+    reference's defaults for the rest; a file with a config refuses a must_match flag that contradicts it."""
+    config = {**TINY, "input_size": 8, "in_channels": 3}
+    model = random_model(config)
+    path = str(tmp_path / "pixels.pt")
+    torch.save(model.state_dict(), path)
+    small = {k: config[k] for k in ("depth", "hidden_size", "num_heads", "num_classes")}
+    loaded, built = download.load_model(path, bare_model=config["model"], image_size=8, vae="none", **small)
+    assert same_weights(loaded, model)
+    assert (built["model"], built["input_size"], built["in_channels"], built["vae"]) == (config["model"], 8, 3, "none")
+    with pytest.raises(ValueError, match="--num-classes 7 conflicts with the checkpoint"):
+        download.load_model(ckpt[0], must_match=("num_classes",), num_classes=7)
+    _, kept = download.load_model(ckpt[0], must_match=("num_classes",), num_classes=ckpt[1]["num_classes"])
+    assert kept["num_classes"] == ckpt[1]["num_classes"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Official files: download once, atomically
 # ----------------------------------------------------------------------------------------------------
