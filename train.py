@@ -51,9 +51,10 @@ from data import (
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from train_utils import (
-    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, barrier, broadcast_object, check_checkpoint_belongs,
-    check_global_batch, cleanup_distributed, configure_threads, create_logger, newest_run,
-    ignore_stop_signals, load_checkpoint, log_failures, new_run_dir, resolve_resume, setup_distributed, write_json,
+    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, barrier, broadcast_object,
+    check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
+    ignore_stop_signals, load_checkpoint, log_failures, merge_resume_config, new_run_dir, newest_run,
+    parse_with_explicit, resolve_resume, setup_distributed, write_json,
 )
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
@@ -142,18 +143,11 @@ def parse_args(argv=None):
     """(args, explicit): the parsed flags (the demo's settings filled in where asked for) and the
     names of the flags given on the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    probe = build_parser()  # the same parser with no defaults: only explicit flags appear
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    explicit = set(vars(probe.parse_args(argv)))
+    args, explicit = parse_with_explicit(build_parser(), argv)
     if not argv:
         args.demo = True
     if args.demo and (not args.resume or args.resume == "auto"):
-        for key, value in DEMO.items():
-            if key not in explicit:
-                setattr(args, key, value)
+        apply_preset(args, DEMO, explicit)
     if args.no_layernorm:
         args.normalization = "none"
         explicit.add("normalization")
@@ -169,22 +163,6 @@ def auto_resume(args):
     print(f"--resume auto: continuing {run_dir}" if run_dir else
           f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
     return run_dir
-
-
-def merge_resume_config(args, explicit, config):
-    """A resumed run takes its settings from the checkpoint; explicit flags may only change the
-    RESUME_OVERRIDES (anything else that contradicts the checkpoint is an error)."""
-    merged = argparse.Namespace(**vars(args))
-    for key, value in config.items():
-        if not hasattr(merged, key):
-            continue
-        if key in explicit and getattr(args, key) != value:
-            if key not in RESUME_OVERRIDES:
-                raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the run being resumed "
-                                 f"({key}={value!r}); drop the flag (a resumed run keeps its settings)")
-            continue
-        setattr(merged, key, value)
-    return merged
 
 
 def resolve_data(args):
@@ -368,7 +346,7 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"--resume {args.resume}: {e}")
         check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
-        args = merge_resume_config(args, explicit, ckpt["config"])
+        args = merge_resume_config(args, explicit, ckpt["config"], RESUME_OVERRIDES)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_batch = check_global_batch(args.global_batch_size, world_size)  # before any work
     factor, channels = resolve_data(args)

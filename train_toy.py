@@ -22,12 +22,13 @@ import torch
 
 from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
-from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
 from models import DiT_models, NORM_LAYERS, build_model_from_config
+from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
 from train_utils import (
-    PRECISIONS, PREEMPTED_EXIT, Trainer, StopTraining, barrier, broadcast_object, check_checkpoint_belongs, check_global_batch,
-    cleanup_distributed, configure_threads, create_logger, newest_run, load_checkpoint, log_failures,
-    new_run_dir, resolve_resume, setup_distributed, write_json,
+    PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, barrier, broadcast_object,
+    check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
+    load_checkpoint, log_failures, merge_resume_config, new_run_dir, newest_run, parse_with_explicit,
+    resolve_resume, setup_distributed, write_json,
 )
 
 def parse_args(argv=None):
@@ -65,19 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--debug-save-rank-weights", action="store_true",
                    help="at the end, every rank saves its initial, final and EMA weights to <run>/rank<r>-weights.pt")
     p.add_argument("--threads", type=COUNT, default=None, help="CPU threads for this process (torch.set_num_threads)")
-    args = p.parse_args(argv)
+    args, explicit = parse_with_explicit(p, argv)
     if args.no_layernorm:
         args.normalization = "none"
-    preset = args.preset
-    if preset == "auto":
-        preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    args.preset = preset
-    args.explicit = [key for key in PRESETS[preset] if getattr(args, key, None) is not None]
+        explicit.add("normalization")
     if args.eval_every:
-        args.explicit.append("eval_steps")
-    for key, value in PRESETS[preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+        explicit.add("eval_steps")
+    if args.preset == "auto":
+        args.preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    apply_preset(args, PRESETS[args.preset], explicit)
+    args.explicit = explicit
     return finalize_eval_steps(args)
 
 
@@ -173,10 +171,8 @@ def open_run(args, d):
         run_dir, ckpt_path = resolve_resume(args.resume)
         ckpt = load_checkpoint(ckpt_path)
         check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
-        config = ckpt["config"]
-        config.update({key: getattr(args, key) for key in RESUME_OVERRIDES if key in args.explicit})
-        args = finalize_eval_steps(argparse.Namespace(**{**vars(args), **config, "resume": args.resume}))
-        config["eval_steps"] = args.eval_steps
+        args = finalize_eval_steps(merge_resume_config(args, args.explicit, ckpt["config"], RESUME_OVERRIDES))
+        config = {**ckpt["config"], **{key: getattr(args, key) for key in RESUME_OVERRIDES}}
         if d.is_main:  # config.json says what the run does now (e.g. extended --steps)
             write_json(os.path.join(run_dir, "config.json"), config)
     else:

@@ -196,6 +196,39 @@ def link_latest(path, latest):
             atomic_write(latest, lambda f: f.write(src.read()))
 
 
+def parse_with_explicit(parser, argv):
+    """(args, explicit): the parsed flags, and the names of those given on the command line (a second
+    parse with every default suppressed). The parser is spent afterwards."""
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(parser.parse_args(argv)))
+
+
+def apply_preset(args, preset, explicit):
+    """A preset's values (the digits demo, the toy's paper/cpu presets) for every flag not given."""
+    for key, value in preset.items():
+        if key not in explicit:
+            setattr(args, key, value)
+
+
+def merge_resume_config(args, explicit, config, overrides):
+    """A resumed run takes its settings from its checkpoint's config; explicit flags may change only
+    `overrides` (to extend a run, move its data, tune the step); any other explicit flag that contradicts
+    the config is an error. Returns the merged flags."""
+    merged = argparse.Namespace(**vars(args))
+    for key, value in config.items():
+        if not hasattr(merged, key):
+            continue
+        if key in explicit and getattr(args, key) != value:
+            if key not in overrides:
+                raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the run being resumed "
+                                 f"({key}={value!r}); drop the flag (a resumed run keeps its settings)")
+            continue
+        setattr(merged, key, value)
+    return merged
+
+
 def checkpoint_file(path):
     """A run directory means its checkpoints/latest.pt; anything else is the file itself."""
     return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path

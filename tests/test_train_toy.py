@@ -189,3 +189,13 @@ def test_stop_signal_saves_and_exits_75_then_resume_auto_continues(tmp_path, mon
     assert json.load(open(os.path.join(first, "config.json")))["steps"] == 6  # rewritten when extended
     other = run_toy(tmp_path, *flags, "--global-seed", "1")
     assert other != first and train_utils.load_checkpoint(other)["step"] == 5
+
+
+def test_resume_refuses_a_contradicting_flag_like_train_py(tmp_path):
+    """train_toy.py resumes with train.py's rule (train_utils.merge_resume_config): --steps may extend the
+    run, a flag that contradicts its config (--lr) is an error, not silently ignored."""
+    run = run_toy(tmp_path, "--steps", "2", "--eval-steps", "2", "--num-eval-samples", "4", "--sampling-steps", "3")
+    with pytest.raises(SystemExit, match="--lr 0.5 contradicts the run being resumed"):
+        train_toy.main(["--resume", run, "--lr", "0.5", "--threads", "1"])
+    assert train_toy.main(["--resume", run, "--steps", "3", "--threads", "1"]) == run
+    assert train_utils.load_checkpoint(run)["step"] == 3
