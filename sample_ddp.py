@@ -138,6 +138,28 @@ def create_npz(folder, num, path):
     return path
 
 
+def draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, args, d):
+    """Draw this process's batches and save the images still missing (`todo`); returns how many were
+    written. A stop signal ends it after the batch in progress, its images saved, with PREEMPTED_EXIT."""
+    written = 0
+    with StopFlag() as stop:
+        for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
+            generators = image_generators(args.global_seed, indices)
+            labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
+            samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
+                                    clip_denoised=vae is None)
+            images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float()))
+            for index, image in zip(indices, images):
+                if index in todo:
+                    save_png(png_path(folder, index), image)
+                    written += 1
+            if stop:
+                print(f"[rank {d.rank}] {stop.name} received: stopped after {written} new images, all saved; rerun "
+                      f"the same command to draw the rest (exit code {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+                raise SystemExit(PREEMPTED_EXIT)
+    return written
+
+
 def main(argv=None):
     args = parse_args(argv)
     d = setup_distributed(args.device)
@@ -172,23 +194,8 @@ def main(argv=None):
     todo = set(missing)
     mine = batches_to_draw(missing, num, batch_size)[d.rank::d.world_size]
 
-    start, written = time.time(), 0
-    with StopFlag() as stop:
-        for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
-            generators = image_generators(args.global_seed, indices)
-            labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
-            samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
-                                    clip_denoised=vae is None)
-            images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float()))
-            for index, image in zip(indices, images):
-                if index in todo:
-                    save_png(png_path(folder, index), image)
-                    written += 1
-            if stop:
-                print(f"[rank {d.rank}] {stop.name} received: stopped after {written} new images, all saved; rerun "
-                      f"the same command to draw the rest (exit code {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
-                raise SystemExit(PREEMPTED_EXIT)
-
+    start = time.time()
+    written = draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, args, d)
     total = torch.tensor([written], dtype=torch.long, device=d.device)
     if dist.is_initialized():
         dist.all_reduce(total)

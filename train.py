@@ -399,21 +399,61 @@ def make_vae(args, d, channels):
     return vae
 
 
-def train(args, d, local_batch, factor, channels, ckpt, run_dir):
-    dataset, loader, steps_per_epoch = make_loader(args, d, local_batch)
-    vae = make_vae(args, d, channels)  # before the run directory: a VAE that fails to load leaves no run
-
-    # Run directory and config: a new run, or the resumed run's (with the flags it may change).
+def open_run(args, d, ckpt, run_dir, factor, channels, steps_per_epoch):
+    """(run_dir, config): a new run directory and its config.json, or the resumed run's config with the
+    flags a resumed run may change (config.json rewritten to say what the run does now)."""
     if ckpt is None:
         run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
         run_dir = broadcast_object(run_dir)
         config = make_config(args, factor, channels, steps_per_epoch)
-        if d.is_main:
-            write_json(os.path.join(run_dir, "config.json"), config)
     else:
         config = {**ckpt["config"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
-        if d.is_main:  # config.json says what the run does now (an extended --max-steps, a moved data path)
-            write_json(os.path.join(run_dir, "config.json"), config)
+    if d.is_main:
+        write_json(os.path.join(run_dir, "config.json"), config)
+    return run_dir, config
+
+
+def make_trainer(args, d, config, ckpt, run_dir, logger, steps_per_epoch):
+    """(trainer, epoch, position): the model with the same initial weights on every rank (then one RNG
+    stream per rank), its Trainer, and where the data stands (restored from `ckpt` when resuming)."""
+    torch.manual_seed(args.global_seed)
+    model = build_model_from_config(config)
+    model.check_labels = False  # labels are < num_classes: checked on the data set
+    model.grad_checkpointing = args.grad_checkpointing
+    torch.manual_seed(args.global_seed * d.world_size + d.rank)
+    trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
+                      config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
+                      grad_clip=args.grad_clip, precision=args.precision, compile=args.compile)
+    epoch = position = 0
+    if ckpt is not None:
+        trainer.load(ckpt)
+        for group in trainer.opt.param_groups:  # --lr / --weight-decay may change on resume
+            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        epoch, position = ckpt.get("epoch", 0), ckpt.get("position", 0)
+        if position >= steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
+    return trainer, epoch, position
+
+
+def log_start(args, d, logger, run_dir, model, dataset, config, channels, steps_per_epoch, max_steps):
+    """The run's opening lines: threads, model, data and schedule."""
+    params = sum(p.numel() for p in model.parameters())
+    logger.info(configure_threads(args.threads, params))
+    source = f"latents {args.latents_dir}" if args.latents_dir else f"images {args.data_path}"
+    logger.info(f"run {run_dir}: {args.model} ({params:,} parameters, depth {len(model.blocks)}, width "
+                f"{model.pos_embed.shape[-1]}, normalization {args.normalization}), {source}: {len(dataset):,} "
+                f"images, {len(dataset.classes)} classes, {args.image_size}px, vae {args.vae}, input "
+                f"{channels}x{config['input_size']}x{config['input_size']}")
+    logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
+                f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
+                + (", compiled" if args.compile else "") + (", grad checkpointing" if args.grad_checkpointing else ""))
+
+
+def train(args, d, local_batch, factor, channels, ckpt, run_dir):
+    dataset, loader, steps_per_epoch = make_loader(args, d, local_batch)
+    vae = make_vae(args, d, channels)  # before the run directory: a VAE that fails to load leaves no run
+    run_dir, config = open_run(args, d, ckpt, run_dir, factor, channels, steps_per_epoch)
     logger = create_logger(run_dir, d.is_main)
     with log_failures(logger):
         tensorboard = None
@@ -421,47 +461,15 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
             from torch.utils.tensorboard import SummaryWriter
 
             tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-
-        # Model: the same initial weights on every rank, then a different RNG stream per rank.
-        torch.manual_seed(args.global_seed)
-        model = build_model_from_config(config)
-        model.check_labels = False  # labels are < num_classes: checked on the data set above
-        model.grad_checkpointing = args.grad_checkpointing
-        torch.manual_seed(args.global_seed * d.world_size + d.rank)
-        trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run_dir, logger=logger,
-                          config=config, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
-                          grad_clip=args.grad_clip, precision=args.precision, compile=args.compile)
-        epoch = position = 0
-        if ckpt is not None:
-            trainer.load(ckpt)
-            for group in trainer.opt.param_groups:  # --lr / --weight-decay may change on resume
-                group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-            epoch, position = ckpt.get("epoch", 0), ckpt.get("position", 0)
-            if position >= steps_per_epoch:
-                epoch, position = epoch + 1, 0
-            logger.info(f"resumed {run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
-
+        trainer, epoch, position = make_trainer(args, d, config, ckpt, run_dir, logger, steps_per_epoch)
         encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
         check = None
         if not args.latents_dir:  # unreadable images: reported by the loader workers, logged and counted here
             dataset.bad_images_file = os.path.join(run_dir, "bad_images.txt")
             check = BadImages(dataset.bad_images_file, args.max_bad_images, logger.warning).check
         stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position, check)
-        max_steps = args.epochs * steps_per_epoch
-        if args.max_steps is not None:
-            max_steps = min(max_steps, args.max_steps)
-        params = sum(p.numel() for p in model.parameters())
-        logger.info(configure_threads(args.threads, params))
-        source = f"latents {args.latents_dir}" if args.latents_dir else f"images {args.data_path}"
-        logger.info(f"run {run_dir}: {args.model} ({params:,} parameters, depth {len(model.blocks)}, width "
-                    f"{model.pos_embed.shape[-1]}, normalization {args.normalization}), {source}: {len(dataset):,} "
-                    f"images, {len(dataset.classes)} classes, {args.image_size}px, vae {args.vae}, input "
-                    f"{channels}x{config['input_size']}x{config['input_size']}")
-        logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
-                    f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
-                    + (", compiled" if args.compile else "")
-                    + (", grad checkpointing" if args.grad_checkpointing else ""))
-
+        max_steps = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
+        log_start(args, d, logger, run_dir, trainer.raw, dataset, config, channels, steps_per_epoch, max_steps)
         hooks = []
         if args.sample_every > 0:
             hooks = [(args.sample_every, make_sample_hook(trainer, args, vae, tensorboard))]
