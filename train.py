@@ -51,10 +51,10 @@ from data import (
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from train_utils import (
-    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, barrier, broadcast_object,
+    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
-    ignore_stop_signals, load_checkpoint, log_failures, merge_resume_config, new_run_dir, newest_run,
-    parse_with_explicit, resolve_resume, setup_distributed, write_json,
+    ignore_stop_signals, load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
+    resolve_resume, setup_distributed, write_json,
 )
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
@@ -152,17 +152,6 @@ def parse_args(argv=None):
         args.normalization = "none"
         explicit.add("normalization")
     return args, explicit
-
-
-def auto_resume(args):
-    """`--resume auto`: the newest run in --results-dir whose config agrees with these flags (those a
-    resumed run may change aside), or None for a new run."""
-    wanted = {k: v for k, v in vars(args).items()
-              if v is not None and k not in RESUME_OVERRIDES and k not in RUNTIME_ONLY}
-    run_dir = newest_run(args.results_dir, wanted)
-    print(f"--resume auto: continuing {run_dir}" if run_dir else
-          f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
-    return run_dir
 
 
 def resolve_data(args):
@@ -338,7 +327,7 @@ def main(argv=None):
     args, explicit = parse_args(argv)
     ckpt = run_dir = None
     if args.resume == "auto":
-        args.resume = auto_resume(args)
+        args.resume = auto_resume(args, (*RESUME_OVERRIDES, *RUNTIME_ONLY))
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         try:
@@ -468,7 +457,9 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
             dataset.bad_images_file = os.path.join(run_dir, "bad_images.txt")
             check = BadImages(dataset.bad_images_file, args.max_bad_images, logger.warning).check
         stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position, check)
-        max_steps = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
+        max_steps = args.epochs * steps_per_epoch
+        if args.max_steps is not None:
+            max_steps = min(max_steps, args.max_steps)
         log_start(args, d, logger, run_dir, trainer.raw, dataset, config, channels, steps_per_epoch, max_steps)
         hooks = []
         if args.sample_every > 0:

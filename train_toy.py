@@ -25,9 +25,9 @@ from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
 from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
 from train_utils import (
-    PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, barrier, broadcast_object,
+    PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
-    load_checkpoint, log_failures, merge_resume_config, new_run_dir, newest_run, parse_with_explicit,
+    load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
     resolve_resume, setup_distributed, write_json,
 )
 
@@ -162,11 +162,7 @@ def open_run(args, d):
     run may change; config.json rewritten) or a new run directory with its config.json."""
     ckpt = None
     if args.resume == "auto":
-        wanted = {k: v for k, v in vars(args).items()
-                  if k not in (*RUNTIME_ONLY, *RESUME_OVERRIDES, "eval_every")}
-        args.resume = newest_run(args.results_dir, wanted)
-        print(f"--resume auto: continuing {args.resume}" if args.resume else
-              f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
+        args.resume = auto_resume(args, (*RUNTIME_ONLY, *RESUME_OVERRIDES, "eval_every"))
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         ckpt = load_checkpoint(ckpt_path)

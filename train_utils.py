@@ -283,6 +283,17 @@ def check_checkpoint_belongs(run_dir, ckpt_path, ckpt_config):
                          f"checkpoint's own run directory, or remove it from this one")
 
 
+def auto_resume(args, exclude):
+    """`--resume auto`: the newest run in --results-dir whose config agrees with the flags (those in
+    `exclude`, which a resumed run may change or which steer only this process, aside), or None for a
+    new run; says which."""
+    wanted = {k: v for k, v in vars(args).items() if v is not None and k not in exclude}
+    run_dir = newest_run(args.results_dir, wanted)
+    print(f"--resume auto: continuing {run_dir}" if run_dir else
+          f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
+    return run_dir
+
+
 def newest_run(results_dir, wanted):
     """The newest run directory in `results_dir` that has a checkpoint and whose config.json agrees with
     `wanted` on every key both hold, or None. `--resume auto` passes the command line's settings (so one
@@ -441,6 +452,7 @@ class StopFlag:
         return self.name is not None
 
     def __enter__(self):
+        self.name = None
         self._signals = stop_signals(self._handler)
         self._signals.__enter__()
         return self
@@ -509,8 +521,7 @@ class Trainer:
             [p for p in self.raw.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=cuda or None
         )
         self.step = 0
-        self.stop_requested = False
-        self.stop_signal = None  # the name of the signal that asked the loop to stop
+        self.stop = StopFlag()  # set by a stop signal while fit() runs
         self.loss_history = []  # [step, mean loss since the previous log line], saved in checkpoints
 
     # ----------------------------------------------------------------------------------------------
@@ -585,17 +596,10 @@ class Trainer:
             torch.manual_seed(self.config.get("global_seed", 0) * 1000 + self.step * self.dist.world_size + self.dist.rank)
 
     # ----------------------------------------------------------------------------------------------
-    def _on_stop_signal(self, signum, frame):
-        """Ask the loop to save and stop at the next step boundary. A second Ctrl-C stops at once."""
-        if self.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        self.stop_signal = signal.Signals(signum).name
-
     def fit(self, batches, max_steps, *, log_every=100, ckpt_every=None, hooks=(), tensorboard=None, extra_state=None):
         """Train from self.step to max_steps on `batches` (an iterator of (x, y) on the device,
         already positioned at self.step). Checkpoints every `ckpt_every` steps and at the end."""
-        with stop_signals(self._on_stop_signal):
+        with self.stop:
             return self._fit(batches, max_steps, log_every, ckpt_every, hooks, tensorboard, extra_state)
 
     def _fit(self, batches, max_steps, log_every, ckpt_every, hooks, tensorboard, extra_state):
@@ -649,7 +653,8 @@ class Trainer:
             last_time += pause
             start_time += pause
             if stop and not final:
-                self.logger.info(f"{self.stop_signal or 'a stop signal (sent to another rank)'} received: saved a "
+                signal_name = self.stop.name or "a stop signal (sent to another rank)"
+                self.logger.info(f"{signal_name} received: saved a "
                                  f"checkpoint at step {self.step}; exiting with code {PREEMPTED_EXIT} (continue with "
                                  f"--resume {self.run_dir} or --resume auto)")
                 return False
@@ -675,10 +680,10 @@ class Trainer:
         """True when any rank got a stop signal. Single process: checked every step. Distributed: one tiny
         all-reduce every 10 steps (so the step stays free of host syncs otherwise)."""
         if not self.dist.distributed:
-            return self.stop_requested
+            return bool(self.stop)
         if self.step % 10:
             return False
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.dist.device)
+        flag = torch.tensor([1.0 if self.stop else 0.0], device=self.dist.device)
         dist.all_reduce(flag)
         return flag.item() > 0
 
