@@ -301,24 +301,30 @@ def load_vae(vae, device):
 #################################################################################
 
 
-def write_digits_folder(root, size=32):
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as an ImageFolder of PNGs,
-    root/<digit>/<i>.png, upscaled (bicubic) to size x size. Written once: a complete folder is
-    left alone; the folder appears atomically (written next to it, then renamed)."""
-    if os.path.isdir(root):
-        return root
+def digits_images(size=32):
+    """(PIL images, labels): scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as grayscale
+    images upscaled (bicubic) to size x size, values 0..16 mapped to 0..255."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    images = [Image.fromarray((image * (255.0 / 16.0)).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
+              for image in digits.images]
+    return images, [int(t) for t in digits.target]
+
+
+def write_digits_folder(root, size=32):
+    """The digits (digits_images) as an ImageFolder of PNGs, root/<digit>/<i>.png. Written once: a
+    complete folder is left alone; the folder appears atomically (written next to it, then renamed)."""
+    if os.path.isdir(root):
+        return root
+    images, labels = digits_images(size)
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-digits-")
     try:
-        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        for i, (image, label) in enumerate(zip(images, labels)):
             os.makedirs(os.path.join(tmp, str(label)), exist_ok=True)
-            pixels = (image * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16 -> 0..255
-            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(
-                os.path.join(tmp, str(label), f"{i:04d}.png"))
+            image.save(os.path.join(tmp, str(label), f"{i:04d}.png"))
         os.rename(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -81,6 +81,11 @@ def decode(vae, latents, latent_scale):
     return vae.decode(latents / latent_scale).sample
 
 
+def to_uint8(images):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, as the reference sample_ddp.py."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
 def to_rgb(images):
     """(N, 3, H, W) for PNGs: 1 channel is repeated; other counts keep the first 3 (zero-padded)."""
     c = images.shape[1]
@@ -103,6 +108,12 @@ def image_generators(seed, indices):
     """One numpy generator per image, seeded from (seed, index) through SeedSequence (independent streams;
     torch's CPU generator would keep only 32 bits of a combined seed)."""
     return [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)]))) for i in indices]
+
+
+def image_labels(generators, num_classes):
+    """Each image's class label: the first draw of its generator (so labels, like images, depend only
+    on the image's index and the seed)."""
+    return [int(g.integers(num_classes)) for g in generators]
 
 
 def standard_normal(generators, shape, device):

@@ -1,0 +1,75 @@
+"""Score generated samples against a reference set with ADM's metrics (FID, sFID, Inception Score,
+precision, recall), in PyTorch; or, on a CPU, in the features of a digits classifier.
+
+    python evaluate.py samples/DiT-XL-2-....npz VIRTUAL_imagenet256_labeled.npz --inception-weights w.pth
+    python evaluate.py samples/DiT-S-4-....npz data/digits --features digits     # the digits demo
+    python evaluate.py my_samples/ /data/imagenet/val --image-size 256 --save-stats ref_stats.npz
+
+SAMPLES and REF are ADM .npz files (arr_0: uint8 N x H x W x 3) or folders of PNG/JPEG images. A REF
+holding `mu`, `sigma`, `mu_s`, `sigma_s` (ADM's reference batches) gives FID/sFID statistics as they are;
+precision and recall always use its images. With --features digits the metrics are the Frechet distance
+in the digits classifier's penultimate features (FD-digits), precision/recall there, and, when SAMPLES
+has class labels (arr_1, as sample_ddp.py writes), the classifier's accuracy on them. Definitions and
+the Inception layer mapping: evaluation.py.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from cli import COUNT
+from evaluation import DIGITS_CLASSIFIER, FEATURES, EvaluationError, Evaluator, summary_line
+from train_utils import write_json
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="generated images: an .npz (arr_0) or a folder of images")
+    p.add_argument("ref", help="reference images (.npz or folder); an .npz may hold precomputed mu/sigma/mu_s/sigma_s")
+    p.add_argument("--features", choices=FEATURES, default="inception",
+                   help="inception: ADM's metrics; digits: the digits classifier (CPU-sized demo)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: downloaded once)")
+    p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
+                   help="cached digits classifier (trained once, in seconds, when missing)")
+    p.add_argument("--batch-size", type=COUNT, default=64)
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    p.add_argument("--image-size", type=COUNT, default=None,
+                   help="ADM-center-crop folder images to N x N (needed when a folder's images differ in size)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--save-stats", default=None, metavar="PATH",
+                   help="write REF's images and statistics as an .npz in the layout of ADM's reference batches")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        evaluator = Evaluator(args.ref, features=args.features, inception_weights=args.inception_weights,
+                              digits_classifier=args.digits_classifier, batch_size=args.batch_size,
+                              device=args.device, image_size=args.image_size)
+        if args.save_stats:
+            print(f"saved reference statistics to {evaluator.save_stats(args.save_stats)}", file=sys.stderr)
+        metrics = evaluator(args.samples)
+    except EvaluationError as e:
+        raise SystemExit(f"error: {e}")
+    metrics.update(samples=os.path.abspath(args.samples), reference=os.path.abspath(args.ref),
+                   seconds=round(time.time() - start, 2))
+    print(summary_line(metrics))
+    if args.out:
+        write_json(args.out, metrics)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

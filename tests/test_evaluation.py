@@ -1,0 +1,378 @@
+"""Tests for evaluation.py and evaluate.py: every metric against an independent computation (closed
+forms, brute-force numpy of ADM's formulas), the Inception route end to end with random weights written
+here, the digits route, the readers and every bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import evaluation
+from evaluation import EvaluationError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spd(rng, d):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def sqrt_psd(m):
+    w, v = np.linalg.eigh(m)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics against independent computations
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_of_gaussians_in_closed_form():
+    rng = np.random.default_rng(0)
+    # Diagonal covariances: d^2 = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2.
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert evaluation.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # General covariances: tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), by eigendecompositions.
+    s1, s2 = spd(rng, 8), spd(rng, 8)
+    mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
+    r = sqrt_psd(s1)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_psd(r @ s2 @ r))
+    assert evaluation.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert abs(evaluation.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+    # A singular covariance still gives a finite distance (ADM's eps retry).
+    v = rng.standard_normal((8, 1))
+    assert np.isfinite(evaluation.frechet_distance(mu1, v @ v.T, mu2, np.zeros((8, 8))))
+
+
+def test_feature_stats_are_numpy_mean_and_cov():
+    acts = np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32)
+    mu, sigma = evaluation.feature_stats(acts)
+    np.testing.assert_allclose(mu, acts.astype(np.float64).mean(0), rtol=1e-12)
+    centred = acts.astype(np.float64) - acts.mean(0, dtype=np.float64)
+    np.testing.assert_allclose(sigma, centred.T @ centred / 49, rtol=1e-10)
+
+
+def numpy_inception_score(logits, split):
+    """ADM's formula written out with loops."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(p), split):
+        part = p[start:start + split]
+        py = part.mean(0)
+        kl = [sum(part[i, c] * (np.log(part[i, c]) - np.log(py[c])) for c in range(p.shape[1])) for i in range(len(part))]
+        scores.append(np.exp(np.mean(kl)))
+    return np.mean(scores)
+
+
+def test_inception_score_matches_brute_force_numpy():
+    logits = np.random.default_rng(2).standard_normal((23, 7)) * 3
+    assert evaluation.inception_score(logits, split_size=10) == pytest.approx(numpy_inception_score(logits, 10), rel=1e-10)
+    # Limits: identical predictions score 1; confident predictions spread evenly over K classes score ~K.
+    assert evaluation.inception_score(np.zeros((10, 5))) == pytest.approx(1.0)
+    assert evaluation.inception_score(np.eye(5)[np.arange(50) % 5] * 60.0) == pytest.approx(5.0, rel=1e-6)
+
+
+def brute_force_pr(ref, smp, k=3):
+    """Precision/recall with explicit loops in float64: radius = squared distance to the k-th nearest
+    other point of the same set; a point counts when within the radius of any point of the other set."""
+    def sq(a, b):
+        return float(np.sum((a - b) ** 2))
+
+    def radii(x):
+        return [sorted(sq(x[i], x[j]) for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))]
+
+    r_ref, r_smp = radii(ref), radii(smp)
+    precision = np.mean([any(sq(s, ref[j]) <= r_ref[j] for j in range(len(ref))) for s in smp])
+    recall = np.mean([any(sq(r, smp[j]) <= r_smp[j] for j in range(len(smp))) for r in ref])
+    return precision, recall
+
+
+def test_precision_recall_match_brute_force_numpy():
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((40, 5)).astype(np.float32)
+    smp = (rng.standard_normal((30, 5)) * 1.5 + 0.7).astype(np.float32)  # shifted, wider: neither metric is 1
+    expected = brute_force_pr(ref.astype(np.float64), smp.astype(np.float64))
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    for block in (10_000, 7):  # one block, and many blocks of uneven size
+        got = evaluation.precision_recall(ref, smp, block=block, dtype=torch.float32)
+        assert got == pytest.approx(expected, abs=1e-12)
+    # ADM's float16 distances: within a point or two of the exact answer.
+    p16, r16 = evaluation.precision_recall(ref, smp)
+    assert abs(p16 - expected[0]) <= 2 / 30 and abs(r16 - expected[1]) <= 2 / 40
+    # The same set: every point lies within its own radius.
+    assert evaluation.precision_recall(ref, ref, dtype=torch.float32) == (1.0, 1.0)
+
+
+def test_squared_distances_fall_back_to_float32_on_overflow():
+    rng = np.random.default_rng(4)
+    u, v = torch.from_numpy(rng.standard_normal((5, 64)) * 100).float(), torch.from_numpy(rng.standard_normal((6, 64)) * 100).float()
+    d = evaluation.squared_distances(u, v)  # |u|^2 ~ 6e5 > float16's 65504
+    assert torch.isfinite(d).all()
+    expected = ((u[:, None, :].double() - v[None, :, :].double()) ** 2).sum(-1)
+    torch.testing.assert_close(d.double(), expected, rtol=1e-4, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_npz_reader_streams_batches_equal_to_np_load(tmp_path):
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (10, 6, 5, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 10)
+    for compressed in (False, True):
+        path = str(tmp_path / f"s{compressed}.npz")
+        (np.savez_compressed if compressed else np.savez)(path, images, labels)
+        source = evaluation.open_images(path)
+        assert source.num == 10
+        np.testing.assert_array_equal(source.labels, labels)
+        for b in (1, 3, 100):
+            np.testing.assert_array_equal(np.concatenate(list(source.batches(b))), np.load(path)["arr_0"])
+
+
+def test_float_images_in_range_are_rounded(tmp_path):
+    images = np.random.default_rng(6).uniform(0, 255, (4, 3, 3, 3))
+    path = str(tmp_path / "f.npz")
+    np.savez(path, images)
+    (batch,) = evaluation.open_images(path).batches(10)
+    np.testing.assert_array_equal(batch, np.round(images).astype(np.uint8))
+
+
+def test_folder_reader_is_recursive_sorted_and_crops_on_request(tmp_path):
+    rng = np.random.default_rng(7)
+    arrays = {}
+    for name in ("b/2.png", "a/1.jpg", "a/0.png", "c.png"):
+        os.makedirs(os.path.dirname(str(tmp_path / name)), exist_ok=True)
+        arrays[name] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(arrays[name]).save(tmp_path / name, quality=100)
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = evaluation.open_images(str(tmp_path))
+    assert [os.path.relpath(f, tmp_path) for f in source.files] == ["a/0.png", "a/1.jpg", "b/2.png", "c.png"]
+    batch = np.concatenate(list(source.batches(3)))
+    np.testing.assert_array_equal(batch[0], arrays["a/0.png"])
+    np.testing.assert_array_equal(batch[3], arrays["c.png"])
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "d.png")
+    with pytest.raises(EvaluationError, match="--image-size"):
+        list(evaluation.open_images(str(tmp_path)).batches(10))
+    cropped = np.concatenate(list(evaluation.open_images(str(tmp_path), image_size=4).batches(10)))
+    assert cropped.shape == (5, 4, 4, 3)
+
+
+def save_npz(tmp_path, name, *arrays, **named):
+    path = str(tmp_path / name)
+    np.savez(path, *arrays, **named)
+    return path
+
+
+BAD_ARRAYS = [
+    (np.zeros((4, 8, 8), np.uint8), "N x H x W x 3"),
+    (np.zeros((4, 3, 8, 8), np.uint8), "transpose"),
+    (np.zeros((4, 8, 8, 4), np.uint8), "3 channels"),
+    (np.full((4, 8, 8, 3), 300.0), r"\[0, 255\]"),
+    (np.full((4, 8, 8, 3), -1.0, np.float32), "127.5"),
+    (np.zeros((4, 8, 8, 3), np.complex64), "dtype"),
+    (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
+]
+
+
+@pytest.mark.parametrize("array,message", BAD_ARRAYS)
+def test_bad_arrays_are_clear_errors(tmp_path, array, message):
+    path = save_npz(tmp_path, "bad.npz", array)
+    with pytest.raises(EvaluationError, match=message) as e:
+        source = evaluation.open_images(path)
+        list(source.batches(2))
+    assert "bad.npz" in str(e.value)
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(EvaluationError, match="no such file"):
+        evaluation.open_images(str(tmp_path / "missing.npz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="no .png"):
+        evaluation.open_images(str(tmp_path / "empty"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(EvaluationError, match="not a readable .npz"):
+        evaluation.open_images(str(tmp_path / "junk.npz"))
+    with pytest.raises(EvaluationError, match="no 'arr_0'"):
+        evaluation.open_images(save_npz(tmp_path, "named.npz", images=np.zeros((2, 4, 4, 3), np.uint8)))
+    with pytest.raises(EvaluationError, match="Python objects"):
+        evaluation.open_images(save_npz(tmp_path, "obj.npz", np.array([{"a": 1}, None], dtype=object)))
+    truncated = save_npz(tmp_path, "t.npz", np.zeros((6, 4, 4, 3), np.uint8))
+    import zipfile
+    with zipfile.ZipFile(truncated) as z:
+        raw = z.read("arr_0.npy")
+    with zipfile.ZipFile(truncated, "w") as z:
+        z.writestr("arr_0.npy", raw[:-20])
+    with pytest.raises(EvaluationError, match="truncated"):
+        list(evaluation.open_images(truncated).batches(2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Inception route, with random weights
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images_npz(tmp_path_factory):
+    rng = np.random.default_rng(8)
+    path = str(tmp_path_factory.mktemp("npz") / "images.npz")
+    np.savez(path, rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception_evaluator(random_inception_weights, images_npz):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield evaluation.Evaluator(images_npz, inception_weights=random_inception_weights, batch_size=4, device="cpu",
+                                   progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_inception_features_shapes_layer_and_layout(inception_evaluator):
+    feats = inception_evaluator.ref_feats
+    assert feats["pool"].shape == (6, 2048) and feats["spatial"].shape == (6, 2023) and feats["logits"].shape == (6, 1008)
+    assert feats["pool"].std() > 1e-3  # the random network keeps a usable scale
+    # The spatial features are Mixed_6d.branch1x1's output (TF mixed_6/conv), first 7 channels, (H, W, C) order.
+    net = inception_evaluator.net.net
+    seen = {}
+    handle = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    x = torch.from_numpy(np.array(next(evaluation.open_images(inception_evaluator.ref.path).batches(2))))
+    x = x.permute(0, 3, 1, 2)
+    out = inception_evaluator.net(x)
+    handle.remove()
+    full = seen["out"].numpy()
+    assert full.shape == (2, 192, 17, 17)
+    for n, h, w, c in [(0, 0, 0, 0), (1, 16, 3, 6), (0, 5, 11, 2), (1, 16, 16, 6)]:
+        assert out["spatial"][n, (h * 17 + w) * 7 + c] == full[n, c, h, w]
+    # IS logits are pool_3 @ W without the bias.
+    torch.testing.assert_close(out["logits"], out["pool"] @ net.fc.weight.T)
+
+
+def test_inception_cli_fid_of_a_set_with_itself_is_zero_and_stats_in_adm_layout(random_inception_weights, images_npz,
+                                                                              tmp_path, capsys):
+    out, stats = str(tmp_path / "metrics.json"), str(tmp_path / "ref.npz")
+    evaluate.main([images_npz, images_npz, "--inception-weights", random_inception_weights, "--device", "cpu",
+                   "--out", out, "--batch-size", "3", "--save-stats", stats])
+    metrics = json.load(open(out))
+    for key in ("fid", "sfid", "inception_score", "precision", "recall", "num_samples", "num_reference"):
+        assert key in metrics
+    assert "FID" in capsys.readouterr().out
+    with np.load(stats) as f:
+        assert sorted(f.keys()) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+        assert f["mu"].shape == (2048,) and f["sigma_s"].shape == (2023, 2023)
+        np.testing.assert_array_equal(f["arr_0"], np.load(images_npz)["arr_0"])
+        arrays = dict(f)
+    # sqrtm of a rank-5 product of 2048 x 2048 matrices is exact only to ~sqrt(machine eps) relative
+    assert abs(metrics["fid"]) < 1e-5 * np.trace(arrays["sigma"])
+    assert abs(metrics["sfid"]) < 1e-5 * np.trace(arrays["sigma_s"])
+    assert metrics["precision"] == metrics["recall"] == 1.0
+    assert metrics["inception_score"] >= 1.0
+    assert (metrics["num_samples"], metrics["num_reference"], metrics["reference_stats"]) == (6, 6, "computed")
+    # Statistics of the wrong size are refused before any sample is read.
+    wrong = save_npz(tmp_path, "wrong.npz", arrays["arr_0"], mu=np.zeros(10), sigma=np.eye(10), mu_s=arrays["mu_s"],
+                     sigma_s=arrays["sigma_s"])
+    with pytest.raises(SystemExit, match="expected \\(2048,\\)"):
+        evaluate.main([images_npz, wrong, "--inception-weights", random_inception_weights, "--device", "cpu"])
+    with pytest.raises(SystemExit, match="no such file"):
+        evaluate.main([str(tmp_path / "nope.npz"), images_npz, "--inception-weights", random_inception_weights])
+
+
+def test_inception_weights_must_be_a_plain_state_dict(tmp_path, random_inception_weights):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled module: refused, never executed
+    with pytest.raises(EvaluationError, match="refusing to load"):
+        evaluation.InceptionFeatures(str(tmp_path / "module.pt"))
+    torch.save({"a": 1}, tmp_path / "plain.pt")
+    with pytest.raises(EvaluationError, match="not a plain state dict"):
+        evaluation.InceptionFeatures(str(tmp_path / "plain.pt"))
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
+    with pytest.raises(EvaluationError, match="not an InceptionV3 state dict"):
+        evaluation.InceptionFeatures(str(tmp_path / "linear.pt"))
+    with pytest.raises(EvaluationError, match="no checkpoint"):
+        evaluation.InceptionFeatures(str(tmp_path / "missing.pth"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The digits route
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_digits_classifier_is_accurate_cached_and_deterministic(digits_classifier):
+    stored = torch.load(digits_classifier, weights_only=True)
+    images, labels = evaluation.digits_data()
+    test = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))[:360]
+    model = evaluation.load_digits_classifier(digits_classifier)
+    with torch.no_grad():
+        accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
+    assert accuracy >= 0.97 and accuracy == pytest.approx(stored["held_out_accuracy"])
+    a, _ = evaluation.train_digits_classifier(epochs=1)
+    b, _ = evaluation.train_digits_classifier(epochs=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def digits_npz(tmp_path, name, rng, count=200, noise=False):
+    """Real digits (as the demo sees them, 16 x 16 RGB) with their labels, or uniform noise images."""
+    images, labels = evaluation.digits_data()
+    idx = rng.choice(len(labels), count, replace=False)
+    arr = ((images[idx, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1)
+    if noise:
+        arr = rng.integers(0, 256, arr.shape, dtype=np.uint8)
+    return save_npz(tmp_path, name, arr, labels[idx].numpy())
+
+
+def test_digits_route_separates_real_digits_from_noise(tmp_path, digits_classifier, capsys):
+    rng = np.random.default_rng(9)
+    ref = str(tmp_path / "digits")
+    import data
+    data.write_digits_folder(ref)  # the demo's 32 x 32 folder: center-cropped to 16 by the digits route
+    real, noise = digits_npz(tmp_path, "real.npz", rng), digits_npz(tmp_path, "noise.npz", rng, noise=True)
+    out = str(tmp_path / "m.json")
+    evaluate.main([real, ref, "--features", "digits", "--digits-classifier", digits_classifier, "--out", out])
+    good = json.load(open(out))
+    assert set(good) >= {"fd_digits", "precision", "recall", "accuracy", "num_samples", "num_reference"}
+    assert good["accuracy"] >= 0.97 and good["precision"] >= 0.9 and good["num_reference"] == 1797
+    assert "FD-digits" in capsys.readouterr().out
+    bad = evaluate.main([noise, ref, "--features", "digits", "--digits-classifier", digits_classifier])
+    assert bad["fd_digits"] > 10 * good["fd_digits"] and bad["precision"] < 0.1 and bad["accuracy"] < 0.5
+
+
+def test_reference_statistics_are_used_as_given(tmp_path, digits_classifier):
+    rng = np.random.default_rng(10)
+    ref, samples = digits_npz(tmp_path, "ref.npz", rng), digits_npz(tmp_path, "samples.npz", rng)
+    kwargs = dict(features="digits", digits_classifier=digits_classifier, device="cpu", progress=False)
+    ev = evaluation.Evaluator(ref, **kwargs)
+    base = ev(samples)
+    with np.load(ev.save_stats(str(tmp_path / "stats.npz"))) as f:
+        assert str(f["features"]) == "digits" and f["mu"].shape == (128,)
+        arrays = dict(f)
+    # Shift the stored mean: the distance moves by exactly |shift|^2 + 2 shift.(mu_ref - mu_samples).
+    shift = np.zeros(128)
+    shift[:3] = [1.0, -2.0, 0.5]
+    shifted = save_npz(tmp_path, "shifted.npz", arrays["arr_0"], mu=arrays["mu"] + shift, sigma=arrays["sigma"],
+                       features=arrays["features"])
+    got = evaluation.Evaluator(shifted, **kwargs)(samples)
+    mu_samples = evaluation.feature_stats(evaluation.Evaluator(samples, **kwargs).ref_feats["pool"])[0]
+    expected = base["fd_digits"] + shift @ shift + 2 * shift @ (arrays["mu"] - mu_samples)
+    assert got["reference_stats"] == "given" and got["fd_digits"] == pytest.approx(expected, rel=1e-9)
+    assert got["precision"] == base["precision"]  # precision/recall still from the reference's images
+    # Inception statistics (no 'features' entry, as in ADM's files) are not digits statistics: computed instead.
+    adm_like = save_npz(tmp_path, "adm.npz", arrays["arr_0"], mu=np.zeros(2048), sigma=np.eye(2048),
+                        mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    assert evaluation.Evaluator(adm_like, **kwargs)(samples)["reference_stats"] == "computed"
