@@ -387,11 +387,12 @@ class DigitsFeatures(nn.Module):
 
 
 def feature_network(features="inception", inception_weights=None, digits_classifier=DIGITS_CLASSIFIER):
-    if features == "inception":
-        return InceptionFeatures(inception_weights)
-    if features == "digits":
-        return DigitsFeatures(digits_classifier)
-    raise EvaluationError(f"unknown feature network {features!r}; choose one of {', '.join(FEATURES)}")
+    """The feature network by name. Built inside torch.random.fork_rng: creating its layers draws initial
+    weights, which must not move the caller's RNG (train.py's exact resume depends on it)."""
+    if features not in FEATURES:
+        raise EvaluationError(f"unknown feature network {features!r}; choose one of {', '.join(FEATURES)}")
+    with torch.random.fork_rng():
+        return InceptionFeatures(inception_weights) if features == "inception" else DigitsFeatures(digits_classifier)
 
 
 @torch.no_grad()

@@ -5,7 +5,14 @@
     python sample_ddp.py --ckpt results/000-DiT-S-2-none --num-fid-samples 1000          # one process
 
 Writes `<sample-dir>/<folder>/<index:06d>.png` and then `<sample-dir>/<folder>.npz` (uint8 N x H x W x 3
-under `arr_0`); the folder name records everything that determines the images.
+under `arr_0`, the class labels under `arr_1`, as ADM's class-conditional sampler stores them); the folder
+name records everything that determines the images. `--eval-ref REF` then scores the .npz against REF
+(evaluation.py: FID, sFID, IS, precision, recall; or --eval-features digits for the digits demo) and writes
+the metrics to `<sample-dir>/<folder>.metrics.json`:
+
+    torchrun --nproc_per_node=8 sample_ddp.py --eval-ref VIRTUAL_imagenet256_labeled.npz --inception-weights w.pth
+    python sample_ddp.py --ckpt results/000-DiT-S-4-layer-norm --num-fid-samples 1000 --eval-ref data/digits \
+        --eval-features digits
 
 Image i depends only on i, --global-seed and the flags: its label, starting noise and every DDPM step's
 noise come from its own generator (sample.image_generators), and images are drawn in fixed batches
@@ -33,11 +40,13 @@ from tqdm import tqdm
 
 from cli import COUNT, INDEX, NON_NEGATIVE
 from data import LATENT_SCALE, load_vae
+from evaluation import DIGITS_CLASSIFIER, FEATURES, EvaluationError, Evaluator, summary_line
 from diffusion import create_diffusion
-from sampling import (add_model_args, check_vae, decode, image_generators, load_for_sampling, prepare_guidance,
-                    sample_images, to_rgb)
+from sampling import (add_model_args, check_vae, decode, image_generators, image_labels, load_for_sampling,
+                      prepare_guidance, sample_images, to_rgb, to_uint8)
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed,
+    write_json,
 )
 
 
@@ -51,7 +60,18 @@ def parse_args(argv=None):
     p.add_argument("--global-seed", type=INDEX, default=0)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs (faster, as the reference; --no-tf32 for full fp32)")
+    g = p.add_argument_group("evaluation (rank 0, once the .npz is written)")
+    g.add_argument("--eval-ref", default=None, metavar="REF",
+                   help="score the samples against REF (an ADM reference batch .npz or a folder of images)")
+    g.add_argument("--eval-features", choices=FEATURES, default="inception",
+                   help="inception: ADM's metrics; digits: the digits classifier (the digits demo)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local copy of torch-fidelity's Inception weights (default: downloaded once)")
+    g.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH")
+    g.add_argument("--eval-batch-size", type=COUNT, default=64)
     args = p.parse_args(argv)
+    if args.eval_ref is not None and not os.path.exists(args.eval_ref):
+        p.error(f"--eval-ref {args.eval_ref}: no such file or folder")  # before hours of sampling
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         p.error("--per-proc-batch-size and --num-fid-samples must be positive")
     return args
@@ -106,14 +126,9 @@ def save_png(path, array):
     os.replace(tmp, path)
 
 
-def to_uint8(images):
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, as the reference."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-def create_npz(folder, num, path):
-    """Stream PNGs 0..num-1 into `path` as an .npz with one uint8 array `arr_0` (num, H, W, 3), without
-    holding them all in memory; written atomically."""
+def create_npz(folder, num, path, labels=None):
+    """Stream PNGs 0..num-1 into `path` as an .npz with the uint8 array `arr_0` (num, H, W, 3), without
+    holding them all in memory, and `labels` (int64, num) as `arr_1` when given; written atomically."""
 
     def write(f):
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -133,6 +148,9 @@ def create_npz(folder, num, path):
                     elif array.shape != shape:
                         raise SystemExit(f"{png_path(folder, i)} is {array.shape}, expected {shape}: delete it and rerun")
                     out.write(array.tobytes())
+            if labels is not None:
+                with zf.open("arr_1.npy", "w") as out:
+                    np.lib.format.write_array(out, np.asarray(labels, dtype=np.int64), allow_pickle=False)
 
     atomic_write(path, write)
     return path
@@ -145,7 +163,7 @@ def draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, a
     with StopFlag() as stop:
         for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
             generators = image_generators(args.global_seed, indices)
-            labels = torch.tensor([int(g.integers(model.num_classes)) for g in generators], device=d.device)
+            labels = torch.tensor(image_labels(generators, model.num_classes), device=d.device)
             samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
                                     clip_denoised=vae is None)
             images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float()))
@@ -158,6 +176,24 @@ def draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, a
                       f"the same command to draw the rest (exit code {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
                 raise SystemExit(PREEMPTED_EXIT)
     return written
+
+
+def evaluate_npz(path, out, args, device):
+    """Score the .npz against --eval-ref and write the metrics as JSON to `out`."""
+    start = time.time()
+    try:
+        evaluator = Evaluator(args.eval_ref, features=args.eval_features, inception_weights=args.inception_weights,
+                              digits_classifier=args.digits_classifier, batch_size=args.eval_batch_size,
+                              device=device)
+        metrics = evaluator(path)
+    except EvaluationError as e:
+        raise SystemExit(f"error: the samples are saved in {path}, but scoring them failed: {e}\n"
+                         f"fix that and score them with: python evaluate.py {path} {args.eval_ref}")
+    metrics.update(samples=os.path.abspath(path), reference=os.path.abspath(args.eval_ref),
+                   seconds=round(time.time() - start, 2))
+    write_json(out, metrics)
+    print(f"{summary_line(metrics)}\nwrote {out}", file=sys.stderr, flush=True)
+    return metrics
 
 
 def main(argv=None):
@@ -205,8 +241,11 @@ def main(argv=None):
               f"({d.world_size} process(es))", file=sys.stderr, flush=True)
     barrier()
     if d.is_main:
-        path = create_npz(folder, num, folder + ".npz")
-        print(f"saved {path} ({num} images)", file=sys.stderr, flush=True)
+        labels = image_labels(image_generators(args.global_seed, range(num)), model.num_classes)
+        path = create_npz(folder, num, folder + ".npz", labels)
+        print(f"saved {path} ({num} images, labels as arr_1)", file=sys.stderr, flush=True)
+        if args.eval_ref is not None:
+            evaluate_npz(path, folder + ".metrics.json", args, d.device)
     barrier()
     cleanup_distributed()
     return folder

@@ -24,7 +24,14 @@ diffusion with learned sigma, class dropout 0.1. Attention goes through scaled_d
 
 Runs: <--results-dir>/<index>-<model>-<normalization>/ with log.txt, config.json, checkpoints/<step>.pt
 and checkpoints/latest.pt (every --ckpt-every steps and at the end), samples/<step>.png (EMA sample grid
-every --sample-every steps) and, with --tensorboard, TensorBoard events. The loop is train_utils.Trainer:
+every --sample-every steps), metrics.jsonl (FID of the EMA model every --fid-every steps) and, with
+--tensorboard, TensorBoard events.
+
+FID during training: `--fid-every N --fid-ref REF` draws --fid-num-samples images from the EMA model
+(--fid-sampling-steps DDPM steps, guidance --fid-cfg-scale), sharded over the processes, and scores them
+against REF with evaluation.py (ADM's FID, sFID, IS, precision, recall; `--fid-features digits` for the
+demo). Image i depends only on i and --global-seed (as in sample_ddp.py), so the scores do not depend
+on the number of processes, and the training RNG is untouched (resume stays exact). The loop is train_utils.Trainer:
 exact resume (on CPU an interrupted run resumed with --resume ends with bitwise the weights of an
 uninterrupted one), and a clear stop on a NaN/inf loss that leaves the last good checkpoint alone.
 
@@ -35,11 +42,13 @@ no change (README, "Running on a cluster"). Sample scripts rebuild the model fro
 """
 
 import argparse
+import json
 import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -49,10 +58,15 @@ from data import (
     read_latents_index, vae_geometry, write_digits_folder,
 )
 from diffusion import create_diffusion
+from evaluation import (
+    DIGITS_CLASSIFIER, FEATURES, ArrayImages, EvaluationError, Evaluator, extract_features, feature_network, score,
+    summary_line,
+)
 from models import NORM_LAYERS, DiT_models, build_model_from_config
+from sampling import decode, image_generators, image_labels, sample_images, to_rgb, to_uint8
 from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
-    check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
+    check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger, gather_objects,
     ignore_stop_signals, load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
     resolve_resume, setup_distributed, write_json,
 )
@@ -75,7 +89,9 @@ DEMO = dict(
 RESUME_OVERRIDES = (
     "max_steps", "epochs", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_images", "cfg_scale",
     "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
-    "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir",
+    "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir", "fid_every", "fid_ref",
+    "fid_num_samples", "fid_cfg_scale", "fid_sampling_steps", "fid_features", "fid_batch_size", "inception_weights",
+    "digits_classifier",
 )
 # Flags that only steer this process; never saved in the config.
 RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm", "threads")
@@ -128,6 +144,19 @@ def build_parser():
     g.add_argument("--sample-images", type=COUNT, default=16, help="images in the sample grid")
     g.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance of the grid (1: none)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
+    g = p.add_argument_group("FID during training (EMA weights; metrics to log.txt, TensorBoard, <run>/metrics.jsonl)")
+    g.add_argument("--fid-every", type=INDEX, default=0, help="evaluate every N steps and at the end (0: never)")
+    g.add_argument("--fid-ref", default=None, metavar="REF",
+                   help="reference images: an ADM reference batch .npz or a folder of images")
+    g.add_argument("--fid-num-samples", type=COUNT, default=5000)
+    g.add_argument("--fid-cfg-scale", type=NON_NEGATIVE, default=1.5, help="1.5: the paper's FID protocol")
+    g.add_argument("--fid-sampling-steps", type=COUNT, default=250, help="DDPM steps")
+    g.add_argument("--fid-batch-size", type=COUNT, default=32, help="images per process per sampling batch")
+    g.add_argument("--fid-features", choices=FEATURES, default="inception",
+                   help="inception: ADM's metrics; digits: the digits classifier (for the digits demo)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local copy of torch-fidelity's Inception weights (default: downloaded once)")
+    g.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument("--threads", type=COUNT, default=None,
                    help="torch CPU threads per process (default: OMP_NUM_THREADS, else 1 for models under 10M "
@@ -151,6 +180,10 @@ def parse_args(argv=None):
     if args.no_layernorm:
         args.normalization = "none"
         explicit.add("normalization")
+    if args.fid_every and not args.fid_ref:
+        raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
+    if args.fid_ref and not os.path.exists(args.fid_ref):
+        raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
     return args, explicit
 
 
@@ -318,6 +351,71 @@ def make_sample_hook(trainer, args, vae, tensorboard):
     return hook
 
 
+def draw_fid_samples(ema, diffusion, args, vae, d, autocast):
+    """This process's share of the FID images: the fixed batches [k*B, (k+1)*B) of the --fid-num-samples
+    indices, dealt out to the ranks; image i from its own generator (sampling.image_generators), so the
+    set of images is the same for any number of processes. Returns (indices, uint8 images, labels)."""
+    n, b = args.fid_num_samples, args.fid_batch_size
+    mine = [range(s, min(s + b, n)) for s in range(0, n, b)][d.rank::d.world_size]
+    cfg_scale = args.fid_cfg_scale if args.class_dropout_prob > 0 else 1.0
+    indices, images, labels = [], [], []
+    for batch in mine:
+        generators = image_generators(args.global_seed, batch)
+        y = image_labels(generators, args.num_classes)
+        with autocast():
+            x = sample_images(ema, diffusion, torch.tensor(y, device=d.device), generators, cfg_scale,
+                              clip_denoised=vae is None)
+        images.append(to_uint8(to_rgb(decode(vae, x.float(), args.latent_scale).float())))
+        indices += list(batch)
+        labels += y
+    return indices, (np.concatenate(images) if images else None), labels
+
+
+def make_fid_hook(trainer, args, vae, tensorboard):
+    """Trainer hook: the EMA model's FID (and the other metrics of evaluation.py) on every rank's share of
+    --fid-num-samples images; rank 0 scores them against --fid-ref (its features computed once, here)
+    and writes log.txt, TensorBoard and <run>/metrics.jsonl. Runs inside torch.random.fork_rng."""
+    d = trainer.dist
+    try:
+        evaluator = (Evaluator(args.fid_ref, features=args.fid_features, inception_weights=args.inception_weights,
+                               digits_classifier=args.digits_classifier, device=d.device, progress=False)
+                     if d.is_main else None)
+    except EvaluationError as e:
+        raise SystemExit(f"--fid-ref: {e}")
+    barrier()  # rank 0 may have written the digits classifier or downloaded the Inception weights
+    net = evaluator.net if d.is_main else feature_network(args.fid_features, args.inception_weights,
+                                                          args.digits_classifier).to(d.device)
+    diffusion = create_diffusion(str(args.fid_sampling_steps))
+    path = os.path.join(trainer.run_dir, "metrics.jsonl")
+
+    def hook(step):
+        t0 = time.time()
+        with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+            indices, images, labels = draw_fid_samples(trainer.ema, diffusion, args, vae, d, trainer.autocast)
+            feats = extract_features(ArrayImages(images), net, device=d.device, progress=False) if indices else None
+        shares = gather_objects((indices, feats, labels))
+        if d.is_main:
+            order = np.argsort(np.concatenate([s[0] for s in shares if s[0]]))
+            parts = [s for s in shares if s[0]]
+            merged = {k: None if parts[0][1][k] is None else np.concatenate([p[1][k] for p in parts])[order]
+                      for k in parts[0][1]}
+            y = np.concatenate([p[2] for p in parts])[order]
+            metrics = score(merged, evaluator.ref_feats, evaluator.ref_stats, y, args.fid_features, d.device)
+            row = {"kind": "fid", "step": step, "weights": "ema", **metrics, "sampling_steps": args.fid_sampling_steps,
+                   "cfg_scale": args.fid_cfg_scale, "seconds": round(time.time() - t0, 2)}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if tensorboard is not None:
+                for key, value in metrics.items():
+                    if isinstance(value, float):
+                        tensorboard.add_scalar(f"eval/{key}", value, step)
+            trainer.logger.info(f"eval at step {step} (EMA, {args.fid_sampling_steps} DDPM steps, cfg "
+                                f"{args.fid_cfg_scale}, {time.time() - t0:.1f}s): {summary_line(metrics)}")
+        barrier()
+
+    return hook
+
+
 #################################################################################
 #                                   Main                                        #
 #################################################################################
@@ -373,15 +471,16 @@ def make_loader(args, d, local_batch):
 def make_vae(args, d, channels):
     """The VAE that encodes batches on the fly, or (training from latents) only decodes the sample
     grids on rank 0; None when there is nothing for it to do."""
-    if args.vae == "none" or (args.latents_dir and not (args.sample_every > 0 and d.is_main)):
+    decodes = (args.sample_every > 0 and d.is_main) or args.fid_every > 0  # grids on rank 0, FID on every rank
+    if args.vae == "none" or (args.latents_dir and not decodes):
         return None
     try:
         vae = load_vae(args.vae, d.device)
     except SystemExit as e:
         if not args.latents_dir:
             raise
-        raise SystemExit(f"{e}\nTraining from latents needs the VAE only to decode the sample grids: pass "
-                         f"--vae PATH (a local copy) or --sample-every 0")
+        raise SystemExit(f"{e}\nTraining from latents needs the VAE only to decode the sample grids and FID "
+                         f"samples: pass --vae PATH (a local copy), or --sample-every 0 and --fid-every 0")
     if vae.config.latent_channels != channels:
         raise SystemExit(f"the VAE {args.vae} has {vae.config.latent_channels} latent channels; "
                          f"the latents have {channels}")
@@ -464,6 +563,8 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
         hooks = []
         if args.sample_every > 0:
             hooks = [(args.sample_every, make_sample_hook(trainer, args, vae, tensorboard))]
+        if args.fid_every > 0:
+            hooks.append((args.fid_every, make_fid_hook(trainer, args, vae, tensorboard)))
         try:
             finished = trainer.fit(stream, max_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
                                    hooks=hooks, tensorboard=tensorboard, extra_state=stream.state)
@@ -479,7 +580,7 @@ def train(args, d, local_batch, factor, channels, ckpt, run_dir):
             raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
         if d.is_main:
             logger.info(f"done: step {trainer.step}, checkpoint {os.path.join(run_dir, 'checkpoints', 'latest.pt')}")
-            if hooks and hooks[0][1].last_path:
+            if args.sample_every > 0 and hooks[0][1].last_path:
                 logger.info(f"EMA sample grid: {hooks[0][1].last_path}")
         return run_dir
 

@@ -91,6 +91,15 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def gather_objects(obj):
+    """Every rank's picklable `obj`, as a list in rank order, on every rank ([obj] when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def check_global_batch(global_batch_size, world_size):
     """The global batch is split evenly over the processes; refuse a split that is not exact."""
     if global_batch_size % world_size:

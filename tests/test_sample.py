@@ -2,6 +2,7 @@
 
 import argparse
 import io
+import json
 import os
 import subprocess
 import sys
@@ -397,8 +398,9 @@ def test_sample_ddp_npz_resume_and_world_size_2(tmp_path, ckpt, capsys):
     assert os.path.basename(folder) == "DiT-S-2-ckpt-ema-layer-norm-size-8-vae-none-cfg-2.0-ddpm-4-seed-0"
     arr = npz_of(folder)
     assert arr.shape == (11, 8, 8, 3) and arr.dtype == np.uint8
-    with np.load(folder + ".npz") as f:
-        assert list(f.keys()) == ["arr_0"]
+    with np.load(folder + ".npz") as f:  # labels as arr_1, as ADM's class-conditional sampler writes them
+        assert list(f.keys()) == ["arr_0", "arr_1"] and f["arr_1"].dtype == np.int64
+        np.testing.assert_array_equal(f["arr_1"], sampling.image_labels(sampling.image_generators(0, range(11)), 10))
     for i in (0, 10):
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))), arr[i])
     assert len({arr[i].tobytes() for i in range(11)}) == 11
@@ -423,6 +425,24 @@ def test_sample_ddp_npz_resume_and_world_size_2(tmp_path, ckpt, capsys):
     assert "2 process(es)" in run.stderr
     two = os.path.join(tmp_path / "two", os.path.basename(folder))
     np.testing.assert_array_equal(npz_of(two), arr)
+
+
+def test_sample_ddp_eval_ref_scores_the_npz(tmp_path, ckpt, digits_classifier, capsys):
+    import evaluation
+
+    images, labels = evaluation.digits_data()
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, ((images[:40, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1))
+    folder = sample_ddp.main(["--ckpt", ckpt[0], "--sample-dir", str(tmp_path), *DDP_FLAGS, "--eval-ref", ref,
+                              "--eval-features", "digits", "--digits-classifier", digits_classifier])
+    metrics = json.load(open(folder + ".metrics.json"))
+    assert metrics["num_samples"] == 11 and metrics["num_reference"] == 40 and metrics["features"] == "digits"
+    assert 0.0 <= metrics["accuracy"] <= 1.0  # scored against the labels sample_ddp stored as arr_1
+    assert metrics == {**metrics, **evaluation.evaluate(folder + ".npz", ref, features="digits", device="cpu",
+                                                        digits_classifier=digits_classifier, progress=False)}
+    assert "FD-digits" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a missing reference is caught before any sampling
+        sample_ddp.parse_args(["--ckpt", ckpt[0], "--eval-ref", str(tmp_path / "missing.npz")])
 
 
 def test_sample_ddp_helpers():

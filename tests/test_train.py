@@ -150,9 +150,10 @@ def test_train_with_local_vae_writes_a_rebuildable_checkpoint(tmp_path, image_fo
         assert text in log
 
 
-def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_dir):
+def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_dir, digits_classifier):
     out = torchrun(29531, "train.py", *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path),
-                   "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1", "--debug-save-rank-weights")
+                   "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1", "--debug-save-rank-weights",
+                   *fid_flags(image_folder, digits_classifier, every=1))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     run_dir = only_run(tmp_path)
     ckpt = train_utils.load_checkpoint(run_dir)
@@ -161,6 +162,9 @@ def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_d
     assert_same_weights({"model": ranks[0]}, {"model": ranks[1]}, keys=("model",))
     assert_same_weights({"model": ranks[0]}, ckpt, keys=("model",))
     assert ranks[0]["final_layer.linear.weight"].abs().sum() > 0  # zero at init: the step did update it
+    # FID sharded over both ranks (batches of 2: rank 0 draws images 0, 1, 4; rank 1 images 2, 3), scored once
+    (row,) = fid_rows(run_dir)
+    assert row["step"] == 1 and row["num_samples"] == 5
 
 
 def test_extract_then_train_from_latents(tmp_path, image_folder, vae_dir, monkeypatch):
@@ -208,11 +212,29 @@ def test_extract_then_train_from_latents(tmp_path, image_folder, vae_dir, monkey
     assert (config["vae"], config["image_size"], config["input_size"], config["in_channels"]) == (vae_dir, 16, 8, 4)
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, image_folder, vae_dir, monkeypatch):
-    # 12 images / batch 4 = 3 steps per epoch: the crash (after step 4's checkpoint) is mid-epoch
+def fid_flags(ref, classifier, every=3):
+    """FID during training on the digits route (fast on a CPU): 5 images, 2 DDPM steps."""
+    return ("--fid-every", str(every), "--fid-ref", ref, "--fid-features", "digits", "--digits-classifier", classifier,
+            "--fid-num-samples", "5", "--fid-sampling-steps", "2", "--fid-batch-size", "2")
+
+
+def fid_rows(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, image_folder, vae_dir, monkeypatch,
+                                                           digits_classifier):
+    # 12 images / batch 4 = 3 steps per epoch: the crash (after step 4's checkpoint) is mid-epoch. FID is on
+    # (steps 3, 6 and the last): its sampling must not disturb the training RNG.
     args = ("--vae", vae_dir, "--max-steps", "7", "--ckpt-every", "2", "--sample-every", "3", "--sample-steps", "2",
-            "--sample-images", "3", "--num-workers", "1")
+            "--sample-images", "3", "--num-workers", "1", *fid_flags(image_folder, digits_classifier))
     full = run(tmp_path / "full", image_folder, *args)
+    rows = fid_rows(full)
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    assert all(r["kind"] == "fid" and r["weights"] == "ema" and r["num_samples"] == 5 for r in rows)
+    assert all(np.isfinite(r["fd_digits"]) and 0 <= r["precision"] <= 1 for r in rows)
+    assert "eval at step 6 (EMA, 2 DDPM steps" in open(os.path.join(full, "log.txt")).read()
 
     real_step = train_utils.Trainer.train_step
 
@@ -237,6 +259,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, image_folde
         assert all(torch.equal(x[k], y[k]) for k in x)
     for name in ("0000006.png", "0000007.png"):  # grids drawn after the resume match too
         assert open(os.path.join(full, "samples", name), "rb").read() == open(os.path.join(cut, "samples", name), "rb").read()
+    assert fid_rows(cut) == rows  # step 3 before the crash, 6 and 7 after the resume: the same scores
 
 
 def test_resume_refuses_a_contradicting_flag(tmp_path, image_folder):
@@ -500,6 +523,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folde
     (["--num-classes", "2", "--vae", "none"], "has 3 classes but --num-classes is 2"),
     (["--vae", "none", "--global-batch-size", "64"], "fewer than one global batch of 64"),
     (["--vae", "/no/such/vae"], "is not a directory"),
+    (["--vae", "none", "--fid-every", "2"], "--fid-every needs --fid-ref"),
+    (["--vae", "none", "--fid-every", "2", "--fid-ref", "/no/such/ref.npz"], "--fid-ref /no/such/ref.npz: no such file"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, image_folder, extra, message):
     with pytest.raises(SystemExit, match=message):
