@@ -2,15 +2,19 @@
 
   1. Toy identity study: train_toy.py for every variant and seed (the same CPU preset and seeds as
      `make toy`), sample errors at each evaluated step.
-  2. Digits demo: train.py's built-in demo (pixel-space DiT on scikit-learn's digits) for every variant,
-     shortened to --digits-steps, then the final training loss and the embedding-outlier statistics of
-     analyze_embeddings.py on the trained EMA weights.
+  2. Digits demo: train.py's built-in demo (pixel-space DiT on scikit-learn's digits) for every variant
+     and seed, shortened to --digits-steps; then the quality of its samples (sample_ddp.py --eval-ref
+     data/digits --eval-features digits: FD-digits, precision, recall and the digits classifier's accuracy
+     on the intended labels, evaluation.py), the final training loss and, for the first seed, the
+     embedding-outlier statistics of analyze_embeddings.py on the trained EMA weights. A finished run or
+     scored sample set is reused by a rerun.
 
 Writes to --out (results/ablation/): summary.md (both tables), summary.json, toy_errors.png (toy error
 per variant), and the outlier plots of the digits models under outliers/.
 
-    python ablation.py                                   # all variants, seed 0, about 30 min on 2 CPU cores
+    python ablation.py                                   # all variants, seed 0, about 35 min on 2 CPU cores
     python ablation.py --variants layer-norm dyt --seeds 0 1 2
+    python ablation.py --skip-toy --seeds 0 1 2          # the digits quality table alone
 """
 
 import argparse
@@ -20,13 +24,17 @@ import statistics
 import sys
 import time
 
-import matplotlib.pyplot as plt
+import glob
 
-from cli import COUNT, INDEX
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cli import COUNT, INDEX, NON_NEGATIVE
+from evaluation import Evaluator, digits_data
 from jobs import run_jobs
 from models import NORM_LAYERS
 from toy import final_loss, load_config, load_metrics, summarize, train_runs
-from train_utils import newest_run
+from train_utils import load_checkpoint, newest_run
 
 VARIANTS = ["layer-norm", "none", "rms-norm", "dyt"]
 COLORS = {"layer-norm": "tab:red", "none": "tab:blue", "rms-norm": "tab:green", "dyt": "tab:purple"}
@@ -86,13 +94,71 @@ def plot_toy(runs, path):
 # 2. Digits demo + outliers
 # ---------------------------------------------------------------------------------------------------
 
-def run_digits(variants, steps, parallel, results_dir, log_dir):
-    """The digits demo for every variant (jobs.py, logs only); returns the run directories."""
-    cmds = [[sys.executable, "train.py", "--demo", "--normalization", v, "--max-steps", str(steps),
-             "--results-dir", results_dir, "--sample-every", "0"] for v in variants]
-    print(f"[ablation] digits demo: {len(cmds)} runs of {steps} steps", flush=True)
+def finished_run(results_dir, variant, seed, steps):
+    """The newest digits run of this variant and seed that reached `steps`, or None."""
+    run = newest_run(results_dir, {"normalization": variant, "max_steps": steps, "global_seed": seed})
+    return run if run and load_checkpoint(run, mmap=True)["step"] >= steps else None
+
+
+def run_digits(variants, seeds, steps, parallel, results_dir, log_dir):
+    """The digits demo for every variant and seed (jobs.py, logs only), skipping finished runs; returns
+    [(variant, seed, run directory)]."""
+    todo = [(v, s) for s in seeds for v in variants if not finished_run(results_dir, v, s, steps)]
+    cmds = [[sys.executable, "train.py", "--demo", "--normalization", v, "--global-seed", str(s), "--max-steps",
+             str(steps), "--results-dir", results_dir, "--sample-every", "0"] for v, s in todo]
+    print(f"[ablation] digits demo: {len(cmds)} runs of {steps} steps "
+          f"({len(variants) * len(seeds) - len(cmds)} already done)", flush=True)
     run_jobs(cmds, parallel, log_dir)
-    return [newest_run(results_dir, {"normalization": v, "max_steps": steps}) for v in variants]
+    return [(v, s, finished_run(results_dir, v, s, steps)) for s in seeds for v in variants]
+
+
+def score_digits(runs, args, sample_root, log_dir):
+    """Sample every digits run (sample_ddp.py, one sample folder per run) and score the samples against the
+    digits (FD-digits, precision, recall, accuracy); returns {run: metrics}. Scored runs are not redone."""
+    cmds, folders = [], {}
+    for _, _, run in runs:
+        folders[run] = os.path.join(sample_root, os.path.basename(run))
+        if not glob.glob(os.path.join(folders[run], "*.metrics.json")):
+            cmds.append([sys.executable, "sample_ddp.py", "--ckpt", run, "--device", "cpu", "--sample-dir", folders[run],
+                         "--num-fid-samples", str(args.quality_samples), "--per-proc-batch-size", "250",
+                         "--num-sampling-steps", str(args.quality_steps), "--cfg-scale", str(args.quality_cfg),
+                         "--eval-ref", args.digits_ref, "--eval-features", "digits"])
+    print(f"[ablation] digits quality: sampling {len(cmds)} runs ({args.quality_samples} images, "
+          f"{args.quality_steps} DDPM steps, cfg {args.quality_cfg})", flush=True)
+    run_jobs(cmds, args.parallel, log_dir)
+    out = {}
+    for run, folder in folders.items():
+        (path,) = glob.glob(os.path.join(folder, "*.metrics.json"))
+        with open(path) as f:
+            out[run] = json.load(f)
+    return out
+
+
+def real_digits_floor(args, seed=0):
+    """The metrics of real digits against the same reference: a random set of --quality-samples of the
+    1,797 digits (drawn with replacement when more are asked for), the floor a perfect model would reach."""
+    images, labels = digits_data()
+    idx = np.random.default_rng(seed).choice(len(labels), args.quality_samples, replace=args.quality_samples > len(labels))
+    arr = ((images[idx, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1)
+    return Evaluator(args.digits_ref, features="digits", device="cpu", progress=False)(arr, labels[idx].numpy())
+
+
+QUALITY = ("fd_digits", "precision", "recall", "accuracy")
+
+
+def quality_table(runs, scores):
+    """Per variant: each quality metric and the final training loss, mean and range over seeds."""
+    table = {}
+    for variant, seed, run in runs:
+        row = table.setdefault(variant, {"seeds": [], **{k: [] for k in (*QUALITY, "final_loss")}})
+        row["seeds"].append(seed)
+        for k in QUALITY:
+            row[k].append(scores[run][k])
+        row["final_loss"].append(final_loss(run))
+    for row in table.values():
+        for k in (*QUALITY, "final_loss"):
+            row[k] = dict(mean=statistics.fmean(row[k]), min=min(row[k]), max=max(row[k]), values=row[k])
+    return table
 
 
 def outlier_table(stats_path):
@@ -119,24 +185,40 @@ def fmt(x):
     return f"{x:.2e}" if isinstance(x, float) else str(x)
 
 
-def write_summary(out, toy, digits, args):
+def spread(d, digits=3):
+    return f"{d['mean']:.{digits}g} [{d['min']:.{digits}g}, {d['max']:.{digits}g}]"
+
+
+def quality_lines(quality, floor, args):
+    """The digits quality table (markdown lines)."""
+    lines = ["## Digits demo: sample quality (EMA weights; mean [min, max] over seeds)", "",
+             f"{args.quality_samples} samples per run ({args.quality_steps} DDPM steps, guidance {args.quality_cfg}), "
+             f"scored against the 1,797 digits in the features of the digits classifier (evaluation.py): FD-digits "
+             f"(Frechet distance, lower is better), precision and recall (k = 3), and the classifier's accuracy on the "
+             f"labels the samples were drawn for. Seeds {args.seeds}.", "",
+             "| variant | seeds | FD-digits | precision | recall | accuracy | final train loss |",
+             "|---|---:|---|---|---|---|---|"]
+    for v in args.variants:
+        if v in quality:
+            q = quality[v]
+            lines.append(f"| {v} | {len(q['seeds'])} | {spread(q['fd_digits'])} | {spread(q['precision'])} | "
+                         f"{spread(q['recall'])} | {spread(q['accuracy'])} | {spread(q['final_loss'])} |")
+    if floor:
+        lines.append(f"| real digits | - | {floor['fd_digits']:.3g} | {floor['precision']:.3g} | {floor['recall']:.3g} | "
+                     f"{floor['accuracy']:.3g} | - |")
+        lines += ["", f"The last row scores {args.quality_samples} real digits drawn from the reference itself: the "
+                      f"floor a perfect model would reach with this many samples."]
+    return lines + [""]
+
+
+def write_summary(out, toy, digits, args, quality=None, floor=None):
     lines = ["# Normalization ablation", "",
              f"Variants: {', '.join(args.variants)}; toy seeds {args.seeds} (the `make toy` CPU preset); "
-             f"digits demo {args.digits_steps} steps per variant, seed 0.", "",
-             "## Toy identity study (error of the samples, target 0; last evaluated step)", "",
-             "| variant | step | seeds | EMA RMS (mean [min, max]) | EMA max abs | raw RMS | RMS / layer-norm | final train loss |",
-             "|---|---:|---:|---|---|---|---:|---|"]
-    base = toy.get("layer-norm", {}).get("ema_rms", {}).get("mean")
-    for v in args.variants:
-        if v not in toy:
-            continue
-        r = toy[v]
-        ratio = f"{r['ema_rms']['mean'] / base:.2f}" if base else "- (no layer-norm run)"
-        rms = r["ema_rms"]
-        lines.append(f"| {v} | {r['step']} | {r['seeds']} | {rms['mean']:.2e} [{rms['min']:.2e}, {rms['max']:.2e}] | "
-                     f"{r['ema_max_abs']['mean']:.2e} | {r['raw_rms']['mean']:.2e} | {ratio} | {fmt(r['final_loss'])} |")
-    lines += ["", "![toy error per variant](toy_errors.png)", "",
-              "## Digits demo (pixel-space DiT, EMA weights)", "",
+             f"digits demo {args.digits_steps} steps per variant and seed (seeds {args.seeds}).", ""]
+    if toy:
+        lines += toy_lines(toy, args)
+    lines += [*(quality_lines(quality, floor, args) if quality else []),
+              "## Digits demo: outliers (pixel-space DiT, EMA weights, first seed)", "",
               "Outlier statistics over all blocks and analysed timesteps (the largest value of each): max |x| of the "
               "token embeddings, max/median ratio per token (mean over tokens), kurtosis of channel RMS, and the count "
               "of massive activations (|x| > 100 and > 1000 x median).", "",
@@ -152,9 +234,26 @@ def write_summary(out, toy, digits, args):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"toy": toy, "digits": digits, "variants": args.variants, "seeds": args.seeds,
-                   "digits_steps": args.digits_steps}, f, indent=2)
+        json.dump({"toy": toy, "digits": digits, "quality": quality, "real_digits": floor, "variants": args.variants,
+                   "seeds": args.seeds, "digits_steps": args.digits_steps}, f, indent=2)
     return text
+
+
+def toy_lines(toy, args):
+    """The toy table (markdown lines)."""
+    lines = ["## Toy identity study (error of the samples, target 0; last evaluated step)", "",
+             "| variant | step | seeds | EMA RMS (mean [min, max]) | EMA max abs | raw RMS | RMS / layer-norm | final train loss |",
+             "|---|---:|---:|---|---|---|---:|---|"]
+    base = toy.get("layer-norm", {}).get("ema_rms", {}).get("mean")
+    for v in args.variants:
+        if v not in toy:
+            continue
+        r = toy[v]
+        ratio = f"{r['ema_rms']['mean'] / base:.2f}" if base else "- (no layer-norm run)"
+        rms = r["ema_rms"]
+        lines.append(f"| {v} | {r['step']} | {r['seeds']} | {rms['mean']:.2e} [{rms['min']:.2e}, {rms['max']:.2e}] | "
+                     f"{r['ema_max_abs']['mean']:.2e} | {r['raw_rms']['mean']:.2e} | {ratio} | {fmt(r['final_loss'])} |")
+    return lines + ["", "![toy error per variant](toy_errors.png)", ""]
 
 
 def main(argv=None):
@@ -163,6 +262,11 @@ def main(argv=None):
     p.add_argument("--seeds", type=INDEX, nargs="+", default=[0])
     p.add_argument("--parallel", type=COUNT, default=2)
     p.add_argument("--digits-steps", type=COUNT, default=1500, help="training steps of each digits run")
+    p.add_argument("--quality-samples", type=COUNT, default=1000, help="samples per digits run for the quality table")
+    p.add_argument("--quality-steps", type=COUNT, default=100, help="DDPM steps of those samples")
+    p.add_argument("--quality-cfg", type=NON_NEGATIVE, default=1.0, help="their guidance scale (1: unguided)")
+    p.add_argument("--digits-ref", default=os.path.join("data", "digits"), help="the reference digits (train.py --demo "
+                                                                                 "writes them)")
     p.add_argument("--skip-toy", action="store_true")
     p.add_argument("--skip-digits", action="store_true")
     p.add_argument("--out", default="results/ablation")
@@ -170,21 +274,24 @@ def main(argv=None):
     plt.switch_backend("Agg")
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    toy, digits = {}, {}
+    toy, digits, quality, floor = {}, {}, None, None
     if not args.skip_toy:
         runs = run_toy(args.variants, args.seeds, args.parallel, os.path.join(args.out, "toy-runs"), toy_extra)
         toy = toy_table(runs)
         plot_toy(runs, os.path.join(args.out, "toy_errors.png"))
     if not args.skip_digits:
-        runs = run_digits(args.variants, args.digits_steps, args.parallel, os.path.join(args.out, "digits-runs"),
-                          os.path.join(args.out, "logs"))
-        run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", *runs, "--out", os.path.join(args.out, "outliers"),
+        runs = run_digits(args.variants, args.seeds, args.digits_steps, args.parallel,
+                          os.path.join(args.out, "digits-runs"), os.path.join(args.out, "logs"))
+        scores = score_digits(runs, args, os.path.join(args.out, "samples"), os.path.join(args.out, "logs", "quality"))
+        quality, floor = quality_table(runs, scores), real_digits_floor(args)
+        first = [run for _, seed, run in runs if seed == args.seeds[0]]
+        run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", *first, "--out", os.path.join(args.out, "outliers"),
                    "--batch-size", "32"]], 1, os.path.join(args.out, "logs", "outliers"), tags=["outliers"])
         table = outlier_table(os.path.join(args.out, "outliers", "stats.json"))
-        for run in runs:
+        for run in first:
             norm = load_config(run)["normalization"]
             digits[norm] = dict(run=run, final_loss=final_loss(run), **table.get(norm, {}))
-    print(write_summary(args.out, toy, digits, args))
+    print(write_summary(args.out, toy, digits, args, quality, floor))
     print(f"[ablation] wrote {args.out}/summary.md ({(time.time() - start) / 60:.1f} min)")
 
 
