@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cli import COUNT, INDEX, NON_NEGATIVE
-from evaluation import Evaluator, digits_data
+from evaluation import DIGITS_CLASSIFIER, Evaluator, digits_data
 from jobs import run_jobs
 from models import NORM_LAYERS
 from toy import final_loss, load_config, load_metrics, summarize, train_runs
@@ -122,7 +122,8 @@ def score_digits(runs, args, sample_root, log_dir):
             cmds.append([sys.executable, "sample_ddp.py", "--ckpt", run, "--device", "cpu", "--sample-dir", folders[run],
                          "--num-fid-samples", str(args.quality_samples), "--per-proc-batch-size", "250",
                          "--num-sampling-steps", str(args.quality_steps), "--cfg-scale", str(args.quality_cfg),
-                         "--eval-ref", args.digits_ref, "--eval-features", "digits"])
+                         "--eval-ref", args.digits_ref, "--eval-features", "digits", "--digits-classifier",
+                         args.digits_classifier])
     print(f"[ablation] digits quality: sampling {len(cmds)} runs ({args.quality_samples} images, "
           f"{args.quality_steps} DDPM steps, cfg {args.quality_cfg})", flush=True)
     run_jobs(cmds, args.parallel, log_dir)
@@ -140,7 +141,9 @@ def real_digits_floor(args, seed=0):
     images, labels = digits_data()
     idx = np.random.default_rng(seed).choice(len(labels), args.quality_samples, replace=args.quality_samples > len(labels))
     arr = ((images[idx, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1)
-    return Evaluator(args.digits_ref, features="digits", device="cpu", progress=False)(arr, labels[idx].numpy())
+    evaluator = Evaluator(args.digits_ref, features="digits", digits_classifier=args.digits_classifier, device="cpu",
+                          progress=False)
+    return evaluator(arr, labels[idx].numpy())
 
 
 QUALITY = ("fd_digits", "precision", "recall", "accuracy")
@@ -267,6 +270,7 @@ def main(argv=None):
     p.add_argument("--quality-cfg", type=NON_NEGATIVE, default=1.0, help="their guidance scale (1: unguided)")
     p.add_argument("--digits-ref", default=os.path.join("data", "digits"), help="the reference digits (train.py --demo "
                                                                                  "writes them)")
+    p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, help="cached digits classifier (evaluation.py)")
     p.add_argument("--skip-toy", action="store_true")
     p.add_argument("--skip-digits", action="store_true")
     p.add_argument("--out", default="results/ablation")

@@ -469,11 +469,18 @@ def squared_distances(u, v, dtype=torch.float16):
 
 
 def manifold_radii(feats, k=PR_K, block=10_000, dtype=torch.float16):
-    """Each point's squared distance to its k-th nearest neighbour in its own set (itself excluded)."""
+    """Each point's squared distance to its k-th nearest neighbour in its own set (itself excluded): the
+    (k+1)-th smallest distance of its row (the smallest is the point itself), kept as a running top-(k+1)
+    over column blocks so that memory stays at one block x block matrix."""
     radii = []
     for rows in feats.split(block):
-        d = torch.cat([squared_distances(rows, cols, dtype) for cols in feats.split(block)], dim=1)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # the smallest is the point itself (distance 0)
+        best = None
+        for cols in feats.split(block):
+            d = squared_distances(rows, cols, dtype)
+            if best is not None:
+                d = torch.cat([best, d], dim=1)
+            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+        radii.append(best[:, k])
     return torch.cat(radii)
 
 
