@@ -52,6 +52,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.features == "digits" and not os.path.exists(args.ref):
+        raise SystemExit(f"error: {args.ref}: no such file or folder; the digits demo's reference folder "
+                         f"data/digits is written by `python train.py` (the demo) on its first run")
     start = time.time()
     try:
         evaluator = Evaluator(args.ref, features=args.features, inception_weights=args.inception_weights,
