@@ -50,6 +50,7 @@ from data import (
 )
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
+from sampling import SAMPLER_HELP, SAMPLERS, denoise
 from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
@@ -77,6 +78,7 @@ RESUME_OVERRIDES = (
     "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
     "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir",
 )
+RESUME_OVERRIDES += ("sample_sampler",)  # the grid's sampler
 # Flags that only steer this process; never saved in the config.
 RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm", "threads")
 
@@ -124,7 +126,8 @@ def build_parser():
     g.add_argument("--log-every", type=COUNT, default=100)
     g.add_argument("--ckpt-every", type=COUNT, default=50_000)
     g.add_argument("--sample-every", type=INDEX, default=10_000, help="EMA sample grid every N steps (0: never)")
-    g.add_argument("--sample-steps", type=COUNT, default=250, help="DDPM steps for the sample grid")
+    g.add_argument("--sample-steps", type=COUNT, default=250, help="sampling steps for the sample grid")
+    g.add_argument("--sample-sampler", choices=SAMPLERS, default="ddpm", help=f"sampler of the grid; {SAMPLER_HELP}")
     g.add_argument("--sample-images", type=COUNT, default=16, help="images in the sample grid")
     g.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance of the grid (1: none)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
@@ -260,20 +263,12 @@ def vae_encoder(vae, latent_scale):
 
 
 @torch.no_grad()
-def sample_grid(model, diffusion, labels, noise, cfg_scale, null_class, clip_denoised, autocast):
-    """DDPM samples of `model` from fixed `noise` for `labels`, with classifier-free guidance when
-    cfg_scale > 1 (the batch is doubled with the null class). Uses (and must run inside a fork of)
-    the global RNG."""
-    if cfg_scale > 1:
-        noise = torch.cat([noise, noise])
-        y = torch.cat([labels, torch.full_like(labels, null_class)])
-        fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale)
-    else:
-        fn, kwargs = model.forward, dict(y=labels)
+def sample_grid(model, diffusion, labels, noise, cfg_scale, clip_denoised, autocast, sampler="ddpm"):
+    """Samples of `model` from fixed `noise` for `labels` (sampling.denoise: classifier-free guidance
+    with the null class when cfg_scale > 1). DDPM uses (and must run inside a fork of) the global RNG."""
     with autocast:
-        out = diffusion.p_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip_denoised,
-                                      model_kwargs=kwargs, device=noise.device)
-    return out[: len(labels)].float()
+        out = denoise(model, diffusion, noise, labels, sampler, cfg_scale, clip_denoised=clip_denoised)
+    return out.float()
 
 
 def make_sample_hook(trainer, args, vae, tensorboard):
@@ -296,7 +291,8 @@ def make_sample_hook(trainer, args, vae, tensorboard):
                 torch.manual_seed(args.global_seed)
                 noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, device=device)
                 labels = torch.arange(n, device=device) % num_classes
-                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, num_classes, vae is None, trainer.autocast())
+                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, vae is None, trainer.autocast(),
+                                args.sample_sampler)
                 if vae is not None:
                     with torch.no_grad():
                         x = vae.decode(x / args.latent_scale).sample.float()
@@ -310,8 +306,8 @@ def make_sample_hook(trainer, args, vae, tensorboard):
                 from torchvision.utils import make_grid
 
                 tensorboard.add_image("samples/ema", make_grid(x, nrow=nrow), step)
-            trainer.logger.info(f"saved EMA sample grid {path} ({args.sample_steps} DDPM steps, cfg {cfg_scale}, "
-                                f"{time.time() - t0:.1f}s)")
+            trainer.logger.info(f"saved EMA sample grid {path} ({args.sample_sampler} {args.sample_steps} steps, "
+                                f"cfg {cfg_scale}, {time.time() - t0:.1f}s)")
         barrier()
 
     hook.last_path = None
