@@ -21,10 +21,12 @@ import torch
 
 from cli import COUNT
 from data import VAE_HELP
+from diffusers_dit import solver_scheduler
 from download import PRETRAINED_MODELS, WEIGHTS, load_model
 from models import NORM_LAYERS, DiT_models
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
+SOLVERS = ("dpm-solver++", "unipc")  # diffusers' multistep ODE solvers
 SAMPLER_HELP = ("ddpm: ancestral (the reference, 250 steps); ddim: deterministic (eta 0); dpm-solver++ / unipc: "
                 "diffusers' multistep ODE solvers (DPM-Solver++ 2M, UniPC-2), good from about 10-25 steps")
 
@@ -32,7 +34,8 @@ SAMPLER_HELP = ("ddpm: ancestral (the reference, 250 steps); ddim: deterministic
 def add_model_args(p):
     """Flags shared with sample_ddp.py that say which weights to load and how to decode them."""
     p.add_argument("--ckpt", default=None,
-                   help="checkpoint file or run directory of this repo (or a reference/bare DiT checkpoint); "
+                   help="checkpoint file or run directory of this repo (or a reference/bare DiT checkpoint), a "
+                        "diffusers DiT folder, or hf:REPO (e.g. hf:facebook/DiT-XL-2-256, fetched from the Hub); "
                         "default: the official DiT-XL-2-<size> file, downloaded into pretrained_models/")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or raw weights of a training checkpoint")
     p.add_argument("--model", choices=list(DiT_models), default=None,
@@ -59,6 +62,9 @@ def load_for_sampling(args):
     """(model, config) for the flags: --ckpt (its config wins; conflicting --model / --image-size /
     --num-classes are an error) or the official DiT-XL-2-<image size> file. The model is on the CPU in
     eval mode."""
+    if args.sampler in SOLVERS and args.num_sampling_steps >= 1000:
+        raise SystemExit(f"--sampler {args.sampler} takes at most 999 steps (diffusers' spacing repeats timesteps at "
+                         f"1000); it needs far fewer (10-50)")
     if args.ckpt is None:
         size = args.image_size or 256
         name = f"DiT-XL-2-{size}x{size}.pt"
@@ -134,23 +140,13 @@ def check_sampler(name):
 
 
 def make_solver(sampler, diffusion, clip_denoised=False, device=None):
-    """The diffusers multistep scheduler for "dpm-solver++" or "unipc", configured from the diffusion's
-    full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps. Epsilon prediction
-    only (a predict-x0 diffusion would need prediction_type "sample")."""
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # slow import: only when used
-
+    """The diffusers scheduler of "dpm-solver++" or "unipc" (diffusers_dit.solver_scheduler) configured
+    from the diffusion's full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps."""
     if diffusion.model_mean_type.name != "EPSILON":
         raise ValueError(f"--sampler {sampler} drives a noise-predicting model; this diffusion predicts "
                          f"{diffusion.model_mean_type.name}")
     betas = getattr(diffusion, "original_betas", diffusion.betas)
-    common = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), prediction_type="epsilon",
-                  thresholding=clip_denoised, sample_max_value=1.0, solver_order=2)
-    if sampler == "dpm-solver++":
-        scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_type="midpoint")
-    elif sampler == "unipc":
-        scheduler = UniPCMultistepScheduler(**common, predict_x0=True, solver_type="bh2")
-    else:
-        raise ValueError(f"{sampler!r} is not a diffusers solver; those are dpm-solver++ and unipc")
+    scheduler = solver_scheduler(sampler, betas, clip_denoised)
     scheduler.set_timesteps(diffusion.num_timesteps, device=device)
     if len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):  # then a zero step size gives NaN
         raise ValueError(f"{diffusion.num_timesteps} steps of {sampler} repeat timesteps (diffusers' linspace spacing "
@@ -198,7 +194,7 @@ def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_chan
             return model.forward_with_cfg(x_in, t, y, cfg_scale, guidance_channels=cfg_channels)
     else:
         fn = model
-    if sampler not in ("ddpm", "ddim"):
+    if sampler in SOLVERS:
         return _solve(fn, diffusion, x, labels, sampler, guided, clip_denoised, progress)
     for i in _steps(list(range(diffusion.num_timesteps))[::-1], progress):
         x_in = torch.cat([x, x]) if guided else x
