@@ -380,11 +380,14 @@ def snapshot(repo_id):
     safetensors weights if the repository has them, else .bin (loaded weights_only)."""
     from huggingface_hub import snapshot_download
 
-    base = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/*"]
+    patterns = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/*",
+                "transformer/*.safetensors*", "vae/*.safetensors*"]
     try:
-        path = snapshot_download(repo_id, allow_patterns=base + ["transformer/*.safetensors*", "vae/*.safetensors"])
-        if not _has_weights(os.path.join(path, "transformer")):
-            path = snapshot_download(repo_id, allow_patterns=base + ["transformer/*.bin*", "vae/*.bin"])
+        path = snapshot_download(repo_id, allow_patterns=patterns)
+        missing = [f"{sub}/*.bin*" for sub in ("transformer", "vae")
+                   if os.path.isdir(os.path.join(path, sub)) and not _has_weights(os.path.join(path, sub))]
+        if missing:  # an older repository: .bin only (loaded weights_only)
+            path = snapshot_download(repo_id, allow_patterns=patterns + missing)
     except Exception as e:
         raise RuntimeError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline? "
                            f"Set HF_HUB_OFFLINE=1 to use a cached copy, or pass the downloaded folder itself") from e
