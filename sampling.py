@@ -139,15 +139,25 @@ def check_sampler(name):
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def make_solver(sampler, diffusion, clip_denoised=False, device=None):
+def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="linspace"):
     """The diffusers scheduler of "dpm-solver++" or "unipc" (diffusers_dit.solver_scheduler) configured
-    from the diffusion's full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps."""
+    from the diffusion's full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps:
+    spacing "linspace" is diffusers' default (999 down to about 1000 / N, then to sigma 0; what DiTPipeline
+    does); "respaced" takes the diffusion's own kept timesteps (999 down to 0, as ddpm / ddim; DPM-Solver++
+    only: diffusers' UniPC takes no custom timesteps)."""
     if diffusion.model_mean_type.name != "EPSILON":
         raise ValueError(f"--sampler {sampler} drives a noise-predicting model; this diffusion predicts "
                          f"{diffusion.model_mean_type.name}")
     betas = getattr(diffusion, "original_betas", diffusion.betas)
     scheduler = solver_scheduler(sampler, betas, clip_denoised)
-    scheduler.set_timesteps(diffusion.num_timesteps, device=device)
+    if spacing == "respaced" and sampler == "dpm-solver++":
+        kept = getattr(diffusion, "timestep_map", range(diffusion.num_timesteps))
+        scheduler.set_timesteps(timesteps=sorted(kept, reverse=True), device=device)
+    elif spacing == "linspace":
+        scheduler.set_timesteps(diffusion.num_timesteps, device=device)
+    else:
+        raise ValueError(f"spacing {spacing!r} is not available for {sampler}: use 'linspace'"
+                         + (" or 'respaced'" if sampler == "dpm-solver++" else ""))
     if len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):  # then a zero step size gives NaN
         raise ValueError(f"{diffusion.num_timesteps} steps of {sampler} repeat timesteps (diffusers' linspace spacing "
                          f"over {len(betas)} training steps); use at most {len(betas) - 1} steps")
@@ -162,10 +172,10 @@ def _steps(steps, progress):
     return tqdm(steps, desc="sampling", file=sys.stderr)
 
 
-def _solve(fn, diffusion, x, y, sampler, guided, clip_denoised, progress):
+def _solve(fn, diffusion, x, y, sampler, guided, clip_denoised, progress, spacing):
     """An ODE solve from x (N, C, H, W) with a diffusers scheduler; fn(x_in, t, y) is the (guided) model."""
     n, c = x.shape[:2]
-    scheduler = make_solver(sampler, diffusion, clip_denoised, device=x.device)
+    scheduler = make_solver(sampler, diffusion, clip_denoised, device=x.device, spacing=spacing)
     for t in _steps(scheduler.timesteps, progress):
         x_in = torch.cat([x, x]) if guided else x
         eps = fn(x_in, torch.full((len(x_in),), int(t), device=x.device, dtype=torch.long), y=y)[:n, :c]
@@ -175,7 +185,7 @@ def _solve(fn, diffusion, x, y, sampler, guided, clip_denoised, progress):
 
 @torch.no_grad()
 def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_channels=None, clip_denoised=False,
-            step_noise=None, progress=False):
+            step_noise=None, progress=False, spacing="linspace"):
     """Sample from the starting noise x (N, C, H, W) for `labels` with `sampler` (SAMPLERS) over the
     diffusion's (respaced) steps; returns the (N, C, H, W) model-space samples.
 
@@ -183,6 +193,7 @@ def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_chan
     first `cfg_channels` noise channels (None: all); both halves share the same input, the first half is
     returned. step_noise() supplies each DDPM step's (N, C, H, W) noise; None draws it from the global
     RNG exactly as diffusion.p_sample_loop does (torch.randn_like of the whole, doubled, batch).
+    spacing: the ODE solvers' timesteps (make_solver).
     """
     check_sampler(sampler)
     n = len(x)
@@ -195,7 +206,7 @@ def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_chan
     else:
         fn = model
     if sampler in SOLVERS:
-        return _solve(fn, diffusion, x, labels, sampler, guided, clip_denoised, progress)
+        return _solve(fn, diffusion, x, labels, sampler, guided, clip_denoised, progress, spacing)
     for i in _steps(list(range(diffusion.num_timesteps))[::-1], progress):
         x_in = torch.cat([x, x]) if guided else x
         t = torch.full((len(x_in),), i, device=x.device, dtype=torch.long)
@@ -214,7 +225,7 @@ def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_chan
 
 
 def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",
-                  clip_denoised=False, progress=False):
+                  clip_denoised=False, progress=False, spacing="linspace"):
     """Draw one sample per label (a LongTensor on the model's device): returns (N, C, H, W) model-space
     samples (latents, or pixels for a pixel-space model).
 
@@ -225,7 +236,8 @@ def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_chann
     shape = (model.in_channels, model.input_size, model.input_size)
     x = standard_normal(generators, shape, labels.device)
     return denoise(model, diffusion, x, labels, sampler, cfg_scale, cfg_channels, clip_denoised,
-                   step_noise=lambda: standard_normal(generators, shape, labels.device), progress=progress)
+                   step_noise=lambda: standard_normal(generators, shape, labels.device), progress=progress,
+                   spacing=spacing)
 
 
 def prepare_guidance(model, cfg_scale, cfg_channels):
