@@ -20,15 +20,7 @@ import sample
 import sample_ddp
 import sampling
 from diffusion import create_diffusion
-from test_sample import TINY, random_model, same_weights
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_sample import TINY, one_thread, random_model, same_weights  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
