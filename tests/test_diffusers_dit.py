@@ -170,13 +170,18 @@ def test_bin_weights_are_never_unpickled(tmp_path, vae_dir):
     assert not marker.exists()
 
 
-def test_clear_errors(tmp_path, vae_dir):
+def test_clear_errors(tmp_path, vae_dir, capsys):
     path, _, _, _ = latent_checkpoint(tmp_path, vae_dir, normalization="none")
     with pytest.raises(SystemExit, match="normalization='none'.*only layer-norm models can be exported"):
         export(tmp_path, path)
     pixel, _, _, _ = latent_checkpoint(tmp_path, vae_dir, name="pixel.pt", in_channels=3, image_size=8, vae="none")
     with pytest.raises(SystemExit, match="pixel-space model"):
         export(tmp_path, pixel)
+    export_diffusers.main(["--ckpt", pixel, "--check-only"])  # measuring needs no VAE
+    assert "make_exact (norm_eps 1e-6, freq shift 0)): max |diff|" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_diffusers.main(["--ckpt", pixel])  # neither --out nor --check-only
+    assert "--out DIR is required" in capsys.readouterr().err
     # Folders that are not a DiT.
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -111,3 +111,24 @@ def test_train_toy_evaluates_with_the_sampler(tmp_path, sampler):
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert {r["sampler"] for r in rows} == {sampler} and all(r["sampling_steps"] == 10 for r in rows)
     assert json.load(open(os.path.join(run, "config.json")))["sampler"] == sampler
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_ddpm_from_the_global_rng_is_the_diffusions_own_loop_bit_for_bit(cfg_scale):
+    """train.py's grids and train_toy.py's evaluation used diffusion.p_sample_loop (with the noise doubled
+    for guidance); sampling.denoise without step_noise reproduces it exactly."""
+    from test_sample import TINY, random_model
+
+    model = random_model({**TINY, "normalization": "layer-norm"})
+    labels, diffusion = torch.tensor([1, 5, 9]), create_diffusion("6")
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(4)
+    if cfg_scale > 1:
+        y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+        before = diffusion.p_sample_loop(model.forward_with_cfg, (6, 3, 8, 8), noise=torch.cat([noise, noise]),
+                                         model_kwargs=dict(y=y, cfg_scale=cfg_scale))[:3]
+    else:
+        before = diffusion.p_sample_loop(model, noise.shape, noise=noise, model_kwargs=dict(y=labels))
+    torch.manual_seed(4)
+    now = sampling.denoise(model, diffusion, noise, labels, "ddpm", cfg_scale, clip_denoised=True)
+    assert torch.equal(now, before)

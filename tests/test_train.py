@@ -81,6 +81,14 @@ def torchrun(port, *args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def test_sample_grid_with_another_sampler(tmp_path, image_folder):
+    run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "2", "--sample-every", "2",
+                  "--sample-steps", "3", "--sample-images", "4", "--sample-sampler", "dpm-solver++")
+    assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
+    assert "(dpm-solver++ 3 steps, cfg 4.0" in open(os.path.join(run_dir, "log.txt")).read()
+    assert json.load(open(os.path.join(run_dir, "config.json")))["sample_sampler"] == "dpm-solver++"
+
+
 #################################################################################
 #                                  Data                                         #
 #################################################################################
