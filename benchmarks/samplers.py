@@ -48,7 +48,7 @@ VARIANTS = {**{s: (s, "linspace") for s in SAMPLERS}, "dpm-solver++/respaced": (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy-ckpt", required=True, help="a train_toy.py run directory or checkpoint")
+    p.add_argument("--toy-ckpt", default=None, help="a train_toy.py run directory or checkpoint")
     p.add_argument("--digits-ckpt", default=None, help="a train.py digits demo run directory (optional)")
     p.add_argument("--data-path", default="data/digits", help="the real digits (ImageFolder) for the digits scores")
     p.add_argument("--samplers", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -214,6 +214,22 @@ def table(summary, metric_name, fmt, steps):
     return "\n".join(lines)
 
 
+def toy_section(args, toy):
+    return [f"## Toy ({args.toy_ckpt}, EMA): RMS error of {args.num_samples} samples, mean [min, max] over seeds "
+            f"{args.toy_seeds}", "", table(toy["summary"], "RMS error", lambda v: f"{v:.2e}", args.toy_steps), "",
+            f"DDPM 250 steps: {toy['reference']:.2e}. Fewest steps to match it: "
+            + ", ".join(f"{s} {n}" for s, n in toy["match"].items()), ""]
+
+
+def digits_section(args, d):
+    return [f"## Digits ({args.digits_ckpt}, EMA, cfg {args.cfg_scale}, {args.per_class} per class), mean "
+            f"[min, max] over seeds {args.digits_seeds}", "",
+            table(d["fd"], "FD_pixels", lambda v: f"{v:.2f}", args.digits_steps), "",
+            table(d["accuracy"], "accuracy", lambda v: f"{v:.3f}", args.digits_steps), "",
+            f"DDPM 250 steps: FD_pixels {d['reference_fd']:.2f}, accuracy {d['reference_accuracy']:.3f}. Fewest "
+            f"steps to match its FD_pixels: " + ", ".join(f"{s} {n}" for s, n in d["match_fd"].items()), ""]
+
+
 def record(args, results, path):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     import diffusers
@@ -222,19 +238,10 @@ def record(args, results, path):
              f"Command: `python benchmarks/samplers.py {' '.join(sys.argv[1:])}`  ",
              f"Commit {commit.strip()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
              f"{platform.processor() or platform.machine()}, {args.threads} thread(s).", ""]
-    toy = results["toy"]
-    lines += [f"## Toy ({args.toy_ckpt}, EMA): RMS error of {args.num_samples} samples, mean [min, max] over seeds "
-              f"{args.toy_seeds}", "", table(toy["summary"], "RMS error", lambda v: f"{v:.2e}", args.toy_steps), "",
-              f"DDPM 250 steps: {toy['reference']:.2e}. Fewest steps to match it: "
-              + ", ".join(f"{s} {n}" for s, n in toy["match"].items()), ""]
+    if "toy" in results:
+        lines += toy_section(args, results["toy"])
     if "digits" in results:
-        d = results["digits"]
-        lines += [f"## Digits ({args.digits_ckpt}, EMA, cfg {args.cfg_scale}, {args.per_class} per class), mean "
-                  f"[min, max] over seeds {args.digits_seeds}", "",
-                  table(d["fd"], "FD_pixels", lambda v: f"{v:.1f}", args.digits_steps), "",
-                  table(d["accuracy"], "accuracy", lambda v: f"{v:.3f}", args.digits_steps), "",
-                  f"DDPM 250 steps: FD_pixels {d['reference_fd']:.1f}, accuracy {d['reference_accuracy']:.3f}. Fewest "
-                  f"steps to match its FD_pixels: " + ", ".join(f"{s} {n}" for s, n in d["match_fd"].items()), ""]
+        lines += digits_section(args, results["digits"])
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -243,14 +250,17 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
-    model, _ = load_model(args.toy_ckpt)
-    rows = toy_rows(model, args)
-    summary = summarize(rows, "rms")
-    reference = summary["ddpm"][250]["mean"]
-    results["toy"] = dict(rows=rows, summary=summary, reference=reference,
-                          match=steps_to_match(summary, reference, lambda v, r: v <= r))
-    plot([(summary, "toy: RMS error of the samples (target 0)", "RMS error", True, reference)],
-         os.path.join(args.figures, "samplers_toy.png"))
+    if not (args.toy_ckpt or args.digits_ckpt):
+        raise SystemExit("pass --toy-ckpt and/or --digits-ckpt")
+    if args.toy_ckpt:
+        model, _ = load_model(args.toy_ckpt)
+        rows = toy_rows(model, args)
+        summary = summarize(rows, "rms")
+        reference = summary["ddpm"][250]["mean"]
+        results["toy"] = dict(rows=rows, summary=summary, reference=reference,
+                              match=steps_to_match(summary, reference, lambda v, r: v <= r))
+        plot([(summary, "toy: RMS error of the samples (target 0)", "RMS error", True, reference)],
+             os.path.join(args.figures, "samplers_toy.png"))
     if args.digits_ckpt:
         model, config = load_model(args.digits_ckpt)
         rows = digits_rows(model, config, args)
