@@ -62,9 +62,7 @@ def load_for_sampling(args):
     """(model, config) for the flags: --ckpt (its config wins; conflicting --model / --image-size /
     --num-classes are an error) or the official DiT-XL-2-<image size> file. The model is on the CPU in
     eval mode."""
-    if args.sampler in SOLVERS and args.num_sampling_steps >= 1000:
-        raise SystemExit(f"--sampler {args.sampler} takes at most 999 steps (diffusers' spacing repeats timesteps at "
-                         f"1000); it needs far fewer (10-50)")
+    check_solver_steps(args.sampler, args.num_sampling_steps, "--num-sampling-steps")
     if args.ckpt is None:
         size = args.image_size or 256
         name = f"DiT-XL-2-{size}x{size}.pt"
@@ -131,6 +129,13 @@ def standard_normal(generators, shape, device):
 def has_null_class(model):
     """Whether the label table has the extra "null" row that classifier-free guidance needs."""
     return model.y_embedder.embedding_table.num_embeddings > model.num_classes
+
+
+def check_solver_steps(sampler, steps, flag):
+    """Before any work: diffusers' solvers take at most 999 of the 1000 steps (SystemExit naming `flag`)."""
+    if sampler in SOLVERS and steps >= 1000:
+        raise SystemExit(f"--sampler {sampler} takes at most 999 steps, got {flag} {steps} (diffusers' spacing "
+                         f"repeats timesteps at 1000); it needs far fewer, 10-100")
 
 
 def check_sampler(name):

@@ -50,7 +50,7 @@ from data import (
 )
 from diffusion import create_diffusion
 from models import NORM_LAYERS, DiT_models, build_model_from_config
-from sampling import SAMPLER_HELP, SAMPLERS, denoise
+from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise
 from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
@@ -154,6 +154,7 @@ def parse_args(argv=None):
     if args.no_layernorm:
         args.normalization = "none"
         explicit.add("normalization")
+    check_solver_steps(args.sample_sampler, args.sample_steps, "--sample-steps")
     return args, explicit
 
 

@@ -23,7 +23,7 @@ import torch
 from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
-from sampling import SAMPLER_HELP, SAMPLERS, denoise
+from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise
 from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
 from train_utils import (
     PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
@@ -77,6 +77,7 @@ def parse_args(argv=None):
     if args.preset == "auto":
         args.preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     apply_preset(args, PRESETS[args.preset], explicit)
+    check_solver_steps(args.sampler, args.sampling_steps, "--sampling-steps")
     args.explicit = explicit
     return finalize_eval_steps(args)
 

@@ -9,6 +9,7 @@ import torch
 
 import sample
 import sampling
+import train
 import train_toy
 from diffusion import create_diffusion
 
@@ -99,6 +100,10 @@ def test_unknown_sampler_and_too_many_solver_steps_are_clear_errors(tmp_path, ca
     assert "invalid choice: 'heun'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="at most 999 steps"):
         sample.main(["--sampler", "unipc", "--num-sampling-steps", "1000", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="at most 999 steps, got --sampling-steps 1000"):
+        train_toy.parse_args(["--sampler", "dpm-solver++"])  # the toy's default is 1000 steps: refused at once
+    with pytest.raises(SystemExit, match="at most 999 steps, got --sample-steps 1000"):
+        train.parse_args(["--sample-sampler", "unipc", "--sample-steps", "1000"])
     with pytest.raises(ValueError, match="use at most 999 steps"):
         sampling.make_solver("dpm-solver++", create_diffusion("1000"))
 
