@@ -375,17 +375,23 @@ def _has_weights(folder):
     return os.path.isdir(folder) and any(name.startswith(WEIGHT_NAME) for name in os.listdir(folder))
 
 
+def _weight_patterns(sub, ext):
+    """The full-precision weights of a diffusers model folder, single or sharded (not the .fp16 variants)."""
+    return [f"{sub}/{WEIGHT_NAME}{ext}", f"{sub}/{WEIGHT_NAME}{ext}.index.json", f"{sub}/{WEIGHT_NAME}-*{ext}"]
+
+
 def snapshot(repo_id):
     """A local copy of a Hub DiT pipeline (huggingface_hub.snapshot_download: cached after the first call),
-    safetensors weights if the repository has them, else .bin (loaded weights_only)."""
+    safetensors weights where the repository has them, else .bin (loaded weights_only)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/*",
-                "transformer/*.safetensors*", "vae/*.safetensors*"]
+                *_weight_patterns("transformer", ".safetensors"), *_weight_patterns("vae", ".safetensors")]
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns)
-        missing = [f"{sub}/*.bin*" for sub in ("transformer", "vae")
-                   if os.path.isdir(os.path.join(path, sub)) and not _has_weights(os.path.join(path, sub))]
+        missing = [p for sub in ("transformer", "vae")
+                   if os.path.isdir(os.path.join(path, sub)) and not _has_weights(os.path.join(path, sub))
+                   for p in _weight_patterns(sub, ".bin")]
         if missing:  # an older repository: .bin only (loaded weights_only)
             path = snapshot_download(repo_id, allow_patterns=patterns + missing)
     except Exception as e:
