@@ -14,8 +14,8 @@ guidance (--cfg-scale), scored two ways that need no Inception network: the accu
 regression trained on the real digits (does the sample show its class?), and the Frechet distance between
 the 8x8 grayscale vectors (the original digits' resolution) of the samples and of the real digits (FD_pixels: mean and covariance).
 Time per image: the sampling call of one batch over its size (one process, this machine's threads).
-Writes docs/figures/samplers_toy.png, docs/figures/samplers_digits.png, docs/samplers.md and
---out/samplers.json.
+Writes docs/figures/samplers_toy.png, docs/figures/samplers_digits.png (and samplers_digits_grid.png:
+one image per class for a few settings, same starting noise), docs/samplers.md and --out/samplers.json.
 """
 
 import argparse
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, default=50, help="digits samples per class")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the digits samples (the demo grid's)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grid-only", action="store_true", help="only the digits sample grid (docs/figures/...grid.png)")
     p.add_argument("--out", default="results/samplers", help="folder for samplers.json")
     p.add_argument("--figures", default="docs/figures")
     p.add_argument("--record", default="docs/samplers.md", help="markdown report ('' to skip)")
@@ -154,6 +155,35 @@ def digits_rows(model, config, args):
             print(f"digits {variant:22s} {steps:4d} steps: accuracy {np.mean([r['accuracy'] for r in last]):.3f} "
                   f"FD_pixels {np.mean([r['fd_pixels'] for r in last]):.2f}", file=sys.stderr, flush=True)
     return rows
+
+
+# The rows of the digits sample grid: (variant, steps).
+GRID_ROWS = (("ddpm", 250), ("ddim", 10), ("dpm-solver++", 5), ("dpm-solver++", 10), ("dpm-solver++", 25),
+             ("unipc", 10))
+
+
+def digits_grid(model, args, path):
+    """One image per class for each GRID_ROWS setting, from the same starting noise (image i's generator of
+    seed 0), as a labelled PNG: what the numbers above look like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = torch.arange(model.num_classes)
+    fig, axes = plt.subplots(len(GRID_ROWS), 1, figsize=(model.num_classes * 0.8, len(GRID_ROWS) * 0.95))
+    for ax, (variant, steps) in zip(axes, GRID_ROWS):
+        sampler, spacing = VARIANTS[variant]
+        x = sample_images(model, create_diffusion(str(steps)), y, image_generators(0, range(len(y))), args.cfg_scale,
+                          sampler=sampler, clip_denoised=True, spacing=spacing)
+        row = torch.cat(list((x.clamp(-1, 1).mean(1) + 1) / 2), dim=1)  # the images side by side, grayscale
+        ax.imshow(row.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{variant}\n{steps} steps", rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 #################################################################################
@@ -263,6 +293,9 @@ def main(argv=None):
              os.path.join(args.figures, "samplers_toy.png"))
     if args.digits_ckpt:
         model, config = load_model(args.digits_ckpt)
+        digits_grid(model, args, os.path.join(args.figures, "samplers_digits_grid.png"))
+        if args.grid_only:
+            return results
         rows = digits_rows(model, config, args)
         fd, accuracy = summarize(rows, "fd_pixels"), summarize(rows, "accuracy")
         results["digits"] = dict(rows=rows, fd=fd, accuracy=accuracy, reference_fd=fd["ddpm"][250]["mean"],
