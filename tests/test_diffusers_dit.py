@@ -55,7 +55,7 @@ def export(tmp_path, ckpt, *extra, out="export"):
 def test_round_trip_is_bitwise(tmp_path, vae_dir, class_dropout_prob, capsys):
     path, config, raw, ema = latent_checkpoint(tmp_path, vae_dir, class_dropout_prob=class_dropout_prob)
     folder = export(tmp_path, path)
-    diffs = dict(re.findall(r"exported vs ours \((.*?) \(.*?max \|diff\| (\S+),", capsys.readouterr().err))
+    diffs = dict(re.findall(r"exported vs ours \((.*?) \(.*?max \|diff\| (\S+) ", capsys.readouterr().err))
     assert float(diffs["make_exact"]) < 1e-6 < float(diffs["as exported"]) <= float(diffs["diffusers defaults"])
     assert set(os.listdir(folder)) >= {"transformer", "scheduler", "vae", "model_index.json", "dit_config.json"}
     model, loaded = download.load_model(folder)
