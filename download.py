@@ -25,10 +25,10 @@
     strictly and return the model in eval mode on the CPU with the config it was built from. Keys in
     must_match are checked against a file's own config instead of overriding it.
 
-Everything is loaded with torch.load(weights_only=True) (safetensors for diffusers folders): a file that pickles anything beyond tensors and
-plain Python types (argparse.Namespace allowed) is refused, never executed. Every failure (missing
-file, corrupt or truncated file, wrong architecture or normalization, failed download) raises an error
-that says what was expected.
+Everything is loaded with torch.load(weights_only=True) (safetensors for diffusers folders): a file that
+pickles anything beyond tensors and plain Python types (argparse.Namespace allowed) is refused, never
+executed. Every failure (missing file, corrupt or truncated file, wrong architecture or normalization,
+failed download) raises an error that says what was expected.
 """
 
 import argparse

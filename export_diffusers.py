@@ -11,7 +11,8 @@ that is not cached here is named instead, pass it to from_pretrained(..., vae=..
 (this repo's config, so that --ckpt DIR loads it back bit for bit).
 
     from diffusers import DiTPipeline
-    from diffusers_dit import make_exact
+    from cli import COUNT
+from diffusers_dit import make_exact
     pipe = DiTPipeline.from_pretrained("exports/dit-xl")
     make_exact(pipe.transformer)          # optional: the original DiT's arithmetic (see below)
     images = pipe(class_labels=[207, 360], num_inference_steps=25).images
@@ -26,10 +27,10 @@ DiTPipeline guides with the null class 1000, so guidance_scale > 1 needs a 1000-
 import argparse
 import sys
 
-import torch
-
+from cli import COUNT
 from diffusers_dit import build_transformer, export_pipeline, measure_difference
 from download import WEIGHTS, load_model
+from models import DiT_models
 
 
 def parse_args(argv=None):
@@ -37,12 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file, official file name or hf:REPO")
     p.add_argument("--out", default=None, help="folder to write (created)")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or raw weights of a training checkpoint")
-    p.add_argument("--image-size", type=int, default=None, help="only for a bare state dict: its image size")
-    p.add_argument("--model", default=None, help="only for a bare state dict: its model name")
+    p.add_argument("--image-size", type=COUNT, default=None, help="only for a bare state dict: its image size")
+    p.add_argument("--model", choices=list(DiT_models), default=None, help="only for a bare state dict: its model")
     p.add_argument("--no-check", action="store_true", help="skip the exported-vs-ours measurement")
     p.add_argument("--check-only", action="store_true",
                    help="write nothing: only measure the diffusers copy against ours (pixel-space models too)")
-    p.add_argument("--check-samples", type=int, default=4, help="random inputs of the measurement")
+    p.add_argument("--check-samples", type=COUNT, default=4, help="random inputs of the measurement")
     args = p.parse_args(argv)
     if args.out is None and not args.check_only:
         p.error("--out DIR is required (or --check-only)")
@@ -51,7 +52,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), 8))
     try:
         model, config = load_model(args.ckpt, args.weights, must_match=("model", "image_size"), bare_model="DiT-XL/2",
                                    model=args.model, image_size=args.image_size)

@@ -12,7 +12,8 @@ Toy: RMS error of 100 samples (400 pixels x 2 channels, the toy study's evaluati
 for several noise seeds; DDPM also draws its step noise from the seed. Digits: 50 images per class with
 guidance (--cfg-scale), scored two ways that need no Inception network: the accuracy of a logistic
 regression trained on the real digits (does the sample show its class?), and the Frechet distance between
-the 8x8 grayscale vectors (the original digits' resolution) of the samples and of the real digits (FD_pixels: mean and covariance).
+the 8x8 grayscale vectors (the original digits' resolution) of the samples and of the real digits
+(FD_pixels: means and covariances).
 Time per image: the sampling call of one batch over its size (one process, this machine's threads).
 Writes docs/figures/samplers_toy.png, docs/figures/samplers_digits.png (and samplers_digits_grid.png:
 one image per class for a few settings, same starting noise), docs/samplers.md and --out/samplers.json.
@@ -34,6 +35,7 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli import COUNT, INDEX, NON_NEGATIVE  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from download import load_model  # noqa: E402
 from sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images  # noqa: E402
@@ -52,14 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--digits-ckpt", default=None, help="a train.py digits demo run directory (optional)")
     p.add_argument("--data-path", default="data/digits", help="the real digits (ImageFolder) for the digits scores")
     p.add_argument("--samplers", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--toy-steps", type=int, nargs="+", default=list(TOY_STEPS))
-    p.add_argument("--digits-steps", type=int, nargs="+", default=list(DIGITS_STEPS))
-    p.add_argument("--toy-seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--digits-seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--num-samples", type=int, default=100, help="toy samples per seed (the toy study: 100)")
-    p.add_argument("--per-class", type=int, default=50, help="digits samples per class")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the digits samples (the demo grid's)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--toy-steps", type=COUNT, nargs="+", default=list(TOY_STEPS))
+    p.add_argument("--digits-steps", type=COUNT, nargs="+", default=list(DIGITS_STEPS))
+    p.add_argument("--toy-seeds", type=INDEX, nargs="+", default=[0, 1, 2])
+    p.add_argument("--digits-seeds", type=INDEX, nargs="+", default=[0, 1])
+    p.add_argument("--num-samples", type=COUNT, default=100, help="toy samples per seed (the toy study: 100)")
+    p.add_argument("--per-class", type=COUNT, default=50, help="digits samples per class")
+    p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="guidance of the digits samples (the demo grid's)")
+    p.add_argument("--threads", type=COUNT, default=1)
     p.add_argument("--grid-only", action="store_true", help="only the digits sample grid (docs/figures/...grid.png)")
     p.add_argument("--out", default="results/samplers", help="folder for samplers.json")
     p.add_argument("--figures", default="docs/figures")
@@ -95,8 +97,8 @@ def toy_rows(model, args):
                 err = sample_error(x)
                 rows.append(dict(sampler=variant, steps=steps, seed=seed, rms=err["rms"], max_abs=err["max_abs"],
                                  ms_per_image=1000 * seconds / args.num_samples))
-            print(f"toy {variant:22s} {steps:5d} steps: rms {np.mean([r['rms'] for r in rows[-len(args.toy_seeds):]]):.3e}",
-                  file=sys.stderr, flush=True)
+            rms = np.mean([r["rms"] for r in rows[-len(args.toy_seeds):]])
+            print(f"toy {variant:22s} {steps:5d} steps: rms {rms:.3e}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -107,7 +109,8 @@ def toy_rows(model, args):
 
 def gray_8x8(images):
     """(N, 64) vectors: grayscale, 2x2-average-pooled from 16 px to the 8x8 of the original digits."""
-    return torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), images.shape[-1] // 8).flatten(1).double().numpy()
+    pooled = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), images.shape[-1] // 8)
+    return pooled.flatten(1).double().numpy()
 
 
 def real_digits(path, image_size):

@@ -81,8 +81,12 @@ def test_exported_pipeline_runs_and_matches_our_sampler(tmp_path, vae_dir):
     sampler draws from the same noise (the pipeline guides with class 1000: a 1000-class model)."""
     from diffusers import DiTPipeline
 
-    path, config, _, ema = latent_checkpoint(tmp_path, vae_dir, num_classes=1000)
+    images = tmp_path / "images"  # the run's image folder: its class folders become id2label
+    for name in ("cat", "dog, puppy"):
+        (images / name).mkdir(parents=True)
+    path, config, _, ema = latent_checkpoint(tmp_path, vae_dir, num_classes=1000, data_path=str(images))
     pipe = DiTPipeline.from_pretrained(export(tmp_path, path, "--no-check"))
+    assert pipe.labels == {"cat": 0, "dog": 1, "puppy": 1}
     pipe.set_progress_bar_config(disable=True)
     labels, steps = [3, 999], 6
     plain = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=steps,
