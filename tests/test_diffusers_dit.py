@@ -217,3 +217,13 @@ def test_different_per_block_embedders_are_refused(tmp_path, vae_dir):
     save_file(sd, weights)
     with pytest.raises(ValueError, match="different norm1.emb.timestep_embedder.linear_1.bias"):
         download.load_model(folder)
+
+
+def test_failed_official_download_points_to_the_hub_copy(tmp_path, monkeypatch):
+    def offline(url, f, chunk_size=0):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(download, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    monkeypatch.setattr(download, "_copy_url", offline)
+    with pytest.raises(RuntimeError, match="--ckpt hf:facebook/DiT-XL-2-512"):
+        download.find_model("DiT-XL-2-512x512.pt")
