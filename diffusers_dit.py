@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from data import LATENT_SCALE, load_vae
+from data import LATENT_SCALE, load_vae, vae_source
 from diffusion import create_diffusion
 from models import DIT_SIZES, DiT_models, get_2d_sincos_pos_embed
 from train_utils import load_checkpoint
@@ -185,13 +185,16 @@ def class_names(config):
 def export_vae(config, out):
     """Write the run's VAE into out/vae with scaling_factor = the run's latent scale; returns what was done.
     A Hub VAE that cannot be loaded here (offline) is named instead, for from_pretrained(..., vae=...)."""
-    if config.get("vae", "mse") == "none":
+    name = config.get("vae", "mse")
+    if name == "none":
         raise ValueError("this is a pixel-space model (vae none): DiTPipeline always decodes with a VAE, so it "
                          "cannot run it; sample it with this repo's sample.py")
     try:
-        vae = load_vae(config["vae"], "cpu")
-    except SystemExit as e:  # offline and not cached: record the name
-        return f"not copied ({str(e).splitlines()[0]}); pass vae=AutoencoderKL.from_pretrained(...) to from_pretrained"
+        vae = load_vae(name, "cpu")
+    except SystemExit:  # offline and not cached: name it
+        source = vae_source(name)
+        return (f"not copied ({source} could not be loaded here): load the pipeline with DiTPipeline.from_pretrained("
+                f"DIR, vae=AutoencoderKL.from_pretrained({source!r}))")
     vae.register_to_config(scaling_factor=float(config.get("latent_scale", LATENT_SCALE)))
     vae.save_pretrained(os.path.join(out, "vae"))
     return "copied"

@@ -227,3 +227,18 @@ def test_failed_official_download_points_to_the_hub_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "_copy_url", offline)
     with pytest.raises(RuntimeError, match="--ckpt hf:facebook/DiT-XL-2-512"):
         download.find_model("DiT-XL-2-512x512.pt")
+
+
+def test_hub_vae_that_cannot_be_loaded_is_named(tmp_path, vae_dir, monkeypatch, capsys):
+    """Offline, a run with the Hub's sd-vae-ft-ema exports without a vae/ folder and says what to pass."""
+    path, _, _, ema = latent_checkpoint(tmp_path, vae_dir, vae="ema")
+
+    def offline(vae, device):
+        raise SystemExit("could not load the VAE")
+
+    monkeypatch.setattr(diffusers_dit, "load_vae", offline)
+    folder = export(tmp_path, path, "--no-check")
+    assert "vae=AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema')" in capsys.readouterr().err
+    assert "vae" not in os.listdir(folder)
+    model, config = download.load_model(folder)
+    assert same_weights(model, ema) and config["vae"] == "ema"
