@@ -264,9 +264,12 @@ def vae_encoder(vae, latent_scale):
 
 
 @torch.no_grad()
-def sample_grid(model, diffusion, labels, noise, cfg_scale, clip_denoised, autocast, sampler="ddpm"):
+def sample_grid(model, diffusion, labels, noise, cfg_scale, null_class, clip_denoised, autocast, sampler="ddpm"):
     """Samples of `model` from fixed `noise` for `labels` (sampling.denoise: classifier-free guidance
-    with the null class when cfg_scale > 1). DDPM uses (and must run inside a fork of) the global RNG."""
+    with the null class, the model's last label row, when cfg_scale > 1). DDPM uses (and must run inside
+    a fork of) the global RNG."""
+    if cfg_scale > 1 and null_class != model.num_classes:
+        raise ValueError(f"the null class of this model is {model.num_classes}, not {null_class}")
     with autocast:
         out = denoise(model, diffusion, noise, labels, sampler, cfg_scale, clip_denoised=clip_denoised)
     return out.float()
@@ -292,7 +295,7 @@ def make_sample_hook(trainer, args, vae, tensorboard):
                 torch.manual_seed(args.global_seed)
                 noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, device=device)
                 labels = torch.arange(n, device=device) % num_classes
-                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, vae is None, trainer.autocast(),
+                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, num_classes, vae is None, trainer.autocast(),
                                 args.sample_sampler)
                 if vae is not None:
                     with torch.no_grad():
