@@ -5,11 +5,15 @@
     state_dict, config = find_model("DiT-XL-2-256x256.pt")         # downloads once into pretrained_models/
     model, config = load_model("results/000-DiT-S-2-none/checkpoints/latest.pt")   # EMA weights
     model, config = load_model("results/000-DiT-S-2-none", weights="raw")           # a run dir: its latest.pt
+    model, config = load_model("hf:facebook/DiT-XL-2-256")                          # the Hub's diffusers copy
 
 `find_model(name_or_path, weights="ema") -> (state_dict, config_or_None)`
-    name_or_path: an official file name (PRETRAINED_MODELS), a checkpoint file, or a run directory
-    (its checkpoints/latest.pt). weights: "ema" (default) or "raw" (the "model" entry of a training
-    checkpoint). config: the dict that models.build_model_from_config understands, plus image_size, vae
+    name_or_path: an official file name (PRETRAINED_MODELS), a checkpoint file, a run directory
+    (its checkpoints/latest.pt), a diffusers DiT folder (an export_diffusers.py export or the Hub
+    layout, converted by diffusers_dit.load_folder), or "hf:<repo>" (e.g. hf:facebook/DiT-XL-2-256,
+    fetched with huggingface_hub.snapshot_download, then loaded as a folder). weights: "ema" (default)
+    or "raw" (the "model" entry of a training checkpoint; a diffusers folder holds the one set it was
+    exported with). config: the dict that models.build_model_from_config understands, plus image_size, vae
     and latent_scale; for our own checkpoints it is the run's config (with "ckpt_step", the training
     step, added when the checkpoint records it); for the official files and for checkpoints of the
     reference DiT train.py (which pickle an argparse.Namespace under "args") it is derived; for a bare
@@ -21,10 +25,10 @@
     strictly and return the model in eval mode on the CPU with the config it was built from. Keys in
     must_match are checked against a file's own config instead of overriding it.
 
-Everything is loaded with torch.load(weights_only=True): a file that pickles anything beyond tensors and
-plain Python types (argparse.Namespace allowed) is refused, never executed. Every failure (missing
-file, corrupt or truncated file, wrong architecture or normalization, failed download) raises an error
-that says what was expected.
+Everything is loaded with torch.load(weights_only=True) (safetensors for diffusers folders): a file that
+pickles anything beyond tensors and plain Python types (argparse.Namespace allowed) is refused, never
+executed. Every failure (missing file, corrupt or truncated file, wrong architecture or normalization,
+failed download) raises an error that says what was expected.
 """
 
 import argparse
@@ -34,14 +38,16 @@ import urllib.request
 
 import torch
 
+import diffusers_dit
 from data import LATENT_SCALE
 from models import build_model_from_config, stored_normalization
-from train_utils import atomic_write, load_checkpoint
+from train_utils import atomic_write, checkpoint_file, load_checkpoint
 
 # The two official DiT-XL/2 files (raw EMA state dicts), by name -> image size.
 PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/"  # + file name
 PRETRAINED_DIR = "pretrained_models"  # relative to the working directory, like the reference repo
+HUB_PREFIX = "hf:"  # hf:facebook/DiT-XL-2-256: a diffusers DiT pipeline on the Hugging Face Hub
 
 WEIGHTS = ("ema", "raw")
 
@@ -98,7 +104,8 @@ def download_model(model_name):
     except Exception as e:
         raise RuntimeError(
             f"could not download {url} ({e}); nothing was written to {path}. Without internet access, "
-            f"copy the file there by hand, or pass --ckpt with a local checkpoint"
+            f"copy the file there by hand, or pass --ckpt with a local checkpoint; the Hub's copy of the "
+            f"official weights is --ckpt hf:facebook/DiT-XL-2-{PRETRAINED_MODELS[model_name]}"
         ) from e
     return path
 
@@ -170,8 +177,15 @@ def find_model(name_or_path, weights="ema"):
         if weights != "ema":
             raise ValueError(f"{name_or_path} holds EMA weights only; use weights='ema'")
         path = download_model(name_or_path)
+    elif str(name_or_path).startswith(HUB_PREFIX):
+        path = diffusers_dit.snapshot(str(name_or_path)[len(HUB_PREFIX):])
     else:
         path = str(name_or_path)
+    if os.path.isdir(path) and not os.path.isfile(checkpoint_file(path)):
+        if diffusers_dit.transformer_dir(path) is None:  # (a diffusers folder of something else raises here)
+            raise FileNotFoundError(f"{path!r} is neither a run directory (no checkpoints/latest.pt) nor a diffusers "
+                                    f"DiT folder (no model_index.json or transformer config.json)")
+        return diffusers_dit.load_folder(path, weights)
     try:
         ckpt = load_checkpoint(path, mmap=True)
     except FileNotFoundError as e:

@@ -4,6 +4,8 @@
     python sample.py --image-size 512 --class-labels 207 360 --seed 1
     python sample.py --ckpt results/000-DiT-S-2-none/checkpoints/latest.pt
     python sample.py --ckpt results/000-DiT-S-2-none --weights raw --out raw.png
+    python sample.py --sampler dpm-solver++ --num-sampling-steps 25     # diffusers' DPM-Solver++ 2M, 25 steps
+    python sample.py --ckpt hf:facebook/DiT-XL-2-256                   # the Hub's diffusers copy (or any DiT folder)
 
 For our own checkpoints the architecture, image size, class count, normalization and VAE are read
 from the checkpoint's config, so --ckpt alone is enough. For a bare state dict (no config) the flags

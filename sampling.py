@@ -1,10 +1,17 @@
-"""Sampling helpers shared by sample.py and sample_ddp.py: the model flags and their loading (official
-checkpoints, this repo's checkpoints, bare state dicts), VAE decoding, per-image random generators, and
-the guided sampler.
+"""Sampling helpers shared by sample.py, sample_ddp.py, train.py's sample grids and train_toy.py's
+evaluation: the model flags and their loading (official checkpoints, this repo's checkpoints, bare state
+dicts, diffusers folders), VAE decoding, per-image random generators, and the guided samplers.
+
+Samplers (SAMPLERS): "ddpm" (ancestral, the reference's), "ddim" (eta 0), and two ODE solvers from
+diffusers driven by our model's noise prediction: "dpm-solver++" (DPMSolverMultistepScheduler, 2M,
+algorithm_type dpmsolver++) and "unipc" (UniPCMultistepScheduler, order 2, bh2). The solvers are configured
+from the diffusion's own 1000 betas (trained_betas) and use diffusers' timestep spacing ("linspace") for the
+requested number of steps; the learned-variance channels are dropped, and clip_denoised becomes diffusers'
+thresholding with sample_max_value 1, which is exactly clipping the predicted x0 to [-1, 1].
 
 Randomness: image i of a run uses its own generator seeded from (seed, i), for the starting noise and
 every DDPM step's noise, so an image does not depend on how many others are drawn with it, nor on how
-many processes draw them.
+many processes draw them. DDIM and the ODE solvers add no noise after the start.
 """
 
 import sys
@@ -14,14 +21,21 @@ import torch
 
 from cli import COUNT
 from data import VAE_HELP
+from diffusers_dit import solver_scheduler
 from download import PRETRAINED_MODELS, WEIGHTS, load_model
 from models import NORM_LAYERS, DiT_models
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
+SOLVERS = ("dpm-solver++", "unipc")  # diffusers' multistep ODE solvers
+SAMPLER_HELP = ("ddpm: ancestral (the reference, 250 steps); ddim: deterministic (eta 0); dpm-solver++ / unipc: "
+                "diffusers' multistep ODE solvers (DPM-Solver++ 2M, UniPC-2), good from about 10-25 steps")
 
 
 def add_model_args(p):
     """Flags shared with sample_ddp.py that say which weights to load and how to decode them."""
     p.add_argument("--ckpt", default=None,
-                   help="checkpoint file or run directory of this repo (or a reference/bare DiT checkpoint); "
+                   help="checkpoint file or run directory of this repo (or a reference/bare DiT checkpoint), a "
+                        "diffusers DiT folder, or hf:REPO (e.g. hf:facebook/DiT-XL-2-256, fetched from the Hub); "
                         "default: the official DiT-XL-2-<size> file, downloaded into pretrained_models/")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or raw weights of a training checkpoint")
     p.add_argument("--model", choices=list(DiT_models), default=None,
@@ -35,7 +49,7 @@ def add_model_args(p):
     p.add_argument("--cfg-channels", type=COUNT, default=None,
                    help="guide only the first N noise channels (3 = the reference code); default: all")
     p.add_argument("--num-sampling-steps", type=COUNT, default=250)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddim: deterministic (eta 0)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
 
 
@@ -48,6 +62,7 @@ def load_for_sampling(args):
     """(model, config) for the flags: --ckpt (its config wins; conflicting --model / --image-size /
     --num-classes are an error) or the official DiT-XL-2-<image size> file. The model is on the CPU in
     eval mode."""
+    check_solver_steps(args.sampler, args.num_sampling_steps, "--num-sampling-steps")
     if args.ckpt is None:
         size = args.image_size or 256
         name = f"DiT-XL-2-{size}x{size}.pt"
@@ -127,21 +142,77 @@ def has_null_class(model):
     return model.y_embedder.embedding_table.num_embeddings > model.num_classes
 
 
-@torch.no_grad()
-def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",
-                  clip_denoised=False, progress=False):
-    """Draw one sample per label (a LongTensor on the model's device): returns (N, C, H, W) model-space
-    samples (latents, or pixels for a pixel-space model).
+def check_solver_steps(sampler, steps, flag):
+    """Before any work: diffusers' solvers take at most 999 of the 1000 steps (SystemExit naming `flag`)."""
+    if sampler in SOLVERS and steps >= 1000:
+        raise SystemExit(f"--sampler {sampler} takes at most 999 steps, got {flag} {steps} (diffusers' spacing "
+                         f"repeats timesteps at 1000); it needs far fewer, 10-100")
 
-    generators[i] supplies image i's starting noise and then its noise at every DDPM step, so image i
-    is the same whatever else is in the batch. With cfg_scale > 1 the batch is doubled with the null
-    label and model.forward_with_cfg guides the first `cfg_channels` noise channels (None: all); both
-    halves share the same noise and stay identical, the first is returned.
+
+def check_sampler(name):
+    """ValueError naming the choices for an unknown sampler."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="linspace"):
+    """The diffusers scheduler of "dpm-solver++" or "unipc" (diffusers_dit.solver_scheduler) configured
+    from the diffusion's full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps:
+    spacing "linspace" is diffusers' default (999 down to about 1000 / N, then to sigma 0; what DiTPipeline
+    does); "respaced" takes the diffusion's own kept timesteps (999 down to 0, as ddpm / ddim; DPM-Solver++
+    only: diffusers' UniPC takes no custom timesteps)."""
+    if diffusion.model_mean_type.name != "EPSILON":
+        raise ValueError(f"--sampler {sampler} drives a noise-predicting model; this diffusion predicts "
+                         f"{diffusion.model_mean_type.name}")
+    betas = getattr(diffusion, "original_betas", diffusion.betas)
+    scheduler = solver_scheduler(sampler, betas, clip_denoised)
+    if spacing == "respaced" and sampler == "dpm-solver++":
+        kept = getattr(diffusion, "timestep_map", range(diffusion.num_timesteps))
+        scheduler.set_timesteps(timesteps=sorted(kept, reverse=True), device=device)
+    elif spacing == "linspace":
+        scheduler.set_timesteps(diffusion.num_timesteps, device=device)
+    else:
+        raise ValueError(f"spacing {spacing!r} is not available for {sampler}: use 'linspace'"
+                         + (" or 'respaced'" if sampler == "dpm-solver++" else ""))
+    if len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):  # then a zero step size gives NaN
+        raise ValueError(f"{diffusion.num_timesteps} steps of {sampler} repeat timesteps (diffusers' linspace spacing "
+                         f"over {len(betas)} training steps); use at most {len(betas) - 1} steps")
+    return scheduler
+
+
+def _steps(steps, progress):
+    if not progress:
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, desc="sampling", file=sys.stderr)
+
+
+def _solve(fn, diffusion, x, y, sampler, guided, clip_denoised, progress, spacing):
+    """An ODE solve from x (N, C, H, W) with a diffusers scheduler; fn(x_in, t, y) is the (guided) model."""
+    n, c = x.shape[:2]
+    scheduler = make_solver(sampler, diffusion, clip_denoised, device=x.device, spacing=spacing)
+    for t in _steps(scheduler.timesteps, progress):
+        x_in = torch.cat([x, x]) if guided else x
+        eps = fn(x_in, torch.full((len(x_in),), int(t), device=x.device, dtype=torch.long), y=y)[:n, :c]
+        x = scheduler.step(eps.to(x.dtype), t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_channels=None, clip_denoised=False,
+            step_noise=None, progress=False, spacing="linspace"):
+    """Sample from the starting noise x (N, C, H, W) for `labels` with `sampler` (SAMPLERS) over the
+    diffusion's (respaced) steps; returns the (N, C, H, W) model-space samples.
+
+    With cfg_scale > 1 the batch is doubled with the null label and model.forward_with_cfg guides the
+    first `cfg_channels` noise channels (None: all); both halves share the same input, the first half is
+    returned. step_noise() supplies each DDPM step's (N, C, H, W) noise; None draws it from the global
+    RNG exactly as diffusion.p_sample_loop does (torch.randn_like of the whole, doubled, batch).
+    spacing: the ODE solvers' timesteps (make_solver).
     """
-    device = labels.device
-    n = len(labels)
-    shape = (model.in_channels, model.input_size, model.input_size)
-    x = standard_normal(generators, shape, device)
+    check_sampler(sampler)
+    n = len(x)
     guided = cfg_scale > 1.0
     if guided:
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
@@ -150,14 +221,11 @@ def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_chann
             return model.forward_with_cfg(x_in, t, y, cfg_scale, guidance_channels=cfg_channels)
     else:
         fn = model
-    steps = list(range(diffusion.num_timesteps))[::-1]
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc="sampling", file=sys.stderr)
-    for i in steps:
+    if sampler in SOLVERS:
+        return _solve(fn, diffusion, x, labels, sampler, guided, clip_denoised, progress, spacing)
+    for i in _steps(list(range(diffusion.num_timesteps))[::-1], progress):
         x_in = torch.cat([x, x]) if guided else x
-        t = torch.full((len(x_in),), i, device=device, dtype=torch.long)
+        t = torch.full((len(x_in),), i, device=x.device, dtype=torch.long)
         if sampler == "ddim":  # eta = 0: deterministic, no noise drawn
             x = diffusion.ddim_sample(fn, x_in, t, clip_denoised=clip_denoised, model_kwargs=dict(y=labels),
                                       eta=0.0)["sample"][:n]
@@ -165,10 +233,27 @@ def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_chann
         out = diffusion.p_mean_variance(fn, x_in, t, clip_denoised=clip_denoised, model_kwargs=dict(y=labels))
         mean, log_variance = out["mean"][:n], out["log_variance"][:n]
         if i > 0:
-            x = mean + torch.exp(0.5 * log_variance) * standard_normal(generators, shape, device)
+            noise = step_noise() if step_noise is not None else torch.randn_like(x_in)[:n]
+            x = mean + torch.exp(0.5 * log_variance) * noise
         else:
             x = mean
     return x
+
+
+def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",
+                  clip_denoised=False, progress=False, spacing="linspace"):
+    """Draw one sample per label (a LongTensor on the model's device): returns (N, C, H, W) model-space
+    samples (latents, or pixels for a pixel-space model).
+
+    generators[i] supplies image i's starting noise and then its noise at every DDPM step, so image i
+    is the same whatever else is in the batch (DDIM and the ODE solvers draw nothing after the start).
+    Guidance as in `denoise`.
+    """
+    shape = (model.in_channels, model.input_size, model.input_size)
+    x = standard_normal(generators, shape, labels.device)
+    return denoise(model, diffusion, x, labels, sampler, cfg_scale, cfg_channels, clip_denoised,
+                   step_noise=lambda: standard_normal(generators, shape, labels.device), progress=progress,
+                   spacing=spacing)
 
 
 def prepare_guidance(model, cfg_scale, cfg_channels):

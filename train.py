@@ -63,7 +63,10 @@ from evaluation import (
     summary_line,
 )
 from models import NORM_LAYERS, DiT_models, build_model_from_config
-from sampling import decode, image_generators, image_labels, sample_images, to_rgb, to_uint8
+from sampling import (
+    SAMPLER_HELP, SAMPLERS, check_solver_steps, decode, denoise, image_generators, image_labels, sample_images, to_rgb,
+    to_uint8,
+)
 from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger, gather_objects,
@@ -91,7 +94,7 @@ RESUME_OVERRIDES = (
     "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
     "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir", "fid_every", "fid_ref",
     "fid_num_samples", "fid_cfg_scale", "fid_sampling_steps", "fid_features", "fid_batch_size", "inception_weights",
-    "digits_classifier",
+    "digits_classifier", "sample_sampler", "fid_sampler",
 )
 # Flags that only steer this process; never saved in the config.
 RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm", "threads")
@@ -140,7 +143,8 @@ def build_parser():
     g.add_argument("--log-every", type=COUNT, default=100)
     g.add_argument("--ckpt-every", type=COUNT, default=50_000)
     g.add_argument("--sample-every", type=INDEX, default=10_000, help="EMA sample grid every N steps (0: never)")
-    g.add_argument("--sample-steps", type=COUNT, default=250, help="DDPM steps for the sample grid")
+    g.add_argument("--sample-steps", type=COUNT, default=250, help="sampling steps for the sample grid")
+    g.add_argument("--sample-sampler", choices=SAMPLERS, default="ddpm", help=f"sampler of the grid; {SAMPLER_HELP}")
     g.add_argument("--sample-images", type=COUNT, default=16, help="images in the sample grid")
     g.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance of the grid (1: none)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
@@ -150,7 +154,8 @@ def build_parser():
                    help="reference images: an ADM reference batch .npz or a folder of images")
     g.add_argument("--fid-num-samples", type=COUNT, default=5000)
     g.add_argument("--fid-cfg-scale", type=NON_NEGATIVE, default=1.5, help="1.5: the paper's FID protocol")
-    g.add_argument("--fid-sampling-steps", type=COUNT, default=250, help="DDPM steps")
+    g.add_argument("--fid-sampling-steps", type=COUNT, default=250, help="sampling steps (the paper: 250 DDPM)")
+    g.add_argument("--fid-sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
     g.add_argument("--fid-batch-size", type=COUNT, default=32, help="images per process per sampling batch")
     g.add_argument("--fid-features", choices=FEATURES, default="inception",
                    help="inception: ADM's metrics; digits: the digits classifier (for the digits demo)")
@@ -184,6 +189,8 @@ def parse_args(argv=None):
         raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
     if args.fid_ref and not os.path.exists(args.fid_ref):
         raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
+    check_solver_steps(args.sample_sampler, args.sample_steps, "--sample-steps")
+    check_solver_steps(args.fid_sampler, args.fid_sampling_steps, "--fid-sampling-steps")
     return args, explicit
 
 
@@ -293,20 +300,15 @@ def vae_encoder(vae, latent_scale):
 
 
 @torch.no_grad()
-def sample_grid(model, diffusion, labels, noise, cfg_scale, null_class, clip_denoised, autocast):
-    """DDPM samples of `model` from fixed `noise` for `labels`, with classifier-free guidance when
-    cfg_scale > 1 (the batch is doubled with the null class). Uses (and must run inside a fork of)
-    the global RNG."""
-    if cfg_scale > 1:
-        noise = torch.cat([noise, noise])
-        y = torch.cat([labels, torch.full_like(labels, null_class)])
-        fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale)
-    else:
-        fn, kwargs = model.forward, dict(y=labels)
+def sample_grid(model, diffusion, labels, noise, cfg_scale, null_class, clip_denoised, autocast, sampler="ddpm"):
+    """Samples of `model` from fixed `noise` for `labels` (sampling.denoise: classifier-free guidance
+    with the null class, the model's last label row, when cfg_scale > 1). DDPM uses (and must run inside
+    a fork of) the global RNG."""
+    if cfg_scale > 1 and null_class != model.num_classes:
+        raise ValueError(f"the null class of this model is {model.num_classes}, not {null_class}")
     with autocast:
-        out = diffusion.p_sample_loop(fn, noise.shape, noise=noise, clip_denoised=clip_denoised,
-                                      model_kwargs=kwargs, device=noise.device)
-    return out[: len(labels)].float()
+        out = denoise(model, diffusion, noise, labels, sampler, cfg_scale, clip_denoised=clip_denoised)
+    return out.float()
 
 
 def make_sample_hook(trainer, args, vae, tensorboard):
@@ -329,7 +331,8 @@ def make_sample_hook(trainer, args, vae, tensorboard):
                 torch.manual_seed(args.global_seed)
                 noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, device=device)
                 labels = torch.arange(n, device=device) % num_classes
-                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, num_classes, vae is None, trainer.autocast())
+                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, num_classes, vae is None, trainer.autocast(),
+                                args.sample_sampler)
                 if vae is not None:
                     with torch.no_grad():
                         x = vae.decode(x / args.latent_scale).sample.float()
@@ -343,8 +346,8 @@ def make_sample_hook(trainer, args, vae, tensorboard):
                 from torchvision.utils import make_grid
 
                 tensorboard.add_image("samples/ema", make_grid(x, nrow=nrow), step)
-            trainer.logger.info(f"saved EMA sample grid {path} ({args.sample_steps} DDPM steps, cfg {cfg_scale}, "
-                                f"{time.time() - t0:.1f}s)")
+            trainer.logger.info(f"saved EMA sample grid {path} ({args.sample_sampler} {args.sample_steps} steps, "
+                                f"cfg {cfg_scale}, {time.time() - t0:.1f}s)")
         barrier()
 
     hook.last_path = None
@@ -364,7 +367,7 @@ def draw_fid_samples(ema, diffusion, args, vae, d, autocast):
         y = image_labels(generators, args.num_classes)
         with autocast():
             x = sample_images(ema, diffusion, torch.tensor(y, device=d.device), generators, cfg_scale,
-                              clip_denoised=vae is None)
+                              sampler=args.fid_sampler, clip_denoised=vae is None)
         images.append(to_uint8(to_rgb(decode(vae, x.float(), args.latent_scale).float())))
         indices += list(batch)
         labels += y
@@ -401,15 +404,16 @@ def make_fid_hook(trainer, args, vae, tensorboard):
                       for k in parts[0][1]}
             y = np.concatenate([p[2] for p in parts])[order]
             metrics = score(merged, evaluator.ref_feats, evaluator.ref_stats, y, args.fid_features, d.device)
-            row = {"kind": "fid", "step": step, "weights": "ema", **metrics, "sampling_steps": args.fid_sampling_steps,
-                   "cfg_scale": args.fid_cfg_scale, "seconds": round(time.time() - t0, 2)}
+            row = {"kind": "fid", "step": step, "weights": "ema", **metrics, "sampler": args.fid_sampler,
+                   "sampling_steps": args.fid_sampling_steps, "cfg_scale": args.fid_cfg_scale,
+                   "seconds": round(time.time() - t0, 2)}
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if tensorboard is not None:
                 for key, value in metrics.items():
                     if isinstance(value, float):
                         tensorboard.add_scalar(f"eval/{key}", value, step)
-            trainer.logger.info(f"eval at step {step} (EMA, {args.fid_sampling_steps} DDPM steps, cfg "
+            trainer.logger.info(f"eval at step {step} (EMA, {args.fid_sampling_steps} {args.fid_sampler} steps, cfg "
                                 f"{args.fid_cfg_scale}, {time.time() - t0:.1f}s): {summary_line(metrics)}")
         barrier()
 

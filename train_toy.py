@@ -2,8 +2,8 @@
 
 A DiT is trained on 2x2x2 "images" that are always zero, so the noise it must predict is its own input
 rescaled, eps = x_t / sqrt(1 - alpha_bar_t). At chosen steps the raw and EMA weights each draw samples
-with the full DDPM sampler from fixed noise; since the data is zero, every sampled pixel value is an
-error. Results go to `<results-dir>/<index>-<model>-<normalization>/metrics.jsonl`.
+with the full DDPM sampler (or --sampler / --sampling-steps) from fixed noise; since the data is zero,
+every sampled pixel value is an error. Results go to `<results-dir>/<index>-<model>-<normalization>/metrics.jsonl`.
 
     python train_toy.py                   # LayerNorm (the published DiT)
     python train_toy.py --no-layernorm    # every block/final LayerNorm replaced by identity
@@ -23,6 +23,7 @@ import torch
 from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
+from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise
 from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
 from train_utils import (
     PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
@@ -53,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-steps", type=COUNT, nargs="+", help="steps at which to evaluate (the last step always is)")
     p.add_argument("--eval-every", type=COUNT, help="evaluate every N steps (instead of --eval-steps)")
     p.add_argument("--num-eval-samples", type=COUNT, default=100)
-    p.add_argument("--sampling-steps", type=COUNT, default=1000, help="DDPM steps for evaluation (1000 = full)")
+    p.add_argument("--sampling-steps", type=COUNT, default=1000, help="sampling steps for evaluation (1000 = full)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=f"evaluation sampler; {SAMPLER_HELP}")
     p.add_argument("--ckpt-every", type=COUNT)
     p.add_argument("--log-every", type=COUNT)
     p.add_argument("--results-dir", default="results/toy-runs")
@@ -75,6 +77,7 @@ def parse_args(argv=None):
     if args.preset == "auto":
         args.preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     apply_preset(args, PRESETS[args.preset], explicit)
+    check_solver_steps(args.sampler, args.sampling_steps, "--sampling-steps")
     args.explicit = explicit
     return finalize_eval_steps(args)
 
@@ -111,15 +114,14 @@ def lr_multiplier(config):
 
 
 @torch.no_grad()
-def draw_samples(model, diffusion, num, seed, device):
+def draw_samples(model, diffusion, num, seed, device, sampler="ddpm"):
     """`num` samples from fixed noise and a fixed sampler RNG, without touching the global RNG."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         noise = torch.randn(num, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE, device=device)
         y = torch.zeros(num, dtype=torch.long, device=device)
-        return diffusion.p_sample_loop(model, noise.shape, noise=noise, clip_denoised=True,
-                                       model_kwargs=dict(y=y), device=device)
+        return denoise(model, diffusion, noise, y, sampler, clip_denoised=True)
 
 
 def evaluate(trainer, sampler_diffusion, args, step):
@@ -132,11 +134,12 @@ def evaluate(trainer, sampler_diffusion, args, step):
             was_training = model.training
             model.eval()
             samples = draw_samples(model, sampler_diffusion, args.num_eval_samples, args.global_seed + 12345,
-                                   trainer.dist.device).cpu()
+                                   trainer.dist.device, args.sampler).cpu()
             model.train(was_training)
             saved[weights] = samples
             row = dict(step=step, weights=weights, normalization=args.normalization, num_samples=len(samples),
-                       sampling_steps=sampler_diffusion.num_timesteps, seed=args.global_seed, model=args.model,
+                       sampling_steps=sampler_diffusion.num_timesteps, sampler=args.sampler, seed=args.global_seed,
+                       model=args.model,
                        **sample_error(samples))
             with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")

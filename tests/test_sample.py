@@ -278,7 +278,7 @@ def test_download_after_interruption_succeeds(fake_server, monkeypatch):
 
 
 @pytest.mark.parametrize("normalization", NORMS)
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
 def test_sample_images_per_image_randomness(tmp_path, normalization, sampler):
     """Image i depends on (seed, i) only: drawing it alone or inside a batch gives the same result."""
     path, _, _, _ = write_checkpoint(tmp_path / "ckpt.pt", normalization)
@@ -443,6 +443,20 @@ def test_sample_ddp_eval_ref_scores_the_npz(tmp_path, ckpt, digits_classifier, c
     assert "FD-digits" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a missing reference is caught before any sampling
         sample_ddp.parse_args(["--ckpt", ckpt[0], "--eval-ref", str(tmp_path / "missing.npz")])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++", "unipc"])  # ddpm: the test above
+def test_sample_ddp_world_size_1_and_2_give_the_same_images_for_every_sampler(tmp_path, ckpt, sampler):
+    flags = ["--ckpt", ckpt[0], "--sampler", sampler, *DDP_FLAGS]
+    folder = sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
+    assert folder.endswith(f"-{sampler}-4-seed-0")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "sample_ddp.py",
+                          *flags, "--sample-dir", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = npz_of(folder), npz_of(os.path.join(tmp_path / "two", os.path.basename(folder)))
+    np.testing.assert_array_equal(two, one)
+    assert len({image.tobytes() for image in one}) == len(one)
 
 
 def test_sample_ddp_helpers():

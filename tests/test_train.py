@@ -81,6 +81,14 @@ def torchrun(port, *args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def test_sample_grid_with_another_sampler(tmp_path, image_folder):
+    run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "2", "--sample-every", "2",
+                  "--sample-steps", "3", "--sample-images", "4", "--sample-sampler", "dpm-solver++")
+    assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
+    assert "(dpm-solver++ 3 steps, cfg 4.0" in open(os.path.join(run_dir, "log.txt")).read()
+    assert json.load(open(os.path.join(run_dir, "config.json")))["sample_sampler"] == "dpm-solver++"
+
+
 #################################################################################
 #                                  Data                                         #
 #################################################################################
@@ -234,7 +242,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, image_folde
     assert [r["step"] for r in rows] == [3, 6, 7]
     assert all(r["kind"] == "fid" and r["weights"] == "ema" and r["num_samples"] == 5 for r in rows)
     assert all(np.isfinite(r["fd_digits"]) and 0 <= r["precision"] <= 1 for r in rows)
-    assert "eval at step 6 (EMA, 2 DDPM steps" in open(os.path.join(full, "log.txt")).read()
+    assert "eval at step 6 (EMA, 2 ddpm steps" in open(os.path.join(full, "log.txt")).read()
 
     real_step = train_utils.Trainer.train_step
 

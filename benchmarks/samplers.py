@@ -1,0 +1,320 @@
+"""Sample quality against the number of sampling steps for every sampler (ddpm, ddim, dpm-solver++, unipc),
+and the wall time per image: on a toy run (every sampled value is an error) and on a digits demo run
+(sample statistics against the real digits). Answers "how many steps does DPM-Solver++ need to match
+250-step DDPM here?".
+
+    python train_toy.py --preset cpu --results-dir results/toy-runs                 # a toy run (3-4 minutes)
+    python train.py --demo --max-steps 6000                                         # a digits run (optional)
+    python benchmarks/samplers.py --toy-ckpt results/toy-runs/000-DiT-XS-1-layer-norm \
+        --digits-ckpt results/000-DiT-S-4-layer-norm --data-path data/digits
+
+Toy: RMS error of 100 samples (400 pixels x 2 channels, the toy study's evaluation, clip_denoised as there),
+for several noise seeds; DDPM also draws its step noise from the seed. Digits: 50 images per class with
+guidance (--cfg-scale), scored two ways that need no Inception network: the accuracy of a logistic
+regression trained on the real digits (does the sample show its class?), and the Frechet distance between
+the 8x8 grayscale vectors (the original digits' resolution) of the samples and of the real digits
+(FD_pixels: means and covariances).
+Time per image: the sampling call of one batch over its size (one process, this machine's threads).
+Writes docs/figures/samplers_toy.png, docs/figures/samplers_digits.png (and samplers_digits_grid.png:
+one image per class for a few settings, same starting noise), docs/samplers.md and --out/samplers.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cli import COUNT, INDEX, NON_NEGATIVE  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from download import load_model  # noqa: E402
+from sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images  # noqa: E402
+from toy import sample_error  # noqa: E402
+
+TOY_STEPS = (5, 10, 15, 20, 25, 50, 100, 250, 500, 1000)
+DIGITS_STEPS = (5, 10, 25, 50, 100, 250)
+# What is compared: the samplers as the flags give them, and DPM-Solver++ on the diffusion's own respaced
+# timesteps (999 ... 0, like ddpm / ddim) instead of diffusers' linspace spacing (999 ... about 1000 / N).
+VARIANTS = {**{s: (s, "linspace") for s in SAMPLERS}, "dpm-solver++/respaced": ("dpm-solver++", "respaced")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy-ckpt", default=None, help="a train_toy.py run directory or checkpoint")
+    p.add_argument("--digits-ckpt", default=None, help="a train.py digits demo run directory (optional)")
+    p.add_argument("--data-path", default="data/digits", help="the real digits (ImageFolder) for the digits scores")
+    p.add_argument("--samplers", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--toy-steps", type=COUNT, nargs="+", default=list(TOY_STEPS))
+    p.add_argument("--digits-steps", type=COUNT, nargs="+", default=list(DIGITS_STEPS))
+    p.add_argument("--toy-seeds", type=INDEX, nargs="+", default=[0, 1, 2])
+    p.add_argument("--digits-seeds", type=INDEX, nargs="+", default=[0, 1])
+    p.add_argument("--num-samples", type=COUNT, default=100, help="toy samples per seed (the toy study: 100)")
+    p.add_argument("--per-class", type=COUNT, default=50, help="digits samples per class")
+    p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="guidance of the digits samples (the demo grid's)")
+    p.add_argument("--threads", type=COUNT, default=1)
+    p.add_argument("--grid-only", action="store_true", help="only the digits sample grid (docs/figures/...grid.png)")
+    p.add_argument("--out", default="results/samplers", help="folder for samplers.json")
+    p.add_argument("--figures", default="docs/figures")
+    p.add_argument("--record", default="docs/samplers.md", help="markdown report ('' to skip)")
+    return p.parse_args(argv)
+
+
+def usable_steps(variant, steps):
+    sampler, spacing = VARIANTS[variant]
+    return [s for s in steps if sampler not in SOLVERS or spacing == "respaced" or s < 1000]  # linspace repeats t
+
+
+#################################################################################
+#                                     Toy                                       #
+#################################################################################
+
+
+def toy_rows(model, args):
+    """One row per (sampler, steps, seed): RMS / max error and time per image."""
+    rows = []
+    shape = (args.num_samples, model.in_channels, model.input_size, model.input_size)
+    y = torch.zeros(args.num_samples, dtype=torch.long)
+    for variant in args.samplers:
+        sampler, spacing = VARIANTS[variant]
+        for steps in usable_steps(variant, args.toy_steps):
+            diffusion = create_diffusion(str(steps))
+            for seed in args.toy_seeds:
+                torch.manual_seed(seed)
+                noise = torch.randn(shape)
+                t0 = time.perf_counter()
+                x = denoise(model, diffusion, noise, y, sampler, clip_denoised=True, spacing=spacing)
+                seconds = time.perf_counter() - t0
+                err = sample_error(x)
+                rows.append(dict(sampler=variant, steps=steps, seed=seed, rms=err["rms"], max_abs=err["max_abs"],
+                                 ms_per_image=1000 * seconds / args.num_samples))
+            rms = np.mean([r["rms"] for r in rows[-len(args.toy_seeds):]])
+            print(f"toy {variant:22s} {steps:5d} steps: rms {rms:.3e}", file=sys.stderr, flush=True)
+    return rows
+
+
+#################################################################################
+#                                    Digits                                     #
+#################################################################################
+
+
+def gray_8x8(images):
+    """(N, 64) vectors: grayscale, 2x2-average-pooled from 16 px to the 8x8 of the original digits."""
+    pooled = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), images.shape[-1] // 8)
+    return pooled.flatten(1).double().numpy()
+
+
+def real_digits(path, image_size):
+    """(N, 64) gray_8x8 vectors and labels of the real digits, cropped as train.py does."""
+    from data import FlipImageFolder
+
+    folder = FlipImageFolder(path, image_size)
+    xs, ys = zip(*(folder[i, 0] for i in range(len(folder))))
+    return gray_8x8(torch.stack(xs)), np.array(ys)
+
+
+def frechet_distance(a, b):
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrt(S_a S_b)) of two (N, D) feature sets."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s_a @ s_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root.real))
+
+
+def digits_rows(model, config, args):
+    """One row per (sampler, steps, seed): classifier accuracy, FD_pixels and time per image."""
+    from sklearn.linear_model import LogisticRegression
+
+    real, labels = real_digits(args.data_path, config["image_size"])
+    classifier = LogisticRegression(max_iter=2000).fit(real, labels)
+    print(f"digits: logistic regression on {len(real)} real digits, training accuracy "
+          f"{classifier.score(real, labels):.3f}", file=sys.stderr)
+    y = torch.arange(model.num_classes).repeat_interleave(args.per_class)
+    rows = []
+    for variant in args.samplers:
+        sampler, spacing = VARIANTS[variant]
+        for steps in usable_steps(variant, args.digits_steps):
+            diffusion = create_diffusion(str(steps))
+            for seed in args.digits_seeds:
+                t0 = time.perf_counter()
+                x = sample_images(model, diffusion, y, image_generators(seed, range(len(y))), args.cfg_scale,
+                                  sampler=sampler, clip_denoised=True, spacing=spacing)
+                seconds = time.perf_counter() - t0
+                vectors = gray_8x8(x.clamp(-1, 1))
+                rows.append(dict(sampler=variant, steps=steps, seed=seed, accuracy=classifier.score(vectors, y.numpy()),
+                                 fd_pixels=frechet_distance(vectors, real), ms_per_image=1000 * seconds / len(y)))
+            last = rows[-len(args.digits_seeds):]
+            print(f"digits {variant:22s} {steps:4d} steps: accuracy {np.mean([r['accuracy'] for r in last]):.3f} "
+                  f"FD_pixels {np.mean([r['fd_pixels'] for r in last]):.2f}", file=sys.stderr, flush=True)
+    return rows
+
+
+# The rows of the digits sample grid: (variant, steps).
+GRID_ROWS = (("ddpm", 250), ("ddim", 10), ("dpm-solver++", 5), ("dpm-solver++", 10), ("dpm-solver++", 25),
+             ("unipc", 10))
+
+
+def digits_grid(model, args, path):
+    """One image per class for each GRID_ROWS setting, from the same starting noise (image i's generator of
+    seed 0), as a labelled PNG: what the numbers above look like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = torch.arange(model.num_classes)
+    fig, axes = plt.subplots(len(GRID_ROWS), 1, figsize=(model.num_classes * 0.8, len(GRID_ROWS) * 0.95))
+    for ax, (variant, steps) in zip(axes, GRID_ROWS):
+        sampler, spacing = VARIANTS[variant]
+        x = sample_images(model, create_diffusion(str(steps)), y, image_generators(0, range(len(y))), args.cfg_scale,
+                          sampler=sampler, clip_denoised=True, spacing=spacing)
+        row = torch.cat(list((x.clamp(-1, 1).mean(1) + 1) / 2), dim=1)  # the images side by side, grayscale
+        ax.imshow(row.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{variant}\n{steps} steps", rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+#################################################################################
+#                               Summary and report                              #
+#################################################################################
+
+
+def summarize(rows, metric):
+    """{sampler: {steps: (mean, min, max) of metric over seeds, plus the median ms per image}}."""
+    out = {}
+    for row in rows:
+        out.setdefault(row["sampler"], {}).setdefault(row["steps"], []).append(row)
+    return {s: {n: dict(mean=statistics.fmean(r[metric] for r in rs), lo=min(r[metric] for r in rs),
+                        hi=max(r[metric] for r in rs), ms=statistics.median(r["ms_per_image"] for r in rs))
+                for n, rs in sorted(by.items())} for s, by in out.items()}
+
+
+def steps_to_match(summary, reference, better):
+    """Per sampler, the fewest steps whose mean is at least as good as `reference` (None: never)."""
+    return {s: next((n for n, v in by.items() if better(v["mean"], reference)), None) for s, by in summary.items()}
+
+
+def plot(panels, path):
+    """panels: [(summary, title, ylabel, log_y, reference)]; one line per sampler, min-max band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (summary, title, ylabel, log_y, reference) in zip(axes[0], panels):
+        for sampler, by in summary.items():
+            steps = list(by)
+            ax.plot(steps, [by[n]["mean"] for n in steps], marker="o", ms=3, label=sampler)
+            ax.fill_between(steps, [by[n]["lo"] for n in steps], [by[n]["hi"] for n in steps], alpha=0.2)
+        ax.axhline(reference, color="gray", ls="--", lw=1, label="DDPM, 250 steps")
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="sampling steps (model evaluations)", ylabel=ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(summary, metric_name, fmt, steps):
+    """Markdown: a row per sampler, a column per step count (mean [min, max] over seeds), ms per image."""
+    lines = [f"| {metric_name} | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for sampler, by in summary.items():
+        cells = [f"{fmt(by[n]['mean'])} [{fmt(by[n]['lo'])}, {fmt(by[n]['hi'])}]" if n in by else "-" for n in steps]
+        lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    for sampler, by in summary.items():
+        cells = [f"{by[n]['ms']:.2f}" if n in by else "-" for n in steps]
+        lines.append(f"| {sampler}, ms per image | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def toy_section(args, toy):
+    return [f"## Toy ({args.toy_ckpt}, EMA): RMS error of {args.num_samples} samples, mean [min, max] over seeds "
+            f"{args.toy_seeds}", "", table(toy["summary"], "RMS error", lambda v: f"{v:.2e}", args.toy_steps), "",
+            f"DDPM 250 steps: {toy['reference']:.2e}. Fewest steps to match it: "
+            + ", ".join(f"{s} {n}" for s, n in toy["match"].items()), ""]
+
+
+def digits_section(args, d):
+    return [f"## Digits ({args.digits_ckpt}, EMA, cfg {args.cfg_scale}, {args.per_class} per class), mean "
+            f"[min, max] over seeds {args.digits_seeds}", "",
+            table(d["fd"], "FD_pixels", lambda v: f"{v:.2f}", args.digits_steps), "",
+            table(d["accuracy"], "accuracy", lambda v: f"{v:.3f}", args.digits_steps), "",
+            f"DDPM 250 steps: FD_pixels {d['reference_fd']:.2f}, accuracy {d['reference_accuracy']:.3f}. Fewest "
+            f"steps to match its FD_pixels: " + ", ".join(f"{s} {n}" for s, n in d["match_fd"].items()), ""]
+
+
+def record(args, results, path):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    import diffusers
+
+    lines = [f"# Samplers: quality against steps ({time.strftime('%Y-%m-%d')})", "",
+             f"Command: `python benchmarks/samplers.py {' '.join(sys.argv[1:])}`  ",
+             f"Commit {commit.strip()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+             f"{platform.processor() or platform.machine()}, {args.threads} thread(s).", ""]
+    if "toy" in results:
+        lines += toy_section(args, results["toy"])
+    if "digits" in results:
+        lines += digits_section(args, results["digits"])
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {}
+    if not (args.toy_ckpt or args.digits_ckpt):
+        raise SystemExit("pass --toy-ckpt and/or --digits-ckpt")
+    if args.toy_ckpt:
+        model, _ = load_model(args.toy_ckpt)
+        rows = toy_rows(model, args)
+        summary = summarize(rows, "rms")
+        reference = summary["ddpm"][250]["mean"]
+        results["toy"] = dict(rows=rows, summary=summary, reference=reference,
+                              match=steps_to_match(summary, reference, lambda v, r: v <= r))
+        plot([(summary, "toy: RMS error of the samples (target 0)", "RMS error", True, reference)],
+             os.path.join(args.figures, "samplers_toy.png"))
+    if args.digits_ckpt:
+        model, config = load_model(args.digits_ckpt)
+        digits_grid(model, args, os.path.join(args.figures, "samplers_digits_grid.png"))
+        if args.grid_only:
+            return results
+        rows = digits_rows(model, config, args)
+        fd, accuracy = summarize(rows, "fd_pixels"), summarize(rows, "accuracy")
+        results["digits"] = dict(rows=rows, fd=fd, accuracy=accuracy, reference_fd=fd["ddpm"][250]["mean"],
+                                 reference_accuracy=accuracy["ddpm"][250]["mean"],
+                                 match_fd=steps_to_match(fd, fd["ddpm"][250]["mean"], lambda v, r: v <= r))
+        plot([(fd, "digits: Frechet distance of pixels to the real digits", "FD_pixels", True, fd["ddpm"][250]["mean"]),
+              (accuracy, "digits: accuracy of a classifier trained on real digits", "accuracy", False,
+               accuracy["ddpm"][250]["mean"])], os.path.join(args.figures, "samplers_digits.png"))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "samplers.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if args.record:
+        record(args, results, args.record)
+        print(open(args.record).read())
+    return results
+
+
+if __name__ == "__main__":
+    main()
