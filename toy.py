@@ -633,3 +633,175 @@ def train_runs(jobs, parallel, results_dir, log_dir):
     run_jobs(commands, parallel, log_dir, tags=[f"{LABELS.get(norm, norm)} s{seed}" for norm, seed, _ in jobs])
     runs = [newest_run(results_dir, {"normalization": norm, "global_seed": seed}) for norm, seed, _ in jobs]
     return sorted(runs, key=lambda r: (load_config(r)["global_seed"], load_config(r)["normalization"]))
+
+
+#################################################################################
+#                 The sweep (`make sweep`): where is the LayerNorm gap large?   #
+#################################################################################
+
+SWEEP_VARIANTS = ("layer-norm", "none")
+# One factor at a time around the CPU preset: name -> (what changes, train_toy.py flags, step factor).
+SWEEP_CELLS = {
+    "preset": ("the CPU preset (lr 1e-3 cosine, width 64, batch 256)", [], 1),
+    "lr1e-4-constant": ("constant lr 1e-4 (the study's)", ["--lr", "1e-4", "--lr-schedule", "constant"], 1),
+    "lr1e-3-constant": ("constant lr 1e-3", ["--lr", "1e-3", "--lr-schedule", "constant"], 1),
+    "width128": ("width 128", ["--hidden-size", "128"], 1),
+    "batch1024": ("batch 1024", ["--global-batch-size", "1024"], 1),
+    "steps2x": ("2x the training steps", [], 2),
+}
+# CPU time of a step relative to the preset's (measured, one thread: 18 / 37 / 66 ms at width 64 / width
+# 128 / batch 1024); only orders the jobs, longest first, so that the parallel slots stay busy.
+STEP_COST = {"width128": 2.0, "batch1024": 3.6}
+
+
+def sweep_jobs(cells, seeds, out, steps_scale=1.0, extra=()):
+    """One train_toy.py job per (cell, variant, seed): a dict with cell, normalization, seed, steps, the
+    results directory (one per cell and length, so runs of another --steps-scale never mix) and argv
+    (`--resume auto`, so an interrupted run continues). Sorted longest first."""
+    preset = PRESETS["cpu"]
+    jobs = []
+    for cell in cells:
+        if cell not in SWEEP_CELLS:
+            raise SystemExit(f"unknown sweep cell {cell!r}; choose from {', '.join(SWEEP_CELLS)}")
+        _, flags, factor = SWEEP_CELLS[cell]
+        steps = max(4, round(preset["steps"] * factor * steps_scale))
+        results_dir = os.path.join(out, "runs", f"{cell}-{steps}")
+        schedule = ["--steps", str(steps), "--eval-steps", str(steps), "--warmup-steps",
+                    str(round(preset["warmup_steps"] * steps_scale)), "--probe-every", str(max(1, steps // 8)),
+                    "--ckpt-every", str(max(1, steps // 4)), "--log-every", str(max(1, min(500, steps // 6)))]
+        for norm in SWEEP_VARIANTS:
+            for seed in seeds:
+                argv = [sys.executable, "train_toy.py", "--preset", "cpu", "--normalization", norm, "--global-seed",
+                        str(seed), "--results-dir", results_dir, "--threads", "1", "--resume", "auto", *extra,
+                        *flags, *schedule]
+                jobs.append(dict(cell=cell, normalization=norm, seed=seed, steps=steps, results_dir=results_dir,
+                                 argv=argv, cost=steps * STEP_COST.get(cell, 1.0)))
+    return sorted(jobs, key=lambda j: -j["cost"])
+
+
+def finished_run(job):
+    """The run directory of a job that has finished (its final sampling evaluation is written), or None."""
+    run = newest_run(job["results_dir"], {"normalization": job["normalization"], "global_seed": job["seed"],
+                                          "steps": job["steps"]})
+    if run and any(r["step"] == job["steps"] for r in load_metrics(run)):
+        return run
+    return None
+
+
+def run_sweep(jobs, parallel, log_dir, train=True):
+    """Run the jobs that have not finished (jobs.py, a "[cell variant sN]" tag per job; none when not
+    `train`); returns {cell: [run directories]} of all jobs."""
+    todo = [job for job in jobs if finished_run(job) is None] if train else []
+    if train:
+        print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already finished (skipped), {len(todo)} to run, "
+              f"{parallel} at a time", flush=True)
+    run_jobs([job["argv"] for job in todo], parallel, log_dir,
+             tags=[f"{job['cell']} {LABELS.get(job['normalization'], job['normalization'])} s{job['seed']}" for job in todo])
+    runs = {}
+    for job in sorted(jobs, key=lambda j: list(SWEEP_CELLS).index(j["cell"])):  # cells in table order
+        run = finished_run(job)
+        if run is None:
+            raise SystemExit(f"sweep: {job['cell']} {job['normalization']} seed {job['seed']} has not finished in "
+                             f"{job['results_dir']}: run sweep.py with the same flags (without --report) to finish it")
+        runs.setdefault(job["cell"], []).append(run)
+    return runs
+
+
+def final_sample_errors(run_dir, weights="ema"):
+    """The sample RMS of a run's last evaluation."""
+    rows = [r for r in load_metrics(run_dir) if r["weights"] == weights]
+    return max(rows, key=lambda r: r["step"])["rms"]
+
+
+def sweep_cell_summary(runs):
+    """One cell: per variant the final sample RMS (EMA and raw) over seeds, the LayerNorm / none ratio of
+    the means with the range of per-seed ratios, and the per-t eps error ratios (timestep_summary)."""
+    values = {}  # (weights, normalization) -> seed -> rms
+    for run in runs:
+        cfg = load_config(run)
+        for weights in ("ema", "raw"):
+            values.setdefault((weights, cfg["normalization"]), {})[cfg["global_seed"]] = final_sample_errors(run, weights)
+    cfg = load_config(runs[0])
+    cell = dict(steps=cfg["steps"], seeds=sorted({load_config(r)["global_seed"] for r in runs}),
+                num_eval_samples=cfg["num_eval_samples"], sampling_steps=cfg["sampling_steps"])
+    for weights in ("ema", "raw"):
+        ln, none = values.get((weights, "layer-norm"), {}), values.get((weights, "none"), {})
+        paired = [ln[s] / none[s] for s in sorted(set(ln) & set(none))]
+        cell[weights] = dict(layer_norm=_spread(list(ln.values())), none=_spread(list(none.values())),
+                             ratio=statistics.fmean(ln.values()) / statistics.fmean(none.values()),
+                             ratio_min=min(paired), ratio_max=max(paired), per_seed_ratios=paired)
+    cell["timesteps"] = timestep_summary(runs, "ema")["rows"]
+    return cell
+
+
+def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
+    """summary.md of the sweep: the sample-error table and the per-t eps error ratio table."""
+    first = next(iter(summary["cells"].values()))
+    lines = ["# Sweep: where is the LayerNorm gap large?", "",
+             "LayerNorm vs no LayerNorm, one factor at a time around the CPU preset (DiT-XS/1 at depth 2, width 64, "
+             "batch 256, AdamW lr 1e-3 with 200 warm-up steps and cosine decay, EMA 0.999). Sample errors: RMS of "
+             f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step DDPM, target 0) at the last step, mean "
+             "over seeds [min, max]; ratio = LayerNorm / no LayerNorm of the means [range of per-seed ratios]; > 1: "
+             "LayerNorm is worse.", "",
+             "| cell | change | steps | seeds | EMA RMS, LayerNorm | EMA RMS, no LayerNorm | EMA ratio | raw ratio |",
+             "|---|---|---:|---:|---|---|---|---|"]
+    spread = lambda s: f"{s['mean']:.2e} [{s['min']:.1e}, {s['max']:.1e}]"
+    ratio = lambda c: f"{c['ratio']:.2f} [{c['ratio_min']:.2f}, {c['ratio_max']:.2f}]"
+    for name, cell in summary["cells"].items():
+        lines.append(f"| {name} | {SWEEP_CELLS[name][0]} | {cell['steps']} | {len(cell['seeds'])} | "
+                     f"{spread(cell['ema']['layer_norm'])} | {spread(cell['ema']['none'])} | {ratio(cell['ema'])} | "
+                     f"{ratio(cell['raw'])} |")
+    lines += ["", "Per-timestep eps error (probe at the last step, EMA weights, no sampling): LayerNorm / no LayerNorm "
+              "[range of per-seed ratios]:", "",
+              "| cell | " + " | ".join(f"t={t}" for t in timesteps) + " |", "|---|" + "---:|" * len(timesteps)]
+    for name, cell in summary["cells"].items():
+        per_t = {r["t"]: r for r in cell["timesteps"]}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{per_t[t]['ratio']:.2f} [{per_t[t]['ratio_min']:.2f}, {per_t[t]['ratio_max']:.2f}]" if "ratio" in per_t.get(t, {})
+            else "-" for t in timesteps) + " |")
+    lines += ["", "![LayerNorm / no-LayerNorm ratios per cell](ratios.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(summary, path):
+    """Left: final sample RMS ratio per cell (a dot per seed, a bar at the ratio of the means). Right:
+    per-t eps error ratio against t, a line per cell with the per-seed range shaded."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = list(summary["cells"])
+    for i, name in enumerate(names):
+        cell = summary["cells"][name]
+        left.scatter([i] * len(cell["ema"]["per_seed_ratios"]), cell["ema"]["per_seed_ratios"], color="tab:red", zorder=3)
+        left.scatter([i + 0.2] * len(cell["raw"]["per_seed_ratios"]), cell["raw"]["per_seed_ratios"], color="0.5",
+                     marker="x", zorder=3, label="raw, per seed" if i == 0 else None)
+        left.hlines(cell["ema"]["ratio"], i - 0.25, i + 0.25, color="tab:red", lw=2,
+                    label="EMA: ratio of means (dots: per seed)" if i == 0 else None)
+        rows = [r for r in cell["timesteps"] if "ratio" in r]
+        ts = [r["t"] + 1 for r in rows]
+        line, = right.plot(ts, [r["ratio"] for r in rows], marker=".", label=name)
+        right.fill_between(ts, [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows], color=line.get_color(),
+                           alpha=0.15)
+    left.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.axhline(1, color="0.5", lw=0.8, ls=":")
+        ax.legend(fontsize=7)
+    left.set_ylabel("final sample RMS, LayerNorm / no LayerNorm")
+    right.set(xscale="log", xlabel="timestep t + 1", ylabel="eps error, LayerNorm / no LayerNorm (EMA)")
+    fig.suptitle("Where is the LayerNorm gap large? (> 1: LayerNorm worse; spread over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_sweep_report(runs_by_cell, out):
+    """summary.md, summary.json and ratios.png of a finished sweep in `out`; returns the markdown."""
+    os.makedirs(out, exist_ok=True)
+    summary = dict(cells={name: sweep_cell_summary(runs) for name, runs in runs_by_cell.items()},
+                   runs={name: list(runs) for name, runs in runs_by_cell.items()})
+    plot_sweep(summary, os.path.join(out, "ratios.png"))
+    text = sweep_markdown(summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return text
