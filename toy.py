@@ -422,9 +422,9 @@ def timestep_markdown(runs, weights="ema"):
     return lines
 
 
-def plot_timestep_errors(runs, path):
+def plot_timestep_errors(runs, path=None):
     """The probe's errors against the timestep (log-log, t + 1 on the x axis), one colour per variant, one
-    line per seed, EMA solid and raw dashed, at each run's last probe."""
+    line per seed, EMA solid and raw dashed, at each run's last probe. Saved to `path`, or returned."""
     fig, axes = plt.subplots(1, len(PROBE_METRICS), figsize=(5 * len(PROBE_METRICS), 4))
     for ax, (metric, label) in zip(axes, PROBE_METRICS.items()):
         for run in runs:
@@ -445,6 +445,8 @@ def plot_timestep_errors(runs, path):
     axes[0].legend(fontsize=6)
     fig.suptitle("Per-timestep precision of the denoiser (fixed noise, x0 = 0, no sampling)", fontsize=10)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
