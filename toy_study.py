@@ -11,6 +11,7 @@ runs in parallel (one CPU thread each), then writes to --out:
                  log-log, per variant; summary.md tabulates them with the LayerNorm / no-LayerNorm ratio per t
   outlier_growth.png   per-block max |x|, max/median ratio and channel-RMS kurtosis against the training step
   mechanism.png  does the LayerNorm model's per-t error track the signal/outlier ratio at its norm inputs?
+                 (EMA weights; mechanism_raw.png the raw weights)
   outliers/      the embedding-outlier analysis (analyze_embeddings.py) of each variant's final EMA
                  weights: does the LayerNorm model grow an outlier channel to get its signal through?
 
@@ -74,11 +75,13 @@ def probe_report(runs, out, summary):
     summary["timesteps"] = {w: toy.timestep_summary(runs, w) for w in ("ema", "raw")}
     lines = toy.timestep_markdown(runs) + ["", "![per-timestep errors](timestep_errors.png)"]
     lines += toy.growth_markdown(runs) + ["", "![outlier growth](outlier_growth.png)"]
-    result = toy.mechanism(runs)
-    if result:
-        toy.plot_mechanism(result, os.path.join(out, "mechanism.png"))
-        summary["mechanism"] = result
-        lines += toy.mechanism_markdown(result) + ["", "![mechanism](mechanism.png)"]
+    for weights in ("ema", "raw"):  # the EMA lags far behind in short runs: the raw weights are shown too
+        result = toy.mechanism(runs, weights)
+        if result:
+            name = "mechanism.png" if weights == "ema" else "mechanism_raw.png"
+            toy.plot_mechanism(result, os.path.join(out, name))
+            summary.setdefault("mechanism", {})[weights] = result
+            lines += toy.mechanism_markdown(result) + ["", f"![mechanism, {weights} weights]({name})"]
     return lines
 
 
@@ -125,7 +128,7 @@ def main(argv=None):
     stats = None if args.no_outliers else analyze_outliers(runs, args.out)
     text = write_report(runs, args.out, stats)
     print(text)
-    print(f"wrote {args.out}/compare.png, errors.png, timestep_errors.png, outlier_growth.png, mechanism.png, summary.md, "
+    print(f"wrote {args.out}/compare.png, errors.png, timestep_errors.png, outlier_growth.png, mechanism*.png, summary.md, "
           f"summary.json ({time.time() - start:.0f}s)")
 
 

@@ -143,7 +143,7 @@ def test_report_and_ratios(tmp_path):
         assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
     assert len(summary["ratios"]) == 4 and "LayerNorm error / no-LayerNorm error" in text
     # the probe's figures and the per-t ratio: LayerNorm / no-LayerNorm eps error at the last probe
-    for name in ("timestep_errors.png", "outlier_growth.png", "mechanism.png"):
+    for name in ("timestep_errors.png", "outlier_growth.png", "mechanism.png", "mechanism_raw.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 1000
     ln_t, no_t = toy.last_probe(runs[0]), toy.last_probe(runs[1])
     per_t = summary["timesteps"]["ema"]["rows"]
@@ -151,7 +151,15 @@ def test_report_and_ratios(tmp_path):
     for r in per_t:
         assert r["ratio"] == pytest.approx(ln_t[r["t"]]["eps_rel_error"] / no_t[r["t"]]["eps_rel_error"], rel=1e-12)
         assert f"| {r['t']} | {ln_t[r['t']]['eps_rel_error']:.2e}" in text
-    assert set(summary["mechanism"]["layers"]) == {"block.0.norm1", "block.0.norm2", "final.norm", "max over layers"}
+    for weights in ("ema", "raw"):
+        layers = summary["mechanism"][weights]["layers"]
+        assert set(layers) == {"block.0.norm1", "block.0.norm2", "final.norm", "max over layers"}
+        # the correlation is the one of the stored ratios and errors
+        ratio = layers["final.norm"]["signal_to_outlier"]
+        errors = summary["mechanism"][weights]["error"]
+        ts = sorted(errors, key=int)
+        assert layers["final.norm"]["signal_to_outlier_vs_error"] == pytest.approx(
+            list(toy.log_correlations([ratio[str(t)] for t in ts], [errors[t] for t in ts])))
     assert "log Pearson / Spearman" in text
 
 
