@@ -685,7 +685,8 @@ def finished_run(job):
     """The run directory of a job that has finished (its final sampling evaluation is written), or None."""
     run = newest_run(job["results_dir"], {"normalization": job["normalization"], "global_seed": job["seed"],
                                           "steps": job["steps"]})
-    if run and any(r["step"] == job["steps"] for r in load_metrics(run)):
+    if run and os.path.exists(os.path.join(run, "metrics.jsonl")) and any(
+            r["step"] == job["steps"] for r in load_metrics(run)):
         return run
     return None
 
