@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cli import COUNT  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import build_model  # noqa: E402
 from toy import PRESETS, TOY_MODEL, probe, zero_batches  # noqa: E402
@@ -58,9 +59,9 @@ def iqr(values):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--normalization", default="layer-norm")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--steps-per-round", type=int, default=20)
-    ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--rounds", type=COUNT, default=15)
+    ap.add_argument("--steps-per-round", type=COUNT, default=20)
+    ap.add_argument("--profile-steps", type=COUNT, default=20)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     x, y = next(zero_batches(PRESETS["cpu"]["global_batch_size"], torch.device("cpu")))
