@@ -162,11 +162,11 @@ def evaluate(trainer, sampler_diffusion, args, step):
                                    trainer.dist.device).cpu()
             model.train(was_training)
             saved[weights] = samples
-            row = dict(kind="sample", step=step, weights=weights, normalization=args.normalization, num_samples=len(samples),
+            row = dict(step=step, weights=weights, normalization=args.normalization, num_samples=len(samples),
                        sampling_steps=sampler_diffusion.num_timesteps, seed=args.global_seed, model=args.model,
                        **sample_error(samples))
             with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({"kind": "sample", **row}) + "\n")
             trainer.logger.info(f"eval step {step} {weights}: rms {row['rms']:.3e} mean|x| {row['mean_abs']:.3e} "
                                 f"max|x| {row['max_abs']:.3e} ({row['max_abs_8bit']:.3f} 8-bit levels)")
         torch.save(saved, os.path.join(trainer.run_dir, f"samples_{step}.pt"))
