@@ -460,9 +460,10 @@ def outlier_growth(run_dir, weights="ema", metric="max_abs"):
     return {key: sorted(points) for key, points in curves.items()}
 
 
-def plot_outlier_growth(runs, path, timesteps=GROWTH_TIMESTEPS, weights="ema"):
+def plot_outlier_growth(runs, path, timesteps=GROWTH_TIMESTEPS, weights="raw"):
     """Per-block max |x|, max/median ratio and channel-RMS kurtosis of the token embeddings against the
-    training step (EMA weights, first seed of each variant), one column per timestep; darker = later block."""
+    training step (first seed of each variant), one column per timestep; darker = later block. Raw weights
+    by default: the EMA lags about 1 / (1 - decay) steps behind, which would date the outlier late."""
     metrics = ("max_abs", "max_median_ratio", "rms_kurtosis")
     fig, axes = plt.subplots(len(metrics), len(timesteps), figsize=(3.6 * len(timesteps), 2.7 * len(metrics)), squeeze=False)
     for run in first_seed_runs(runs):
@@ -593,7 +594,7 @@ def plot_mechanism(result, path):
     plt.close(fig)
 
 
-def growth_markdown(runs, timesteps=(10, 999), weights="ema"):
+def growth_markdown(runs, timesteps=GROWTH_TIMESTEPS, weights="raw"):
     """Markdown lines: largest max |x| and RMS kurtosis over the blocks at the first, middle and last probe."""
     lines = ["", f"Outlier growth ({weights} weights, first seed; largest value over the blocks at the first / middle / "
              "last probe; `outlier_growth.png` has every probe):", "",
