@@ -99,9 +99,10 @@ def timestep_errors(output, x_t, t, target, diffusion):
         frac = (v[m] + 1) / 2  # the learned range: log var = frac * log beta + (1 - frac) * log beta~
         min_log, max_log = float(diffusion.posterior_log_variance_clipped[step]), math.log(diffusion.betas[step])
         log_var = frac * max_log + (1 - frac) * min_log
-        diff, ref = (eps_pred[m] - target[m]).contiguous(), target[m].contiguous()  # one layout, one summation
-        err, ref = diff.square().sum(), ref.square().sum()  # order:
-        rows.append(dict(t=int(step), eps_rel_error=(err / ref).sqrt().item(),  # exactly 1 for a zero output
+        # Both sums over tensors of one layout, hence one summation order: exactly 1 for a zero output.
+        err = (eps_pred[m] - target[m]).contiguous().square().sum()
+        ref = target[m].contiguous().square().sum()
+        rows.append(dict(t=int(step), eps_rel_error=(err / ref).sqrt().item(),
                          x0_rmse=x0.square().mean().sqrt().item(),
                          var_log_rmse=(log_var - min_log).square().mean().sqrt().item(),
                          var_rel_error=(frac.square().mean().sqrt() / 0.5).item()))
