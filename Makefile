@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test toy ablation bench gpu-check clean-venv
+.PHONY: setup test toy sweep ablation bench gpu-check clean-venv
 
 # `make toy SEEDS="0 1 2"` for the multi-seed check; extra train_toy.py flags via TOY_ARGS.
 SEEDS ?= 0
@@ -24,6 +24,13 @@ test: setup
 # The main job: the toy identity study, both variants, CPU preset -> results/toy/.
 toy: setup
 	$(PYTHON) toy_study.py --seeds $(SEEDS) $(TOY_ARGS)
+
+# Where is the LayerNorm gap large? LayerNorm vs none, one factor at a time around the CPU preset, 2 seeds per
+# cell -> results/sweep/ (about 80 min on 2 idle cores; a rerun skips finished runs). SWEEP_ARGS="--steps-scale 0.05"
+# for a quick end-to-end check.
+SWEEP_ARGS ?=
+sweep: setup
+	$(PYTHON) sweep.py $(SWEEP_ARGS)
 
 # Every normalization variant on the toy study and the digits demo -> results/ablation/summary.md.
 ablation: setup

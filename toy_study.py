@@ -7,6 +7,11 @@ runs in parallel (one CPU thread each), then writes to --out:
                  evaluated step (the study's scatter plot); the target is the origin
   summary.md     per variant and step: mean/max/RMS error (mean and spread over seeds) and the ratio
   summary.json   LayerNorm error / no-LayerNorm error; the same numbers as JSON
+  timestep_errors.png  the probe's per-timestep errors (eps, implied x0, learned variance; no sampling),
+                 log-log, per variant; summary.md tabulates them with the LayerNorm / no-LayerNorm ratio per t
+  outlier_growth.png   per-block max |x|, max/median ratio and channel-RMS kurtosis against the training step
+  mechanism.png  does the LayerNorm model's per-t error track the signal/outlier ratio at its norm inputs?
+                 (EMA weights; mechanism_raw.png the raw weights)
   outliers/      the embedding-outlier analysis (analyze_embeddings.py) of each variant's final EMA
                  weights: does the LayerNorm model grow an outlier channel to get its signal through?
 
@@ -26,6 +31,7 @@ import time
 
 import matplotlib.pyplot as plt
 
+import toy
 from cli import COUNT, INDEX
 from jobs import run_jobs
 from toy import LABELS, first_seed_runs, format_markdown, load_config, plot_compare, plot_error_curves, summarize, \
@@ -59,16 +65,40 @@ def analyze_outliers(runs, out, timesteps=(0, 10, 100, 500, 999)):
     return os.path.join(target, "stats.json")
 
 
+def probe_report(runs, out, summary):
+    """The probe's figures (timestep_errors.png, outlier_growth.png, mechanism.png) and markdown lines;
+    adds the per-timestep tables and the mechanism's correlations to `summary`. Nothing for old runs."""
+    if not any(toy.last_probe(run) for run in runs):
+        return []
+    toy.plot_timestep_errors(runs, os.path.join(out, "timestep_errors.png"))
+    toy.plot_outlier_growth(runs, os.path.join(out, "outlier_growth.png"))
+    summary["timesteps"] = {w: toy.timestep_summary(runs, w) for w in ("ema", "raw")}
+    lines = toy.timestep_markdown(runs) + ["", "![per-timestep errors](timestep_errors.png)"]
+    lines += toy.growth_markdown(runs) + ["", "![outlier growth](outlier_growth.png)"]
+    for weights in ("ema", "raw"):  # the EMA lags far behind in short runs: the raw weights are shown too
+        result = toy.mechanism(runs, weights)
+        if result:
+            name = "mechanism.png" if weights == "ema" else "mechanism_raw.png"
+            toy.plot_mechanism(result, os.path.join(out, name))
+            summary.setdefault("mechanism", {})[weights] = result
+            lines += toy.mechanism_markdown(result) + ["", f"![mechanism, {weights} weights]({name})"]
+    return lines
+
+
 def write_report(runs, out, outlier_stats=None):
-    """compare.png (first seed of each variant), errors.png, summary.md and summary.json in `out`."""
+    """compare.png (first seed of each variant), errors.png, the probe's figures (probe_report),
+    summary.md and summary.json in `out`."""
     os.makedirs(out, exist_ok=True)
     plot_compare(first_seed_runs(runs), os.path.join(out, "compare.png"))
     plot_error_curves(runs, os.path.join(out, "errors.png"))
     summary = summarize(runs)
     summary["runs"] = list(runs)
+    lines = probe_report(runs, out, summary)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     text = format_markdown(summary, load_config(runs[0]))
+    if lines:
+        text += "\n".join(lines) + "\n"
     if outlier_stats:
         text += "\n".join(outlier_lines(outlier_stats)) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -98,7 +128,8 @@ def main(argv=None):
     stats = None if args.no_outliers else analyze_outliers(runs, args.out)
     text = write_report(runs, args.out, stats)
     print(text)
-    print(f"wrote {args.out}/compare.png, errors.png, summary.md, summary.json ({time.time() - start:.0f}s)")
+    print(f"wrote {args.out}/compare.png, errors.png, timestep_errors.png, outlier_growth.png, mechanism*.png, summary.md, "
+          f"summary.json ({time.time() - start:.0f}s)")
 
 
 if __name__ == "__main__":

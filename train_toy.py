@@ -3,7 +3,11 @@
 A DiT is trained on 2x2x2 "images" that are always zero, so the noise it must predict is its own input
 rescaled, eps = x_t / sqrt(1 - alpha_bar_t). At chosen steps the raw and EMA weights each draw samples
 with the full DDPM sampler (or --sampler / --sampling-steps) from fixed noise; since the data is zero,
-every sampled pixel value is an error. Results go to `<results-dir>/<index>-<model>-<normalization>/metrics.jsonl`.
+every sampled pixel value is an error. Besides, every evaluation and every --probe-every steps a probe
+measures the denoiser without sampling (toy.probe): on fixed noise at a grid of timesteps, the error of
+its noise, x0 and variance predictions, and outlier statistics of its token embeddings. Results go to
+`<results-dir>/<index>-<model>-<normalization>/`: metrics.jsonl (rows of kind "sample" and "timestep")
+and embeddings.jsonl.
 
     python train_toy.py                   # LayerNorm (the published DiT)
     python train_toy.py --no-layernorm    # every block/final LayerNorm replaced by identity
@@ -24,7 +28,7 @@ from cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion
 from models import DiT_models, NORM_LAYERS, build_model_from_config
 from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise
-from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, sample_error, zero_batches
+from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, append_jsonl, probe, sample_error, zero_batches
 from train_utils import (
     PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
@@ -53,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--global-seed", type=INDEX, default=0)
     p.add_argument("--eval-steps", type=COUNT, nargs="+", help="steps at which to evaluate (the last step always is)")
     p.add_argument("--eval-every", type=COUNT, help="evaluate every N steps (instead of --eval-steps)")
+    p.add_argument("--probe-every", type=INDEX,
+                   help="per-timestep errors and embedding statistics (no sampling, cheap) every N steps and at "
+                        "every evaluation; 0: at evaluations only")
+    p.add_argument("--probe-samples", type=COUNT, default=256, help="noise draws per timestep of the probe")
     p.add_argument("--num-eval-samples", type=COUNT, default=100)
     p.add_argument("--sampling-steps", type=COUNT, default=1000, help="sampling steps for evaluation (1000 = full)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=f"evaluation sampler; {SAMPLER_HELP}")
@@ -124,8 +132,27 @@ def draw_samples(model, diffusion, num, seed, device, sampler="ddpm"):
         return denoise(model, diffusion, noise, y, sampler, clip_denoised=True)
 
 
+def run_probe(trainer, args, step):
+    """The per-timestep probe (toy.probe) of the raw and the EMA weights: rows {"kind": "timestep", ...}
+    appended to metrics.jsonl, embedding statistics to embeddings.jsonl."""
+    t0, errors = time.time(), {}
+    for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
+        per_t, embeddings = probe(model, trainer.diffusion, args.probe_samples)
+        tag = dict(step=step, weights=weights)
+        append_jsonl(os.path.join(trainer.run_dir, "metrics.jsonl"),
+                     [dict(kind="timestep", **tag, normalization=args.normalization, seed=args.global_seed,
+                           num_samples=args.probe_samples, **row) for row in per_t])
+        append_jsonl(os.path.join(trainer.run_dir, "embeddings.jsonl"), [{**tag, **row} for row in embeddings])
+        errors[weights] = {row["t"]: row["eps_rel_error"] for row in per_t}
+    shown = " ".join(f"t={t}: {errors['ema'][t]:.2e}" for t in (0, 10, 100, 999) if t in errors["ema"])
+    trainer.logger.info(f"probe step {step}: EMA eps_rel_error {shown} ({time.time() - t0:.2f}s)")
+
+
 def evaluate(trainer, sampler_diffusion, args, step):
-    """Sample with the raw and the EMA weights; append metrics.jsonl and save samples_<step>.pt."""
+    """Probe (run_probe) at every evaluation and every --probe-every steps; at --eval-steps also sample with
+    the raw and the EMA weights, append metrics.jsonl and save samples_<step>.pt."""
+    if trainer.dist.is_main and (step in args.eval_steps or (args.probe_every and step % args.probe_every == 0)):
+        run_probe(trainer, args, step)
     if step not in args.eval_steps:
         return
     if trainer.dist.is_main:
@@ -142,7 +169,7 @@ def evaluate(trainer, sampler_diffusion, args, step):
                        model=args.model,
                        **sample_error(samples))
             with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({"kind": "sample", **row}) + "\n")
             trainer.logger.info(f"eval step {step} {weights}: rms {row['rms']:.3e} mean|x| {row['mean_abs']:.3e} "
                                 f"max|x| {row['max_abs']:.3e} ({row['max_abs_8bit']:.3f} 8-bit levels)")
         torch.save(saved, os.path.join(trainer.run_dir, f"samples_{step}.pt"))
@@ -151,13 +178,14 @@ def evaluate(trainer, sampler_diffusion, args, step):
 
 
 def truncate_metrics(run_dir, step):
-    """On resume, drop evaluations newer than the checkpoint (they will be redone identically)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
+    """On resume, drop evaluations and probes newer than the checkpoint (they will be redone identically)."""
+    for name in ("metrics.jsonl", "embeddings.jsonl"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(rows)
 
 
 def open_run(args, d):

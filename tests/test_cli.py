@@ -10,6 +10,7 @@ import analyze_embeddings
 import extract_latents
 import sample
 import sample_ddp
+import sweep
 import toy_study
 import train
 import train_toy
@@ -51,6 +52,11 @@ CASES = [  # (parse, flag, bad value, what the message says)
     (train_toy.parse_args, "--steps", "0", "an integer >= 1"),
     (train_toy.parse_args, "--global-batch-size", "0", "an integer >= 1"),
     (train_toy.parse_args, "--grad-clip", "0", "a number > 0"),
+    (train_toy.parse_args, "--probe-every", "-1", "an integer >= 0"),
+    (train_toy.parse_args, "--probe-samples", "0", "an integer >= 1"),
+    (sweep.main, "--steps-scale", "0", "a number > 0"),
+    (sweep.main, "--seeds", "-1", "an integer >= 0"),
+    (sweep.main, "--parallel", "0", "an integer >= 1"),
     (sample.parse_args, "--num-sampling-steps", "0", "an integer >= 1"),
     (sample.parse_args, "--cfg-scale", "-2", "a number >= 0"),
     (sample_ddp.parse_args, "--per-proc-batch-size", "0", "an integer >= 1"),

@@ -14,6 +14,8 @@ import toy
 import toy_study
 import train_toy
 import train_utils
+from diffusion import create_diffusion
+from models import build_model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--lr", "1e-3",
@@ -59,7 +61,7 @@ def test_run_writes_metrics_samples_config_and_checkpoints(tmp_path):
     assert cfg["normalization"] == "none" and cfg["steps"] == 10 and cfg["eval_steps"] == [5, 10]
     rows = toy.load_metrics(run)
     assert [(r["step"], r["weights"]) for r in rows] == [(5, "raw"), (5, "ema"), (10, "raw"), (10, "ema")]
-    required = {"step", "weights", "mean_abs", "max_abs", "rms", "num_samples", "sampling_steps", "normalization"}
+    required = {"kind", "step", "weights", "mean_abs", "max_abs", "rms", "num_samples", "sampling_steps", "normalization"}
     for r in rows:
         assert required <= set(r)
         assert r["num_samples"] == 8 and r["sampling_steps"] == 20 and r["normalization"] == "none"
@@ -72,6 +74,30 @@ def test_run_writes_metrics_samples_config_and_checkpoints(tmp_path):
     assert ckpt["step"] == 10 and ckpt["config"]["normalization"] == "none"
     log = open(os.path.join(run, "log.txt")).read()
     assert "steps/s" in log and "ETA" in log
+
+
+def test_probe_rows_every_probe_step_and_at_evaluations(tmp_path):
+    """--probe-every 4 with evaluations at 6 and 10: probes at 4, 6, 8, 10 (raw and EMA, every grid t) in
+    metrics.jsonl as kind "timestep"; samples only at 6 and 10, with their keys; embeddings.jsonl alike."""
+    run = run_toy(tmp_path, "--steps", "10", "--eval-steps", "6", "--probe-every", "4", "--probe-samples", "8")
+    every = toy.load_metrics(run, kind=None)
+    assert {r["kind"] for r in every} == {"sample", "timestep"}
+    assert sorted({r["step"] for r in toy.load_metrics(run)}) == [6, 10]
+    probes = toy.load_metrics(run, "timestep")
+    assert sorted({(r["step"], r["weights"]) for r in probes}) == [(s, w) for s in (4, 6, 8, 10) for w in ("ema", "raw")]
+    for step in (4, 6, 8, 10):
+        for weights in ("raw", "ema"):
+            ts = [r["t"] for r in probes if r["step"] == step and r["weights"] == weights]
+            assert ts == list(toy.TIMESTEP_GRID)
+    assert all(r["num_samples"] == 8 and 0 < r["eps_rel_error"] and r["normalization"] == "layer-norm" for r in probes)
+    outliers = toy.load_embeddings(run, "outliers")
+    assert {(r["step"], r["layer"]) for r in outliers} == {(s, n) for s in (4, 6, 8, 10) for n in ("embed", "block.0")}
+    assert toy.last_probe(run)[999]["step"] == 10
+    # the probe of the final EMA weights is what toy.probe computes on them
+    ema = build_model_from_config(toy.load_config(run))
+    ema.load_state_dict(train_utils.load_checkpoint(run)["ema"])
+    again, _ = toy.probe(ema, create_diffusion(""), 8)
+    assert [r["eps_rel_error"] for r in again] == [toy.last_probe(run)[r["t"]]["eps_rel_error"] for r in again]
 
 
 def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
@@ -95,8 +121,9 @@ def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
     resumed = train_toy.main(["--resume", cut, "--threads", "1"])
     assert resumed == cut
 
-    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]
-    assert strip(toy.load_metrics(cut)) == strip(toy.load_metrics(full))
+    assert toy.load_metrics(cut, kind=None) == toy.load_metrics(full, kind=None)  # samples and probes alike
+    for kind in ("outliers", "norm_input"):
+        assert toy.load_embeddings(cut, kind) == toy.load_embeddings(full, kind) != []
     a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
     for key in ("model", "ema"):
         for name in a[key]:
@@ -115,6 +142,25 @@ def test_report_and_ratios(tmp_path):
         key = (ratio["step"], ratio["weights"])
         assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
     assert len(summary["ratios"]) == 4 and "LayerNorm error / no-LayerNorm error" in text
+    # the probe's figures and the per-t ratio: LayerNorm / no-LayerNorm eps error at the last probe
+    for name in ("timestep_errors.png", "outlier_growth.png", "mechanism.png", "mechanism_raw.png"):
+        assert os.path.getsize(tmp_path / "out" / name) > 1000
+    ln_t, no_t = toy.last_probe(runs[0]), toy.last_probe(runs[1])
+    per_t = summary["timesteps"]["ema"]["rows"]
+    assert [r["t"] for r in per_t] == list(toy.TIMESTEP_GRID)
+    for r in per_t:
+        assert r["ratio"] == pytest.approx(ln_t[r["t"]]["eps_rel_error"] / no_t[r["t"]]["eps_rel_error"], rel=1e-12)
+        assert f"| {r['t']} | {ln_t[r['t']]['eps_rel_error']:.2e}" in text
+    for weights in ("ema", "raw"):
+        layers = summary["mechanism"][weights]["layers"]
+        assert set(layers) == {"block.0.norm1", "block.0.norm2", "final.norm", "max over layers"}
+        # the correlation is the one of the stored ratios and errors
+        ratio = layers["final.norm"]["signal_to_outlier"]
+        errors = summary["mechanism"][weights]["error"]
+        ts = sorted(errors, key=int)
+        assert layers["final.norm"]["signal_to_outlier_vs_error"] == pytest.approx(
+            list(toy.log_correlations([ratio[str(t)] for t in ts], [errors[t] for t in ts])))
+    assert "log Pearson / Spearman" in text
 
 
 def test_seed_spread_in_summary(tmp_path):

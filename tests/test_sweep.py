@@ -1,0 +1,87 @@
+"""Tests for sweep.py (and the sweep functions of toy.py): the table on tiny runs, and resuming a sweep."""
+
+import json
+import os
+import statistics
+
+import pytest
+
+import sweep
+import toy
+import train_toy
+import train_utils
+
+SCALE = "0.0007"  # 12000 x 0.0007 = 8 steps per run
+TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--num-eval-samples",
+        "4", "--sampling-steps", "5", "--probe-samples", "8"]
+
+
+def run_sweep(out, *flags):
+    return sweep.main(["--seeds", "0", "1", "--steps-scale", SCALE, "--out", str(out), *flags, *TINY])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, run_sweep(out, "--cells", "preset")
+
+
+def test_sweep_table_from_tiny_runs(finished):
+    """The cell's numbers are those of its runs' metrics: sample RMS per variant and seed, ratio of the
+    means, per-seed ratios, and the per-t eps error ratio at the last probe."""
+    out, runs = finished
+    assert list(runs) == ["preset"] and len(runs["preset"]) == 4
+    rms, eps = {}, {}
+    for run in runs["preset"]:
+        cfg = toy.load_config(run)
+        assert cfg["steps"] == 8 and cfg["global_batch_size"] == 16
+        last = [r for r in toy.load_metrics(run) if r["step"] == 8 and r["weights"] == "ema"]
+        rms[(cfg["normalization"], cfg["global_seed"])] = last[0]["rms"]
+        eps[(cfg["normalization"], cfg["global_seed"])] = {t: r["eps_rel_error"] for t, r in toy.last_probe(run).items()}
+    cell = json.load(open(out / "summary.json"))["cells"]["preset"]
+    ln, none = [rms[("layer-norm", s)] for s in (0, 1)], [rms[("none", s)] for s in (0, 1)]
+    assert cell["ema"]["layer_norm"]["mean"] == pytest.approx(statistics.fmean(ln))
+    assert cell["ema"]["ratio"] == pytest.approx(statistics.fmean(ln) / statistics.fmean(none))
+    assert cell["ema"]["per_seed_ratios"] == pytest.approx([ln[0] / none[0], ln[1] / none[1]])
+    assert cell["ema"]["ratio_min"] == pytest.approx(min(ln[0] / none[0], ln[1] / none[1]))
+    for row in cell["timesteps"]:
+        t = row["t"]
+        mean = lambda norm: statistics.fmean(eps[(norm, s)][t] for s in (0, 1))
+        assert row["ratio"] == pytest.approx(mean("layer-norm") / mean("none"))
+    text = (out / "summary.md").read_text()
+    assert f"| preset | {toy.SWEEP_CELLS['preset'][0]} | 8 | 2 | {statistics.fmean(ln):.2e}" in text
+    assert f"{cell['ema']['ratio']:.2f} [{cell['ema']['ratio_min']:.2f}, {cell['ema']['ratio_max']:.2f}]" in text
+    assert os.path.getsize(out / "ratios.png") > 1000
+
+
+def test_rerun_skips_finished_and_continues_an_interrupted_run(finished, capsys, monkeypatch):
+    out, runs = finished
+    before = {run: os.path.getmtime(os.path.join(run, "metrics.jsonl")) for run in runs["preset"]}
+    capsys.readouterr()
+    again = run_sweep(out, "--cells", "preset")
+    assert "4 runs, 4 already finished (skipped), 0 to run" in capsys.readouterr().out
+    assert again == runs and all(os.path.getmtime(os.path.join(r, "metrics.jsonl")) == t for r, t in before.items())
+
+    # One run of another cell is stopped at step 3 (a checkpoint, exit 75); the sweep continues it.
+    job = next(j for j in toy.sweep_jobs(["width128"], [0, 1], str(out), float(SCALE), TINY)
+               if j["normalization"] == "layer-norm" and j["seed"] == 1)
+    real = train_utils.Trainer._stop_everywhere
+    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
+    with pytest.raises(SystemExit) as stop:
+        train_toy.main(job["argv"][2:])
+    assert stop.value.code == train_utils.PREEMPTED_EXIT
+    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
+    (cut,) = os.listdir(job["results_dir"])
+    assert train_utils.load_checkpoint(os.path.join(job["results_dir"], cut))["step"] == 3
+    capsys.readouterr()
+    both = run_sweep(out, "--cells", "preset", "width128")
+    assert "8 runs, 4 already finished (skipped), 4 to run" in capsys.readouterr().out
+    assert os.path.join(job["results_dir"], cut) in both["width128"]  # continued, not started again
+    assert len(os.listdir(job["results_dir"])) == 4 and toy.load_config(both["width128"][0])["hidden_size"] == 128
+    assert train_utils.load_checkpoint(os.path.join(job["results_dir"], cut))["step"] == 8
+    assert list(json.load(open(out / "summary.json"))["cells"]) == ["preset", "width128"]
+
+
+def test_report_only_refuses_unfinished_cells(tmp_path):
+    with pytest.raises(SystemExit, match="has not finished"):
+        run_sweep(tmp_path, "--cells", "preset", "--report")
