@@ -147,6 +147,30 @@ def real_digits_floor(args, seed=0):
 
 
 QUALITY = ("fd_digits", "precision", "recall", "accuracy")
+QUALITY_LABELS = {"fd_digits": "FD-digits (lower is better)", "precision": "precision", "recall": "recall",
+                  "accuracy": "accuracy on the intended labels"}
+
+
+def plot_quality(quality, floor, variants, path):
+    """One panel per quality metric: every seed's value per variant (dots), the mean (bar), the real-digits
+    floor (dashed)."""
+    fig, axes = plt.subplots(1, len(QUALITY), figsize=(3.2 * len(QUALITY), 3.4))
+    shown = [v for v in variants if v in quality]
+    for ax, key in zip(axes, QUALITY):
+        for i, v in enumerate(shown):
+            values = quality[v][key]["values"]
+            ax.bar(i, quality[v][key]["mean"], color=COLORS.get(v), alpha=0.35)
+            ax.plot([i] * len(values), values, "o", color=COLORS.get(v), ms=4)
+        if floor and floor.get(key) is not None:
+            ax.axhline(floor[key], color="0.3", ls="--", lw=1, label="real digits")
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels(shown, rotation=30, fontsize=8)
+        ax.set_title(QUALITY_LABELS[key], fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Digits demo: sample quality per normalization (dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def quality_table(runs, scores):
@@ -211,7 +235,7 @@ def quality_lines(quality, floor, args):
                      f"{floor['accuracy']:.3g} | - |")
         lines += ["", f"The last row scores {args.quality_samples} real digits drawn from the reference itself: the "
                       f"floor a perfect model would reach with this many samples."]
-    return lines + [""]
+    return lines + ["", "![digits quality per variant](digits_quality.png)", ""]
 
 
 def write_summary(out, toy, digits, args, quality=None, floor=None):
@@ -288,6 +312,7 @@ def main(argv=None):
                           os.path.join(args.out, "digits-runs"), os.path.join(args.out, "logs"))
         scores = score_digits(runs, args, os.path.join(args.out, "samples"), os.path.join(args.out, "logs", "quality"))
         quality, floor = quality_table(runs, scores), real_digits_floor(args)
+        plot_quality(quality, floor, args.variants, os.path.join(args.out, "digits_quality.png"))
         first = [run for _, seed, run in runs if seed == args.seeds[0]]
         run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", *first, "--out", os.path.join(args.out, "outliers"),
                    "--batch-size", "32"]], 1, os.path.join(args.out, "logs", "outliers"), tags=["outliers"])

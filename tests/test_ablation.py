@@ -66,6 +66,8 @@ def test_quality_table_and_summary_give_mean_and_range_over_seeds(tmp_path, monk
     assert "| layer-norm | 3 | 20 [10, 30] | 0.6 [0.5, 0.7] | 0.3 [0.3, 0.3] | 0.8 [0.7, 0.9] |" in text
     assert "| real digits | - | 1.5 | 1 | 0.9 | 1 | - |" in text and "Toy identity" not in text
     assert json.load(open(tmp_path / "summary.json"))["quality"]["none"]["fd_digits"]["mean"] == pytest.approx(21.0)
+    ablation.plot_quality(table, floor, args.variants, str(tmp_path / "q.png"))
+    assert os.path.getsize(tmp_path / "q.png") > 1000
 
 
 def test_real_digits_floor_scores_real_digits_as_near_perfect(tmp_path, digits_classifier):
