@@ -241,6 +241,28 @@ def inception_weights_file(path=None):
     return cached
 
 
+def write_random_inception_weights(path, seed=0):
+    """torch-fidelity's InceptionV3 layout with random weights (He-initialised convolutions, so activations
+    keep a usable scale through its 40 layers), saved as a plain state dict: for tests and benchmarks on
+    machines without the real weights. Same network and cost; its scores mean nothing."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            torch.random.fork_rng():
+        net = tfi.FeatureExtractorInceptionV3("random-inception", ["2048"])
+        torch.manual_seed(seed)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.normal_(net.fc.weight, std=0.05)
+        nn.init.normal_(net.fc.bias, std=1.0)
+    torch.save(net.state_dict(), path)
+    return path
+
+
 class InceptionFeatures(nn.Module):
     """ADM's three Inception outputs for uint8 images (N, 3, H, W): 'pool' (N, 2048) pool_3, 'spatial'
     (N, 2023) mixed_6/conv[..., :7] flattened in (H, W, C) order, 'logits' (N, 1008) without the bias."""

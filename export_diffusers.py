@@ -11,8 +11,7 @@ that is not cached here is named instead, pass it to from_pretrained(..., vae=..
 (this repo's config, so that --ckpt DIR loads it back bit for bit).
 
     from diffusers import DiTPipeline
-    from cli import COUNT
-from diffusers_dit import make_exact
+    from diffusers_dit import make_exact
     pipe = DiTPipeline.from_pretrained("exports/dit-xl")
     make_exact(pipe.transformer)          # optional: the original DiT's arithmetic (see below)
     images = pipe(class_labels=[207, 360], num_inference_steps=25).images

@@ -340,7 +340,7 @@ def format_markdown(summary, config):
         f"Model {config['model']} (depth {config.get('depth') or 'default'}, width {config.get('hidden_size') or 'default'}), "
         f"batch {config['global_batch_size']}, lr {config['lr']} ({config['lr_schedule']}), EMA {config['ema_decay']}, "
         f"{config['steps']} steps, preset {config['preset']}. Errors of {config['num_eval_samples']} samples x 4 pixels x "
-        f"2 channels (target 0), {config['sampling_steps']}-step DDPM; mean over seeds with [min, max].",
+        f"2 channels (target 0), {config['sampling_steps']}-step {config.get('sampler', 'ddpm')}; mean over seeds with [min, max].",
         "",
         "| step | weights | variant | seeds | RMS | mean abs | max abs | max abs (8-bit levels) |",
         "|---:|---|---|---:|---|---|---|---:|",
@@ -745,7 +745,7 @@ def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
     lines = ["# Sweep: where is the LayerNorm gap large?", "",
              "LayerNorm vs no LayerNorm, one factor at a time around the CPU preset (DiT-XS/1 at depth 2, width 64, "
              "batch 256, AdamW lr 1e-3 with 200 warm-up steps and cosine decay, EMA 0.999). Sample errors: RMS of "
-             f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step DDPM, target 0) at the last step, mean "
+             f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step {first.get('sampler', 'ddpm')}, target 0) at the last step, mean "
              "over seeds [min, max]; ratio = LayerNorm / no LayerNorm of the means [range of per-seed ratios]; > 1: "
              "LayerNorm is worse.", "",
              "| cell | change | steps | seeds | EMA RMS, LayerNorm | EMA RMS, no LayerNorm | EMA ratio | raw ratio |",

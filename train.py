@@ -71,7 +71,7 @@ from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger, gather_objects,
     ignore_stop_signals, load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
-    resolve_resume, setup_distributed, write_json,
+    resolve_resume, setup_distributed, truncate_jsonl, write_json,
 )
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
@@ -98,6 +98,24 @@ RESUME_OVERRIDES = (
 )
 # Flags that only steer this process; never saved in the config.
 RUNTIME_ONLY = ("resume", "device", "demo", "debug_save_rank_weights", "no_layernorm", "threads")
+
+
+def add_fid_args(p):
+    """The flags of FID during training (make_fid_hook)."""
+    g = p.add_argument_group("FID during training (EMA weights; metrics to log.txt, TensorBoard, <run>/metrics.jsonl)")
+    g.add_argument("--fid-every", type=INDEX, default=0, help="evaluate every N steps and at the end (0: never)")
+    g.add_argument("--fid-ref", default=None, metavar="REF",
+                   help="reference images: an ADM reference batch .npz or a folder of images")
+    g.add_argument("--fid-num-samples", type=COUNT, default=5000)
+    g.add_argument("--fid-cfg-scale", type=NON_NEGATIVE, default=1.5, help="1.5: the paper's FID protocol")
+    g.add_argument("--fid-sampling-steps", type=COUNT, default=250, help="sampling steps (the paper: 250 DDPM)")
+    g.add_argument("--fid-sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
+    g.add_argument("--fid-batch-size", type=COUNT, default=32, help="images per process per sampling batch")
+    g.add_argument("--fid-features", choices=FEATURES, default="inception",
+                   help="inception: ADM's metrics; digits: the digits classifier (for the digits demo)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local copy of torch-fidelity's Inception weights (default: downloaded once)")
+    g.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH")
 
 
 def build_parser():
@@ -148,26 +166,13 @@ def build_parser():
     g.add_argument("--sample-images", type=COUNT, default=16, help="images in the sample grid")
     g.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance of the grid (1: none)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
-    g = p.add_argument_group("FID during training (EMA weights; metrics to log.txt, TensorBoard, <run>/metrics.jsonl)")
-    g.add_argument("--fid-every", type=INDEX, default=0, help="evaluate every N steps and at the end (0: never)")
-    g.add_argument("--fid-ref", default=None, metavar="REF",
-                   help="reference images: an ADM reference batch .npz or a folder of images")
-    g.add_argument("--fid-num-samples", type=COUNT, default=5000)
-    g.add_argument("--fid-cfg-scale", type=NON_NEGATIVE, default=1.5, help="1.5: the paper's FID protocol")
-    g.add_argument("--fid-sampling-steps", type=COUNT, default=250, help="sampling steps (the paper: 250 DDPM)")
-    g.add_argument("--fid-sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
-    g.add_argument("--fid-batch-size", type=COUNT, default=32, help="images per process per sampling batch")
-    g.add_argument("--fid-features", choices=FEATURES, default="inception",
-                   help="inception: ADM's metrics; digits: the digits classifier (for the digits demo)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local copy of torch-fidelity's Inception weights (default: downloaded once)")
-    g.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument("--threads", type=COUNT, default=None,
                    help="torch CPU threads per process (default: OMP_NUM_THREADS, else 1 for models under 10M "
                         "parameters, else all cores)")
     g.add_argument("--demo", action="store_true", help="the digits demo (what `python train.py` alone runs); "
                                                        "other flags override its settings")
+    add_fid_args(p)
     g.add_argument("--debug-save-rank-weights", action="store_true",
                    help="at the end, every rank saves its own weights to <run>/rank<r>-weights.pt (DDP checks)")
     return p
@@ -189,9 +194,14 @@ def parse_args(argv=None):
         raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
     if args.fid_ref and not os.path.exists(args.fid_ref):
         raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
+    check_sampling_flags(args)
+    return args, explicit
+
+
+def check_sampling_flags(args):
+    """The grid's and the FID's sampler can take their step counts (again after a resume merges flags)."""
     check_solver_steps(args.sample_sampler, args.sample_steps, "--sample-steps")
     check_solver_steps(args.fid_sampler, args.fid_sampling_steps, "--fid-sampling-steps")
-    return args, explicit
 
 
 def resolve_data(args):
@@ -438,6 +448,7 @@ def main(argv=None):
             raise SystemExit(f"--resume {args.resume}: {e}")
         check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
         args = merge_resume_config(args, explicit, ckpt["config"], RESUME_OVERRIDES)
+        check_sampling_flags(args)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_batch = check_global_batch(args.global_batch_size, world_size)  # before any work
     factor, channels = resolve_data(args)
@@ -500,6 +511,8 @@ def open_run(args, d, ckpt, run_dir, factor, channels, steps_per_epoch):
         config = make_config(args, factor, channels, steps_per_epoch)
     else:
         config = {**ckpt["config"], **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
+        if d.is_main:  # FID rows newer than the checkpoint are redone identically
+            truncate_jsonl([os.path.join(run_dir, "metrics.jsonl")], ckpt["step"])
     if d.is_main:
         write_json(os.path.join(run_dir, "config.json"), config)
     return run_dir, config

@@ -33,7 +33,7 @@ from train_utils import (
     PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
     load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
-    resolve_resume, setup_distributed, write_json,
+    resolve_resume, setup_distributed, truncate_jsonl, write_json,
 )
 
 def parse_args(argv=None):
@@ -177,17 +177,6 @@ def evaluate(trainer, sampler_diffusion, args, step):
     barrier()
 
 
-def truncate_metrics(run_dir, step):
-    """On resume, drop evaluations and probes newer than the checkpoint (they will be redone identically)."""
-    for name in ("metrics.jsonl", "embeddings.jsonl"):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(path, "w") as f:
-                f.writelines(rows)
-
-
 def open_run(args, d):
     """(args, run_dir, config, checkpoint or None): the resumed run (its config, with the flags a resumed
     run may change; config.json rewritten) or a new run directory with its config.json."""
@@ -199,6 +188,7 @@ def open_run(args, d):
         ckpt = load_checkpoint(ckpt_path)
         check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
         args = finalize_eval_steps(merge_resume_config(args, args.explicit, ckpt["config"], RESUME_OVERRIDES))
+        check_solver_steps(args.sampler, args.sampling_steps, "--sampling-steps")  # the merged flags
         config = {**ckpt["config"], **{key: getattr(args, key) for key in RESUME_OVERRIDES}}
         if d.is_main:  # config.json says what the run does now (e.g. extended --steps)
             write_json(os.path.join(run_dir, "config.json"), config)
@@ -233,7 +223,8 @@ def main(argv=None):
         if ckpt is not None:
             trainer.load(ckpt)
             if d.is_main:
-                truncate_metrics(run_dir, trainer.step)
+                # evaluations and probes newer than the checkpoint are redone identically
+                truncate_jsonl([os.path.join(run_dir, n) for n in ("metrics.jsonl", "embeddings.jsonl")], trainer.step)
             logger.info(f"resumed {run_dir} at step {trainer.step}")
         params = sum(p.numel() for p in model.parameters())
         logger.info(configure_threads(args.threads, params))

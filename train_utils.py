@@ -91,6 +91,16 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def truncate_jsonl(paths, step):
+    """On resume, drop the rows of these .jsonl logs newer than the checkpoint's step: training continues
+    from there and writes them again (identically), so nothing appears twice."""
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write(path, lambda f: f.write("".join(rows).encode()))
+
+
 def gather_objects(obj):
     """Every rank's picklable `obj`, as a list in rank order, on every rank ([obj] when not distributed)."""
     if not dist.is_initialized():

@@ -3,8 +3,8 @@
     python benchmarks/bench_eval.py                                  # 1,000 images at 32 and 256 px + 50k stats
     python benchmarks/bench_eval.py --sizes 256 --num-images 5000 --device cuda --record
 
-1. For each --sizes S: --num-images random uint8 images of S x S in an .npz, scored by `evaluate.py SAMPLES
-   REF` with REF = the same file (so Inception runs over 2 x N images), in a fresh process: wall seconds,
+1. For each --sizes S: --num-images random uint8 images of S x S in an .npz, scored as `evaluate.py SAMPLES
+   REF` scores them (evaluation.evaluate) with REF = the same file (so Inception runs over 2 x N images), in a fresh process: wall seconds,
    Inception images/s and peak resident memory. Inception resizes every input to 299 x 299, so its cost
    hardly depends on S; reading and resizing do.
 2. The part that grows with the number of samples, at --memory-samples (default 50,000, ADM's protocol)
@@ -39,26 +39,13 @@ def peak_rss_mib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def random_inception_weights(path):
-    """torch-fidelity's InceptionV3 layout with random weights, as a plain state dict file."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = tfi.FeatureExtractorInceptionV3("random", ["2048"])
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def child_eval(args):
-    """In a fresh process: evaluate.py on the .npz against itself."""
-    import evaluate
+    """In a fresh process: what evaluate.py does (evaluation.Evaluator), the .npz against itself."""
+    import evaluation
 
     start_rss, t0 = peak_rss_mib(), time.time()
-    metrics = evaluate.main([args.npz, args.npz, "--inception-weights", args.weights, "--batch-size",
-                             str(args.batch_size), *(["--device", args.device] if args.device else [])])
+    metrics = evaluation.evaluate(args.npz, args.npz, inception_weights=args.weights, batch_size=args.batch_size,
+                                  device=args.device)
     print(json.dumps({"seconds": time.time() - t0, "peak_mib": peak_rss_mib(), "start_mib": start_rss,
                       "images": 2 * metrics["num_samples"]}))
 
@@ -108,7 +95,7 @@ def main(argv=None):
     if args.child == "stats":
         return child_stats(args)
 
-    from evaluation import INCEPTION_URL
+    from evaluation import INCEPTION_URL, write_random_inception_weights
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
@@ -116,7 +103,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         label = "real" if weights else "random (same network and cost)"
-        weights = weights or random_inception_weights(os.path.join(tmp, "inception.pth"))
+        weights = weights or write_random_inception_weights(os.path.join(tmp, "inception.pth"))
         common = ["--weights", weights, "--batch-size", str(args.batch_size), "--device", device.type]
         for size in args.sizes:
             npz = os.path.join(tmp, f"images{size}.npz")
