@@ -9,11 +9,14 @@ and the wall time per image: on a toy run (every sampled value is an error) and 
         --digits-ckpt results/000-DiT-S-4-layer-norm --data-path data/digits
 
 Toy: RMS error of 100 samples (400 pixels x 2 channels, the toy study's evaluation, clip_denoised as there),
-for several noise seeds; DDPM also draws its step noise from the seed. Digits: 50 images per class with
-guidance (--cfg-scale), scored two ways that need no Inception network: the accuracy of a logistic
-regression trained on the real digits (does the sample show its class?), and the Frechet distance between
-the 8x8 grayscale vectors (the original digits' resolution) of the samples and of the real digits
-(FD_pixels: means and covariances).
+for several noise seeds; DDPM also draws its step noise from the seed. Digits: --per-class images per class
+with guidance (--cfg-scale), scored with evaluation.py's digits route against the real digits (--data-path):
+FD-digits (ADM's Frechet distance in the 128-d features of the cached digits classifier), precision and
+recall (ADM's k = 3 manifolds in the same features) and the classifier's accuracy on the intended labels.
+Real digits, as many per class from each seed, are scored the same way: the floor a perfect model reaches
+at this sample count (they are part of the reference, so their precision and recall are optimistic).
+The reference every sampler is compared with is 250-step DDPM: keep "ddpm" and 250 in the chosen samplers
+and steps.
 Time per image: the sampling call of one batch over its size (one process, this machine's threads).
 Writes docs/figures/samplers_toy.png, docs/figures/samplers_digits.png (and samplers_digits_grid.png:
 one image per class for a few settings, same starting noise), docs/samplers.md and --out/samplers.json.

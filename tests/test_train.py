@@ -630,3 +630,11 @@ def test_parallel_new_run_dir_calls_get_distinct_directories_and_indices(tmp_pat
     assert sorted(int(os.path.basename(d)[:3]) for d in dirs) == list(range(8))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".claim")]
     assert os.path.basename(train_utils.new_run_dir(str(tmp_path), "DiT-S/2", "none")).startswith("008-")
+
+
+def test_truncate_jsonl_drops_rows_newer_than_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "fid", "step": s, "fid": 1.0 / s}) + "\n" for s in (2, 4, 6, 8)))
+    train_utils.truncate_jsonl([str(path), str(tmp_path / "missing.jsonl")], 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    assert not (tmp_path / "missing.jsonl").exists()
