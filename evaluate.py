@@ -20,7 +20,7 @@ import sys
 import time
 
 from cli import COUNT
-from evaluation import DIGITS_CLASSIFIER, FEATURES, EvaluationError, Evaluator, summary_line
+from evaluation import EvaluationError, Evaluator, add_network_args, summary_line
 from train_utils import write_json
 
 
@@ -28,12 +28,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="generated images: an .npz (arr_0) or a folder of images")
     p.add_argument("ref", help="reference images (.npz or folder); an .npz may hold precomputed mu/sigma/mu_s/sigma_s")
-    p.add_argument("--features", choices=FEATURES, default="inception",
-                   help="inception: ADM's metrics; digits: the digits classifier (CPU-sized demo)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: downloaded once)")
-    p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
-                   help="cached digits classifier (trained once, in seconds, when missing)")
+    add_network_args(p)
     p.add_argument("--batch-size", type=COUNT, default=64)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     p.add_argument("--image-size", type=COUNT, default=None,

@@ -58,6 +58,19 @@ SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 STAT_SIZES = {"inception": {"mu": 2048, "mu_s": SPATIAL_CHANNELS * 17 * 17}, "digits": {"mu": 128}}
 
 
+def add_network_args(group, features_flag="--features"):
+    """The flags that choose and locate the feature network, shared by evaluate.py (--features),
+    sample_ddp.py (--eval-features) and train.py (--fid-features)."""
+    group.add_argument(features_flag, choices=FEATURES, default="inception",
+                       help="inception: ADM's metrics (FID, sFID, IS, precision, recall); digits: the digits "
+                            "classifier (FD-digits, precision, recall, accuracy; the CPU-sized digits demo)")
+    group.add_argument("--inception-weights", default=None, metavar="PATH",
+                       help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: downloaded once "
+                            "into torch's hub cache)")
+    group.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
+                       help="the cached digits classifier (trained once, in seconds, when missing)")
+
+
 class EvaluationError(ValueError):
     """Bad input to the evaluator; the message names the file and says what to do."""
 

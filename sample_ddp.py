@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cli import COUNT, INDEX, NON_NEGATIVE
 from data import LATENT_SCALE, load_vae
-from evaluation import DIGITS_CLASSIFIER, FEATURES, EvaluationError, Evaluator, summary_line
+from evaluation import EvaluationError, Evaluator, add_network_args, summary_line
 from diffusion import create_diffusion
 from sampling import (add_model_args, check_vae, decode, image_generators, image_labels, load_for_sampling,
                       prepare_guidance, sample_images, to_rgb, to_uint8)
@@ -63,11 +63,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation (rank 0, once the .npz is written)")
     g.add_argument("--eval-ref", default=None, metavar="REF",
                    help="score the samples against REF (an ADM reference batch .npz or a folder of images)")
-    g.add_argument("--eval-features", choices=FEATURES, default="inception",
-                   help="inception: ADM's metrics; digits: the digits classifier (the digits demo)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local copy of torch-fidelity's Inception weights (default: downloaded once)")
-    g.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH")
+    add_network_args(g, "--eval-features")
     g.add_argument("--eval-batch-size", type=COUNT, default=64)
     args = p.parse_args(argv)
     if args.eval_ref is not None and not os.path.exists(args.eval_ref):

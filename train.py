@@ -59,8 +59,7 @@ from data import (
 )
 from diffusion import create_diffusion
 from evaluation import (
-    DIGITS_CLASSIFIER, FEATURES, ArrayImages, EvaluationError, Evaluator, extract_features, feature_network, score,
-    summary_line,
+    ArrayImages, EvaluationError, Evaluator, add_network_args, extract_features, feature_network, score, summary_line,
 )
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from sampling import (
@@ -111,11 +110,7 @@ def add_fid_args(p):
     g.add_argument("--fid-sampling-steps", type=COUNT, default=250, help="sampling steps (the paper: 250 DDPM)")
     g.add_argument("--fid-sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
     g.add_argument("--fid-batch-size", type=COUNT, default=32, help="images per process per sampling batch")
-    g.add_argument("--fid-features", choices=FEATURES, default="inception",
-                   help="inception: ADM's metrics; digits: the digits classifier (for the digits demo)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local copy of torch-fidelity's Inception weights (default: downloaded once)")
-    g.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH")
+    add_network_args(g, "--fid-features")
 
 
 def build_parser():

@@ -13,14 +13,9 @@ from PIL import Image
 import evaluate
 import evaluation
 from evaluation import EvaluationError
+from test_sample import one_thread  # noqa: F401 (autouse: tiny networks run on one thread)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def spd(rng, d):
