@@ -122,7 +122,7 @@ def main(argv=None):
               f"`python benchmarks/bench_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}`. Peak memory "
               f"is the peak resident set of a fresh process (torch itself takes about 0.4 GiB).\n\n"
               f"| what | wall time | Inception throughput | peak memory |\n|---|---:|---:|---:|\n")
-    section = header + "\n".join(rows) + "\n"
+    section = header + "\n".join(rows) + "\n\n"
     print(section)
     if args.record:
         record(os.path.join(REPO, "docs", "benchmarks.md"), section)
