@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from cli import COUNT, INDEX, NON_NEGATIVE  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from download import load_model  # noqa: E402
-from sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images  # noqa: E402
+from evaluation import DIGITS_CLASSIFIER, Evaluator, digits_data  # noqa: E402
+from sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images, to_rgb, to_uint8  # noqa: E402
 from toy import sample_error  # noqa: E402
 
 TOY_STEPS = (5, 10, 15, 20, 25, 50, 100, 250, 500, 1000)
@@ -55,7 +56,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy-ckpt", default=None, help="a train_toy.py run directory or checkpoint")
     p.add_argument("--digits-ckpt", default=None, help="a train.py digits demo run directory (optional)")
-    p.add_argument("--data-path", default="data/digits", help="the real digits (ImageFolder) for the digits scores")
+    p.add_argument("--data-path", default="data/digits", help="the real digits (ImageFolder), the digits reference")
+    p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
+                   help="the cached digits classifier (evaluation.py; trained once, in seconds, when missing)")
     p.add_argument("--samplers", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--toy-steps", type=COUNT, nargs="+", default=list(TOY_STEPS))
     p.add_argument("--digits-steps", type=COUNT, nargs="+", default=list(DIGITS_STEPS))
@@ -110,39 +113,40 @@ def toy_rows(model, args):
 #################################################################################
 
 
-def gray_8x8(images):
-    """(N, 64) vectors: grayscale, 2x2-average-pooled from 16 px to the 8x8 of the original digits."""
-    pooled = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), images.shape[-1] // 8)
-    return pooled.flatten(1).double().numpy()
+DIGITS_METRICS = ("fd_digits", "precision", "recall", "accuracy")
 
 
-def real_digits(path, image_size):
-    """(N, 64) gray_8x8 vectors and labels of the real digits, cropped as train.py does."""
-    from data import FlipImageFolder
-
-    folder = FlipImageFolder(path, image_size)
-    xs, ys = zip(*(folder[i, 0] for i in range(len(folder))))
-    return gray_8x8(torch.stack(xs)), np.array(ys)
+def digits_evaluator(args):
+    """evaluation.py's digits route with the real digits (--data-path) as reference, built once: the
+    reference's features and statistics are computed here, not per sampler."""
+    return Evaluator(args.data_path, features="digits", digits_classifier=args.digits_classifier, device="cpu",
+                     progress=False)
 
 
-def frechet_distance(a, b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrt(S_a S_b)) of two (N, D) feature sets."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(s_a @ s_b)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root.real))
+def score_digits(evaluator, x, y):
+    """The DIGITS_METRICS of samples x (N, C, H, W) in about [-1, 1] drawn for labels y, as uint8 RGB images
+    like the ones sample_ddp.py writes."""
+    metrics = evaluator(to_uint8(to_rgb(x.clamp(-1, 1))), y.numpy())
+    return {k: metrics[k] for k in DIGITS_METRICS}
 
 
-def digits_rows(model, config, args):
-    """One row per (sampler, steps, seed): classifier accuracy, FD_pixels and time per image."""
-    from sklearn.linear_model import LogisticRegression
+def real_digits_rows(evaluator, args):
+    """Real digits scored like the samples: per seed, --per-class digits of every class drawn without
+    replacement (evaluation.digits_data, the demo's 16 x 16 crops): the metrics' floor at this count."""
+    images, labels = digits_data()
+    rows = []
+    for seed in args.digits_seeds:
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate([rng.choice(np.flatnonzero(labels.numpy() == c), args.per_class, replace=False)
+                              for c in range(10)])
+        rows.append(dict(seed=seed, **score_digits(evaluator, images[idx], labels[idx])))
+    print("digits real digits: " + ", ".join(f"{k} {np.mean([r[k] for r in rows]):.3f}" for k in DIGITS_METRICS),
+          file=sys.stderr, flush=True)
+    return rows
 
-    real, labels = real_digits(args.data_path, config["image_size"])
-    classifier = LogisticRegression(max_iter=2000).fit(real, labels)
-    print(f"digits: logistic regression on {len(real)} real digits, training accuracy "
-          f"{classifier.score(real, labels):.3f}", file=sys.stderr)
+
+def digits_rows(model, evaluator, args):
+    """One row per (sampler, steps, seed): the DIGITS_METRICS and the time per image."""
     y = torch.arange(model.num_classes).repeat_interleave(args.per_class)
     rows = []
     for variant in args.samplers:
@@ -154,12 +158,11 @@ def digits_rows(model, config, args):
                 x = sample_images(model, diffusion, y, image_generators(seed, range(len(y))), args.cfg_scale,
                                   sampler=sampler, clip_denoised=True, spacing=spacing)
                 seconds = time.perf_counter() - t0
-                vectors = gray_8x8(x.clamp(-1, 1))
-                rows.append(dict(sampler=variant, steps=steps, seed=seed, accuracy=classifier.score(vectors, y.numpy()),
-                                 fd_pixels=frechet_distance(vectors, real), ms_per_image=1000 * seconds / len(y)))
+                rows.append(dict(sampler=variant, steps=steps, seed=seed, **score_digits(evaluator, x, y),
+                                 ms_per_image=1000 * seconds / len(y)))
             last = rows[-len(args.digits_seeds):]
-            print(f"digits {variant:22s} {steps:4d} steps: accuracy {np.mean([r['accuracy'] for r in last]):.3f} "
-                  f"FD_pixels {np.mean([r['fd_pixels'] for r in last]):.2f}", file=sys.stderr, flush=True)
+            print(f"digits {variant:22s} {steps:4d} steps: " + ", ".join(
+                f"{k} {np.mean([r[k] for r in last]):.3f}" for k in DIGITS_METRICS), file=sys.stderr, flush=True)
     return rows
 
 
@@ -188,6 +191,7 @@ def digits_grid(model, args, path):
         ax.set_yticks([])
         ax.set_ylabel(f"{variant}\n{steps} steps", rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -213,38 +217,44 @@ def steps_to_match(summary, reference, better):
 
 
 def plot(panels, path):
-    """panels: [(summary, title, ylabel, log_y, reference)]; one line per sampler, min-max band over seeds."""
+    """panels: [(summary, title, ylabel, log_y, reference, floor)]; one line per sampler, min-max band over
+    seeds, the reference (DDPM-250) dashed and, where given (not None), the real digits' floor dotted; the
+    legend in the first panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (summary, title, ylabel, log_y, reference) in zip(axes[0], panels):
+    width = 5.5 if len(panels) == 1 else 4.3 * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4), squeeze=False)
+    for ax, (summary, title, ylabel, log_y, reference, floor) in zip(axes[0], panels):
         for sampler, by in summary.items():
             steps = list(by)
             ax.plot(steps, [by[n]["mean"] for n in steps], marker="o", ms=3, label=sampler)
             ax.fill_between(steps, [by[n]["lo"] for n in steps], [by[n]["hi"] for n in steps], alpha=0.2)
         ax.axhline(reference, color="gray", ls="--", lw=1, label="DDPM, 250 steps")
+        if floor is not None:
+            ax.axhline(floor, color="black", ls=":", lw=1, label="real digits, same count")
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
         ax.set(title=title, xlabel="sampling steps (model evaluations)", ylabel=ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)  # the same lines in every panel
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def table(summary, metric_name, fmt, steps):
-    """Markdown: a row per sampler, a column per step count (mean [min, max] over seeds), ms per image."""
+def table(summary, metric_name, fmt, steps, times=True):
+    """Markdown: a row per sampler, a column per step count (mean [min, max] over seeds), then (times) a row
+    of ms per image per sampler."""
     lines = [f"| {metric_name} | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---:|" * len(steps)]
     for sampler, by in summary.items():
         cells = [f"{fmt(by[n]['mean'])} [{fmt(by[n]['lo'])}, {fmt(by[n]['hi'])}]" if n in by else "-" for n in steps]
         lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
-    for sampler, by in summary.items():
+    for sampler, by in summary.items() if times else ():
         cells = [f"{by[n]['ms']:.2f}" if n in by else "-" for n in steps]
         lines.append(f"| {sampler}, ms per image | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -257,13 +267,24 @@ def toy_section(args, toy):
             + ", ".join(f"{s} {n}" for s, n in toy["match"].items()), ""]
 
 
+DIGITS_NAMES = {"fd_digits": "FD-digits", "precision": "precision", "recall": "recall", "accuracy": "accuracy"}
+
+
 def digits_section(args, d):
-    return [f"## Digits ({args.digits_ckpt}, EMA, cfg {args.cfg_scale}, {args.per_class} per class), mean "
-            f"[min, max] over seeds {args.digits_seeds}", "",
-            table(d["fd"], "FD_pixels", lambda v: f"{v:.2f}", args.digits_steps), "",
-            table(d["accuracy"], "accuracy", lambda v: f"{v:.3f}", args.digits_steps), "",
-            f"DDPM 250 steps: FD_pixels {d['reference_fd']:.2f}, accuracy {d['reference_accuracy']:.3f}. Fewest "
-            f"steps to match its FD_pixels: " + ", ".join(f"{s} {n}" for s, n in d["match_fd"].items()), ""]
+    """The digits tables (FD-digits with the times, then precision, recall and accuracy) and summary lines."""
+    def fmt(k, v):
+        return f"{v:.2f}" if k == "fd_digits" else f"{v:.3f}"
+
+    lines = [f"## Digits ({args.digits_ckpt}, EMA, cfg {args.cfg_scale}, {args.per_class} per class, "
+             f"reference {args.data_path}), mean [min, max] over seeds {args.digits_seeds}", ""]
+    for i, k in enumerate(DIGITS_METRICS):
+        lines += [table(d["summary"][k], DIGITS_NAMES[k], lambda v, k=k: fmt(k, v), args.digits_steps, times=i == 0),
+                  ""]
+    real = ", ".join(f"{DIGITS_NAMES[k]} {fmt(k, v['mean'])} [{fmt(k, v['lo'])}, {fmt(k, v['hi'])}]"
+                     for k, v in d["real"].items())
+    ref = ", ".join(f"{DIGITS_NAMES[k]} {fmt(k, v)}" for k, v in d["reference"].items())
+    return lines + [f"Real digits, {args.per_class} per class per seed: {real}.  ", f"DDPM 250 steps: {ref}. Fewest "
+                    f"steps to match its FD-digits: " + ", ".join(f"{s} {n}" for s, n in d["match_fd"].items()), ""]
 
 
 def record(args, results, path):
@@ -282,12 +303,40 @@ def record(args, results, path):
         f.write("\n".join(lines))
 
 
+def check_reference(args):
+    """Every result is compared with 250-step DDPM: stop before any sampling when it is not among the
+    chosen samplers and steps."""
+    parts = [("--toy-steps", args.toy_steps)] * bool(args.toy_ckpt)
+    parts += [("--digits-steps", args.digits_steps)] * bool(args.digits_ckpt and not args.grid_only)
+    for flag, steps in parts:
+        if "ddpm" not in args.samplers or 250 not in steps:
+            raise SystemExit(f"the reference, 250-step DDPM, must be included: keep ddpm in --samplers (given "
+                             f"{' '.join(args.samplers)}) and 250 in {flag} (given {' '.join(map(str, steps))})")
+
+
+def digits_results(model, args):
+    """Sample and score the digits (real digits too); summaries, the DDPM-250 reference, the figure."""
+    evaluator = digits_evaluator(args)
+    rows, real_rows = digits_rows(model, evaluator, args), real_digits_rows(evaluator, args)
+    summary = {k: summarize(rows, k) for k in DIGITS_METRICS}
+    reference = {k: summary[k]["ddpm"][250]["mean"] for k in DIGITS_METRICS}
+    real = {k: dict(mean=statistics.fmean(r[k] for r in real_rows), lo=min(r[k] for r in real_rows),
+                    hi=max(r[k] for r in real_rows)) for k in DIGITS_METRICS}
+    titles = {"fd_digits": "FD-digits (lower is better)", "precision": "precision (ADM, k = 3)",
+              "recall": "recall (ADM, k = 3)", "accuracy": "accuracy on the intended labels"}
+    plot([(summary[k], f"digits: {titles[k]}", DIGITS_NAMES[k], False, reference[k], real[k]["mean"])
+          for k in DIGITS_METRICS], os.path.join(args.figures, "samplers_digits.png"))
+    return dict(rows=rows, real_rows=real_rows, summary=summary, reference=reference, real=real,
+                match_fd=steps_to_match(summary["fd_digits"], reference["fd_digits"], lambda v, r: v <= r))
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
     if not (args.toy_ckpt or args.digits_ckpt):
         raise SystemExit("pass --toy-ckpt and/or --digits-ckpt")
+    check_reference(args)
     if args.toy_ckpt:
         model, _ = load_model(args.toy_ckpt)
         rows = toy_rows(model, args)
@@ -295,21 +344,14 @@ def main(argv=None):
         reference = summary["ddpm"][250]["mean"]
         results["toy"] = dict(rows=rows, summary=summary, reference=reference,
                               match=steps_to_match(summary, reference, lambda v, r: v <= r))
-        plot([(summary, "toy: RMS error of the samples (target 0)", "RMS error", True, reference)],
+        plot([(summary, "toy: RMS error of the samples (target 0)", "RMS error", True, reference, None)],
              os.path.join(args.figures, "samplers_toy.png"))
     if args.digits_ckpt:
-        model, config = load_model(args.digits_ckpt)
+        model, _ = load_model(args.digits_ckpt)
         digits_grid(model, args, os.path.join(args.figures, "samplers_digits_grid.png"))
         if args.grid_only:
             return results
-        rows = digits_rows(model, config, args)
-        fd, accuracy = summarize(rows, "fd_pixels"), summarize(rows, "accuracy")
-        results["digits"] = dict(rows=rows, fd=fd, accuracy=accuracy, reference_fd=fd["ddpm"][250]["mean"],
-                                 reference_accuracy=accuracy["ddpm"][250]["mean"],
-                                 match_fd=steps_to_match(fd, fd["ddpm"][250]["mean"], lambda v, r: v <= r))
-        plot([(fd, "digits: Frechet distance of pixels to the real digits", "FD_pixels", True, fd["ddpm"][250]["mean"]),
-              (accuracy, "digits: accuracy of a classifier trained on real digits", "accuracy", False,
-               accuracy["ddpm"][250]["mean"])], os.path.join(args.figures, "samplers_digits.png"))
+        results["digits"] = digits_results(model, args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "samplers.json"), "w") as f:
         json.dump(results, f, indent=1)
