@@ -32,9 +32,11 @@ SWEEP_ARGS ?=
 sweep: setup
 	$(PYTHON) sweep.py $(SWEEP_ARGS)
 
-# Every normalization variant on the toy study and the digits demo -> results/ablation/summary.md.
+# Every normalization variant on the toy study and the digits demo (training, sample quality, outliers),
+# 3 seeds by default (about 1.5 hours on 2 cores) -> results/ablation/summary.md. ABLATION_SEEDS="0" for one seed.
+ABLATION_SEEDS ?= 0 1 2
 ablation: setup
-	$(PYTHON) ablation.py --seeds $(SEEDS)
+	$(PYTHON) ablation.py --seeds $(ABLATION_SEEDS)
 
 # Speed: our DiT vs diffusers' DiTTransformer2DModel (CPU: DiT-S/2, batch 8, fp32; GPU: DiT-XL/2, batch 32)
 # -> printed and added to docs/benchmarks.md. More flags via BENCH_ARGS, e.g. BENCH_ARGS="--settings bf16+compile".
