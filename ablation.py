@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cli import COUNT, INDEX, NON_NEGATIVE
-from evaluation import DIGITS_CLASSIFIER, Evaluator, digits_data
+from evaluation import DIGITS_CLASSIFIER, Evaluator, digits_rgb
 from jobs import run_jobs
 from models import NORM_LAYERS
 from toy import final_loss, load_config, load_metrics, summarize, train_runs
@@ -138,12 +138,11 @@ def score_digits(runs, args, sample_root, log_dir):
 def real_digits_floor(args, seed=0):
     """The metrics of real digits against the same reference: a random set of --quality-samples of the
     1,797 digits (drawn with replacement when more are asked for), the floor a perfect model would reach."""
-    images, labels = digits_data()
+    images, labels = digits_rgb()
     idx = np.random.default_rng(seed).choice(len(labels), args.quality_samples, replace=args.quality_samples > len(labels))
-    arr = ((images[idx, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1)
     evaluator = Evaluator(args.digits_ref, features="digits", digits_classifier=args.digits_classifier, device="cpu",
                           progress=False)
-    return evaluator(arr, labels[idx].numpy())
+    return evaluator(images[idx], labels[idx])
 
 
 QUALITY = ("fd_digits", "precision", "recall", "accuracy")

@@ -14,7 +14,6 @@ the Inception layer mapping: evaluation.py.
 """
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -332,11 +332,16 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def digits_data():
-    """(images (1797, 1, 16, 16) in [-1, 1], labels): scikit-learn's digits exactly as the digits demo
-    trains on them (data.digits_images at 32 x 32, then the ADM center crop to 16)."""
+def digits_rgb():
+    """(uint8 images (1797, 16, 16, 3), labels (1797,)): scikit-learn's digits exactly as the digits demo
+    trains on them (data.digits_images at 32 x 32, then the ADM center crop to 16), as sample files hold them."""
     images, labels = digits_images()
-    arrays = np.stack([center_crop_arr(im.convert("RGB"), DIGITS_SIZE) for im in images])
+    return np.stack([center_crop_arr(im.convert("RGB"), DIGITS_SIZE) for im in images]), np.asarray(labels)
+
+
+def digits_data():
+    """(images (1797, 1, 16, 16) in [-1, 1], labels): digits_rgb as the classifier's input."""
+    arrays, labels = digits_rgb()
     return to_gray(torch.from_numpy(arrays).permute(0, 3, 1, 2)), torch.as_tensor(labels)
 
 

@@ -42,8 +42,8 @@ from cli import COUNT, INDEX, NON_NEGATIVE
 from data import LATENT_SCALE, load_vae
 from evaluation import EvaluationError, Evaluator, add_network_args, summary_line
 from diffusion import create_diffusion
-from sampling import (add_model_args, check_vae, decode, image_generators, image_labels, load_for_sampling,
-                      prepare_guidance, sample_images, to_rgb, to_uint8)
+from sampling import (add_model_args, check_vae, draw_images, image_generators, image_labels, load_for_sampling,
+                      prepare_guidance)
 from train_utils import (
     PREEMPTED_EXIT, StopFlag, atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed,
     write_json,
@@ -158,11 +158,8 @@ def draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, a
     written = 0
     with StopFlag() as stop:
         for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
-            generators = image_generators(args.global_seed, indices)
-            labels = torch.tensor(image_labels(generators, model.num_classes), device=d.device)
-            samples = sample_images(model, diffusion, labels, generators, cfg_scale, args.cfg_channels, args.sampler,
-                                    clip_denoised=vae is None)
-            images = to_uint8(to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float()))
+            images, _ = draw_images(model, diffusion, indices, args.global_seed, vae,
+                                    config.get("latent_scale", LATENT_SCALE), cfg_scale, args.cfg_channels, args.sampler)
             for index, image in zip(indices, images):
                 if index in todo:
                     save_png(png_path(folder, index), image)

@@ -14,6 +14,7 @@ every DDPM step's noise, so an image does not depend on how many others are draw
 many processes draw them. DDIM and the ODE solvers add no noise after the start.
 """
 
+import contextlib
 import sys
 
 import numpy as np
@@ -254,6 +255,19 @@ def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_chann
     return denoise(model, diffusion, x, labels, sampler, cfg_scale, cfg_channels, clip_denoised,
                    step_noise=lambda: standard_normal(generators, shape, labels.device), progress=progress,
                    spacing=spacing)
+
+
+def draw_images(model, diffusion, indices, seed, vae, latent_scale, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",
+                autocast=None):
+    """Images `indices` of a run seeded `seed` (sample_ddp.py's set, train.py's FID set): each one's label and
+    noise from its own generator, sampled (inside `autocast`, when given), decoded, as uint8 (N, H, W, 3)
+    with their labels (a list). Pixel-space models (vae None) are clipped to [-1, 1] as they sample."""
+    generators = image_generators(seed, indices)
+    labels = image_labels(generators, model.num_classes)
+    y = torch.tensor(labels, device=next(model.parameters()).device)
+    with autocast or contextlib.nullcontext():
+        x = sample_images(model, diffusion, y, generators, cfg_scale, cfg_channels, sampler, clip_denoised=vae is None)
+    return to_uint8(to_rgb(decode(vae, x.float(), latent_scale).float())), labels
 
 
 def prepare_guidance(model, cfg_scale, cfg_channels):

@@ -62,10 +62,7 @@ from evaluation import (
     ArrayImages, EvaluationError, Evaluator, add_network_args, extract_features, feature_network, score, summary_line,
 )
 from models import NORM_LAYERS, DiT_models, build_model_from_config
-from sampling import (
-    SAMPLER_HELP, SAMPLERS, check_solver_steps, decode, denoise, image_generators, image_labels, sample_images, to_rgb,
-    to_uint8,
-)
+from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise, draw_images
 from train_utils import (
     PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
     check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger, gather_objects,
@@ -368,12 +365,9 @@ def draw_fid_samples(ema, diffusion, args, vae, d, autocast):
     cfg_scale = args.fid_cfg_scale if args.class_dropout_prob > 0 else 1.0
     indices, images, labels = [], [], []
     for batch in mine:
-        generators = image_generators(args.global_seed, batch)
-        y = image_labels(generators, args.num_classes)
-        with autocast():
-            x = sample_images(ema, diffusion, torch.tensor(y, device=d.device), generators, cfg_scale,
-                              sampler=args.fid_sampler, clip_denoised=vae is None)
-        images.append(to_uint8(to_rgb(decode(vae, x.float(), args.latent_scale).float())))
+        x, y = draw_images(ema, diffusion, batch, args.global_seed, vae, args.latent_scale, cfg_scale,
+                           sampler=args.fid_sampler, autocast=autocast())
+        images.append(x)
         indices += list(batch)
         labels += y
     return indices, (np.concatenate(images) if images else None), labels

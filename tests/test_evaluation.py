@@ -324,12 +324,10 @@ def test_digits_classifier_is_accurate_cached_and_deterministic(digits_classifie
 
 def digits_npz(tmp_path, name, rng, count=200, noise=False):
     """Real digits (as the demo sees them, 16 x 16 RGB) with their labels, or uniform noise images."""
-    images, labels = evaluation.digits_data()
+    images, labels = evaluation.digits_rgb()
     idx = rng.choice(len(labels), count, replace=False)
-    arr = ((images[idx, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1)
-    if noise:
-        arr = rng.integers(0, 256, arr.shape, dtype=np.uint8)
-    return save_npz(tmp_path, name, arr, labels[idx].numpy())
+    arr = rng.integers(0, 256, images[idx].shape, dtype=np.uint8) if noise else images[idx]
+    return save_npz(tmp_path, name, arr, labels[idx])
 
 
 def test_digits_route_separates_real_digits_from_noise(tmp_path, digits_classifier, capsys):

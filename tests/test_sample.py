@@ -430,9 +430,8 @@ def test_sample_ddp_npz_resume_and_world_size_2(tmp_path, ckpt, capsys):
 def test_sample_ddp_eval_ref_scores_the_npz(tmp_path, ckpt, digits_classifier, capsys):
     import evaluation
 
-    images, labels = evaluation.digits_data()
     ref = str(tmp_path / "ref.npz")
-    np.savez(ref, ((images[:40, 0].numpy() + 1) * 127.5).round().astype(np.uint8)[..., None].repeat(3, -1))
+    np.savez(ref, evaluation.digits_rgb()[0][:40])
     folder = sample_ddp.main(["--ckpt", ckpt[0], "--sample-dir", str(tmp_path), *DDP_FLAGS, "--eval-ref", ref,
                               "--eval-features", "digits", "--digits-classifier", digits_classifier])
     metrics = json.load(open(folder + ".metrics.json"))
