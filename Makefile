@@ -44,7 +44,7 @@ BENCH_ARGS ?=
 bench: setup
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
-# The GPU path proven and measured in under 9 minutes (tests, train/resume, DiT-XL/2 speed vs diffusers, guided
+# The GPU path proven and measured in under 9.5 minutes (tests, train/resume, DiT-XL/2 speed vs diffusers, guided
 # sampling, toy paper preset) -> verdicts printed and a section in docs/benchmarks.md; a CPU dry run without a GPU.
 # On a machine with its own Python and no internet (no .venv): make gpu-check PYTHON=python3
 GPU_CHECK_ARGS ?=

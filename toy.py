@@ -26,11 +26,12 @@ PRESETS = {
     # The study's setting (../shared/REFERENCE.md): meant for a GPU.
     "paper": dict(model="DiT-XS/1", steps=50_000, global_batch_size=2048, lr=1e-4, lr_schedule="constant",
                   warmup_steps=0, ema_decay=0.9999, eval_steps=[10_000, 50_000], ckpt_every=10_000,
-                  log_every=500, depth=None, hidden_size=None, num_heads=None, probe_every=2_500),
+                  log_every=500, depth=None, hidden_size=None, num_heads=None, probe_every=2_500,
+                  compile="default"),  # 1.4x eager on an H100 (docs/benchmarks.md)
     # Small enough that `make toy` trains both variants on 2 CPU cores within 15 minutes.
     "cpu": dict(model="DiT-XS/1", steps=12_000, global_batch_size=256, lr=1e-3, lr_schedule="cosine",
                 warmup_steps=200, ema_decay=0.999, eval_steps=[3_000, 6_000, 12_000], ckpt_every=3_000,
-                log_every=500, depth=2, hidden_size=64, num_heads=4, probe_every=500),
+                log_every=500, depth=2, hidden_size=64, num_heads=4, probe_every=500, compile=None),
 }
 
 

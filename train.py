@@ -64,10 +64,11 @@ from evaluation import (
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise, draw_images
 from train_utils import (
-    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
-    check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger, gather_objects,
-    ignore_stop_signals, load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
-    resolve_resume, setup_distributed, truncate_jsonl, write_json,
+    PREEMPTED_EXIT, PRECISIONS, StopTraining, Trainer, add_compile_arg, apply_preset, auto_resume, barrier,
+    broadcast_object, check_checkpoint_belongs, check_global_batch, cleanup_distributed, compile_mode,
+    configure_threads, create_logger, gather_objects, ignore_stop_signals, load_checkpoint, log_failures,
+    merge_resume_config, new_run_dir, parse_with_explicit, resolve_resume, setup_distributed, truncate_jsonl,
+    write_json,
 )
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
@@ -143,7 +144,7 @@ def build_parser():
     g.add_argument("--ema-decay", type=FRACTION, default=0.9999)
     g.add_argument("--grad-clip", type=POSITIVE, default=None, help="clip the global grad norm (default: off)")
     g.add_argument("--precision", choices=PRECISIONS, default="tf32", help="tf32: fp32 with TF32 matmuls on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_compile_arg(g)
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations to save memory")
     g = p.add_argument_group("run")
     g.add_argument("--results-dir", default="results")
@@ -541,7 +542,8 @@ def log_start(args, d, logger, run_dir, model, dataset, config, channels, steps_
                 f"{channels}x{config['input_size']}x{config['input_size']}")
     logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
                 f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
-                + (", compiled" if args.compile else "") + (", grad checkpointing" if args.grad_checkpointing else ""))
+                + (f", compiled ({compile_mode(args.compile)})" if args.compile else "")
+                + (", grad checkpointing" if args.grad_checkpointing else ""))
 
 
 def train(args, d, local_batch, factor, channels, ckpt, run_dir):

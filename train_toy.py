@@ -30,8 +30,8 @@ from models import DiT_models, NORM_LAYERS, build_model_from_config
 from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise
 from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, append_jsonl, probe, sample_error, zero_batches
 from train_utils import (
-    PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, apply_preset, auto_resume, barrier, broadcast_object,
-    check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
+    PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, add_compile_arg, apply_preset, auto_resume, barrier,
+    broadcast_object, check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
     load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
     resolve_resume, setup_distributed, truncate_jsonl, write_json,
 )
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="run directory (or checkpoint file) to continue; 'auto': the newest run in --results-dir "
                         "with these settings, or a new run if there is none (for requeued jobs)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--compile", action="store_true")
+    add_compile_arg(p, " (the paper preset compiles in the default mode; --compile none for eager)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--debug-save-rank-weights", action="store_true",
                    help="at the end, every rank saves its initial, final and EMA weights to <run>/rank<r>-weights.pt")
@@ -99,7 +99,7 @@ def finalize_eval_steps(args):
 
 
 # What a resumed run takes from the command line (to extend it); everything else comes from its config.
-RESUME_OVERRIDES = ("steps", "eval_steps", "ckpt_every", "log_every")
+RESUME_OVERRIDES = ("steps", "eval_steps", "ckpt_every", "log_every", "compile")
 # Flags that only steer this process; never saved in the config.
 RUNTIME_ONLY = ("resume", "threads", "device", "explicit", "debug_save_rank_weights")
 
@@ -231,7 +231,8 @@ def main(argv=None):
         logger.info(f"toy run {run_dir}: {args.model} depth {len(model.blocks)} width {model.pos_embed.shape[-1]} "
                     f"({params:,} params), normalization={args.normalization}, preset={args.preset}, "
                     f"batch {args.global_batch_size}, lr {args.lr} ({args.lr_schedule}), {args.steps} steps, "
-                    f"evaluations at {args.eval_steps}")
+                    f"evaluations at {args.eval_steps}"
+                    + (f", compiled ({trainer.compile_mode})" if trainer.compile_mode else ""))
         sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
         hooks = [(1, lambda step: evaluate(trainer, sampler, args, step))]
         try:

@@ -394,6 +394,28 @@ def gather_rng_states(dist_info):
 #################################################################################
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+# torch.compile modes (--compile MODE); "reduce-overhead" replays the compiled step as CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_mode(value):
+    """None (eager) or one of COMPILE_MODES; "none" (to switch off a preset's compiling) is None, and True
+    (the old boolean --compile, in older run configs) is "default"."""
+    if value is None or value is False or value == "none":
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise SystemExit(f"unknown compile mode {value!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return value
+
+
+def add_compile_arg(parser, help_suffix=""):
+    """--compile [MODE]: bare --compile is torch.compile's default mode; --compile none is eager."""
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=("none", *COMPILE_MODES),
+                        metavar="MODE", help="torch.compile the model; MODE: " + ", ".join(COMPILE_MODES)
+                        + " (default when bare; reduce-overhead adds CUDA graphs on a GPU) or none" + help_suffix)
 
 
 def configure_threads(requested=None, num_params=None, small=10_000_000):
@@ -535,7 +557,10 @@ class Trainer:
         model.train()
         if dist_info.distributed:
             model = DDP(model, device_ids=[dist_info.local_rank] if cuda else None)
-        self.model = torch.compile(model) if compile else model
+        self.compile_mode = compile_mode(compile)
+        if self.compile_mode:  # the model's forward (and so its backward) as one graph; the loss stays eager
+            model = torch.compile(model, mode=None if self.compile_mode == "default" else self.compile_mode)
+        self.model = model
         self.opt = torch.optim.AdamW(
             [p for p in self.raw.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=cuda or None
         )
@@ -556,6 +581,8 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr * self.lr_schedule(self.step)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are spent
         with self.autocast():
             loss = self.diffusion.training_losses(self.model, x, t, dict(y=y))["loss"].mean()
         self.opt.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """Speed benchmark: our DiT against diffusers' DiTTransformer2DModel, side by side in one run.
 
-Measures, for each setting asked (a precision, optionally +compile and/or +ckpt):
+Measures, for each setting asked (a precision, optionally +compile or +cudagraphs, and/or +ckpt):
   * training step = forward + backward + AdamW + EMA through the real `train_utils.Trainer`, with the
     same Gaussian-diffusion loss (MSE + learned-variance VB term) for both models;
   * DDPM sampling, N respaced steps, with and without classifier-free guidance;
@@ -44,7 +44,7 @@ from cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
 from diffusion import create_diffusion  # noqa: E402
 from models import DIT_SIZES, DiT, DiT_models, build_model  # noqa: E402
 from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
-from train_utils import PRECISIONS, DistInfo, Trainer, atomic_write  # noqa: E402
+from train_utils import COMPILE_MODES, PRECISIONS, DistInfo, Trainer, atomic_write  # noqa: E402
 
 IMPLS = ("ours", "peer")
 
@@ -137,13 +137,16 @@ def build_impl(impl, args):
 
 
 def parse_setting(setting):
-    """'bf16+compile+ckpt' -> ('bf16', compile=True, ckpt=True), with a clear error on a typo."""
+    """'bf16+compile+ckpt' -> ('bf16', compile mode "default", ckpt=True); '+cudagraphs' compiles in the
+    "reduce-overhead" mode (CUDA graphs on a GPU). A clear error on a typo."""
     precision, *flags = setting.split("+")
-    unknown = [f for f in flags if f not in ("compile", "ckpt")]
+    unknown = [f for f in flags if f not in ("compile", "cudagraphs", "ckpt")]
     if precision not in PRECISIONS or unknown:
         raise SystemExit(f"unknown setting {setting!r}: write a precision {PRECISIONS} optionally followed by "
-                         f"'+compile' and/or '+ckpt' (gradient checkpointing), e.g. bf16+compile")
-    return precision, "compile" in flags, "ckpt" in flags
+                         f"'+compile' (or '+cudagraphs': compiled with CUDA graphs) and/or '+ckpt' (gradient "
+                         f"checkpointing), e.g. bf16+compile")
+    mode = "reduce-overhead" if "cudagraphs" in flags else "default" if "compile" in flags else None
+    return precision, mode, "ckpt" in flags
 
 
 def make_trainer(model, precision, compile, ckpt, device, lr=1e-4, ema_decay=0.9999):
@@ -388,6 +391,12 @@ def bench_sampling(args, device, precision, forward_flops_per_image, peak_tflops
     return rows
 
 
+def toy_setting(args):
+    """The toy rows' setting name: fp32, fp32+compile, fp32+cudagraphs (reduce-overhead) or fp32+compile:MODE."""
+    names = {None: "", "default": "+compile", "reduce-overhead": "+cudagraphs"}
+    return args.toy_precision + names.get(args.toy_compile, f"+compile:{args.toy_compile}")
+
+
 def bench_toy(args, device):
     """Training steps/s of the toy study's preset (paper on a GPU, cpu otherwise), both variants."""
     from toy import PRESETS, TOY_MODEL, zero_batches
@@ -416,7 +425,7 @@ def bench_toy(args, device):
     for norm in trainers:
         rate = args.toy_steps / statistics.median(times[norm])
         rows.append(dict(preset=name, normalization=norm, batch=preset["global_batch_size"],
-                         setting=args.toy_precision + ("+compile" if args.toy_compile else ""),
+                         setting=toy_setting(args),
                          steps=preset["steps"], steps_per_s=rate, preset_minutes=preset["steps"] / rate / 60))
         say(rows[-1])
     return rows
@@ -463,7 +472,7 @@ def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
                          f"{r['images_per_s']:.2f} | {r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio_cell(r)} |")
         lines.append("")
     if toy_rows:
-        lines += [f"Toy study training ({args.toy_precision}{'+compile' if args.toy_compile else ''}, "
+        lines += [f"Toy study training ({toy_setting(args)}, "
                   "training steps only, no evaluations):", "",
                   "| preset | normalization | batch | steps/s | minutes for the preset's steps |", "|---|---|---|---|---|"]
         for r in toy_rows:
@@ -507,7 +516,9 @@ def parse_args(argv=None):
     p.add_argument("--toy-preset", choices=["paper", "cpu"], help="default: paper on a GPU, cpu otherwise")
     p.add_argument("--toy-steps", type=COUNT, help="toy steps per round (default 50 CPU, 200 GPU)")
     p.add_argument("--toy-precision", choices=PRECISIONS, help="default: fp32 CPU, bf16 GPU")
-    p.add_argument("--toy-compile", action="store_true", help="torch.compile the toy models")
+    p.add_argument("--toy-compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the toy training steps; MODE: " + ", ".join(COMPILE_MODES)
+                        + " (default when bare)")
     p.add_argument("--toy-variants", nargs="+", choices=["layer-norm", "none"], default=["layer-norm", "none"],
                    help="toy variants to time in this process (gpu_check.py runs one per process, concurrently, "
                         "as toy_study.py trains them)")

@@ -85,13 +85,17 @@ def test_peer_runs_the_same_architecture():
 
 
 def test_settings_parse_and_reject_typos():
-    assert bench.parse_setting("bf16+compile+ckpt") == ("bf16", True, True)
-    assert bench.parse_setting("fp32") == ("fp32", False, False)
+    assert bench.parse_setting("bf16+compile+ckpt") == ("bf16", "default", True)
+    assert bench.parse_setting("fp32+cudagraphs") == ("fp32", "reduce-overhead", False)
+    assert bench.parse_setting("fp32") == ("fp32", None, False)
     for bad in ("fp16", "bf16+fast", ""):
         with pytest.raises(SystemExit, match="precision"):
             bench.parse_setting(bad)
     args = bench.parse_args(["--device", "cpu", "--settings", "fp32", "bf16+ckpt", "--compile", "--grad-checkpointing"])
     assert args.settings == ["fp32+compile+ckpt", "bf16+ckpt+compile"]
+    args = bench.parse_args(["--device", "cpu", "--toy-compile", "reduce-overhead"])
+    assert (args.toy_compile, bench.toy_setting(args)) == ("reduce-overhead", "fp32+cudagraphs")
+    assert bench.toy_setting(bench.parse_args(["--device", "cpu", "--toy-compile"])) == "fp32+compile"
     with pytest.raises(SystemExit, match="multiple of 8"):
         bench.parse_args(["--device", "cpu", "--image-size", "100"])
 

@@ -245,3 +245,13 @@ def test_resume_refuses_a_contradicting_flag_like_train_py(tmp_path):
         train_toy.main(["--resume", run, "--lr", "0.5", "--threads", "1"])
     assert train_toy.main(["--resume", run, "--steps", "3", "--threads", "1"]) == run
     assert train_utils.load_checkpoint(run)["step"] == 3
+
+
+def test_paper_preset_compiles_and_none_switches_it_off():
+    """The paper preset (a GPU's) compiles the model by default; --compile none or a mode overrides it;
+    the cpu preset stays eager."""
+    assert train_toy.parse_args(["--preset", "paper"]).compile == "default"
+    assert train_toy.parse_args(["--preset", "paper", "--compile", "none"]).compile == "none"
+    assert train_toy.parse_args(["--preset", "paper", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert train_toy.parse_args(["--preset", "cpu"]).compile is None
+    assert train_utils.compile_mode("none") is None
