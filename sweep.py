@@ -4,8 +4,9 @@ LayerNorm vs no LayerNorm, one factor at a time around the CPU preset of the toy
 the preset itself, constant lr 1e-4 (the study's) and constant lr 1e-3 beside the cosine schedule, width
 128, batch 1024 and twice the training steps, two seeds per cell. Every run is train_toy.py (through
 jobs.py, one thread each, --parallel at a time) with `--resume auto`: a rerun skips finished runs and
-continues interrupted ones. Writes to --out: summary.md (final sample RMS and per-t eps error,
-LayerNorm / no-LayerNorm ratio per cell with the spread over seeds), summary.json and ratios.png.
+continues interrupted ones. Writes to --out: summary.md (final sample RMS, per-t eps error and the probe error
+over training: LayerNorm / no-LayerNorm ratio per cell with the spread over seeds), summary.json, ratios.png
+and trajectories.png.
 
     python sweep.py                              # every cell, seeds 0 1 (about 80 min on 2 idle cores)
     python sweep.py --steps-scale 0.05           # a quick end-to-end check (600-step runs)
@@ -40,7 +41,7 @@ def main(argv=None):
     jobs = sweep_jobs(args.cells, args.seeds, args.out, args.steps_scale, extra)
     runs = run_sweep(jobs, args.parallel, os.path.join(args.out, "logs"), train=not args.report)
     print(write_sweep_report(runs, args.out))
-    print(f"wrote {args.out}/summary.md, summary.json, ratios.png ({(time.time() - start) / 60:.1f} min)")
+    print(f"wrote {args.out}/summary.md, summary.json, ratios.png, trajectories.png ({(time.time() - start) / 60:.1f} min)")
     return runs
 
 

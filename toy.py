@@ -737,7 +737,49 @@ def sweep_cell_summary(runs):
                              ratio=statistics.fmean(ln.values()) / statistics.fmean(none.values()),
                              ratio_min=min(paired), ratio_max=max(paired), per_seed_ratios=paired)
     cell["timesteps"] = timestep_summary(runs, "ema")["rows"]
+    cell["trajectory"] = {weights: trajectory_summary(runs, weights) for weights in ("ema", "raw")}
     return cell
+
+
+def probe_trajectory(run_dir, weights="ema", t_min=10):
+    """[(step, error)] over a run's probes: the geometric mean of the eps error over the grid's t >= t_min
+    (the timesteps where the sweep's cells separate the variants; t = 0-5 are read from the per-t table)."""
+    by_step = {}
+    for r in load_metrics(run_dir, "timestep"):
+        if r["weights"] == weights and r["t"] >= t_min:
+            by_step.setdefault(r["step"], []).append(math.log(r["eps_rel_error"]))
+    return [(step, math.exp(statistics.fmean(logs))) for step, logs in sorted(by_step.items())]
+
+
+def trajectory_summary(runs, weights="ema", t_min=10):
+    """Does the gap grow with training? Per variant and seed the probe trajectory (probe_trajectory); at
+    the probe nearest half-way and at the last one, the LayerNorm / none ratio (of the means over seeds,
+    with the per-seed range); and each variant's drop over the second half, error(half) / error(end)
+    (a variant that has reached a floor drops by about 1)."""
+    curves = {}  # normalization -> seed -> [(step, error)]
+    for run in runs:
+        cfg = load_config(run)
+        curve = probe_trajectory(run, weights, t_min)
+        if curve:
+            curves.setdefault(cfg["normalization"], {})[cfg["global_seed"]] = curve
+    out = dict(weights=weights, t_min=t_min, curves=curves)
+    ln, none = curves.get("layer-norm", {}), curves.get("none", {})
+    seeds = sorted(set(ln) & set(none))
+    if not seeds:
+        return out
+    steps = [s for s, _ in ln[seeds[0]]]
+    half = min(steps, key=lambda s: abs(s - steps[-1] / 2))
+    at = lambda curve, step: dict(curve)[step]
+    for name, step in (("half", half), ("end", steps[-1])):
+        paired = [at(ln[s], step) / at(none[s], step) for s in seeds]
+        out[name] = dict(step=step, layer_norm=_spread([at(ln[s], step) for s in seeds]),
+                         none=_spread([at(none[s], step) for s in seeds]),
+                         ratio=statistics.fmean(at(ln[s], step) for s in seeds)
+                         / statistics.fmean(at(none[s], step) for s in seeds),
+                         ratio_min=min(paired), ratio_max=max(paired))
+    out["drop"] = {norm: _spread([at(c[s], half) / at(c[s], steps[-1]) for s in seeds])
+                   for norm, c in (("layer-norm", ln), ("none", none))}
+    return out
 
 
 def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
@@ -766,7 +808,58 @@ def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
             f"{per_t[t]['ratio']:.2f} [{per_t[t]['ratio_min']:.2f}, {per_t[t]['ratio_max']:.2f}]" if "ratio" in per_t.get(t, {})
             else "-" for t in timesteps) + " |")
     lines += ["", "![LayerNorm / no-LayerNorm ratios per cell](ratios.png)", ""]
+    lines += trajectory_markdown(summary)
     return "\n".join(lines)
+
+
+def trajectory_markdown(summary, weights="ema"):
+    """Markdown lines: per cell, the probe error (geometric mean over t >= 10) half-way and at the end, the
+    ratios, and each variant's drop over the second half."""
+    cells = {name: c["trajectory"][weights] for name, c in summary["cells"].items()
+             if "end" in c.get("trajectory", {}).get(weights, {})}
+    if not cells:
+        return []
+    t_min = next(iter(cells.values()))["t_min"]
+    ratio = lambda r: f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
+    drop = lambda d: f"{d['mean']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
+    lines = [f"Does the gap grow with training? Probe eps error, geometric mean over the grid's t >= {t_min} "
+             f"({weights} weights), at the probe nearest half-way and at the last one (mean over seeds); ratio = "
+             "LayerNorm / no LayerNorm [range of per-seed ratios]; drop = error half-way / error at the end (about "
+             "1: no progress in the second half). Curves: trajectories.png.", "",
+             "| cell | half-way step | LayerNorm | no LayerNorm | ratio | end step | LayerNorm | no LayerNorm | ratio "
+             "| drop, LayerNorm | drop, no LayerNorm |", "|---|---:|---|---|---|---:|---|---|---|---|---|"]
+    for name, tr in cells.items():
+        h, e = tr["half"], tr["end"]
+        lines.append(f"| {name} | {h['step']} | {h['layer_norm']['mean']:.2e} | {h['none']['mean']:.2e} | {ratio(h)} "
+                     f"| {e['step']} | {e['layer_norm']['mean']:.2e} | {e['none']['mean']:.2e} | {ratio(e)} "
+                     f"| {drop(tr['drop']['layer-norm'])} | {drop(tr['drop']['none'])} |")
+    lines += ["", "![probe error during training per cell](trajectories.png)", ""]
+    return lines
+
+
+def plot_trajectories(summary, path, weights="ema"):
+    """One panel per cell: the probe error (geometric mean over t >= 10) against the training step, a line
+    per variant and seed (LayerNorm red, no LayerNorm blue), log error against linear steps."""
+    names = list(summary["cells"])
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        tr = summary["cells"][name]["trajectory"][weights]
+        for norm, color in (("layer-norm", "tab:red"), ("none", "tab:blue")):
+            for i, (seed, curve) in enumerate(sorted(tr["curves"].get(norm, {}).items())):
+                ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, marker=".", lw=1, alpha=0.8,
+                        ls="-" if i == 0 else "--", label=f"{LABELS.get(norm, norm)}, seed {seed}")
+        ax.set(yscale="log", title=name, xlabel="training step")
+        ax.grid(True, which="both", alpha=0.2)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"eps error, geo. mean t >= 10 ({weights})")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Probe error during training (fixed noise, no sampling): does the LayerNorm gap grow?", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot_sweep(summary, path):
@@ -805,6 +898,7 @@ def write_sweep_report(runs_by_cell, out):
     summary = dict(cells={name: sweep_cell_summary(runs) for name, runs in runs_by_cell.items()},
                    runs={name: list(runs) for name, runs in runs_by_cell.items()})
     plot_sweep(summary, os.path.join(out, "ratios.png"))
+    plot_trajectories(summary, os.path.join(out, "trajectories.png"))
     text = sweep_markdown(summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)

@@ -4,6 +4,7 @@ import json
 import os
 import statistics
 
+import numpy as np
 import pytest
 
 import sweep
@@ -52,6 +53,33 @@ def test_sweep_table_from_tiny_runs(finished):
     assert f"| preset | {toy.SWEEP_CELLS['preset'][0]} | 8 | 2 | {statistics.fmean(ln):.2e}" in text
     assert f"{cell['ema']['ratio']:.2f} [{cell['ema']['ratio_min']:.2f}, {cell['ema']['ratio_max']:.2f}]" in text
     assert os.path.getsize(out / "ratios.png") > 1000
+
+
+def test_trajectory_table_from_tiny_runs(finished):
+    """The probe trajectory of each run (geometric mean of the eps error over t >= 10 at every probe) and
+    the cell's half-way / end ratios and second-half drops, recomputed with numpy from metrics.jsonl."""
+    out, runs = finished
+    curves = {}
+    for run in runs["preset"]:
+        cfg = toy.load_config(run)
+        rows = [r for r in toy.load_metrics(run, "timestep") if r["weights"] == "ema" and r["t"] >= 10]
+        steps = sorted({r["step"] for r in rows})
+        curves[(cfg["normalization"], cfg["global_seed"])] = {
+            s: float(np.exp(np.mean(np.log([r["eps_rel_error"] for r in rows if r["step"] == s])))) for s in steps}
+    assert steps == list(range(1, 9))  # probed every step of the 8
+    tr = json.load(open(out / "summary.json"))["cells"]["preset"]["trajectory"]["ema"]
+    assert tr["half"]["step"] == 4 and tr["end"]["step"] == 8
+    for key, curve in curves.items():
+        assert dict(map(tuple, tr["curves"][key[0]][str(key[1])])) == pytest.approx(curve, rel=1e-12)
+    for name, step in (("half", 4), ("end", 8)):
+        ln, none = np.array([curves[("layer-norm", s)][step] for s in (0, 1)]), np.array([curves[("none", s)][step] for s in (0, 1)])
+        assert tr[name]["ratio"] == pytest.approx(ln.mean() / none.mean())
+        assert tr[name]["ratio_min"] == pytest.approx((ln / none).min())
+    drop = np.array([curves[("none", s)][4] / curves[("none", s)][8] for s in (0, 1)])
+    assert tr["drop"]["none"]["mean"] == pytest.approx(drop.mean())
+    text = (out / "summary.md").read_text()
+    assert f"| preset | 4 | {tr['half']['layer_norm']['mean']:.2e} |" in text
+    assert os.path.getsize(out / "trajectories.png") > 1000
 
 
 def test_rerun_skips_finished_and_continues_an_interrupted_run(finished, capsys, monkeypatch):
