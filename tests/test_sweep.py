@@ -113,3 +113,11 @@ def test_rerun_skips_finished_and_continues_an_interrupted_run(finished, capsys,
 def test_report_only_refuses_unfinished_cells(tmp_path):
     with pytest.raises(SystemExit, match="has not finished"):
         run_sweep(tmp_path, "--cells", "preset", "--report")
+
+
+def test_default_cells_are_the_six_and_steps4x_is_asked_for_by_name():
+    """`make sweep` runs the six cells that fit its budget; steps4x (4x the steps) only when named."""
+    jobs = toy.sweep_jobs(list(toy.DEFAULT_SWEEP_CELLS), [0, 1], "out")
+    assert {j["cell"] for j in jobs} == set(toy.SWEEP_CELLS) - {"steps4x"} and len(jobs) == 24
+    (job,) = [j for j in toy.sweep_jobs(["steps4x"], [0], "out") if j["normalization"] == "none"]
+    assert job["steps"] == 48_000 and job["results_dir"] == os.path.join("out", "runs", "steps4x-48000")
