@@ -811,13 +811,15 @@ def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
             f"{per_t[t]['ratio']:.2f} [{per_t[t]['ratio_min']:.2f}, {per_t[t]['ratio_max']:.2f}]" if "ratio" in per_t.get(t, {})
             else "-" for t in timesteps) + " |")
     lines += ["", "![LayerNorm / no-LayerNorm ratios per cell](ratios.png)", ""]
-    lines += trajectory_markdown(summary)
+    lines += trajectory_markdown(summary, "ema") + trajectory_markdown(summary, "raw", figure=False)
     return "\n".join(lines)
 
 
-def trajectory_markdown(summary, weights="ema"):
+def trajectory_markdown(summary, weights="ema", figure=True):
     """Markdown lines: per cell, the probe error (geometric mean over t >= 10) half-way and at the end, the
-    ratios, and each variant's drop over the second half."""
+    ratios, and each variant's drop over the second half. (The EMA lags the raw weights by about
+    1 / (1 - decay) steps, most for the faster-moving no-LayerNorm model, so early EMA ratios understate
+    its lead; the raw table is the other reading.)"""
     cells = {name: c["trajectory"][weights] for name, c in summary["cells"].items()
              if "end" in c.get("trajectory", {}).get(weights, {})}
     if not cells:
@@ -836,13 +838,14 @@ def trajectory_markdown(summary, weights="ema"):
         lines.append(f"| {name} | {h['step']} | {h['layer_norm']['mean']:.2e} | {h['none']['mean']:.2e} | {ratio(h)} "
                      f"| {e['step']} | {e['layer_norm']['mean']:.2e} | {e['none']['mean']:.2e} | {ratio(e)} "
                      f"| {drop(tr['drop']['layer-norm'])} | {drop(tr['drop']['none'])} |")
-    lines += ["", "![probe error during training per cell](trajectories.png)", ""]
+    lines += ["", "![probe error during training per cell](trajectories.png)", ""] if figure else [""]
     return lines
 
 
 def plot_trajectories(summary, path, weights="ema"):
     """One panel per cell: the probe error (geometric mean over t >= 10) against the training step, a line
-    per variant and seed (LayerNorm red, no LayerNorm blue), log error against linear steps."""
+    per variant and seed (LayerNorm red, no LayerNorm blue), log error against linear steps; the raw
+    weights' curves as thin faint lines (the EMA lags them)."""
     names = list(summary["cells"])
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
@@ -850,6 +853,10 @@ def plot_trajectories(summary, path, weights="ema"):
     for ax, name in zip(axes.flat, names):
         tr = summary["cells"][name]["trajectory"][weights]
         for norm, color in (("layer-norm", "tab:red"), ("none", "tab:blue")):
+            for seed, curve in sorted(summary["cells"][name]["trajectory"].get("raw", {}).get("curves", {})
+                                      .get(norm, {}).items()):
+                ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, lw=0.6, alpha=0.35,
+                        label=f"{LABELS.get(norm, norm)}, raw" if seed == min(tr["curves"].get(norm, {0: 0})) else None)
             for i, (seed, curve) in enumerate(sorted(tr["curves"].get(norm, {}).items())):
                 ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, marker=".", lw=1, alpha=0.8,
                         ls="-" if i == 0 else "--", label=f"{LABELS.get(norm, norm)}, seed {seed}")
@@ -857,9 +864,10 @@ def plot_trajectories(summary, path, weights="ema"):
         ax.grid(True, which="both", alpha=0.2)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    axes[0][0].set_ylabel(f"eps error, geo. mean t >= 10 ({weights})")
+    axes[0][0].set_ylabel("eps error, geo. mean over t >= 10")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Probe error during training (fixed noise, no sampling): does the LayerNorm gap grow?", fontsize=10)
+    fig.suptitle("Probe error during training (fixed noise, no sampling; markers: EMA, faint: raw weights): "
+                 "does the LayerNorm gap grow?", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
