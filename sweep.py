@@ -14,6 +14,9 @@ and trajectories.png.
     python sweep.py --cells preset steps2x steps4x   # the training-length axis (adds 48k-step runs)
     python sweep.py --report                     # only rewrite the report from the finished runs
 
+The report covers the cells asked for at --seeds, plus any other seed whose runs of a cell have all
+finished (so a third seed run for some cells appears beside the others' two).
+
 Any other flag is passed to train_toy.py (e.g. --num-eval-samples 50).
 """
 
@@ -24,7 +27,7 @@ import time
 import matplotlib.pyplot as plt
 
 from cli import COUNT, INDEX, POSITIVE
-from toy import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, run_sweep, sweep_jobs, write_sweep_report
+from toy import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, report_jobs, run_sweep, sweep_jobs, write_sweep_report
 
 
 def main(argv=None):
@@ -40,8 +43,12 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)
     plt.switch_backend("Agg")
     start = time.time()
-    jobs = sweep_jobs(args.cells, args.seeds, args.out, args.steps_scale, extra)
-    runs = run_sweep(jobs, args.parallel, os.path.join(args.out, "logs"), train=not args.report)
+    log_dir = os.path.join(args.out, "logs")
+    if not args.report:
+        run_sweep(sweep_jobs(args.cells, args.seeds, args.out, args.steps_scale, extra), args.parallel, log_dir)
+    # the report: these cells at --seeds, and any other seed whose runs of a cell have finished
+    runs = run_sweep(report_jobs(args.cells, args.seeds, args.out, args.steps_scale, extra), args.parallel, log_dir,
+                     train=False)
     print(write_sweep_report(runs, args.out))
     print(f"wrote {args.out}/summary.md, summary.json, ratios.png, trajectories.png ({(time.time() - start) / 60:.1f} min)")
     return runs

@@ -697,6 +697,24 @@ def finished_run(job):
     return None
 
 
+def report_jobs(cells, seeds, out, steps_scale=1.0, extra=()):
+    """The jobs a sweep report covers: every cell at `seeds`, plus any other seed whose runs of that cell
+    (both variants) have finished in `out`, e.g. a third seed run for some cells only. Sorted by cell."""
+    jobs = []
+    for cell in cells:
+        jobs += sweep_jobs([cell], seeds, out, steps_scale, extra)
+        folder = jobs[-1]["results_dir"]
+        found = set()
+        for run in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if os.path.exists(os.path.join(folder, run, "config.json")):
+                found.add(load_config(os.path.join(folder, run))["global_seed"])
+        for seed in sorted(found - set(seeds)):
+            more = sweep_jobs([cell], [seed], out, steps_scale, extra)
+            if all(finished_run(job) for job in more):
+                jobs += more
+    return jobs
+
+
 def run_sweep(jobs, parallel, log_dir, train=True):
     """Run the jobs that have not finished (jobs.py, a "[cell variant sN]" tag per job; none when not
     `train`); returns {cell: [run directories]} of all jobs."""

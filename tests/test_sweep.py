@@ -121,3 +121,17 @@ def test_default_cells_are_the_six_and_steps4x_is_asked_for_by_name():
     assert {j["cell"] for j in jobs} == set(toy.SWEEP_CELLS) - {"steps4x"} and len(jobs) == 24
     (job,) = [j for j in toy.sweep_jobs(["steps4x"], [0], "out") if j["normalization"] == "none"]
     assert job["steps"] == 48_000 and job["results_dir"] == os.path.join("out", "runs", "steps4x-48000")
+
+
+def test_report_adds_the_other_finished_seeds_of_a_cell(tmp_path):
+    """A seed run for some cells only appears in the report beside the asked ones once both of its
+    variants have finished; a seed with one finished variant stays out."""
+    flags = ["--steps-scale", SCALE, "--out", str(tmp_path), "--cells", "preset", *TINY]
+    sweep.main(["--seeds", "3", *flags])
+    sweep.main(["--seeds", "5", *flags])
+    (half,) = [j for j in toy.sweep_jobs(["preset"], [7], str(tmp_path), float(SCALE), TINY)
+               if j["normalization"] == "layer-norm"]
+    train_toy.main(half["argv"][2:])
+    runs = sweep.main(["--seeds", "3", "--report", *flags])
+    assert sorted(toy.load_config(r)["global_seed"] for r in runs["preset"]) == [3, 3, 5, 5]
+    assert json.load(open(tmp_path / "summary.json"))["cells"]["preset"]["seeds"] == [3, 5]
