@@ -871,10 +871,10 @@ def plot_trajectories(summary, path, weights="ema"):
     for ax, name in zip(axes.flat, names):
         tr = summary["cells"][name]["trajectory"][weights]
         for norm, color in (("layer-norm", "tab:red"), ("none", "tab:blue")):
-            for seed, curve in sorted(summary["cells"][name]["trajectory"].get("raw", {}).get("curves", {})
-                                      .get(norm, {}).items()):
+            raw = summary["cells"][name]["trajectory"].get("raw", {}).get("curves", {}).get(norm, {})
+            for i, (_, curve) in enumerate(sorted(raw.items())):
                 ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, lw=0.6, alpha=0.35,
-                        label=f"{LABELS.get(norm, norm)}, raw" if seed == min(tr["curves"].get(norm, {0: 0})) else None)
+                        label=f"{LABELS.get(norm, norm)}, raw" if i == 0 else None)
             for i, (seed, curve) in enumerate(sorted(tr["curves"].get(norm, {}).items())):
                 ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, marker=".", lw=1, alpha=0.8,
                         ls="-" if i == 0 else "--", label=f"{LABELS.get(norm, norm)}, seed {seed}")

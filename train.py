@@ -542,7 +542,7 @@ def log_start(args, d, logger, run_dir, model, dataset, config, channels, steps_
                 f"{channels}x{config['input_size']}x{config['input_size']}")
     logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
                 f"{steps_per_epoch} steps per epoch, training to step {max_steps}, precision {args.precision}"
-                + (f", compiled ({compile_mode(args.compile)})" if args.compile else "")
+                + (f", compiled ({compile_mode(args.compile)})" if compile_mode(args.compile) else "")
                 + (", grad checkpointing" if args.grad_checkpointing else ""))
 
 

@@ -31,8 +31,8 @@ from sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps, denoise
 from toy import PRESETS, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_MODEL, append_jsonl, probe, sample_error, zero_batches
 from train_utils import (
     PRECISIONS, PREEMPTED_EXIT, StopTraining, Trainer, add_compile_arg, apply_preset, auto_resume, barrier,
-    broadcast_object, check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads, create_logger,
-    load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
+    broadcast_object, check_checkpoint_belongs, check_global_batch, cleanup_distributed, configure_threads,
+    create_logger, load_checkpoint, log_failures, merge_resume_config, new_run_dir, parse_with_explicit,
     resolve_resume, setup_distributed, truncate_jsonl, write_json,
 )
 

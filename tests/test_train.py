@@ -707,3 +707,10 @@ def test_compile_flag_takes_an_optional_mode(tmp_path):
     assert [train_utils.compile_mode(v) for v in (True, False, None)] == ["default", None, None]
     with pytest.raises(SystemExit, match="choose one of default, reduce-overhead"):
         train_utils.compile_mode("fast")
+
+
+def test_compile_none_logs_no_compiling(tmp_path, image_folder):
+    """--compile none is eager: the Trainer compiles nothing and the log does not say "compiled"."""
+    run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "1", "--compile", "none")
+    assert "compiled" not in open(os.path.join(run_dir, "log.txt")).read()
+    assert train_utils.compile_mode(json.load(open(os.path.join(run_dir, "config.json")))["compile"]) is None
