@@ -13,9 +13,10 @@ TOY_ARGS ?=
 setup: $(STAMP)
 
 # Re-install only when requirements.txt changes, so `make setup` is quick when already done.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install --no-deps -e .  # ditlab, models and diffusion importable anywhere (notebooks)
 	@touch $(STAMP)
 
 test: setup
@@ -42,14 +43,14 @@ ablation: setup
 # -> printed and added to docs/benchmarks.md. More flags via BENCH_ARGS, e.g. BENCH_ARGS="--settings bf16+compile".
 BENCH_ARGS ?=
 bench: setup
-	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.bench $(BENCH_ARGS)
 
 # The GPU path proven and measured in under 9.5 minutes (tests, train/resume, DiT-XL/2 speed vs diffusers, guided
 # sampling, toy paper preset) -> verdicts printed and a section in docs/benchmarks.md; a CPU dry run without a GPU.
 # On a machine with its own Python and no internet (no .venv): make gpu-check PYTHON=python3
 GPU_CHECK_ARGS ?=
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PYTHON)),setup)
-	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+	$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

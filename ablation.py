@@ -5,7 +5,7 @@
   2. Digits demo: train.py's built-in demo (pixel-space DiT on scikit-learn's digits) for every variant
      and seed, shortened to --digits-steps; then the quality of its samples (sample_ddp.py --eval-ref
      data/digits --eval-features digits: FD-digits, precision, recall and the digits classifier's accuracy
-     on the intended labels, evaluation.py), the final training loss and, for the first seed, the
+     on the intended labels, ditlab/evaluation.py), the final training loss and, for the first seed, the
      embedding-outlier statistics of analyze_embeddings.py on the trained EMA weights. A finished run or
      scored sample set is reused by a rerun.
 
@@ -18,23 +18,26 @@ per variant), and the outlier plots of the digits models under outliers/.
 """
 
 import argparse
+import glob
 import json
 import os
 import statistics
 import sys
 import time
 
-import glob
-
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cli import COUNT, INDEX, NON_NEGATIVE
-from evaluation import DIGITS_CLASSIFIER, Evaluator, digits_rgb
-from jobs import run_jobs
+from ditlab.checkpoints import load_checkpoint
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
+from ditlab.evaluation import Evaluator
+from ditlab.features import DIGITS_CLASSIFIER, digits_rgb
+from ditlab.jobs import run_jobs
+from ditlab.run import newest_run
+from ditlab.toy.readers import final_loss, load_config, load_metrics
+from ditlab.toy.report import summarize
+from ditlab.toy.sweep import train_runs
 from models import NORM_LAYERS
-from toy import final_loss, load_config, load_metrics, summarize, train_runs
-from train_utils import load_checkpoint, newest_run
 
 VARIANTS = ["layer-norm", "none", "rms-norm", "dyt"]
 COLORS = {"layer-norm": "tab:red", "none": "tab:blue", "rms-norm": "tab:green", "dyt": "tab:purple"}
@@ -94,22 +97,22 @@ def plot_toy(runs, path):
 # 2. Digits demo + outliers
 # ---------------------------------------------------------------------------------------------------
 
-def finished_run(results_dir, variant, seed, steps):
+def finished_digits_run(results_dir, variant, seed, steps):
     """The newest digits run of this variant and seed that reached `steps`, or None."""
     run = newest_run(results_dir, {"normalization": variant, "max_steps": steps, "global_seed": seed})
     return run if run and load_checkpoint(run, mmap=True)["step"] >= steps else None
 
 
 def run_digits(variants, seeds, steps, parallel, results_dir, log_dir):
-    """The digits demo for every variant and seed (jobs.py, logs only), skipping finished runs; returns
+    """The digits demo for every variant and seed (ditlab/jobs.py, logs only), skipping finished runs; returns
     [(variant, seed, run directory)]."""
-    todo = [(v, s) for s in seeds for v in variants if not finished_run(results_dir, v, s, steps)]
+    todo = [(v, s) for s in seeds for v in variants if not finished_digits_run(results_dir, v, s, steps)]
     cmds = [[sys.executable, "train.py", "--demo", "--normalization", v, "--global-seed", str(s), "--max-steps",
              str(steps), "--results-dir", results_dir, "--sample-every", "0"] for v, s in todo]
     print(f"[ablation] digits demo: {len(cmds)} runs of {steps} steps "
           f"({len(variants) * len(seeds) - len(cmds)} already done)", flush=True)
     run_jobs(cmds, parallel, log_dir)
-    return [(v, s, finished_run(results_dir, v, s, steps)) for s in seeds for v in variants]
+    return [(v, s, finished_digits_run(results_dir, v, s, steps)) for s in seeds for v in variants]
 
 
 def score_digits(runs, args, sample_root, log_dir):
@@ -219,7 +222,7 @@ def quality_lines(quality, floor, args):
     """The digits quality table (markdown lines)."""
     lines = ["## Digits demo: sample quality (EMA weights; mean [min, max] over seeds)", "",
              f"{args.quality_samples} samples per run ({args.quality_steps} DDPM steps, guidance {args.quality_cfg}), "
-             f"scored against the 1,797 digits in the features of the digits classifier (evaluation.py): FD-digits "
+             f"scored against the 1,797 digits in the features of the digits classifier (ditlab/evaluation.py): FD-digits "
              f"(Frechet distance, lower is better), precision and recall (k = 3), and the classifier's accuracy on the "
              f"labels the samples were drawn for. Seeds {args.seeds}.", "",
              "| variant | seeds | FD-digits | precision | recall | accuracy | final train loss |",
@@ -293,7 +296,7 @@ def main(argv=None):
     p.add_argument("--quality-cfg", type=NON_NEGATIVE, default=1.0, help="their guidance scale (1: unguided)")
     p.add_argument("--digits-ref", default=os.path.join("data", "digits"), help="the reference digits (train.py --demo "
                                                                                  "writes them)")
-    p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, help="cached digits classifier (evaluation.py)")
+    p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, help="cached digits classifier (ditlab/evaluation.py)")
     p.add_argument("--skip-toy", action="store_true")
     p.add_argument("--skip-digits", action="store_true")
     p.add_argument("--out", default="results/ablation")

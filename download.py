@@ -1,255 +1,36 @@
-"""Find and load DiT weights: the official pretrained files by name, or checkpoints of this repo.
+"""Download the official DiT-XL/2 weights once into pretrained_models/ (as the reference repo's download.py).
 
-    from download import find_model, load_model
+    python download.py                         # both: DiT-XL-2-256x256.pt and DiT-XL-2-512x512.pt
+    python download.py DiT-XL-2-256x256.pt
 
-    state_dict, config = find_model("DiT-XL-2-256x256.pt")         # downloads once into pretrained_models/
-    model, config = load_model("results/000-DiT-S-2-none/checkpoints/latest.pt")   # EMA weights
-    model, config = load_model("results/000-DiT-S-2-none", weights="raw")           # a run dir: its latest.pt
-    model, config = load_model("hf:facebook/DiT-XL-2-256")                          # the Hub's diffusers copy
-
-`find_model(name_or_path, weights="ema") -> (state_dict, config_or_None)`
-    name_or_path: an official file name (PRETRAINED_MODELS), a checkpoint file, a run directory
-    (its checkpoints/latest.pt), a diffusers DiT folder (an export_diffusers.py export or the Hub
-    layout, converted by diffusers_dit.load_folder), or "hf:<repo>" (e.g. hf:facebook/DiT-XL-2-256,
-    fetched with huggingface_hub.snapshot_download, then loaded as a folder). weights: "ema" (default)
-    or "raw" (the "model" entry of a training checkpoint; a diffusers folder holds the one set it was
-    exported with). config: the dict that models.build_model_from_config understands, plus image_size, vae
-    and latent_scale; for our own checkpoints it is the run's config (with "ckpt_step", the training
-    step, added when the checkpoint records it); for the official files and for checkpoints of the
-    reference DiT train.py (which pickle an argparse.Namespace under "args") it is derived; for a bare
-    state dict of unknown origin it is None.
-
-`load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **overrides) -> (model, config)`
-    find_model, then build the DiT the config describes (keyword overrides win, e.g. normalization=...;
-    a bare state dict is described by them: model=... / image_size=... / vae=...), load the weights
-    strictly and return the model in eval mode on the CPU with the config it was built from. Keys in
-    must_match are checked against a file's own config instead of overriding it.
-
-Everything is loaded with torch.load(weights_only=True) (safetensors for diffusers folders): a file that
-pickles anything beyond tensors and plain Python types (argparse.Namespace allowed) is refused, never
-executed. Every failure (missing file, corrupt or truncated file, wrong architecture or normalization,
-failed download) raises an error that says what was expected.
+sample.py, sample_ddp.py and the other commands download an official name by themselves the first time
+they see it (ditlab.checkpoints.find_model); this command is for fetching ahead, e.g. on a login node
+before a job runs on machines without internet. Each file is written under a temporary name and renamed
+when complete, and then loaded with weights_only=True to check that it is a plain state dict.
 """
 
 import argparse
-import os
-import sys
-import urllib.request
 
-import torch
-
-import diffusers_dit
-from data import LATENT_SCALE
-from models import build_model_from_config, stored_normalization
-from train_utils import atomic_write, checkpoint_file, load_checkpoint
-
-# The two official DiT-XL/2 files (raw EMA state dicts), by name -> image size.
-PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
-PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/"  # + file name
-PRETRAINED_DIR = "pretrained_models"  # relative to the working directory, like the reference repo
-HUB_PREFIX = "hf:"  # hf:facebook/DiT-XL-2-256: a diffusers DiT pipeline on the Hugging Face Hub
-
-WEIGHTS = ("ema", "raw")
+from ditlab.checkpoints import PRETRAINED_MODELS, download_model, find_model
 
 
-#################################################################################
-#                                Download                                       #
-#################################################################################
-
-
-def _copy_url(url, f, chunk_size=1 << 20):
-    """Stream `url` into the open file `f`; raise if fewer bytes arrive than the server announced."""
-    with urllib.request.urlopen(url, timeout=60) as response:
-        expected = response.headers.get("Content-Length")
-        expected = int(expected) if expected is not None else None
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", metavar="NAME",
+                   help=f"official file names (default: all of {', '.join(PRETRAINED_MODELS)})")
+    args = p.parse_args(argv)
+    unknown = [name for name in args.models if name not in PRETRAINED_MODELS]
+    if unknown:
+        p.error(f"not an official file: {', '.join(unknown)}; choose from {', '.join(PRETRAINED_MODELS)}")
+    args.models = args.models or list(PRETRAINED_MODELS)
+    for name in args.models:
         try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(url), file=sys.stderr)
-        except ImportError:  # progress bars are a nicety
-            bar = None
-        received = 0
-        while True:
-            chunk = response.read(chunk_size)
-            if not chunk:
-                break
-            f.write(chunk)
-            received += len(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-    if expected is not None and received != expected:
-        raise OSError(f"download truncated: got {received} of {expected} bytes")
+            path = download_model(name)
+            find_model(name)  # refuses anything that is not a plain state dict
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        print(f"{name}: {path}")
 
 
-def download_model(model_name):
-    """Path of the official file `model_name` in PRETRAINED_DIR, downloading it first if needed.
-
-    The download goes to a temporary file that is renamed only when complete, so an interrupted
-    download never leaves a partial file under the final name (the next call starts over).
-    """
-    if model_name not in PRETRAINED_MODELS:
-        raise ValueError(f"{model_name!r} is not an official DiT file; choose one of {list(PRETRAINED_MODELS)}")
-    path = os.path.join(PRETRAINED_DIR, model_name)
-    if os.path.isfile(path):
-        return path
-    os.makedirs(PRETRAINED_DIR, exist_ok=True)
-    url = PRETRAINED_URL + model_name
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    try:
-        atomic_write(path, lambda f: _copy_url(url, f))
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:
-        raise RuntimeError(
-            f"could not download {url} ({e}); nothing was written to {path}. Without internet access, "
-            f"copy the file there by hand, or pass --ckpt with a local checkpoint; the Hub's copy of the "
-            f"official weights is --ckpt hf:facebook/DiT-XL-2-{PRETRAINED_MODELS[model_name]}"
-        ) from e
-    return path
-
-
-#################################################################################
-#                                Loading                                        #
-#################################################################################
-
-
-def official_config(image_size):
-    """The config of the official DiT-XL/2 files: 1000 ImageNet classes, learned sigma, LayerNorm,
-    latents of the sd-vae-ft VAE (8x downsampling, 4 channels)."""
-    return dict(model="DiT-XL/2", image_size=image_size, input_size=image_size // 8, in_channels=4,
-                num_classes=1000, class_dropout_prob=0.1, learn_sigma=True, normalization="layer-norm",
-                vae="mse", latent_scale=LATENT_SCALE)
-
-
-def config_from_reference_args(args):
-    """Config of a checkpoint written by the reference DiT train.py, from its argparse.Namespace."""
-    a = vars(args)
-    config = official_config(int(a.get("image_size", 256)))
-    config.update(model=a.get("model", "DiT-XL/2"), num_classes=int(a.get("num_classes", 1000)),
-                  vae=a.get("vae", "ema"))
-    return config
-
-
-def _is_state_dict(obj):
-    return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
-
-
-def split_checkpoint(ckpt, weights="ema", source="checkpoint"):
-    """(state_dict, config_or_None) from a loaded file: a training checkpoint (ours or the reference's)
-    or a bare state dict (only valid for weights="ema": the official files are EMA weights)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    if _is_state_dict(ckpt):
-        if weights == "raw":
-            raise ValueError(f"{source} is a bare state dict (EMA weights only); it has no raw weights: use weights='ema'")
-        name = os.path.basename(str(source))
-        return ckpt, (official_config(PRETRAINED_MODELS[name]) if name in PRETRAINED_MODELS else None)
-    if not isinstance(ckpt, dict) or not ("ema" in ckpt or "model" in ckpt):
-        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{source} is not a DiT checkpoint: expected a state dict or a dict with 'ema'/'model' "
-                         f"entries (a training checkpoint), got {keys}")
-    key = "ema" if weights == "ema" else "model"
-    if key not in ckpt:
-        raise ValueError(f"{source} has no {key!r} entry (it has {sorted(ckpt)}); try weights="
-                         f"{'raw' if key == 'ema' else 'ema'!r}")
-    state_dict = ckpt[key]
-    if isinstance(ckpt.get("config"), dict):
-        config = dict(ckpt["config"])
-        config.setdefault("latent_scale", LATENT_SCALE)
-        if isinstance(ckpt.get("step"), int):
-            config["ckpt_step"] = ckpt["step"]
-    elif isinstance(ckpt.get("args"), argparse.Namespace):
-        config = config_from_reference_args(ckpt["args"])
-    else:
-        config = None
-    return state_dict, config
-
-
-def find_model(name_or_path, weights="ema"):
-    """Load DiT weights: `(state_dict, config_or_None)`; see the module docstring.
-
-    An official name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) is downloaded into PRETRAINED_DIR
-    the first time; anything else is a local checkpoint file or run directory.
-    """
-    if name_or_path in PRETRAINED_MODELS:
-        if weights != "ema":
-            raise ValueError(f"{name_or_path} holds EMA weights only; use weights='ema'")
-        path = download_model(name_or_path)
-    elif str(name_or_path).startswith(HUB_PREFIX):
-        path = diffusers_dit.snapshot(str(name_or_path)[len(HUB_PREFIX):])
-    else:
-        path = str(name_or_path)
-    if os.path.isdir(path) and not os.path.isfile(checkpoint_file(path)):
-        if diffusers_dit.transformer_dir(path) is None:  # (a diffusers folder of something else raises here)
-            raise FileNotFoundError(f"{path!r} is neither a run directory (no checkpoints/latest.pt) nor a diffusers "
-                                    f"DiT folder (no model_index.json or transformer config.json)")
-        return diffusers_dit.load_folder(path, weights)
-    try:
-        ckpt = load_checkpoint(path, mmap=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (or an official name: {', '.join(PRETRAINED_MODELS)})") from None
-    return split_checkpoint(ckpt, weights, source=path)
-
-
-def _describe(config):
-    keys = ("input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma", "normalization",
-            "depth", "hidden_size", "num_heads")
-    parts = [f"{k}={config[k]}" for k in keys if config.get(k) is not None]
-    return f"{config.get('model')} ({', '.join(parts)})"
-
-
-def build_and_load(state_dict, config, source="checkpoint"):
-    """Build the DiT `config` describes and load `state_dict` strictly into it; a mismatch (other
-    architecture, image size, class count or normalization) raises a ValueError naming both sides."""
-    try:
-        model = build_model_from_config(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"cannot build the model for {source} from config {_describe(config)}: {e}") from e
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except (RuntimeError, ValueError) as e:
-        lines = str(e).splitlines()
-        detail = "\n".join(lines[:6]) + ("\n..." if len(lines) > 6 else "")
-        raise ValueError(f"{source} does not fit the expected model {_describe(config)}:\n{detail}") from None
-    return model.eval()
-
-
-def bare_config(state_dict, overrides, source, bare_model=None):
-    """The config of a bare state dict, from the overrides (which must name the model, unless
-    `bare_model` gives a default) on top of the reference's defaults: 256 px, 1000 classes, the mse VAE
-    (vae="none": a pixel-space model with 3 channels); the normalization is read from the state dict."""
-    overrides = {"model": bare_model, **overrides} if bare_model else overrides
-    if "model" not in overrides:
-        raise ValueError(f"{source} is a bare state dict with no config: say which model it is, e.g. "
-                         f"load_model(path, model='DiT-XL/2', image_size=256) (sample.py: --model and --image-size)")
-    size = overrides.get("image_size", 256)
-    config = official_config(size)
-    config.update(model=overrides["model"], normalization=stored_normalization(state_dict))
-    if overrides.get("vae") == "none":
-        config.update(input_size=size, in_channels=3)
-    return config
-
-
-def load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **overrides):
-    """`(model, config)`: find_model, then build and load the DiT (see the module docstring).
-
-    overrides (None values ignored) update the config before the model is built: e.g. normalization or
-    vae, or for a bare state dict (see bare_config) model="DiT-S/2", image_size=64, num_classes=10.
-    For a file that has its own config, the keys named in `must_match` are checked against it instead
-    (a conflict is a ValueError): a flag cannot turn a checkpoint into another model. `bare_model` is
-    the model a bare state dict is taken to be when no model= is given (sample.py: DiT-XL/2).
-    """
-    state_dict, config = find_model(name_or_path, weights)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config is None:  # the overrides describe it
-        config = {**bare_config(state_dict, overrides, name_or_path, bare_model), **overrides}
-    else:
-        config.setdefault("image_size", config.get("input_size", 32) * (1 if config.get("vae") == "none" else 8))
-        for key in must_match:
-            if key in overrides and overrides[key] != config.get(key):
-                raise ValueError(f"--{key.replace('_', '-')} {overrides[key]} conflicts with the checkpoint "
-                                 f"({key}={config.get(key)!r}); drop the flag, the checkpoint says what it is")
-        config = {**config, **{k: v for k, v in overrides.items() if k not in must_match}}
-    return build_and_load(state_dict, config, source=str(name_or_path)), config
+if __name__ == "__main__":
+    main()

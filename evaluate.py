@@ -10,7 +10,7 @@ holding `mu`, `sigma`, `mu_s`, `sigma_s` (ADM's reference batches) gives FID/sFI
 precision and recall always use its images. With --features digits the metrics are the Frechet distance
 in the digits classifier's penultimate features (FD-digits), precision/recall there, and, when SAMPLES
 has class labels (arr_1, as sample_ddp.py writes), the classifier's accuracy on them. Definitions and
-the Inception layer mapping: evaluation.py.
+the Inception layer mapping: ditlab/evaluation.py.
 """
 
 import argparse
@@ -18,9 +18,10 @@ import os
 import sys
 import time
 
-from cli import COUNT
-from evaluation import EvaluationError, Evaluator, add_network_args, summary_line
-from train_utils import write_json
+from ditlab.cli import COUNT
+from ditlab.evaluation import Evaluator, summary_line
+from ditlab.features import EvaluationError, add_network_args
+from ditlab.files import write_json
 
 
 def parse_args(argv=None):

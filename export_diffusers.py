@@ -11,7 +11,7 @@ that is not cached here is named instead, pass it to from_pretrained(..., vae=..
 (this repo's config, so that --ckpt DIR loads it back bit for bit).
 
     from diffusers import DiTPipeline
-    from diffusers_dit import make_exact
+    from ditlab.diffusers_interop import make_exact
     pipe = DiTPipeline.from_pretrained("exports/dit-xl")
     make_exact(pipe.transformer)          # optional: the original DiT's arithmetic (see below)
     images = pipe(class_labels=[207, 360], num_inference_steps=25).images
@@ -26,9 +26,9 @@ DiTPipeline guides with the null class 1000, so guidance_scale > 1 needs a 1000-
 import argparse
 import sys
 
-from cli import COUNT
-from diffusers_dit import build_transformer, export_pipeline, measure_difference
-from download import WEIGHTS, load_model
+from ditlab.checkpoints import WEIGHTS, load_model
+from ditlab.cli import COUNT
+from ditlab.diffusers_interop import build_transformer, export_pipeline, measure_difference
 from models import DiT_models
 
 

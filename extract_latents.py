@@ -27,14 +27,21 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cli import COUNT, INDEX, POSITIVE
-from data import (
-    INDEX_FILE, LATENT_SCALE, LATENTS_FORMAT, VAE_HELP, BadImages, load_vae, open_image_folder, vae_geometry,
+from ditlab.checkpoints import save_checkpoint
+from ditlab.cli import COUNT, INDEX, POSITIVE
+from ditlab.data import (
+    INDEX_FILE,
+    LATENT_SCALE,
+    LATENTS_FORMAT,
+    VAE_HELP,
+    BadImages,
+    load_vae,
+    open_image_folder,
+    vae_geometry,
 )
-from train_utils import (
-    PREEMPTED_EXIT, StopFlag, barrier, cleanup_distributed, ignore_stop_signals, save_checkpoint, setup_distributed,
-    write_json,
-)
+from ditlab.distributed import barrier, cleanup_distributed, setup_distributed
+from ditlab.files import write_json
+from ditlab.preemption import PREEMPTED_EXIT, StopFlag, ignore_stop_signals
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS_FILE = "settings.json"

@@ -22,11 +22,20 @@ import sys
 
 import torch
 
-from cli import INDEX, NON_NEGATIVE
-from data import LATENT_SCALE, load_vae
 from diffusion import create_diffusion
-from sampling import (add_model_args, check_vae, decode, image_generators, load_for_sampling, pick_device,
-                      prepare_guidance, sample_images, to_rgb)
+from ditlab.cli import INDEX, NON_NEGATIVE
+from ditlab.data import LATENT_SCALE, load_vae
+from ditlab.sampling import (
+    add_model_args,
+    check_vae,
+    decode,
+    image_generators,
+    load_for_sampling,
+    pick_device,
+    prepare_guidance,
+    sample_images,
+    to_rgb,
+)
 
 # The reference sample.py's labels: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]

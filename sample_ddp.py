@@ -7,7 +7,7 @@
 Writes `<sample-dir>/<folder>/<index:06d>.png` and then `<sample-dir>/<folder>.npz` (uint8 N x H x W x 3
 under `arr_0`, the class labels under `arr_1`, as ADM's class-conditional sampler stores them); the folder
 name records everything that determines the images. `--eval-ref REF` then scores the .npz against REF
-(evaluation.py: FID, sFID, IS, precision, recall; or --eval-features digits for the digits demo) and writes
+(ditlab/evaluation.py: FID, sFID, IS, precision, recall; or --eval-features digits for the digits demo) and writes
 the metrics to `<sample-dir>/<folder>.metrics.json`:
 
     torchrun --nproc_per_node=8 sample_ddp.py --eval-ref VIRTUAL_imagenet256_labeled.npz --inception-weights w.pth
@@ -38,15 +38,22 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from cli import COUNT, INDEX, NON_NEGATIVE
-from data import LATENT_SCALE, load_vae
-from evaluation import EvaluationError, Evaluator, add_network_args, summary_line
 from diffusion import create_diffusion
-from sampling import (add_model_args, check_vae, draw_images, image_generators, image_labels, load_for_sampling,
-                      prepare_guidance)
-from train_utils import (
-    PREEMPTED_EXIT, StopFlag, atomic_write, barrier, broadcast_object, cleanup_distributed, setup_distributed,
-    write_json,
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
+from ditlab.data import LATENT_SCALE, load_vae
+from ditlab.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from ditlab.evaluation import Evaluator, summary_line
+from ditlab.features import EvaluationError, add_network_args
+from ditlab.files import atomic_write, write_json
+from ditlab.preemption import PREEMPTED_EXIT, StopFlag
+from ditlab.sampling import (
+    add_model_args,
+    check_vae,
+    draw_images,
+    image_generators,
+    image_labels,
+    load_for_sampling,
+    prepare_guidance,
 )
 
 
@@ -86,7 +93,7 @@ def checkpoint_tag(ckpt, config):
         parent = os.path.dirname(path)
         run = os.path.basename(os.path.dirname(parent)) if os.path.basename(parent) == "checkpoints" else ""
     if name == "latest" and config.get("ckpt_step") is not None:
-        name = f"{config['ckpt_step']:07d}"  # the name train_utils gives the numbered checkpoint
+        name = f"{config['ckpt_step']:07d}"  # the name the Trainer gives the numbered checkpoint
     return "-".join(part for part in (run, name) if part)
 
 

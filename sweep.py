@@ -3,7 +3,7 @@
 LayerNorm vs no LayerNorm, one factor at a time around the CPU preset of the toy study (toy.SWEEP_CELLS):
 the preset itself, constant lr 1e-4 (the study's) and constant lr 1e-3 beside the cosine schedule, width
 128, batch 1024 and twice the training steps, two seeds per cell (and, asked for by name, steps4x: four
-times the steps, near the study's 50k). Every run is train_toy.py (through jobs.py, one thread each,
+times the steps, near the study's 50k). Every run is train_toy.py (through ditlab/jobs.py, one thread each,
 --parallel at a time) with `--resume auto`: a rerun skips finished runs and continues interrupted ones. Writes to --out: summary.md (final sample RMS, per-t eps error and the probe error
 over training: LayerNorm / no-LayerNorm ratio per cell with the spread over seeds), summary.json, ratios.png
 and trajectories.png.
@@ -26,8 +26,8 @@ import time
 
 import matplotlib.pyplot as plt
 
-from cli import COUNT, INDEX, POSITIVE
-from toy import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, report_jobs, run_sweep, sweep_jobs, write_sweep_report
+from ditlab.cli import COUNT, INDEX, POSITIVE
+from ditlab.toy.sweep import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, report_jobs, run_sweep, sweep_jobs, write_sweep_report
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Speed benchmark: our DiT against diffusers' DiTTransformer2DModel, side by side in one run.
 
 Measures, for each setting asked (a precision, optionally +compile or +cudagraphs, and/or +ckpt):
-  * training step = forward + backward + AdamW + EMA through the real `train_utils.Trainer`, with the
+  * training step = forward + backward + AdamW + EMA through the real `ditlab.trainer.Trainer`, with the
     same Gaussian-diffusion loss (MSE + learned-variance VB term) for both models;
   * DDPM sampling, N respaced steps, with and without classifier-free guidance;
 and, once per run, the toy study's training steps/s (both variants of its preset).
@@ -10,9 +10,9 @@ Ours and the peer run in alternating rounds (ours, peer, ours, peer, ...) so tha
 speeds up or slows down during the run affects both alike; each figure is the median over rounds,
 with the interquartile range as the spread. GPU timings synchronize before and after each round.
 
-    python benchmarks/bench.py                                    # CPU: DiT-S/2, 32x32 latents, batch 8, fp32
-    python benchmarks/bench.py --settings bf16 bf16+compile       # GPU default model: DiT-XL/2, batch 32
-    python benchmarks/bench.py --model DiT-B/2 --batch-size 64 --settings tf32 bf16+ckpt --peak-tflops 989
+    python -m benchmarks.bench                                    # CPU: DiT-S/2, 32x32 latents, batch 8, fp32
+    python -m benchmarks.bench --settings bf16 bf16+compile       # GPU default model: DiT-XL/2, batch 32
+    python -m benchmarks.bench --model DiT-B/2 --batch-size 64 --settings tf32 bf16+ckpt --peak-tflops 989
 
 Results are printed and inserted at the top of docs/benchmarks.md (`--record ''` to skip).
 FLOPs: one multiply-add = 2 FLOPs (the FlopCounterMode convention). The DiT paper's "Gflops" count
@@ -34,17 +34,17 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-from cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
-from diffusion import create_diffusion  # noqa: E402
-from models import DIT_SIZES, DiT, DiT_models, build_model  # noqa: E402
-from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
-from train_utils import COMPILE_MODES, PRECISIONS, DistInfo, Trainer, atomic_write  # noqa: E402
+from benchmarks.records import device_name, git_commit, record, versions
+from diffusion import create_diffusion
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
+from ditlab.distributed import DistInfo
+from ditlab.files import atomic_write
+from ditlab.trainer import COMPILE_MODES, PRECISIONS, Trainer
+from models import DIT_SIZES, DiT, DiT_models, build_model
 
 IMPLS = ("ours", "peer")
 
@@ -426,7 +426,7 @@ def bench_toy(args, device):
         rate = args.toy_steps / statistics.median(times[norm])
         rows.append(dict(preset=name, normalization=norm, batch=preset["global_batch_size"],
                          setting=toy_setting(args),
-                         steps=preset["steps"], steps_per_s=rate, preset_minutes=preset["steps"] / rate / 60))
+                         steps=preset["max_steps"], steps_per_s=rate, preset_minutes=preset["max_steps"] / rate / 60))
         say(rows[-1])
     return rows
 
@@ -579,7 +579,7 @@ def main(argv=None):
              (peak_tflops(p, device), "measured matmul") for p in precisions}
     header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device_name(device),
                   versions=versions(), threads=torch.get_num_threads(), gflops=fwd / 1e9, commit=git_commit(),
-                  command="python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                  command="python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                   sample_precision=precisions[-1], impls=list(args.impls),
                   peak_tflops={p: v for p, (v, _) in peaks.items()})
     print(f"{header['device']} | {header['versions']} | {args.model} {args.input_size}x{args.input_size} "

@@ -1,7 +1,7 @@
-"""How long evaluate.py takes and how much memory it needs (`python benchmarks/bench_eval.py`).
+"""How long evaluate.py takes and how much memory it needs (`python -m benchmarks.bench_eval`).
 
-    python benchmarks/bench_eval.py                                  # 1,000 images at 32 and 256 px + 50k stats
-    python benchmarks/bench_eval.py --sizes 256 --num-images 5000 --device cuda --record
+    python -m benchmarks.bench_eval                                  # 1,000 images at 32 and 256 px + 50k stats
+    python -m benchmarks.bench_eval --sizes 256 --num-images 5000 --device cuda --record
 
 1. For each --sizes S: --num-images random uint8 images of S x S in an .npz, scored as `evaluate.py SAMPLES
    REF` scores them (evaluation.evaluate) with REF = the same file (so Inception runs over 2 x N images), in a fresh process: wall seconds,
@@ -27,11 +27,11 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as a script from anywhere: import the repository's modules
 
-from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
+from benchmarks.records import device_name, git_commit, record, versions
 
 
 def peak_rss_mib():
@@ -40,8 +40,8 @@ def peak_rss_mib():
 
 
 def child_eval(args):
-    """In a fresh process: what evaluate.py does (evaluation.Evaluator), the .npz against itself."""
-    import evaluation
+    """In a fresh process: what evaluate.py does (ditlab.evaluation.Evaluator), the .npz against itself."""
+    from ditlab import evaluation
 
     start_rss, t0 = peak_rss_mib(), time.time()
     metrics = evaluation.evaluate(args.npz, args.npz, inception_weights=args.weights, batch_size=args.batch_size,
@@ -52,7 +52,7 @@ def child_eval(args):
 
 def child_stats(args):
     """In a fresh process: the metrics from synthetic features of ADM's sizes."""
-    import evaluation
+    from ditlab import evaluation
 
     start_rss = peak_rss_mib()
     rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def main(argv=None):
     if args.child == "stats":
         return child_stats(args)
 
-    from evaluation import INCEPTION_URL, write_random_inception_weights
+    from ditlab.features import INCEPTION_URL
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
@@ -119,7 +119,7 @@ def main(argv=None):
         print(rows[-1], flush=True)
     header = (f"### evaluate.py: time and memory ({time.strftime('%Y-%m-%d')}, {device_name(device)})\n\n"
               f"{versions()}, commit {git_commit()}; Inception weights: {label}; batch {args.batch_size}; command: "
-              f"`python benchmarks/bench_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}`. Peak memory "
+              f"`python -m benchmarks.bench_eval {' '.join(argv if argv is not None else sys.argv[1:])}`. Peak memory "
               f"is the peak resident set of a fresh process (torch itself takes about 0.4 GiB).\n\n"
               f"| what | wall time | Inception throughput | peak memory |\n|---|---:|---:|---:|\n")
     section = header + "\n".join(rows) + "\n\n"
@@ -130,3 +130,26 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+
+def write_random_inception_weights(path, seed=0):
+    """torch-fidelity's InceptionV3 layout with random weights (He-initialised convolutions, so activations
+    keep a usable scale through its 40 layers), saved as a plain state dict: for tests and benchmarks on
+    machines without the real weights. Same network and cost; its scores mean nothing."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            torch.random.fork_rng():
+        net = tfi.FeatureExtractorInceptionV3("random-inception", ["2048"])
+        torch.manual_seed(seed)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.normal_(net.fc.weight, std=0.05)
+        nn.init.normal_(net.fc.bias, std=1.0)
+    torch.save(net.state_dict(), path)
+    return path

@@ -20,9 +20,9 @@ Without a GPU it runs the same parts with tiny shapes on the CPU (about a minute
 found, records nothing unless --record is given, and exits 0 unless a part broke: a dry run that keeps
 the check from rotting.
 
-    python benchmarks/gpu_check.py                       # = make gpu-check
-    python3 benchmarks/gpu_check.py --wheels .whl        # on a machine without diffusers: install carried wheels
-    python benchmarks/gpu_check.py --only toy xl-sample  # some parts only
+    python -m benchmarks.gpu_check                       # = make gpu-check
+    python3 -m benchmarks.gpu_check --wheels .whl        # on a machine without diffusers: install carried wheels
+    python -m benchmarks.gpu_check --only toy xl-sample  # some parts only
 
 The exit code is 1 when a part failed to run (crash, timeout, missing output); missing a speed target is
 reported as `fail` in the verdicts but is a measurement, not a breakage, and leaves the exit code 0.
@@ -43,12 +43,10 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.records import device_name, git_commit, record, versions  # noqa: E402
+from benchmarks.records import device_name, git_commit, record, versions
 
 PARTS = ("tests", "train", "xl-train", "xl-sample", "toy")
 
@@ -202,7 +200,7 @@ class Budget(dict):
 
 def bench_cmd(gpu, json_path, part):
     """benchmarks/bench.py for one part, at full size on a GPU and tiny on a CPU."""
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), "--record", "", "--json", json_path]
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--record", "", "--json", json_path]
     if gpu:
         size = ["--model", "DiT-XL/2", "--image-size", "256", "--batch-size", "32"]
         if part == "xl-train":
@@ -478,7 +476,7 @@ def report(c, args, argv, note, start):
     header = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                   device=device_name(torch.device("cuda" if c.gpu else "cpu")), versions=seen or versions(),
                   commit=git_commit(), gpu=c.gpu, wall_s=time.perf_counter() - start, note=note,
-                  command="python benchmarks/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+                  command="python -m benchmarks.gpu_check " + shlex.join(argv if argv is not None else sys.argv[1:]))
     text = section(header, c.verdicts, c.parts, c.results)
     print("\n" + ("" if c.gpu else "No GPU found: this was the CPU dry run; the GPU figures are still open.\n") + text)
     print("\n".join(f"{verdict:>6}  {name}: {figures}" for name, verdict, figures in c.verdicts))

@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-from train_utils import atomic_write
+from ditlab.files import atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- new results go below this line, newest first -->"

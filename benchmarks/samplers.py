@@ -5,12 +5,12 @@ and the wall time per image: on a toy run (every sampled value is an error) and 
 
     python train_toy.py --preset cpu --results-dir results/toy-runs                 # a toy run (3-4 minutes)
     python train.py --demo --max-steps 6000                                         # a digits run (optional)
-    python benchmarks/samplers.py --toy-ckpt results/toy-runs/000-DiT-XS-1-layer-norm \
+    python -m benchmarks.samplers --toy-ckpt results/toy-runs/000-DiT-XS-1-layer-norm \
         --digits-ckpt results/000-DiT-S-4-layer-norm --data-path data/digits
 
 Toy: RMS error of 100 samples (400 pixels x 2 channels, the toy study's evaluation, clip_denoised as there),
 for several noise seeds; DDPM also draws its step noise from the seed. Digits: --per-class images per class
-with guidance (--cfg-scale), scored with evaluation.py's digits route against the real digits (--data-path):
+with guidance (--cfg-scale), scored with ditlab/evaluation.py's digits route against the real digits (--data-path):
 FD-digits (ADM's Frechet distance in the 128-d features of the cached digits classifier), precision and
 recall (ADM's k = 3 manifolds in the same features) and the classifier's accuracy on the intended labels.
 Real digits, as many per class from each seed, are scored the same way: the floor a perfect model reaches
@@ -32,24 +32,23 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from cli import COUNT, INDEX, NON_NEGATIVE  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from download import load_model  # noqa: E402
-from evaluation import DIGITS_CLASSIFIER, Evaluator, digits_data  # noqa: E402
-from sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images, to_rgb, to_uint8  # noqa: E402
-from toy import sample_error  # noqa: E402
+from diffusion import create_diffusion
+from ditlab.checkpoints import load_model
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
+from ditlab.evaluation import Evaluator
+from ditlab.features import DIGITS_CLASSIFIER, digits_data
+from ditlab.sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images, to_rgb, to_uint8
+from ditlab.toy.task import sample_error
 
 TOY_STEPS = (5, 10, 15, 20, 25, 50, 100, 250, 500, 1000)
 DIGITS_STEPS = (5, 10, 25, 50, 100, 250)
 # What is compared: the samplers as the flags give them, and DPM-Solver++ on the diffusion's own respaced
 # timesteps (999 ... 0, like ddpm / ddim) instead of diffusers' linspace spacing (999 ... about 1000 / N).
-VARIANTS = {**{s: (s, "linspace") for s in SAMPLERS}, "dpm-solver++/respaced": ("dpm-solver++", "respaced")}
+SAMPLER_VARIANTS = {**{s: (s, "linspace") for s in SAMPLERS}, "dpm-solver++/respaced": ("dpm-solver++", "respaced")}
 
 
 def parse_args(argv=None):
@@ -58,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--digits-ckpt", default=None, help="a train.py digits demo run directory (optional)")
     p.add_argument("--data-path", default="data/digits", help="the real digits (ImageFolder), the digits reference")
     p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
-                   help="the cached digits classifier (evaluation.py; trained once, in seconds, when missing)")
-    p.add_argument("--samplers", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+                   help="the cached digits classifier (ditlab/evaluation.py; trained once, in seconds, when missing)")
+    p.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS))
     p.add_argument("--toy-steps", type=COUNT, nargs="+", default=list(TOY_STEPS))
     p.add_argument("--digits-steps", type=COUNT, nargs="+", default=list(DIGITS_STEPS))
     p.add_argument("--toy-seeds", type=INDEX, nargs="+", default=[0, 1, 2])
@@ -76,7 +75,7 @@ def parse_args(argv=None):
 
 
 def usable_steps(variant, steps):
-    sampler, spacing = VARIANTS[variant]
+    sampler, spacing = SAMPLER_VARIANTS[variant]
     return [s for s in steps if sampler not in SOLVERS or spacing == "respaced" or s < 1000]  # linspace repeats t
 
 
@@ -91,7 +90,7 @@ def toy_rows(model, args):
     shape = (args.num_samples, model.in_channels, model.input_size, model.input_size)
     y = torch.zeros(args.num_samples, dtype=torch.long)
     for variant in args.samplers:
-        sampler, spacing = VARIANTS[variant]
+        sampler, spacing = SAMPLER_VARIANTS[variant]
         for steps in usable_steps(variant, args.toy_steps):
             diffusion = create_diffusion(str(steps))
             for seed in args.toy_seeds:
@@ -117,7 +116,7 @@ DIGITS_METRICS = ("fd_digits", "precision", "recall", "accuracy")
 
 
 def digits_evaluator(args):
-    """evaluation.py's digits route with the real digits (--data-path) as reference, built once: the
+    """ditlab/evaluation.py's digits route with the real digits (--data-path) as reference, built once: the
     reference's features and statistics are computed here, not per sampler."""
     return Evaluator(args.data_path, features="digits", digits_classifier=args.digits_classifier, device="cpu",
                      progress=False)
@@ -132,7 +131,7 @@ def score_digits(evaluator, x, y):
 
 def real_digits_rows(evaluator, args):
     """Real digits scored like the samples: per seed, --per-class digits of every class drawn without
-    replacement (evaluation.digits_data, the demo's 16 x 16 crops): the metrics' floor at this count."""
+    replacement (features.digits_data, the demo's 16 x 16 crops): the metrics' floor at this count."""
     images, labels = digits_data()
     rows = []
     for seed in args.digits_seeds:
@@ -150,7 +149,7 @@ def digits_rows(model, evaluator, args):
     y = torch.arange(model.num_classes).repeat_interleave(args.per_class)
     rows = []
     for variant in args.samplers:
-        sampler, spacing = VARIANTS[variant]
+        sampler, spacing = SAMPLER_VARIANTS[variant]
         for steps in usable_steps(variant, args.digits_steps):
             diffusion = create_diffusion(str(steps))
             for seed in args.digits_seeds:
@@ -182,7 +181,7 @@ def digits_grid(model, args, path):
     y = torch.arange(model.num_classes)
     fig, axes = plt.subplots(len(GRID_ROWS), 1, figsize=(model.num_classes * 0.8, len(GRID_ROWS) * 0.95))
     for ax, (variant, steps) in zip(axes, GRID_ROWS):
-        sampler, spacing = VARIANTS[variant]
+        sampler, spacing = SAMPLER_VARIANTS[variant]
         x = sample_images(model, create_diffusion(str(steps)), y, image_generators(0, range(len(y))), args.cfg_scale,
                           sampler=sampler, clip_denoised=True, spacing=spacing)
         row = torch.cat(list((x.clamp(-1, 1).mean(1) + 1) / 2), dim=1)  # the images side by side, grayscale
@@ -292,7 +291,7 @@ def record(args, results, path):
     import diffusers
 
     lines = [f"# Samplers: quality against steps ({time.strftime('%Y-%m-%d')})", "",
-             f"Command: `python benchmarks/samplers.py {' '.join(sys.argv[1:])}`  ",
+             f"Command: `python -m benchmarks.samplers {' '.join(sys.argv[1:])}`  ",
              f"Commit {commit.strip()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
              f"{platform.processor() or platform.machine()}, {args.threads} thread(s).", ""]
     if "toy" in results:

@@ -172,7 +172,7 @@ def _progress(iterable, enabled):
         return iterable
     from tqdm.auto import tqdm  # lazy: only needed when progress is requested
 
-    return tqdm(iterable)
+    return tqdm(iterable, desc="sampling")
 
 
 def _nonzero_mask(t, x):
@@ -398,15 +398,18 @@ class GaussianDiffusion:
 
     # -- ancestral (DDPM) sampling -----------------------------------------
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                 step_noise=None):
         """Draw x_{t-1} from the model. No noise is added at t == 0.
 
+        step_noise (an addition to the reference's signature): a function x -> this step's noise, shaped
+        like x; None draws it from the global RNG (th.randn_like(x)), as the reference does.
         :return: dict with 'sample' and 'pred_xstart'.
         """
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = th.randn_like(x)
+        noise = th.randn_like(x) if step_noise is None else step_noise(x)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
@@ -423,8 +426,9 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
+        step_noise=None,
     ):
-        """Generate samples of the given shape; returns the final x_0 batch."""
+        """Generate samples of the given shape; returns the final x_0 batch. step_noise: see p_sample."""
         final = None
         for final in self.p_sample_loop_progressive(
             model,
@@ -436,6 +440,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
+            step_noise=step_noise,
         ):
             pass
         return final["sample"]
@@ -451,6 +456,7 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
+        step_noise=None,
     ):
         """Like p_sample_loop, but yield each step's p_sample dict (T down to 0)."""
         if device is None:
@@ -468,6 +474,7 @@ class GaussianDiffusion:
                     denoised_fn=denoised_fn,
                     cond_fn=cond_fn,
                     model_kwargs=model_kwargs,
+                    step_noise=step_noise,
                 )
             yield out
             img = out["sample"]

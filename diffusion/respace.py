@@ -119,7 +119,7 @@ class SpacedDiffusion(GaussianDiffusion):
             raise ValueError(f"timesteps out of range [0, {self.original_num_steps}): {sorted(bad)}")
 
         base = GaussianDiffusion(**kwargs)
-        # The full process's betas (float64): what the ODE solvers of sampling.py are configured from.
+        # The full process's betas (float64): what the ODE solvers of ditlab/sampling.py are configured from.
         self.original_betas = base.betas
         # Choose betas so that the new process's alphas_cumprod equal the
         # original ones at the kept steps: beta_i = 1 - acp_i / acp_prev_kept.

@@ -7,16 +7,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def digits_classifier(tmp_path_factory):
-    import evaluation
+    from ditlab.features import load_digits_classifier
 
     path = str(tmp_path_factory.mktemp("digits-classifier") / "digits_classifier.pt")
-    evaluation.load_digits_classifier(path)  # trains (about 10 s) and caches
+    load_digits_classifier(path)  # trains (about 10 s) and caches
     return path
 
 
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory):
-    """A randomly initialised InceptionV3 state dict file (evaluation.write_random_inception_weights)."""
-    import evaluation
+    """A randomly initialised InceptionV3 state dict file (benchmarks.bench_eval.write_random_inception_weights)."""
+    from benchmarks.bench_eval import write_random_inception_weights
 
-    return evaluation.write_random_inception_weights(str(tmp_path_factory.mktemp("inception") / "random-inception.pth"))
+    return write_random_inception_weights(str(tmp_path_factory.mktemp("inception") / "random-inception.pth"))

@@ -7,8 +7,8 @@ import os
 import pytest
 
 import ablation
-import toy
 import train_toy
+from ditlab.toy.readers import final_loss, load_config, load_metrics
 
 TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--num-eval-samples",
         "4", "--sampling-steps", "10", "--log-every", "2", "--threads", "1", "--preset", "cpu", "--steps", "4",
@@ -19,12 +19,12 @@ def test_toy_table_summary_and_plot(tmp_path):
     runs = [train_toy.main([*TINY, "--results-dir", str(tmp_path / "runs"), "--normalization", n]) for n in ("layer-norm", "dyt")]
     table = ablation.toy_table(runs)
     for run in runs:
-        norm = toy.load_config(run)["normalization"]
-        last = [r for r in toy.load_metrics(run) if r["step"] == 4]
+        norm = load_config(run)["normalization"]
+        last = [r for r in load_metrics(run) if r["step"] == 4]
         ema = next(r for r in last if r["weights"] == "ema")
         assert table[norm]["step"] == 4 and table[norm]["seeds"] == 1
         assert table[norm]["ema_rms"]["mean"] == pytest.approx(ema["rms"])
-        assert table[norm]["final_loss"] == pytest.approx(toy.final_loss(run))
+        assert table[norm]["final_loss"] == pytest.approx(final_loss(run))
     ablation.plot_toy(runs, str(tmp_path / "toy.png"))
     assert os.path.getsize(tmp_path / "toy.png") > 1000
     args = argparse.Namespace(variants=["layer-norm", "dyt"], seeds=[0], digits_steps=0)

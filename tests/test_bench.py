@@ -3,7 +3,6 @@ paper's Gflops, the peer wrapper, settings, the interleaving, the record file an
 run. No timing is asserted: speed claims live in docs/benchmarks.md."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Tests for cli.py: every script refuses a nonsense numeric flag at parse time, naming the flag and the
+"""Tests for ditlab/cli.py: every script refuses a nonsense numeric flag at parse time, naming the flag and the
 allowed range, before any work starts."""
 
 import argparse
@@ -15,7 +15,7 @@ import toy_study
 import train
 import train_toy
 from benchmarks import bench
-from cli import at_least, number
+from ditlab.cli import at_least, number
 
 
 def test_at_least():

@@ -1,4 +1,4 @@
-"""Tests for diffusers_dit.py and export_diffusers.py: the round trip ours -> diffusers -> ours, DiTPipeline
+"""Tests for ditlab/diffusers_interop.py and export_diffusers.py: the round trip ours -> diffusers -> ours, DiTPipeline
 running an export (and matching our DPM-Solver++ sampler), the Hub layout, hf:REPO, and the errors. Tiny
 models and a tiny local AutoencoderKL, no network."""
 
@@ -11,16 +11,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_sample import TINY, one_thread, random_model, same_weights  # noqa: F401 (one_thread: autouse fixture)
 
 import analyze_embeddings
-import diffusers_dit
-import download
 import export_diffusers
 import sample
 import sample_ddp
-import sampling
 from diffusion import create_diffusion
-from test_sample import TINY, one_thread, random_model, same_weights  # noqa: F401 (one_thread: autouse fixture)
+from ditlab import checkpoints, diffusers_interop, sampling
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,7 @@ def test_round_trip_is_bitwise(tmp_path, vae_dir, class_dropout_prob, capsys):
     diffs = dict(re.findall(r"exported vs ours \((.*?) \(.*?max \|diff\| (\S+) ", capsys.readouterr().err))
     assert float(diffs["make_exact"]) < 1e-6 < float(diffs["as exported"]) <= float(diffs["diffusers defaults"])
     assert set(os.listdir(folder)) >= {"transformer", "scheduler", "vae", "model_index.json", "dit_config.json"}
-    model, loaded = download.load_model(folder)
+    model, loaded = checkpoints.load_model(folder)
     assert same_weights(model, ema) and model.state_dict().keys() == ema.state_dict().keys()
     assert {k: loaded[k] for k in config if k != "vae"} == {k: config[k] for k in config if k != "vae"}
     assert loaded["vae"] == os.path.join(os.path.abspath(folder), "vae")
@@ -71,9 +69,9 @@ def test_round_trip_is_bitwise(tmp_path, vae_dir, class_dropout_prob, capsys):
     assert torch.equal(sd["transformer_blocks.0.attn1.to_k.weight"], ema.blocks[0].attn.qkv.weight[32:64])
     # Raw weights: exported on request, and the folder then refuses to pass them off as EMA.
     raw_folder = export(tmp_path, path, "--weights", "raw", "--no-check", out="raw")
-    assert same_weights(download.load_model(raw_folder, weights="raw")[0], raw)
+    assert same_weights(checkpoints.load_model(raw_folder, weights="raw")[0], raw)
     with pytest.raises(ValueError, match="holds the raw weights only"):
-        download.load_model(raw_folder)
+        checkpoints.load_model(raw_folder)
 
 
 def test_exported_pipeline_runs_and_matches_our_sampler(tmp_path, vae_dir):
@@ -91,7 +89,7 @@ def test_exported_pipeline_runs_and_matches_our_sampler(tmp_path, vae_dir):
     labels, steps = [3, 999], 6
     plain = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=steps,
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
-    diffusers_dit.make_exact(pipe.transformer)
+    diffusers_interop.make_exact(pipe.transformer)
     exact = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=steps,
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -125,7 +123,7 @@ def hub_layout(folder):
 def test_hub_layout_and_hf_prefix(tmp_path, vae_dir, monkeypatch):
     path, config, _, ema = latent_checkpoint(tmp_path, vae_dir)
     folder = hub_layout(export(tmp_path, path, "--no-check"))
-    model, loaded = download.load_model(folder)
+    model, loaded = checkpoints.load_model(folder)
     assert same_weights(model, ema)
     assert loaded["model"] == "DiT-XL/2" and loaded["image_size"] == 16 and loaded["latent_scale"] == 0.5  # patch 2
     assert loaded["depth"] == 1 and loaded["hidden_size"] == 32 and loaded["num_classes"] == 10
@@ -171,7 +169,7 @@ def test_bin_weights_are_never_unpickled(tmp_path, vae_dir):
     weights = os.path.join(folder, "transformer", "diffusion_pytorch_model.bin")
     torch.save({"pos_embed.proj.weight": torch.zeros(1), "evil": RunsCode()}, weights)
     with pytest.raises(ValueError, match="refusing to load"):
-        download.load_model(folder)
+        checkpoints.load_model(folder)
     assert not marker.exists()
 
 
@@ -191,17 +189,17 @@ def test_clear_errors(tmp_path, vae_dir, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="neither a run directory .* nor a diffusers DiT folder"):
-        download.load_model(str(empty))
+        checkpoints.load_model(str(empty))
     with pytest.raises(SystemExit, match="nor a diffusers DiT folder"):
         sample.main(["--ckpt", str(empty), "--out", str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match="diffusers AutoencoderKL .*not a DiT"):
-        download.load_model(vae_dir)
+        checkpoints.load_model(vae_dir)
     sd_pipe = tmp_path / "sd"
     sd_pipe.mkdir()
     json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]},
               open(sd_pipe / "model_index.json", "w"))
     with pytest.raises(ValueError, match="StableDiffusionPipeline folder, not a DiT"):
-        download.load_model(str(sd_pipe))
+        checkpoints.load_model(str(sd_pipe))
 
 
 def test_different_per_block_embedders_are_refused(tmp_path, vae_dir):
@@ -216,17 +214,17 @@ def test_different_per_block_embedders_are_refused(tmp_path, vae_dir):
     sd["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1e-3
     save_file(sd, weights)
     with pytest.raises(ValueError, match="different norm1.emb.timestep_embedder.linear_1.bias"):
-        download.load_model(folder)
+        checkpoints.load_model(folder)
 
 
 def test_failed_official_download_points_to_the_hub_copy(tmp_path, monkeypatch):
     def offline(url, f, chunk_size=0):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(download, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
-    monkeypatch.setattr(download, "_copy_url", offline)
+    monkeypatch.setattr(checkpoints, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    monkeypatch.setattr(checkpoints, "_copy_url", offline)
     with pytest.raises(RuntimeError, match="--ckpt hf:facebook/DiT-XL-2-512"):
-        download.find_model("DiT-XL-2-512x512.pt")
+        checkpoints.find_model("DiT-XL-2-512x512.pt")
 
 
 def test_hub_vae_that_cannot_be_loaded_is_named(tmp_path, vae_dir, monkeypatch, capsys):
@@ -236,9 +234,9 @@ def test_hub_vae_that_cannot_be_loaded_is_named(tmp_path, vae_dir, monkeypatch, 
     def offline(vae, device):
         raise SystemExit("could not load the VAE")
 
-    monkeypatch.setattr(diffusers_dit, "load_vae", offline)
+    monkeypatch.setattr(diffusers_interop, "load_vae", offline)
     folder = export(tmp_path, path, "--no-check")
     assert "vae=AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema')" in capsys.readouterr().err
     assert "vae" not in os.listdir(folder)
-    model, config = download.load_model(folder)
+    model, config = checkpoints.load_model(folder)
     assert same_weights(model, ema) and config["vae"] == "ema"

@@ -18,7 +18,6 @@ from diffusion.diffusion_utils import (
 from diffusion.respace import SpacedDiffusion, space_timesteps
 from diffusion.timestep_sampler import UniformSampler, create_named_schedule_sampler
 
-
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------

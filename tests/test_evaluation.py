@@ -1,4 +1,4 @@
-"""Tests for evaluation.py and evaluate.py: every metric against an independent computation (closed
+"""Tests for ditlab/evaluation.py and evaluate.py: every metric against an independent computation (closed
 forms, brute-force numpy of ADM's formulas), the Inception route end to end with random weights written
 here, the digits route, the readers and every bad input."""
 
@@ -9,13 +9,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import evaluate
-import evaluation
-from evaluation import EvaluationError
 from test_sample import one_thread  # noqa: F401 (autouse: tiny networks run on one thread)
 
-
+import evaluate
+from ditlab.evaluation import (
+    Evaluator,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    open_images,
+    precision_recall,
+    squared_distances,
+)
+from ditlab.features import (
+    EvaluationError,
+    InceptionFeatures,
+    digits_data,
+    digits_rgb,
+    load_digits_classifier,
+    train_digits_classifier,
+)
 
 
 def spd(rng, d):
@@ -39,22 +52,22 @@ def test_frechet_distance_of_gaussians_in_closed_form():
     mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
     a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert evaluation.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # General covariances: tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), by eigendecompositions.
     s1, s2 = spd(rng, 8), spd(rng, 8)
     mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
     r = sqrt_psd(s1)
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_psd(r @ s2 @ r))
-    assert evaluation.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
-    assert abs(evaluation.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9
     # A singular covariance still gives a finite distance (ADM's eps retry).
     v = rng.standard_normal((8, 1))
-    assert np.isfinite(evaluation.frechet_distance(mu1, v @ v.T, mu2, np.zeros((8, 8))))
+    assert np.isfinite(frechet_distance(mu1, v @ v.T, mu2, np.zeros((8, 8))))
 
 
 def test_feature_stats_are_numpy_mean_and_cov():
     acts = np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32)
-    mu, sigma = evaluation.feature_stats(acts)
+    mu, sigma = feature_stats(acts)
     np.testing.assert_allclose(mu, acts.astype(np.float64).mean(0), rtol=1e-12)
     centred = acts.astype(np.float64) - acts.mean(0, dtype=np.float64)
     np.testing.assert_allclose(sigma, centred.T @ centred / 49, rtol=1e-10)
@@ -75,10 +88,10 @@ def numpy_inception_score(logits, split):
 
 def test_inception_score_matches_brute_force_numpy():
     logits = np.random.default_rng(2).standard_normal((23, 7)) * 3
-    assert evaluation.inception_score(logits, split_size=10) == pytest.approx(numpy_inception_score(logits, 10), rel=1e-10)
+    assert inception_score(logits, split_size=10) == pytest.approx(numpy_inception_score(logits, 10), rel=1e-10)
     # Limits: identical predictions score 1; confident predictions spread evenly over K classes score ~K.
-    assert evaluation.inception_score(np.zeros((10, 5))) == pytest.approx(1.0)
-    assert evaluation.inception_score(np.eye(5)[np.arange(50) % 5] * 60.0) == pytest.approx(5.0, rel=1e-6)
+    assert inception_score(np.zeros((10, 5))) == pytest.approx(1.0)
+    assert inception_score(np.eye(5)[np.arange(50) % 5] * 60.0) == pytest.approx(5.0, rel=1e-6)
 
 
 def brute_force_pr(ref, smp, k=3):
@@ -103,19 +116,19 @@ def test_precision_recall_match_brute_force_numpy():
     expected = brute_force_pr(ref.astype(np.float64), smp.astype(np.float64))
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
     for block in (10_000, 7):  # one block, and many blocks of uneven size
-        got = evaluation.precision_recall(ref, smp, block=block, dtype=torch.float32)
+        got = precision_recall(ref, smp, block=block, dtype=torch.float32)
         assert got == pytest.approx(expected, abs=1e-12)
     # ADM's float16 distances: within a point or two of the exact answer.
-    p16, r16 = evaluation.precision_recall(ref, smp)
+    p16, r16 = precision_recall(ref, smp)
     assert abs(p16 - expected[0]) <= 2 / 30 and abs(r16 - expected[1]) <= 2 / 40
     # The same set: every point lies within its own radius.
-    assert evaluation.precision_recall(ref, ref, dtype=torch.float32) == (1.0, 1.0)
+    assert precision_recall(ref, ref, dtype=torch.float32) == (1.0, 1.0)
 
 
 def test_squared_distances_fall_back_to_float32_on_overflow():
     rng = np.random.default_rng(4)
     u, v = torch.from_numpy(rng.standard_normal((5, 64)) * 100).float(), torch.from_numpy(rng.standard_normal((6, 64)) * 100).float()
-    d = evaluation.squared_distances(u, v)  # |u|^2 ~ 6e5 > float16's 65504
+    d = squared_distances(u, v)  # |u|^2 ~ 6e5 > float16's 65504
     assert torch.isfinite(d).all()
     expected = ((u[:, None, :].double() - v[None, :, :].double()) ** 2).sum(-1)
     torch.testing.assert_close(d.double(), expected, rtol=1e-4, atol=1e-2)
@@ -133,7 +146,7 @@ def test_npz_reader_streams_batches_equal_to_np_load(tmp_path):
     for compressed in (False, True):
         path = str(tmp_path / f"s{compressed}.npz")
         (np.savez_compressed if compressed else np.savez)(path, images, labels)
-        source = evaluation.open_images(path)
+        source = open_images(path)
         assert source.num == 10
         np.testing.assert_array_equal(source.labels, labels)
         for b in (1, 3, 100):
@@ -144,7 +157,7 @@ def test_float_images_in_range_are_rounded(tmp_path):
     images = np.random.default_rng(6).uniform(0, 255, (4, 3, 3, 3))
     path = str(tmp_path / "f.npz")
     np.savez(path, images)
-    (batch,) = evaluation.open_images(path).batches(10)
+    (batch,) = open_images(path).batches(10)
     np.testing.assert_array_equal(batch, np.round(images).astype(np.uint8))
 
 
@@ -156,15 +169,15 @@ def test_folder_reader_is_recursive_sorted_and_crops_on_request(tmp_path):
         arrays[name] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(arrays[name]).save(tmp_path / name, quality=100)
     (tmp_path / "notes.txt").write_text("not an image")
-    source = evaluation.open_images(str(tmp_path))
+    source = open_images(str(tmp_path))
     assert [os.path.relpath(f, tmp_path) for f in source.files] == ["a/0.png", "a/1.jpg", "b/2.png", "c.png"]
     batch = np.concatenate(list(source.batches(3)))
     np.testing.assert_array_equal(batch[0], arrays["a/0.png"])
     np.testing.assert_array_equal(batch[3], arrays["c.png"])
     Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "d.png")
     with pytest.raises(EvaluationError, match="--image-size"):
-        list(evaluation.open_images(str(tmp_path)).batches(10))
-    cropped = np.concatenate(list(evaluation.open_images(str(tmp_path), image_size=4).batches(10)))
+        list(open_images(str(tmp_path)).batches(10))
+    cropped = np.concatenate(list(open_images(str(tmp_path), image_size=4).batches(10)))
     assert cropped.shape == (5, 4, 4, 3)
 
 
@@ -189,24 +202,24 @@ BAD_ARRAYS = [
 def test_bad_arrays_are_clear_errors(tmp_path, array, message):
     path = save_npz(tmp_path, "bad.npz", array)
     with pytest.raises(EvaluationError, match=message) as e:
-        source = evaluation.open_images(path)
+        source = open_images(path)
         list(source.batches(2))
     assert "bad.npz" in str(e.value)
 
 
 def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(EvaluationError, match="no such file"):
-        evaluation.open_images(str(tmp_path / "missing.npz"))
+        open_images(str(tmp_path / "missing.npz"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvaluationError, match="no .png"):
-        evaluation.open_images(str(tmp_path / "empty"))
+        open_images(str(tmp_path / "empty"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(EvaluationError, match="not a readable .npz"):
-        evaluation.open_images(str(tmp_path / "junk.npz"))
+        open_images(str(tmp_path / "junk.npz"))
     with pytest.raises(EvaluationError, match="no 'arr_0'"):
-        evaluation.open_images(save_npz(tmp_path, "named.npz", images=np.zeros((2, 4, 4, 3), np.uint8)))
+        open_images(save_npz(tmp_path, "named.npz", images=np.zeros((2, 4, 4, 3), np.uint8)))
     with pytest.raises(EvaluationError, match="Python objects"):
-        evaluation.open_images(save_npz(tmp_path, "obj.npz", np.array([{"a": 1}, None], dtype=object)))
+        open_images(save_npz(tmp_path, "obj.npz", np.array([{"a": 1}, None], dtype=object)))
     truncated = save_npz(tmp_path, "t.npz", np.zeros((6, 4, 4, 3), np.uint8))
     import zipfile
     with zipfile.ZipFile(truncated) as z:
@@ -214,7 +227,7 @@ def test_bad_files_are_clear_errors(tmp_path):
     with zipfile.ZipFile(truncated, "w") as z:
         z.writestr("arr_0.npy", raw[:-20])
     with pytest.raises(EvaluationError, match="truncated"):
-        list(evaluation.open_images(truncated).batches(2))
+        list(open_images(truncated).batches(2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +248,7 @@ def inception_evaluator(random_inception_weights, images_npz):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        yield evaluation.Evaluator(images_npz, inception_weights=random_inception_weights, batch_size=4, device="cpu",
+        yield Evaluator(images_npz, inception_weights=random_inception_weights, batch_size=4, device="cpu",
                                    progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -249,7 +262,7 @@ def test_inception_features_shapes_layer_and_layout(inception_evaluator):
     net = inception_evaluator.net.net
     seen = {}
     handle = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
-    x = torch.from_numpy(np.array(next(evaluation.open_images(inception_evaluator.ref.path).batches(2))))
+    x = torch.from_numpy(np.array(next(open_images(inception_evaluator.ref.path).batches(2))))
     x = x.permute(0, 3, 1, 2)
     out = inception_evaluator.net(x)
     handle.remove()
@@ -293,15 +306,15 @@ def test_inception_cli_fid_of_a_set_with_itself_is_zero_and_stats_in_adm_layout(
 def test_inception_weights_must_be_a_plain_state_dict(tmp_path, random_inception_weights):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled module: refused, never executed
     with pytest.raises(EvaluationError, match="refusing to load"):
-        evaluation.InceptionFeatures(str(tmp_path / "module.pt"))
+        InceptionFeatures(str(tmp_path / "module.pt"))
     torch.save({"a": 1}, tmp_path / "plain.pt")
     with pytest.raises(EvaluationError, match="not a plain state dict"):
-        evaluation.InceptionFeatures(str(tmp_path / "plain.pt"))
+        InceptionFeatures(str(tmp_path / "plain.pt"))
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
     with pytest.raises(EvaluationError, match="not an InceptionV3 state dict"):
-        evaluation.InceptionFeatures(str(tmp_path / "linear.pt"))
+        InceptionFeatures(str(tmp_path / "linear.pt"))
     with pytest.raises(EvaluationError, match="no checkpoint"):
-        evaluation.InceptionFeatures(str(tmp_path / "missing.pth"))
+        InceptionFeatures(str(tmp_path / "missing.pth"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,20 +324,20 @@ def test_inception_weights_must_be_a_plain_state_dict(tmp_path, random_inception
 
 def test_digits_classifier_is_accurate_cached_and_deterministic(digits_classifier):
     stored = torch.load(digits_classifier, weights_only=True)
-    images, labels = evaluation.digits_data()
+    images, labels = digits_data()
     test = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))[:360]
-    model = evaluation.load_digits_classifier(digits_classifier)
+    model = load_digits_classifier(digits_classifier)
     with torch.no_grad():
         accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
     assert accuracy >= 0.97 and accuracy == pytest.approx(stored["held_out_accuracy"])
-    a, _ = evaluation.train_digits_classifier(epochs=1)
-    b, _ = evaluation.train_digits_classifier(epochs=1)
+    a, _ = train_digits_classifier(epochs=1)
+    b, _ = train_digits_classifier(epochs=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def digits_npz(tmp_path, name, rng, count=200, noise=False):
     """Real digits (as the demo sees them, 16 x 16 RGB) with their labels, or uniform noise images."""
-    images, labels = evaluation.digits_rgb()
+    images, labels = digits_rgb()
     idx = rng.choice(len(labels), count, replace=False)
     arr = rng.integers(0, 256, images[idx].shape, dtype=np.uint8) if noise else images[idx]
     return save_npz(tmp_path, name, arr, labels[idx])
@@ -350,7 +363,7 @@ def test_reference_statistics_are_used_as_given(tmp_path, digits_classifier):
     rng = np.random.default_rng(10)
     ref, samples = digits_npz(tmp_path, "ref.npz", rng), digits_npz(tmp_path, "samples.npz", rng)
     kwargs = dict(features="digits", digits_classifier=digits_classifier, device="cpu", progress=False)
-    ev = evaluation.Evaluator(ref, **kwargs)
+    ev = Evaluator(ref, **kwargs)
     base = ev(samples)
     with np.load(ev.save_stats(str(tmp_path / "stats.npz"))) as f:
         assert str(f["features"]) == "digits" and f["mu"].shape == (128,)
@@ -360,12 +373,12 @@ def test_reference_statistics_are_used_as_given(tmp_path, digits_classifier):
     shift[:3] = [1.0, -2.0, 0.5]
     shifted = save_npz(tmp_path, "shifted.npz", arrays["arr_0"], mu=arrays["mu"] + shift, sigma=arrays["sigma"],
                        features=arrays["features"])
-    got = evaluation.Evaluator(shifted, **kwargs)(samples)
-    mu_samples = evaluation.feature_stats(evaluation.Evaluator(samples, **kwargs).ref_feats["pool"])[0]
+    got = Evaluator(shifted, **kwargs)(samples)
+    mu_samples = feature_stats(Evaluator(samples, **kwargs).ref_feats["pool"])[0]
     expected = base["fd_digits"] + shift @ shift + 2 * shift @ (arrays["mu"] - mu_samples)
     assert got["reference_stats"] == "given" and got["fd_digits"] == pytest.approx(expected, rel=1e-9)
     assert got["precision"] == base["precision"]  # precision/recall still from the reference's images
     # Inception statistics (no 'features' entry, as in ADM's files) are not digits statistics: computed instead.
     adm_like = save_npz(tmp_path, "adm.npz", arrays["arr_0"], mu=np.zeros(2048), sigma=np.eye(2048),
                         mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    assert evaluation.Evaluator(adm_like, **kwargs)(samples)["reference_stats"] == "computed"
+    assert Evaluator(adm_like, **kwargs)(samples)["reference_stats"] == "computed"

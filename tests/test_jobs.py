@@ -1,4 +1,4 @@
-"""Tests for jobs.py: the parallel job runner of toy_study.py and ablation.py."""
+"""Tests for ditlab/jobs.py: the parallel job runner of toy_study.py and ablation.py."""
 
 import os
 import sys
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from jobs import run_jobs
+from ditlab.jobs import run_jobs
 
 
 def test_runs_all_jobs_with_one_thread_and_a_log_each(tmp_path, capsys):

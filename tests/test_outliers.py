@@ -1,4 +1,4 @@
-"""Tests for outliers.py, analyze_embeddings.py and notebooks/TokenEmbeddingsViz.ipynb.
+"""Tests for ditlab/outliers.py, analyze_embeddings.py and notebooks/TokenEmbeddingsViz.ipynb.
 
 Statistics are checked against direct computations on small hand-made tensors; the capture against an
 independent re-run of the model's own submodules; plots by decoding the PNGs; the command end to end on
@@ -20,8 +20,10 @@ import torch
 from PIL import Image
 
 import analyze_embeddings as ae
-import outliers as O
 from diffusion import create_diffusion
+from ditlab import analysis as A
+from ditlab import outliers as O
+from ditlab.data import center_crop_arr
 from models import build_model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,14 +348,14 @@ def test_latents_from_a_local_vae(runs, tmp_path):
     ckpt = save_run(str(tmp_path / "latent-run"), "layer-norm", in_channels=4, image_size=64, vae=str(tmp_path / "vae"))
     args = ae.parse_args(["--ckpt", ckpt, "--data-path", runs["images"], "--batch-size", "3", "--seed", "1",
                           "--timesteps", "999", "--out", str(tmp_path / "out")])
-    model, config = ae.load_checkpoint(ckpt)
-    x0, classes, described = ae.clean_batch(model, config, args, torch.device("cpu"), {})
-    files = ae.list_images(runs["images"])
+    model, config = A.load_for_analysis(ckpt)
+    x0, classes, described = A.clean_batch(model, config, args, torch.device("cpu"), {})
+    files = A.list_images(runs["images"])
     chosen = sorted(np.random.default_rng(1).permutation(len(files))[:3])
     pixels = []
     for i in chosen:
         with Image.open(files[i][0]) as im:
-            pixels.append(ae.center_crop_arr(im.convert("RGB"), 64))
+            pixels.append(center_crop_arr(im.convert("RGB"), 64))
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         expected = vae.eval().encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(1)) * 0.18215
@@ -366,7 +368,7 @@ def test_latents_from_a_local_vae(runs, tmp_path):
 
 def test_center_crop_arr():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 100, 3), dtype=np.uint8))
-    arr = ae.center_crop_arr(image, 32)  # 100 >= 64: BOX-halved to 50 x 150, then resized to 32 x 96
+    arr = center_crop_arr(image, 32)  # 100 >= 64: BOX-halved to 50 x 150, then resized to 32 x 96
     assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
     box = image.resize((50, 150), resample=Image.BOX).resize((32, 96), resample=Image.BICUBIC)
     assert np.array_equal(arr, np.array(box)[32:64])

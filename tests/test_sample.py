@@ -1,4 +1,4 @@
-"""Tests for download.py, sample.py and sample_ddp.py on tiny checkpoints built here (CPU, no network)."""
+"""Tests for ditlab/checkpoints.py, download.py, sample.py and sample_ddp.py on tiny checkpoints built here (CPU, no network)."""
 
 import argparse
 import io
@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import download
 import sample
 import sample_ddp
-import sampling
 from diffusion import create_diffusion
+from ditlab import checkpoints, sampling
 from models import build_model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,31 +74,31 @@ def ckpt(tmp_path):
 @pytest.mark.parametrize("normalization", NORMS)
 def test_load_model_from_our_checkpoint(tmp_path, normalization):
     path, config, raw, ema = write_checkpoint(tmp_path / "ckpt.pt", normalization)
-    model, loaded = download.load_model(path)
+    model, loaded = checkpoints.load_model(path)
     assert same_weights(model, ema) and not same_weights(model, raw)
     assert model.normalization == normalization and not model.training
     assert loaded["ckpt_step"] == 42 and loaded["model"] == "DiT-S/2"
-    model, _ = download.load_model(path, weights="raw")
+    model, _ = checkpoints.load_model(path, weights="raw")
     assert same_weights(model, raw)
-    state_dict, found = download.find_model(path, weights="raw")
+    state_dict, found = checkpoints.find_model(path, weights="raw")
     assert found["normalization"] == normalization and torch.equal(state_dict["pos_embed"], raw.pos_embed)
 
 
 def test_run_directory_means_latest(tmp_path):
     os.makedirs(tmp_path / "run" / "checkpoints")
     _, _, _, ema = write_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
-    model, _ = download.load_model(str(tmp_path / "run"))
+    model, _ = checkpoints.load_model(str(tmp_path / "run"))
     assert same_weights(model, ema)
 
 
 def test_reference_training_checkpoint_with_namespace(tmp_path):
     """The reference train.py pickles an argparse.Namespace under "args": loaded with weights_only."""
-    config = {**download.official_config(64), "model": "DiT-S/2", "num_classes": 10, **SMALL_XL}
+    config = {**checkpoints.official_config(64), "model": "DiT-S/2", "num_classes": 10, **SMALL_XL}
     model = random_model(config)
     args = argparse.Namespace(model="DiT-S/2", image_size=64, num_classes=10, vae="ema", global_seed=0)
     path = str(tmp_path / "0000100.pt")
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": args}, path)
-    loaded, found = download.load_model(path, **SMALL_XL)
+    loaded, found = checkpoints.load_model(path, **SMALL_XL)
     assert same_weights(loaded, model)
     assert found["input_size"] == 8 and found["vae"] == "ema" and found["num_classes"] == 10
     assert found["normalization"] == "layer-norm"
@@ -127,7 +126,7 @@ def test_refuses_checkpoints_that_pickle_code(tmp_path, payload):
     path = str(tmp_path / "evil.pt")
     torch.save({"model": {"w": torch.ones(1)}, "ema": {"w": torch.ones(1)}, "extra": obj}, path)
     with pytest.raises(ValueError, match="refusing to load"):
-        download.find_model(path)
+        checkpoints.find_model(path)
     with pytest.raises(SystemExit, match="refusing to load"):
         sample.main(["--ckpt", path, "--out", str(tmp_path / "x.png")])
     assert not marker.exists()
@@ -136,30 +135,30 @@ def test_refuses_checkpoints_that_pickle_code(tmp_path, payload):
 def test_errors_name_what_was_expected(tmp_path, ckpt):
     path, config, _, _ = ckpt
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        download.find_model(str(tmp_path / "missing.pt"))
+        checkpoints.find_model(str(tmp_path / "missing.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint" * 50)
     with pytest.raises(ValueError, match="corrupt"):
-        download.find_model(str(garbage))
+        checkpoints.find_model(str(garbage))
     data = open(path, "rb").read()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt, truncated"):
-        download.find_model(str(truncated))
+        checkpoints.find_model(str(truncated))
     # Another architecture: the message names the model it expected.
     with pytest.raises(ValueError, match=r"does not fit the expected model DiT-B/2 .*hidden_size=64"):
-        download.load_model(path, model="DiT-B/2", hidden_size=64)
+        checkpoints.load_model(path, model="DiT-B/2", hidden_size=64)
     with pytest.raises(ValueError, match=r"input_size=16"):
-        download.load_model(path, input_size=16)
+        checkpoints.load_model(path, input_size=16)
     # Another normalization.
     with pytest.raises(ValueError, match="normalization='layer-norm'.*normalization='none'"):
-        download.load_model(path, normalization="none")
+        checkpoints.load_model(path, normalization="none")
     # Not a DiT checkpoint at all, and weights that are not there.
     torch.save({"step": 3}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a DiT checkpoint"):
-        download.find_model(str(tmp_path / "other.pt"))
+        checkpoints.find_model(str(tmp_path / "other.pt"))
     with pytest.raises(ValueError, match="weights must be one of"):
-        download.find_model(path, weights="best")
+        checkpoints.find_model(path, weights="best")
 
 
 def test_bare_state_dict(tmp_path):
@@ -167,15 +166,15 @@ def test_bare_state_dict(tmp_path):
     model = random_model(config)
     path = str(tmp_path / "weights.pt")
     torch.save(model.state_dict(), path)
-    state_dict, found = download.find_model(path)
+    state_dict, found = checkpoints.find_model(path)
     assert found is None
     with pytest.raises(ValueError, match="no config"):
-        download.load_model(path)
+        checkpoints.load_model(path)
     with pytest.raises(ValueError, match="no raw weights"):
-        download.find_model(path, weights="raw")
+        checkpoints.find_model(path, weights="raw")
     overrides = {k: config[k] for k in ("model", "input_size", "in_channels", "num_classes", "depth", "hidden_size",
                                         "num_heads")}
-    loaded, _ = download.load_model(path, **overrides)  # normalization read from the state dict
+    loaded, _ = checkpoints.load_model(path, **overrides)  # normalization read from the state dict
     assert loaded.normalization == "none" and same_weights(loaded, model)
 
 
@@ -187,12 +186,12 @@ def test_load_model_describes_a_bare_pixel_model_and_checks_flags_against_a_conf
     path = str(tmp_path / "pixels.pt")
     torch.save(model.state_dict(), path)
     small = {k: config[k] for k in ("depth", "hidden_size", "num_heads", "num_classes")}
-    loaded, built = download.load_model(path, bare_model=config["model"], image_size=8, vae="none", **small)
+    loaded, built = checkpoints.load_model(path, bare_model=config["model"], image_size=8, vae="none", **small)
     assert same_weights(loaded, model)
     assert (built["model"], built["input_size"], built["in_channels"], built["vae"]) == (config["model"], 8, 3, "none")
     with pytest.raises(ValueError, match="--num-classes 7 conflicts with the checkpoint"):
-        download.load_model(ckpt[0], must_match=("num_classes",), num_classes=7)
-    _, kept = download.load_model(ckpt[0], must_match=("num_classes",), num_classes=ckpt[1]["num_classes"])
+        checkpoints.load_model(ckpt[0], must_match=("num_classes",), num_classes=7)
+    _, kept = checkpoints.load_model(ckpt[0], must_match=("num_classes",), num_classes=ckpt[1]["num_classes"])
     assert kept["num_classes"] == ckpt[1]["num_classes"]
 
 
@@ -207,32 +206,32 @@ def fake_server(tmp_path, monkeypatch):
     directory is a temp dir."""
     server = tmp_path / "server"
     server.mkdir()
-    model = random_model({**download.official_config(256), **SMALL_XL})
+    model = random_model({**checkpoints.official_config(256), **SMALL_XL})
     torch.save(model.state_dict(), server / "DiT-XL-2-256x256.pt")
-    monkeypatch.setattr(download, "PRETRAINED_URL", server.as_uri() + "/")
-    monkeypatch.setattr(download, "PRETRAINED_DIR", str(tmp_path / "pretrained_models"))
+    monkeypatch.setattr(checkpoints, "PRETRAINED_URL", server.as_uri() + "/")
+    monkeypatch.setattr(checkpoints, "PRETRAINED_DIR", str(tmp_path / "pretrained_models"))
     return server, model
 
 
 def test_official_name_downloads_once(fake_server):
     server, model = fake_server
-    state_dict, config = download.find_model("DiT-XL-2-256x256.pt")
+    state_dict, config = checkpoints.find_model("DiT-XL-2-256x256.pt")
     assert config["model"] == "DiT-XL/2" and config["input_size"] == 32 and config["num_classes"] == 1000
     assert config["learn_sigma"] and config["normalization"] == "layer-norm"
-    local = os.path.join(download.PRETRAINED_DIR, "DiT-XL-2-256x256.pt")
+    local = os.path.join(checkpoints.PRETRAINED_DIR, "DiT-XL-2-256x256.pt")
     assert os.path.isfile(local)
     os.unlink(server / "DiT-XL-2-256x256.pt")  # a second call must not download again
-    loaded, _ = download.load_model("DiT-XL-2-256x256.pt", **SMALL_XL)
+    loaded, _ = checkpoints.load_model("DiT-XL-2-256x256.pt", **SMALL_XL)
     assert same_weights(loaded, model)
     # The same file as a local path is recognised as official too.
-    assert download.find_model(local)[1]["image_size"] == 256
+    assert checkpoints.find_model(local)[1]["image_size"] == 256
     with pytest.raises(ValueError, match="EMA weights only"):
-        download.find_model("DiT-XL-2-256x256.pt", weights="raw")
+        checkpoints.find_model("DiT-XL-2-256x256.pt", weights="raw")
     with pytest.raises(ValueError, match=r"normalization='layer-norm'"):
-        download.load_model("DiT-XL-2-256x256.pt", normalization="none", **SMALL_XL)
+        checkpoints.load_model("DiT-XL-2-256x256.pt", normalization="none", **SMALL_XL)
     with pytest.raises(RuntimeError, match="could not download"):  # not on the server
-        download.find_model("DiT-XL-2-512x512.pt")
-    assert not os.path.exists(os.path.join(download.PRETRAINED_DIR, "DiT-XL-2-512x512.pt"))
+        checkpoints.find_model("DiT-XL-2-512x512.pt")
+    assert not os.path.exists(os.path.join(checkpoints.PRETRAINED_DIR, "DiT-XL-2-512x512.pt"))
 
 
 class FailingResponse(io.BytesIO):
@@ -257,8 +256,8 @@ def test_interrupted_download_leaves_no_file(fake_server, monkeypatch, fail):
     monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=None: FailingResponse(data[: len(data) // 3], len(data), fail))
     with pytest.raises(RuntimeError, match="could not download .*nothing was written"):
-        download.find_model("DiT-XL-2-256x256.pt")
-    assert os.listdir(download.PRETRAINED_DIR) == []  # no partial file under any name
+        checkpoints.find_model("DiT-XL-2-256x256.pt")
+    assert os.listdir(checkpoints.PRETRAINED_DIR) == []  # no partial file under any name
 
 
 def test_download_after_interruption_succeeds(fake_server, monkeypatch):
@@ -266,9 +265,9 @@ def test_download_after_interruption_succeeds(fake_server, monkeypatch):
     real = urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FailingResponse(b"xx", 100, True))
     with pytest.raises(RuntimeError):
-        download.find_model("DiT-XL-2-256x256.pt")
+        checkpoints.find_model("DiT-XL-2-256x256.pt")
     monkeypatch.setattr(urllib.request, "urlopen", real)
-    state_dict, _ = download.find_model("DiT-XL-2-256x256.pt")
+    state_dict, _ = checkpoints.find_model("DiT-XL-2-256x256.pt")
     assert torch.equal(state_dict["pos_embed"], model.pos_embed)
 
 
@@ -282,7 +281,7 @@ def test_download_after_interruption_succeeds(fake_server, monkeypatch):
 def test_sample_images_per_image_randomness(tmp_path, normalization, sampler):
     """Image i depends on (seed, i) only: drawing it alone or inside a batch gives the same result."""
     path, _, _, _ = write_checkpoint(tmp_path / "ckpt.pt", normalization)
-    model, config = download.load_model(path)
+    model, config = checkpoints.load_model(path)
     diffusion = create_diffusion("8")
     labels = torch.tensor([3, 1, 4, 1])
 
@@ -428,16 +427,17 @@ def test_sample_ddp_npz_resume_and_world_size_2(tmp_path, ckpt, capsys):
 
 
 def test_sample_ddp_eval_ref_scores_the_npz(tmp_path, ckpt, digits_classifier, capsys):
-    import evaluation
+    from ditlab.evaluation import evaluate
+    from ditlab.features import digits_rgb
 
     ref = str(tmp_path / "ref.npz")
-    np.savez(ref, evaluation.digits_rgb()[0][:40])
+    np.savez(ref, digits_rgb()[0][:40])
     folder = sample_ddp.main(["--ckpt", ckpt[0], "--sample-dir", str(tmp_path), *DDP_FLAGS, "--eval-ref", ref,
                               "--eval-features", "digits", "--digits-classifier", digits_classifier])
     metrics = json.load(open(folder + ".metrics.json"))
     assert metrics["num_samples"] == 11 and metrics["num_reference"] == 40 and metrics["features"] == "digits"
     assert 0.0 <= metrics["accuracy"] <= 1.0  # scored against the labels sample_ddp stored as arr_1
-    assert metrics == {**metrics, **evaluation.evaluate(folder + ".npz", ref, features="digits", device="cpu",
+    assert metrics == {**metrics, **evaluate(folder + ".npz", ref, features="digits", device="cpu",
                                                         digits_classifier=digits_classifier, progress=False)}
     assert "FD-digits" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a missing reference is caught before any sampling
@@ -467,7 +467,7 @@ def test_sample_ddp_helpers():
 
 
 class StopAfter:
-    """Stands in for train_utils.StopFlag: reports a stop signal once it has been asked `n` times."""
+    """Stands in for ditlab.preemption.StopFlag: reports a stop signal once it has been asked `n` times."""
 
     def __init__(self, n):
         self.n, self.name = n, None

@@ -1,4 +1,4 @@
-"""Tests for sampling.py's samplers (ddpm, ddim, dpm-solver++, unipc) against closed-form answers, their
+"""Tests for ditlab/sampling.py's samplers (ddpm, ddim, dpm-solver++, unipc) against closed-form answers, their
 flags in sample.py, train_toy.py and train.py, and their errors."""
 
 import json
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import sample
-import sampling
 import train
-import toy
 import train_toy
 from diffusion import create_diffusion
+from ditlab import sampling
+from ditlab.toy.readers import load_metrics
 
 MU, S = 0.3, 0.5  # the data: every value ~ N(MU, S^2), independently
 SHAPE = (2, 2, 2)  # the toy's images
@@ -114,7 +114,7 @@ def test_train_toy_evaluates_with_the_sampler(tmp_path, sampler):
     run = train_toy.main(["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16",
                           "--num-eval-samples", "8", "--sampling-steps", "10", "--threads", "1", "--preset", "cpu",
                           "--steps", "4", "--sampler", sampler, "--results-dir", str(tmp_path)])
-    rows = toy.load_metrics(run)  # the sample rows (the probe's timestep rows carry no sampler)
+    rows = load_metrics(run)  # the sample rows (the probe's timestep rows carry no sampler)
     assert rows and {r["sampler"] for r in rows} == {sampler} and all(r["sampling_steps"] == 10 for r in rows)
     assert json.load(open(os.path.join(run, "config.json")))["sampler"] == sampler
 

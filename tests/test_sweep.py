@@ -1,4 +1,4 @@
-"""Tests for sweep.py (and the sweep functions of toy.py): the table on tiny runs, and resuming a sweep."""
+"""Tests for sweep.py (and the ditlab/toy/sweep.py): the table on tiny runs, and resuming a sweep."""
 
 import json
 import os
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 import sweep
-import toy
 import train_toy
-import train_utils
+from ditlab.checkpoints import load_checkpoint
+from ditlab.preemption import PREEMPTED_EXIT
+from ditlab.toy.readers import last_probe, load_config, load_metrics
+from ditlab.toy.sweep import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, sweep_jobs
+from ditlab.trainer import Trainer
 
 SCALE = "0.0007"  # 12000 x 0.0007 = 8 steps per run
 TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--num-eval-samples",
@@ -34,11 +37,11 @@ def test_sweep_table_from_tiny_runs(finished):
     assert list(runs) == ["preset"] and len(runs["preset"]) == 4
     rms, eps = {}, {}
     for run in runs["preset"]:
-        cfg = toy.load_config(run)
-        assert cfg["steps"] == 8 and cfg["global_batch_size"] == 16
-        last = [r for r in toy.load_metrics(run) if r["step"] == 8 and r["weights"] == "ema"]
+        cfg = load_config(run)
+        assert cfg["max_steps"] == 8 and cfg["global_batch_size"] == 16
+        last = [r for r in load_metrics(run) if r["step"] == 8 and r["weights"] == "ema"]
         rms[(cfg["normalization"], cfg["global_seed"])] = last[0]["rms"]
-        eps[(cfg["normalization"], cfg["global_seed"])] = {t: r["eps_rel_error"] for t, r in toy.last_probe(run).items()}
+        eps[(cfg["normalization"], cfg["global_seed"])] = {t: r["eps_rel_error"] for t, r in last_probe(run).items()}
     cell = json.load(open(out / "summary.json"))["cells"]["preset"]
     ln, none = [rms[("layer-norm", s)] for s in (0, 1)], [rms[("none", s)] for s in (0, 1)]
     assert cell["ema"]["layer_norm"]["mean"] == pytest.approx(statistics.fmean(ln))
@@ -50,7 +53,7 @@ def test_sweep_table_from_tiny_runs(finished):
         mean = lambda norm: statistics.fmean(eps[(norm, s)][t] for s in (0, 1))
         assert row["ratio"] == pytest.approx(mean("layer-norm") / mean("none"))
     text = (out / "summary.md").read_text()
-    assert f"| preset | {toy.SWEEP_CELLS['preset'][0]} | 8 | 2 | {statistics.fmean(ln):.2e}" in text
+    assert f"| preset | {SWEEP_CELLS['preset'][0]} | 8 | 2 | {statistics.fmean(ln):.2e}" in text
     assert f"{cell['ema']['ratio']:.2f} [{cell['ema']['ratio_min']:.2f}, {cell['ema']['ratio_max']:.2f}]" in text
     assert os.path.getsize(out / "ratios.png") > 1000
 
@@ -61,8 +64,8 @@ def test_trajectory_table_from_tiny_runs(finished):
     out, runs = finished
     curves = {}
     for run in runs["preset"]:
-        cfg = toy.load_config(run)
-        rows = [r for r in toy.load_metrics(run, "timestep") if r["weights"] == "ema" and r["t"] >= 10]
+        cfg = load_config(run)
+        rows = [r for r in load_metrics(run, "timestep") if r["weights"] == "ema" and r["t"] >= 10]
         steps = sorted({r["step"] for r in rows})
         curves[(cfg["normalization"], cfg["global_seed"])] = {
             s: float(np.exp(np.mean(np.log([r["eps_rel_error"] for r in rows if r["step"] == s])))) for s in steps}
@@ -91,22 +94,22 @@ def test_rerun_skips_finished_and_continues_an_interrupted_run(finished, capsys,
     assert again == runs and all(os.path.getmtime(os.path.join(r, "metrics.jsonl")) == t for r, t in before.items())
 
     # One run of another cell is stopped at step 3 (a checkpoint, exit 75); the sweep continues it.
-    job = next(j for j in toy.sweep_jobs(["width128"], [0, 1], str(out), float(SCALE), TINY)
+    job = next(j for j in sweep_jobs(["width128"], [0, 1], str(out), float(SCALE), TINY)
                if j["normalization"] == "layer-norm" and j["seed"] == 1)
-    real = train_utils.Trainer._stop_everywhere
-    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
+    real = Trainer._stop_everywhere
+    monkeypatch.setattr(Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
     with pytest.raises(SystemExit) as stop:
         train_toy.main(job["argv"][2:])
-    assert stop.value.code == train_utils.PREEMPTED_EXIT
-    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
+    assert stop.value.code == PREEMPTED_EXIT
+    monkeypatch.setattr(Trainer, "_stop_everywhere", real)
     (cut,) = os.listdir(job["results_dir"])
-    assert train_utils.load_checkpoint(os.path.join(job["results_dir"], cut))["step"] == 3
+    assert load_checkpoint(os.path.join(job["results_dir"], cut))["step"] == 3
     capsys.readouterr()
     both = run_sweep(out, "--cells", "preset", "width128")
     assert "8 runs, 4 already finished (skipped), 4 to run" in capsys.readouterr().out
     assert os.path.join(job["results_dir"], cut) in both["width128"]  # continued, not started again
-    assert len(os.listdir(job["results_dir"])) == 4 and toy.load_config(both["width128"][0])["hidden_size"] == 128
-    assert train_utils.load_checkpoint(os.path.join(job["results_dir"], cut))["step"] == 8
+    assert len(os.listdir(job["results_dir"])) == 4 and load_config(both["width128"][0])["hidden_size"] == 128
+    assert load_checkpoint(os.path.join(job["results_dir"], cut))["step"] == 8
     assert list(json.load(open(out / "summary.json"))["cells"]) == ["preset", "width128"]
 
 
@@ -117,9 +120,9 @@ def test_report_only_refuses_unfinished_cells(tmp_path):
 
 def test_default_cells_are_the_six_and_steps4x_is_asked_for_by_name():
     """`make sweep` runs the six cells that fit its budget; steps4x (4x the steps) only when named."""
-    jobs = toy.sweep_jobs(list(toy.DEFAULT_SWEEP_CELLS), [0, 1], "out")
-    assert {j["cell"] for j in jobs} == set(toy.SWEEP_CELLS) - {"steps4x"} and len(jobs) == 24
-    (job,) = [j for j in toy.sweep_jobs(["steps4x"], [0], "out") if j["normalization"] == "none"]
+    jobs = sweep_jobs(list(DEFAULT_SWEEP_CELLS), [0, 1], "out")
+    assert {j["cell"] for j in jobs} == set(SWEEP_CELLS) - {"steps4x"} and len(jobs) == 24
+    (job,) = [j for j in sweep_jobs(["steps4x"], [0], "out") if j["normalization"] == "none"]
     assert job["steps"] == 48_000 and job["results_dir"] == os.path.join("out", "runs", "steps4x-48000")
 
 
@@ -129,9 +132,9 @@ def test_report_adds_the_other_finished_seeds_of_a_cell(tmp_path):
     flags = ["--steps-scale", SCALE, "--out", str(tmp_path), "--cells", "preset", *TINY]
     sweep.main(["--seeds", "3", *flags])
     sweep.main(["--seeds", "5", *flags])
-    (half,) = [j for j in toy.sweep_jobs(["preset"], [7], str(tmp_path), float(SCALE), TINY)
+    (half,) = [j for j in sweep_jobs(["preset"], [7], str(tmp_path), float(SCALE), TINY)
                if j["normalization"] == "layer-norm"]
     train_toy.main(half["argv"][2:])
     runs = sweep.main(["--seeds", "3", "--report", *flags])
-    assert sorted(toy.load_config(r)["global_seed"] for r in runs["preset"]) == [3, 3, 5, 5]
+    assert sorted(load_config(r)["global_seed"] for r in runs["preset"]) == [3, 3, 5, 5]
     assert json.load(open(tmp_path / "summary.json"))["cells"]["preset"]["seeds"] == [3, 5]

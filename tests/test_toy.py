@@ -1,4 +1,4 @@
-"""Tests for toy.py's probe: the per-timestep errors, the signal/outlier split at the norm inputs, the
+"""Tests for ditlab/toy/probe.py: the per-timestep errors, the signal/outlier split at the norm inputs, the
 correlations and the readers of metrics.jsonl / embeddings.jsonl."""
 
 import numpy as np
@@ -6,14 +6,16 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-import toy
 from diffusion import create_diffusion
+from ditlab.toy.probe import TIMESTEP_GRID, probe, signal_and_outlier, timestep_batch, timestep_errors
+from ditlab.toy.report import log_correlations
+from ditlab.toy.task import TOY_MODEL
 from models import build_model
 
 
 def tiny_model(normalization="layer-norm", seed=0):
     torch.manual_seed(seed)
-    return build_model("DiT-XS/1", depth=2, hidden_size=32, num_heads=2, normalization=normalization, **toy.TOY_MODEL)
+    return build_model("DiT-XS/1", depth=2, hidden_size=32, num_heads=2, normalization=normalization, **TOY_MODEL)
 
 
 def linear_alpha_bar_float64():
@@ -27,11 +29,11 @@ def test_zero_output_model_scores_exactly_one_at_every_t(normalization):
     """A new (adaLN-Zero) DiT outputs exactly zero: its eps error and variance error are exactly 1."""
     model = tiny_model(normalization)
     diffusion = create_diffusion("")
-    x_t, t, _ = toy.timestep_batch(diffusion, toy.TIMESTEP_GRID, 16)
+    x_t, t, _ = timestep_batch(diffusion, TIMESTEP_GRID, 16)
     y = torch.zeros(len(t), dtype=torch.long)
     assert torch.count_nonzero(model(x_t, t, y)) == 0
-    errors, _ = toy.probe(model, diffusion, num=16)
-    assert [r["t"] for r in errors] == list(toy.TIMESTEP_GRID)
+    errors, _ = probe(model, diffusion, num=16)
+    assert [r["t"] for r in errors] == list(TIMESTEP_GRID)
     for r in errors:
         assert r["eps_rel_error"] == 1.0 and r["var_rel_error"] == 1.0, r
 
@@ -41,7 +43,7 @@ def test_probe_batch_and_target_against_float64():
     the exact noise of the float32 input, equal to eps up to float32 rounding; fixed noise."""
     diffusion = create_diffusion("")
     timesteps = (0, 7, 999)
-    x_t, t, target = toy.timestep_batch(diffusion, timesteps, 5, seed=3)
+    x_t, t, target = timestep_batch(diffusion, timesteps, 5, seed=3)
     abar, _ = linear_alpha_bar_float64()
     eps = torch.randn(5, 2, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64).numpy()
     assert t.tolist() == [0] * 5 + [7] * 5 + [999] * 5
@@ -52,7 +54,7 @@ def test_probe_batch_and_target_against_float64():
         np.testing.assert_array_equal(x_t[5 * i:5 * (i + 1)].numpy(), expected)
         np.testing.assert_allclose(target[5 * i:5 * (i + 1)].numpy(), expected.astype(np.float64) / scale, rtol=1e-14)
         np.testing.assert_allclose(target[5 * i:5 * (i + 1)].numpy(), eps, rtol=1e-6, atol=1e-7)
-    again = toy.timestep_batch(diffusion, timesteps, 5, seed=3)
+    again = timestep_batch(diffusion, timesteps, 5, seed=3)
     assert torch.equal(again[0], x_t)
 
 
@@ -61,9 +63,9 @@ def test_timestep_errors_against_numpy():
     diffusion = create_diffusion("")
     abar, betas = linear_alpha_bar_float64()
     timesteps = (0, 1, 50, 999)
-    x_t, t, target = toy.timestep_batch(diffusion, timesteps, 6)
+    x_t, t, target = timestep_batch(diffusion, timesteps, 6)
     output = torch.randn(len(t), 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    rows = toy.timestep_errors(output, x_t, t, target, diffusion)
+    rows = timestep_errors(output, x_t, t, target, diffusion)
     out, xt = output.double().numpy(), x_t.double().numpy()
     post = betas * (1.0 - np.append(1.0, abar[:-1])) / (1.0 - abar)  # posterior variance beta~_t
     for i, (row, step) in enumerate(zip(rows, timesteps)):
@@ -80,7 +82,7 @@ def test_timestep_errors_against_numpy():
         np.testing.assert_allclose(row["var_rel_error"], np.sqrt(np.mean(((v + 1) / 2) ** 2)) / 0.5, rtol=1e-12)
     # The perfect prediction (eps itself, v = -1) scores zero everywhere.
     perfect = torch.cat([target.float(), -torch.ones_like(x_t)], dim=1)
-    for row in toy.timestep_errors(perfect, x_t, t, target, diffusion):
+    for row in timestep_errors(perfect, x_t, t, target, diffusion):
         assert row["eps_rel_error"] < 1e-6 and row["var_rel_error"] == 0.0 and row["var_log_rmse"] == 0.0
 
 
@@ -93,7 +95,7 @@ def test_signal_and_outlier_on_a_constructed_embedding():
     const[..., 5] += big
     signal = 0.3 * torch.randn(num, tokens, dim, generator=gen, dtype=torch.float64)
     signal -= signal.mean(dim=0)  # exactly zero mean over draws, so the split is exact
-    got = toy.signal_and_outlier((const + signal).float())
+    got = signal_and_outlier((const + signal).float())
     h = (const + signal).float().double().numpy()
     m = h.mean(axis=0)
     s = h - m
@@ -111,7 +113,7 @@ def test_signal_and_outlier_on_a_constructed_embedding():
 def test_probe_embedding_rows_cover_every_layer_and_t():
     model = tiny_model()
     diffusion = create_diffusion("")
-    _, rows = toy.probe(model, diffusion, num=8, timesteps=(0, 10))
+    _, rows = probe(model, diffusion, num=8, timesteps=(0, 10))
     outliers = {(r["layer"], r["t"]) for r in rows if r["kind"] == "outliers"}
     norms = {(r["layer"], r["t"]) for r in rows if r["kind"] == "norm_input"}
     assert outliers == {(n, t) for n in ("embed", "block.0", "block.1") for t in (0, 10)}
@@ -124,6 +126,6 @@ def test_probe_embedding_rows_cover_every_layer_and_t():
 def test_log_correlations_match_scipy():
     x = np.array([1e-3, 3e-3, 2e-2, 5e-2, 0.4, 0.9])
     y = np.array([2e-4, 1e-4, 5e-3, 4e-2, 0.2, 0.25])
-    pearson, spearman = toy.log_correlations(x, y)
+    pearson, spearman = log_correlations(x, y)
     assert pearson == pytest.approx(scipy_stats.pearsonr(np.log(x), np.log(y))[0], rel=1e-12)
     assert spearman == pytest.approx(scipy_stats.spearmanr(x, y)[0], rel=1e-12)

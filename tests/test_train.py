@@ -1,4 +1,4 @@
-"""End-to-end tests of train.py, extract_latents.py and data.py on the CPU with tiny models: a small
+"""End-to-end tests of train.py, extract_latents.py and ditlab/data.py on the CPU with tiny models: a small
 ImageFolder and a small diffusers AutoencoderKL written to tmp folders, torchrun with two gloo
 processes, pre-extracted latents, exact resume, atomic checkpoints, SIGTERM, NaN stops and the errors
 for bad input."""
@@ -18,13 +18,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sample import StopAfter
 
-import data
 import extract_latents
 import train
-import train_utils
+from ditlab import data
+from ditlab.checkpoints import load_checkpoint
+from ditlab.distributed import DistInfo
+from ditlab.files import truncate_jsonl
+from ditlab.preemption import PREEMPTED_EXIT, StopFlag, ignore_stop_signals
+from ditlab.run import configure_threads, new_run_dir
+from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config
-from test_sample import StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES, NUM_CLASSES = 12, 3
@@ -144,7 +149,7 @@ def test_train_with_local_vae_writes_a_rebuildable_checkpoint(tmp_path, image_fo
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000002.pt", "0000004.pt", "latest.pt"]
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["0000002.png", "0000004.png"]
     assert Image.open(os.path.join(run_dir, "samples", "0000004.png")).size[0] > 64
-    ckpt = train_utils.load_checkpoint(run_dir)  # weights_only=True
+    ckpt = load_checkpoint(run_dir)  # weights_only=True
     assert ckpt["step"] == 4 and (ckpt["epoch"], ckpt["position"]) == (1, 1)  # 3 steps per epoch
     config = ckpt["config"]
     assert json.load(open(os.path.join(run_dir, "config.json"))) == config
@@ -159,14 +164,14 @@ def test_train_with_local_vae_writes_a_rebuildable_checkpoint(tmp_path, image_fo
 
 
 def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_dir, digits_classifier):
-    out = torchrun(29531, "train.py", *TINY, "--data-path", image_folder, "--results-dir", str(tmp_path),
-                   "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1", "--debug-save-rank-weights",
+    out = torchrun(29531, "-m", "tests.rank_weights", "train.py", *TINY, "--data-path", image_folder,
+                   "--results-dir", str(tmp_path), "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1",
                    *fid_flags(image_folder, digits_classifier, every=1))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     run_dir = only_run(tmp_path)
-    ckpt = train_utils.load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 1 and len(ckpt["rng"]) == 2
-    ranks = [torch.load(os.path.join(run_dir, f"rank{r}-weights.pt"), weights_only=True) for r in (0, 1)]
+    ranks = [torch.load(os.path.join(run_dir, f"rank{r}-weights.pt"), weights_only=True)["model"] for r in (0, 1)]
     assert_same_weights({"model": ranks[0]}, {"model": ranks[1]}, keys=("model",))
     assert_same_weights({"model": ranks[0]}, ckpt, keys=("model",))
     assert ranks[0]["final_layer.linear.weight"].abs().sum() > 0  # zero at init: the step did update it
@@ -213,7 +218,7 @@ def test_extract_then_train_from_latents(tmp_path, image_folder, vae_dir, monkey
     monkeypatch.setattr(train, "load_vae", no_vae)
     run_dir = train.main([*TINY, "--latents-dir", one, "--results-dir", str(tmp_path / "runs"), "--max-steps", "3",
                           "--no-layernorm"])
-    ckpt = train_utils.load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir)
     assert run_dir.endswith("000-DiT-S-2-none") and ckpt["step"] == 3
     config = ckpt["config"]
     assert config["normalization"] == "none" and config["latents_dir"] == one
@@ -244,23 +249,23 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, image_folde
     assert all(np.isfinite(r["fd_digits"]) and 0 <= r["precision"] <= 1 for r in rows)
     assert "eval at step 6 (EMA, 2 ddpm steps" in open(os.path.join(full, "log.txt")).read()
 
-    real_step = train_utils.Trainer.train_step
+    real_step = Trainer.train_step
 
     def crashing(self, x, y):
         if self.step == 5:
             raise KeyboardInterrupt("simulated crash")
         return real_step(self, x, y)
 
-    monkeypatch.setattr(train_utils.Trainer, "train_step", crashing)
+    monkeypatch.setattr(Trainer, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", image_folder, *args)
-    monkeypatch.setattr(train_utils.Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     cut = only_run(tmp_path / "cut")
-    ckpt = train_utils.load_checkpoint(cut)
+    ckpt = load_checkpoint(cut)
     assert (ckpt["step"], ckpt["epoch"], ckpt["position"]) == (4, 1, 1)
 
     assert train.main(["--resume", cut, "--num-workers", "1"]) == cut
-    a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
+    a, b = load_checkpoint(full), load_checkpoint(cut)
     assert a["step"] == b["step"] == 7
     assert_same_weights(a, b)
     for x, y in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
@@ -295,7 +300,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, image_folde
     monkeypatch.setattr(torch, "save", real_save)
     checkpoints = os.path.join(only_run(tmp_path), "checkpoints")
     assert sorted(os.listdir(checkpoints)) == ["0000002.pt", "latest.pt"]  # no partial or temp files
-    assert train_utils.load_checkpoint(only_run(tmp_path))["step"] == 2
+    assert load_checkpoint(only_run(tmp_path))["step"] == 2
 
 
 def start_and_signal(cmd, results_dir, sig, whole_group=True, wait_for="| loss"):
@@ -331,16 +336,16 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes_exac
     cmd = [sys.executable, "train.py", *flags, "--results-dir", str(cut_dir), "--max-steps", "1000000",
            "--ckpt-every", "1000000", "--log-every", "2"]
     code, output = start_and_signal(cmd, str(cut_dir), signal.SIGTERM)
-    assert code == train_utils.PREEMPTED_EXIT, output[-3000:]
+    assert code == PREEMPTED_EXIT, output[-3000:]
     assert "SIGTERM received: saved a checkpoint" in output and "Traceback" not in output
     assert "killed by signal" not in output
     cut = only_run(cut_dir)
-    stopped = train_utils.load_checkpoint(cut)["step"]
+    stopped = load_checkpoint(cut)["step"]
     assert 2 <= stopped < 1000000
     target = stopped + 3
     train.main(["--resume", cut, "--max-steps", str(target), "--num-workers", "2"])
     full = train.main([*flags, "--results-dir", str(tmp_path / "full"), "--max-steps", str(target)])
-    a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
+    a, b = load_checkpoint(full), load_checkpoint(cut)
     assert a["step"] == b["step"] == target
     assert_same_weights(a, b)
 
@@ -351,9 +356,9 @@ def test_sigusr1_and_sigint_to_the_process_save_too(tmp_path, image_folder, sig)
            "--vae", "none", "--max-steps", "1000000", "--ckpt-every", "1000000", "--log-every", "2",
            "--num-workers", "1"]
     code, output = start_and_signal(cmd, str(tmp_path), sig, whole_group=False)
-    assert code == train_utils.PREEMPTED_EXIT, output[-3000:]
+    assert code == PREEMPTED_EXIT, output[-3000:]
     assert f"{signal.Signals(sig).name} received" in output and "Traceback" not in output
-    assert train_utils.load_checkpoint(only_run(tmp_path))["step"] >= 2
+    assert load_checkpoint(only_run(tmp_path))["step"] >= 2
 
 
 def test_sigterm_to_torchrun_group_saves_on_every_rank(tmp_path, image_folder):
@@ -366,20 +371,20 @@ def test_sigterm_to_torchrun_group_saves_on_every_rank(tmp_path, image_folder):
     code, output = start_and_signal(cmd, str(tmp_path), signal.SIGTERM)
     assert code != 0 and "SIGTERM received: saved a checkpoint" in output, output[-3000:]
     assert "killed by signal" not in output and "Traceback" not in output.split("SIGTERM received")[0]
-    assert f"exiting with code {train_utils.PREEMPTED_EXIT}" in output
-    ckpt = train_utils.load_checkpoint(only_run(tmp_path))
+    assert f"exiting with code {PREEMPTED_EXIT}" in output
+    ckpt = load_checkpoint(only_run(tmp_path))
     assert ckpt["step"] % 10 == 0 and ckpt["step"] >= 10 and ckpt["world_size"] == 2
 
 
 def test_resume_auto_starts_then_continues_the_same_settings(tmp_path, image_folder):
     flags = [*TINY, "--data-path", image_folder, "--results-dir", str(tmp_path), "--vae", "none", "--resume", "auto"]
     first = run_with(flags, "--max-steps", "2")
-    assert train_utils.load_checkpoint(first)["step"] == 2
+    assert load_checkpoint(first)["step"] == 2
     assert run_with(flags, "--max-steps", "4") == first  # the requeued line continues it
-    assert train_utils.load_checkpoint(first)["step"] == 4
+    assert load_checkpoint(first)["step"] == 4
     assert json.load(open(os.path.join(first, "config.json")))["max_steps"] == 4  # rewritten when extended
     other = run_with(flags, "--max-steps", "2", "--global-seed", "1")  # other settings: a new run
-    assert other != first and train_utils.load_checkpoint(other)["step"] == 2
+    assert other != first and load_checkpoint(other)["step"] == 2
 
 
 def run_with(flags, *extra):
@@ -411,7 +416,7 @@ def test_no_data_names_the_demo(tmp_path):
 
 def test_stop_flag_catches_a_real_signal_and_restores_the_handler():
     before = signal.getsignal(signal.SIGUSR1)
-    with train_utils.StopFlag() as stop:
+    with StopFlag() as stop:
         assert not stop
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
@@ -432,7 +437,7 @@ def test_loader_workers_ignore_the_stop_signals():
 
 
 def _worker_that_ignores_then_sleeps():
-    train_utils.ignore_stop_signals(0)
+    ignore_stop_signals(0)
     time.sleep(30)
 
 
@@ -446,7 +451,7 @@ def test_extract_latents_stop_signal_keeps_whole_shards_then_finishes_identicall
     monkeypatch.setattr(extract_latents, "StopFlag", lambda: StopAfter(5))
     with pytest.raises(SystemExit) as stop:
         extract_latents.main([*common, "--latents-dir", str(tmp_path / "cut")])
-    assert stop.value.code == train_utils.PREEMPTED_EXIT and "SIGTERM received" in capsys.readouterr().out
+    assert stop.value.code == PREEMPTED_EXIT and "SIGTERM received" in capsys.readouterr().out
     # 3 batch checks + 1 after saving shard 0, then the stop comes in shard 1's first batch
     assert sorted(f for f in os.listdir(tmp_path / "cut") if f.startswith("shard")) == ["shard-00000.pt"]
     assert not os.path.exists(tmp_path / "cut" / "index.json")
@@ -478,14 +483,14 @@ def test_truncated_image_is_logged_once_skipped_and_resume_stays_exact(tmp_path,
     full = train.main([*flags, "--results-dir", str(tmp_path / "full"), "--max-steps", "14"])  # two epochs
     log = open(os.path.join(full, "log.txt")).read()
     assert log.count("unreadable image skipped") == 1 and bad in log and "OSError" in log
-    real = train_utils.Trainer._stop_everywhere
-    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
+    real = Trainer._stop_everywhere
+    monkeypatch.setattr(Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
     with pytest.raises(SystemExit):
         train.main([*flags, "--results-dir", str(tmp_path / "cut"), "--max-steps", "14"])
-    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
+    monkeypatch.setattr(Trainer, "_stop_everywhere", real)
     cut = only_run(tmp_path / "cut")
     train.main(["--resume", cut, "--num-workers", "2"])
-    assert_same_weights(train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut))
+    assert_same_weights(load_checkpoint(full), load_checkpoint(cut))
 
 
 def test_too_many_unreadable_images_stop_with_the_flag_named(tmp_path, folder_with_bad_image):
@@ -514,7 +519,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folde
     message = str(stop.value)
     bad_step = int(message.split(" and ")[1].split(";")[0])
     assert "loss became" in message and f"last good checkpoint (step {bad_step - 1}) is untouched" in message
-    ckpt = train_utils.load_checkpoint(only_run(tmp_path))
+    ckpt = load_checkpoint(only_run(tmp_path))
     assert ckpt["step"] == bad_step - 1
     assert "run stopped: error: loss became" in open(os.path.join(only_run(tmp_path), "log.txt")).read()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -570,7 +575,7 @@ def test_digits_demo_runs(tmp_path):
                           "--sample-images", "10", "--num-workers", "0"])
     assert sorted(os.listdir(digits)) == [str(i) for i in range(10)]
     assert sum(len(os.listdir(os.path.join(digits, c))) for c in os.listdir(digits)) == 1797
-    config = train_utils.load_checkpoint(run_dir)["config"]
+    config = load_checkpoint(run_dir)["config"]
     assert (config["vae"], config["in_channels"], config["num_classes"]) == ("none", 3, 10)
     assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
 
@@ -580,7 +585,7 @@ def test_digits_demo_runs(tmp_path):
 def test_gpu_bf16_compile_grad_checkpointing(tmp_path, image_folder):
     run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "3", "--precision", "bf16", "--compile",
                   "--grad-checkpointing", "--device", "cuda", "--sample-every", "3", "--sample-steps", "2")
-    ckpt = train_utils.load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir)
     assert ckpt["step"] == 3 and "peak mem" in open(os.path.join(run_dir, "log.txt")).read()
 
 
@@ -590,13 +595,13 @@ def test_thread_count_defaults(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
-        default = train_utils.configure_threads(None, 10**9)
+        default = configure_threads(None, 10**9)
         assert default == "torch CPU threads: 2 (torch's default; --threads to change)"
-        assert train_utils.configure_threads(None, 10**6).startswith("torch CPU threads: 1 (a model of 1M parameters")
+        assert configure_threads(None, 10**6).startswith("torch CPU threads: 1 (a model of 1M parameters")
         assert torch.get_num_threads() == 1
-        assert train_utils.configure_threads(2, 10**6).startswith("torch CPU threads: 2 (--threads")
+        assert configure_threads(2, 10**6).startswith("torch CPU threads: 2 (--threads")
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert train_utils.configure_threads(None, 10**6) == "torch CPU threads: 2 (OMP_NUM_THREADS)"
+        assert configure_threads(None, 10**6) == "torch CPU threads: 2 (OMP_NUM_THREADS)"
     finally:
         torch.set_num_threads(before)
 
@@ -617,7 +622,7 @@ def test_resumed_small_run_logs_one_thread(tmp_path, image_folder, monkeypatch):
 
 def _claim_run_dir(args):
     results_dir, name = args
-    return train_utils.new_run_dir(results_dir, "DiT-S/2", name)
+    return new_run_dir(results_dir, "DiT-S/2", name)
 
 
 def test_parallel_new_run_dir_calls_get_distinct_directories_and_indices(tmp_path):
@@ -629,13 +634,13 @@ def test_parallel_new_run_dir_calls_get_distinct_directories_and_indices(tmp_pat
     assert len(set(dirs)) == 8 and all(os.path.isdir(os.path.join(d, "checkpoints")) for d in dirs)
     assert sorted(int(os.path.basename(d)[:3]) for d in dirs) == list(range(8))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".claim")]
-    assert os.path.basename(train_utils.new_run_dir(str(tmp_path), "DiT-S/2", "none")).startswith("008-")
+    assert os.path.basename(new_run_dir(str(tmp_path), "DiT-S/2", "none")).startswith("008-")
 
 
 def test_truncate_jsonl_drops_rows_newer_than_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"kind": "fid", "step": s, "fid": 1.0 / s}) + "\n" for s in (2, 4, 6, 8)))
-    train_utils.truncate_jsonl([str(path), str(tmp_path / "missing.jsonl")], 5)
+    truncate_jsonl([str(path), str(tmp_path / "missing.jsonl")], 5)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
     assert not (tmp_path / "missing.jsonl").exists()
 
@@ -649,8 +654,8 @@ def toy_trainer(compile=None, device="cpu"):
 
     torch.manual_seed(0)
     model = DiT(input_size=2, patch_size=1, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=1)
-    return train_utils.Trainer(model, create_diffusion(timestep_respacing=""),
-                               dist_info=train_utils.DistInfo(0, 1, 0, torch.device(device)), run_dir=None,
+    return Trainer(model, create_diffusion(timestep_respacing=""),
+                               dist_info=DistInfo(0, 1, 0, torch.device(device)), run_dir=None,
                                logger=logging.getLogger("test"), config={}, lr=1e-3, ema_decay=0.9, compile=compile)
 
 
@@ -704,13 +709,13 @@ def test_compile_flag_takes_an_optional_mode(tmp_path):
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
         train.parse_args(["--compile", "fast"])
     assert "reduce-overhead" in err.getvalue()
-    assert [train_utils.compile_mode(v) for v in (True, False, None)] == ["default", None, None]
+    assert [compile_mode(v) for v in (True, False, None)] == ["default", None, None]
     with pytest.raises(SystemExit, match="choose one of default, reduce-overhead"):
-        train_utils.compile_mode("fast")
+        compile_mode("fast")
 
 
 def test_compile_none_logs_no_compiling(tmp_path, image_folder):
     """--compile none is eager: the Trainer compiles nothing and the log does not say "compiled"."""
     run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "1", "--compile", "none")
     assert "compiled" not in open(os.path.join(run_dir, "log.txt")).read()
-    assert train_utils.compile_mode(json.load(open(os.path.join(run_dir, "config.json")))["compile"]) is None
+    assert compile_mode(json.load(open(os.path.join(run_dir, "config.json")))["compile"]) is None

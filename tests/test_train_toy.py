@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-import toy
-import toy_study
 import train_toy
-import train_utils
 from diffusion import create_diffusion
+from ditlab.checkpoints import load_checkpoint
+from ditlab.preemption import PREEMPTED_EXIT
+from ditlab.toy.hooks import draw_samples
+from ditlab.toy.probe import TIMESTEP_GRID, probe
+from ditlab.toy.readers import last_probe, load_config, load_embeddings, load_metrics, load_samples
+from ditlab.toy.report import log_correlations, summarize
+from ditlab.toy.study import write_report
+from ditlab.toy.task import sample_error
+from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +36,7 @@ def test_sample_error_matches_direct_computation():
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(7, 2, 2, 2, generator=gen) * 1e-3
     v = s.double().numpy().ravel()
-    got = toy.sample_error(s)
+    got = sample_error(s)
     assert got["num_values"] == 56
     np.testing.assert_allclose(got["mean_abs"], np.mean(np.abs(v)), rtol=1e-12)
     np.testing.assert_allclose(got["max_abs"], np.max(np.abs(v)), rtol=1e-12)
@@ -47,9 +53,9 @@ def test_draw_samples_is_fixed_and_leaves_global_rng_alone():
     diff = create_diffusion("10")
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    a = train_toy.draw_samples(model, diff, 4, 123, torch.device("cpu"))
+    a = draw_samples(model, diff, 4, 123, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)
-    b = train_toy.draw_samples(model, diff, 4, 123, torch.device("cpu"))
+    b = draw_samples(model, diff, 4, 123, torch.device("cpu"))
     assert torch.equal(a, b) and a.shape == (4, 2, 2, 2)
     # A new model outputs zero noise, so samples are the DDPM chain of pure noise: not zero.
     assert a.abs().max() > 0
@@ -58,19 +64,19 @@ def test_draw_samples_is_fixed_and_leaves_global_rng_alone():
 def test_run_writes_metrics_samples_config_and_checkpoints(tmp_path):
     run = run_toy(tmp_path, "--steps", "10", "--eval-steps", "5", "--ckpt-every", "5", "--no-layernorm")
     cfg = json.load(open(os.path.join(run, "config.json")))
-    assert cfg["normalization"] == "none" and cfg["steps"] == 10 and cfg["eval_steps"] == [5, 10]
-    rows = toy.load_metrics(run)
+    assert cfg["normalization"] == "none" and cfg["max_steps"] == 10 and cfg["eval_steps"] == [5, 10]
+    rows = load_metrics(run)
     assert [(r["step"], r["weights"]) for r in rows] == [(5, "raw"), (5, "ema"), (10, "raw"), (10, "ema")]
     required = {"kind", "step", "weights", "mean_abs", "max_abs", "rms", "num_samples", "sampling_steps", "normalization"}
     for r in rows:
         assert required <= set(r)
         assert r["num_samples"] == 8 and r["sampling_steps"] == 20 and r["normalization"] == "none"
         # the stored metrics are those of the stored samples
-        s = toy.load_samples(run, r["step"], r["weights"])
+        s = load_samples(run, r["step"], r["weights"])
         assert s.shape == (8, 2, 2, 2)
         assert r["rms"] == pytest.approx(float(s.double().square().mean().sqrt()), rel=1e-12)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000005.pt", "0000010.pt", "latest.pt"]
-    ckpt = train_utils.load_checkpoint(run)
+    ckpt = load_checkpoint(run)
     assert ckpt["step"] == 10 and ckpt["config"]["normalization"] == "none"
     log = open(os.path.join(run, "log.txt")).read()
     assert "steps/s" in log and "ETA" in log
@@ -80,24 +86,24 @@ def test_probe_rows_every_probe_step_and_at_evaluations(tmp_path):
     """--probe-every 4 with evaluations at 6 and 10: probes at 4, 6, 8, 10 (raw and EMA, every grid t) in
     metrics.jsonl as kind "timestep"; samples only at 6 and 10, with their keys; embeddings.jsonl alike."""
     run = run_toy(tmp_path, "--steps", "10", "--eval-steps", "6", "--probe-every", "4", "--probe-samples", "8")
-    every = toy.load_metrics(run, kind=None)
+    every = load_metrics(run, kind=None)
     assert {r["kind"] for r in every} == {"sample", "timestep"}
-    assert sorted({r["step"] for r in toy.load_metrics(run)}) == [6, 10]
-    probes = toy.load_metrics(run, "timestep")
+    assert sorted({r["step"] for r in load_metrics(run)}) == [6, 10]
+    probes = load_metrics(run, "timestep")
     assert sorted({(r["step"], r["weights"]) for r in probes}) == [(s, w) for s in (4, 6, 8, 10) for w in ("ema", "raw")]
     for step in (4, 6, 8, 10):
         for weights in ("raw", "ema"):
             ts = [r["t"] for r in probes if r["step"] == step and r["weights"] == weights]
-            assert ts == list(toy.TIMESTEP_GRID)
+            assert ts == list(TIMESTEP_GRID)
     assert all(r["num_samples"] == 8 and 0 < r["eps_rel_error"] and r["normalization"] == "layer-norm" for r in probes)
-    outliers = toy.load_embeddings(run, "outliers")
+    outliers = load_embeddings(run, "outliers")
     assert {(r["step"], r["layer"]) for r in outliers} == {(s, n) for s in (4, 6, 8, 10) for n in ("embed", "block.0")}
-    assert toy.last_probe(run)[999]["step"] == 10
-    # the probe of the final EMA weights is what toy.probe computes on them
-    ema = build_model_from_config(toy.load_config(run))
-    ema.load_state_dict(train_utils.load_checkpoint(run)["ema"])
-    again, _ = toy.probe(ema, create_diffusion(""), 8)
-    assert [r["eps_rel_error"] for r in again] == [toy.last_probe(run)[r["t"]]["eps_rel_error"] for r in again]
+    assert last_probe(run)[999]["step"] == 10
+    # the probe of the final EMA weights is what probe computes on them
+    ema = build_model_from_config(load_config(run))
+    ema.load_state_dict(load_checkpoint(run)["ema"])
+    again, _ = probe(ema, create_diffusion(""), 8)
+    assert [r["eps_rel_error"] for r in again] == [last_probe(run)[r["t"]]["eps_rel_error"] for r in again]
 
 
 def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
@@ -105,26 +111,26 @@ def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
     full = run_toy(tmp_path / "full", *args)
 
     # Crash after step 12: the last checkpoint is step 8; the evaluation at 8 is already written.
-    real_step = train_utils.Trainer.train_step
+    real_step = Trainer.train_step
 
     def crashing(self, x, y):
         if self.step == 12:
             raise KeyboardInterrupt("simulated crash")
         return real_step(self, x, y)
 
-    monkeypatch.setattr(train_utils.Trainer, "train_step", crashing)
+    monkeypatch.setattr(Trainer, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_toy(tmp_path / "cut", *args)
-    monkeypatch.setattr(train_utils.Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     cut = os.path.join(tmp_path / "cut", os.listdir(tmp_path / "cut")[0])
-    assert train_utils.load_checkpoint(cut)["step"] == 8
+    assert load_checkpoint(cut)["step"] == 8
     resumed = train_toy.main(["--resume", cut, "--threads", "1"])
     assert resumed == cut
 
-    assert toy.load_metrics(cut, kind=None) == toy.load_metrics(full, kind=None)  # samples and probes alike
+    assert load_metrics(cut, kind=None) == load_metrics(full, kind=None)  # samples and probes alike
     for kind in ("outliers", "norm_input"):
-        assert toy.load_embeddings(cut, kind) == toy.load_embeddings(full, kind) != []
-    a, b = train_utils.load_checkpoint(full), train_utils.load_checkpoint(cut)
+        assert load_embeddings(cut, kind) == load_embeddings(full, kind) != []
+    a, b = load_checkpoint(full), load_checkpoint(cut)
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
@@ -132,12 +138,12 @@ def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
 
 def test_report_and_ratios(tmp_path):
     runs = [run_toy(tmp_path / "runs", "--steps", "6", "--eval-steps", "3", "--normalization", n) for n in ("layer-norm", "none")]
-    text = toy_study.write_report(runs, str(tmp_path / "out"))
+    text = write_report(runs, str(tmp_path / "out"))
     for name in ("compare.png", "errors.png", "summary.md", "summary.json"):
         assert os.path.getsize(tmp_path / "out" / name) > 100
     summary = json.load(open(tmp_path / "out" / "summary.json"))
-    ln = {(r["step"], r["weights"]): r for r in toy.load_metrics(runs[0])}
-    no = {(r["step"], r["weights"]): r for r in toy.load_metrics(runs[1])}
+    ln = {(r["step"], r["weights"]): r for r in load_metrics(runs[0])}
+    no = {(r["step"], r["weights"]): r for r in load_metrics(runs[1])}
     for ratio in summary["ratios"]:
         key = (ratio["step"], ratio["weights"])
         assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
@@ -145,9 +151,9 @@ def test_report_and_ratios(tmp_path):
     # the probe's figures and the per-t ratio: LayerNorm / no-LayerNorm eps error at the last probe
     for name in ("timestep_errors.png", "outlier_growth.png", "mechanism.png", "mechanism_raw.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 1000
-    ln_t, no_t = toy.last_probe(runs[0]), toy.last_probe(runs[1])
+    ln_t, no_t = last_probe(runs[0]), last_probe(runs[1])
     per_t = summary["timesteps"]["ema"]["rows"]
-    assert [r["t"] for r in per_t] == list(toy.TIMESTEP_GRID)
+    assert [r["t"] for r in per_t] == list(TIMESTEP_GRID)
     for r in per_t:
         assert r["ratio"] == pytest.approx(ln_t[r["t"]]["eps_rel_error"] / no_t[r["t"]]["eps_rel_error"], rel=1e-12)
         assert f"| {r['t']} | {ln_t[r['t']]['eps_rel_error']:.2e}" in text
@@ -159,14 +165,14 @@ def test_report_and_ratios(tmp_path):
         errors = summary["mechanism"][weights]["error"]
         ts = sorted(errors, key=int)
         assert layers["final.norm"]["signal_to_outlier_vs_error"] == pytest.approx(
-            list(toy.log_correlations([ratio[str(t)] for t in ts], [errors[t] for t in ts])))
+            list(log_correlations([ratio[str(t)] for t in ts], [errors[t] for t in ts])))
     assert "log Pearson / Spearman" in text
 
 
 def test_seed_spread_in_summary(tmp_path):
     runs = [run_toy(tmp_path, "--steps", "4", "--eval-steps", "4", "--global-seed", str(s), "--no-layernorm") for s in (0, 1)]
-    rows = [r for r in toy.summarize(runs)["rows"] if r["weights"] == "ema"]
-    values = [toy.load_metrics(r)[-1]["rms"] for r in runs]
+    rows = [r for r in summarize(runs)["rows"] if r["weights"] == "ema"]
+    values = [load_metrics(r)[-1]["rms"] for r in runs]
     assert rows[0]["rms"]["n"] == 2
     assert rows[0]["rms"]["mean"] == pytest.approx(np.mean(values))
     assert rows[0]["rms"]["min"] == min(values) and rows[0]["rms"]["max"] == max(values)
@@ -176,16 +182,20 @@ def test_torchrun_two_processes(tmp_path):
     """Two gloo ranks: the same initial weights on both and as a single process (the init does not depend
     on the world size), and every rank's EMA and weights equal after training (the EMA starts from the
     broadcast weights on every rank, not only on rank 0)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train_toy.py",
-           *TINY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path / "two"),
-           "--debug-save-rank-weights"]
+    helper = ["-m", "tests.rank_weights"]  # every rank saves its weights
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", *helper,
+           "train_toy.py", *TINY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path / "two")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     run = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
-    assert len(toy.load_metrics(run)) == 2
-    assert train_utils.load_checkpoint(run)["world_size"] == 2
+    assert len(load_metrics(run)) == 2
+    assert load_checkpoint(run)["world_size"] == 2
     ranks = [torch.load(os.path.join(run, f"rank{r}-weights.pt"), weights_only=True) for r in (0, 1)]
-    one = run_toy(tmp_path / "one", "--steps", "1", "--eval-steps", "1", "--debug-save-rank-weights")
+    one_proc = subprocess.run([sys.executable, *helper, "train_toy.py", *TINY, "--steps", "1", "--eval-steps", "1",
+                               "--results-dir", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert one_proc.returncode == 0, one_proc.stderr[-3000:]
+    one = os.path.join(tmp_path / "one", os.listdir(tmp_path / "one")[0])
     single = torch.load(os.path.join(one, "rank0-weights.pt"), weights_only=True)
     for key in ("initial", "model", "ema"):
         for name, value in ranks[0][key].items():
@@ -220,38 +230,38 @@ def test_notebook_runs_top_to_bottom(tmp_path):
 def test_stop_signal_saves_and_exits_75_then_resume_auto_continues(tmp_path, monkeypatch):
     """A stop signal (simulated at step 3) saves and exits 75; the same command line with --resume auto
     then continues that run to its last step, and other settings start a new run."""
-    real = train_utils.Trainer._stop_everywhere
-    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
+    real = Trainer._stop_everywhere
+    monkeypatch.setattr(Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
     flags = ["--steps", "5", "--eval-steps", "5", "--num-eval-samples", "4", "--sampling-steps", "3",
              "--resume", "auto"]
     with pytest.raises(SystemExit) as stop:
         run_toy(tmp_path, *flags)
-    assert stop.value.code == train_utils.PREEMPTED_EXIT
+    assert stop.value.code == PREEMPTED_EXIT
     (first,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
-    assert train_utils.load_checkpoint(first)["step"] == 3
-    monkeypatch.setattr(train_utils.Trainer, "_stop_everywhere", real)
+    assert load_checkpoint(first)["step"] == 3
+    monkeypatch.setattr(Trainer, "_stop_everywhere", real)
     assert run_toy(tmp_path, *flags, "--steps", "6") == first
-    assert train_utils.load_checkpoint(first)["step"] == 6
-    assert json.load(open(os.path.join(first, "config.json")))["steps"] == 6  # rewritten when extended
+    assert load_checkpoint(first)["step"] == 6
+    assert json.load(open(os.path.join(first, "config.json")))["max_steps"] == 6  # rewritten when extended
     other = run_toy(tmp_path, *flags, "--global-seed", "1")
-    assert other != first and train_utils.load_checkpoint(other)["step"] == 5
+    assert other != first and load_checkpoint(other)["step"] == 5
 
 
 def test_resume_refuses_a_contradicting_flag_like_train_py(tmp_path):
-    """train_toy.py resumes with train.py's rule (train_utils.merge_resume_config): --steps may extend the
+    """train_toy.py resumes with train.py's rule (merge_resume_config): --steps may extend the
     run, a flag that contradicts its config (--lr) is an error, not silently ignored."""
     run = run_toy(tmp_path, "--steps", "2", "--eval-steps", "2", "--num-eval-samples", "4", "--sampling-steps", "3")
     with pytest.raises(SystemExit, match="--lr 0.5 contradicts the run being resumed"):
         train_toy.main(["--resume", run, "--lr", "0.5", "--threads", "1"])
     assert train_toy.main(["--resume", run, "--steps", "3", "--threads", "1"]) == run
-    assert train_utils.load_checkpoint(run)["step"] == 3
+    assert load_checkpoint(run)["step"] == 3
 
 
 def test_paper_preset_compiles_and_none_switches_it_off():
     """The paper preset (a GPU's) compiles the model by default; --compile none or a mode overrides it;
     the cpu preset stays eager."""
-    assert train_toy.parse_args(["--preset", "paper"]).compile == "default"
-    assert train_toy.parse_args(["--preset", "paper", "--compile", "none"]).compile == "none"
-    assert train_toy.parse_args(["--preset", "paper", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
-    assert train_toy.parse_args(["--preset", "cpu"]).compile is None
-    assert train_utils.compile_mode("none") is None
+    assert train_toy.parse_args(["--preset", "paper"])[0].compile == "default"
+    assert train_toy.parse_args(["--preset", "paper", "--compile", "none"])[0].compile == "none"
+    assert train_toy.parse_args(["--preset", "paper", "--compile", "reduce-overhead"])[0].compile == "reduce-overhead"
+    assert train_toy.parse_args(["--preset", "cpu"])[0].compile is None
+    assert compile_mode("none") is None

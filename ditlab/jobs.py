@@ -1,8 +1,4 @@
-"""The one runner of parallel jobs, used by toy_study.py and ablation.py: command lines run `parallel`
-at a time, one CPU thread each (OMP_NUM_THREADS=1, so that the jobs share the cores instead of fighting
-over them), every job's output in its own log file and, with a tag, echoed line by line to the console;
-a failed job stops the whole run with its exit code, its command and the tail of its log.
-"""
+"""The one job runner: run command lines as parallel subprocesses, each with its own log."""
 
 import os
 import subprocess

@@ -1,9 +1,4 @@
-"""Argument types that check numeric command-line flags at parse time, for every script.
-
-`type=at_least(1)` or `type=number(0, 1)` makes argparse refuse a bad value before any work starts,
-with a message that names the flag and the allowed range, e.g.
-`error: argument --global-batch-size: must be an integer >= 1, got '0'`.
-"""
+"""Command-line value checks shared by every script: each numeric flag is validated at parse time."""
 
 import argparse
 import math

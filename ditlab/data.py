@@ -1,18 +1,5 @@
-"""Data for train.py and extract_latents.py: ADM center crop, an ImageFolder with deterministic flips,
-the sampler that decides the flips, pre-extracted latent shards, the VAE, and the digits demo data set.
-
-Determinism. Which image a process sees at a step, and whether it is mirrored, is a pure function of
-(--global-seed, epoch, position in the epoch): `FlipSampler` yields (index, flip) keys, and the data
-sets return exactly that image, flipped or not. Nothing depends on data-loader worker scheduling or
-on the global RNG, so a run resumed at (epoch, position) sees the same batches it would have seen,
-and training from pre-extracted latents sees the same images with the same flips as the on-the-fly
-path (only the VAE's posterior sample differs: same distribution, other noise).
-
-Unreadable images (truncated, corrupt, not an image) do not kill a run: `FlipImageFolder` replaces one by
-the next readable image of the data set (a pure function of the index and the files, so resume stays
-exact) and appends its path and reason to a report file that `BadImages` reads in the main process,
-which logs each once and stops the run when more than --max-bad-images distinct images are unreadable.
-"""
+"""Training data: ImageFolder images with the ADM crop, flips, unreadable-image handling, latent shards, the
+VAE, the digits demo data set, and the batch stream a run reads from."""
 
 import bisect
 import json
@@ -25,8 +12,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
-
-from train_utils import load_checkpoint
 
 #################################################################################
 #                               Images                                          #
@@ -229,6 +214,8 @@ class LatentShards(Dataset):
     def shard(self, k):
         if k not in self._open:
             path = os.path.join(self.dir, self.shards[k]["file"])
+            from ditlab.checkpoints import load_checkpoint  # (checkpoints imports this module)
+
             self._open[k] = load_checkpoint(path, mmap=True)
         return self._open[k]
 
@@ -331,3 +318,61 @@ def write_digits_folder(root, size=32):
         if not os.path.isdir(root):
             raise
     return root
+
+
+#################################################################################
+#                                 Batches                                       #
+#################################################################################
+
+
+class BatchStream:
+    """Endless iterator of (x, y) device batches, epoch after epoch, from (epoch, position).
+
+    Every step takes exactly one batch and an epoch has a fixed number of steps (drop_last), so
+    (epoch, position) says exactly where the data stands; a resumed run starts its sampler there
+    without loading the skipped images. `encode` maps the pixel batch to the model's input (the VAE).
+    """
+
+    def __init__(self, loader, steps_per_epoch, device, encode=None, epoch=0, position=0, check=None):
+        self.loader, self.sampler = loader, loader.sampler
+        self.steps_per_epoch, self.device, self.encode = steps_per_epoch, device, encode
+        self.check = check  # called after every batch (the unreadable-image reports)
+        self.epoch, self.position = epoch, position
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.start = self.position * self.loader.batch_size
+            self._batches = iter(self.loader)
+        x, y = next(self._batches)
+        if self.check is not None:
+            self.check()
+        self.position += 1
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.encode is not None:
+            x = self.encode(x)
+        return x, y
+
+    def state(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def close(self):
+        self._batches = None  # lets the loader's workers go
+
+
+def vae_encoder(vae, latent_scale):
+    """x in [-1, 1] -> a posterior sample of the VAE * latent_scale (draws from the global RNG, which
+    checkpoints save, so resumed runs draw the same noise)."""
+
+    @torch.no_grad()
+    def encode(x):
+        return vae.encode(x).latent_dist.sample().mul_(latent_scale)
+
+    return encode

@@ -1,35 +1,6 @@
-"""Sample quality with the definitions of ADM's evaluator (Dhariwal & Nichol 2021, guided-diffusion's
-evaluations/evaluator.py), in PyTorch: FID, sFID, Inception Score, precision and recall, plus the same
-metrics in the features of a small digits classifier for the CPU-sized digits demo.
+"""Evaluation: ADM's metrics (FID, sFID, IS, precision, recall) and FD-digits on images from .npz
+files, folders or arrays."""
 
-    from evaluation import evaluate
-    metrics = evaluate("samples/DiT-XL-2-....npz", "VIRTUAL_imagenet256_labeled.npz")
-
-Inputs are ADM-format .npz files (`arr_0`: uint8 N x H x W x 3, optionally `arr_1`: class labels) or
-folders of PNG/JPEG images; a reference .npz that holds `mu`, `sigma`, `mu_s`, `sigma_s` (as ADM's
-published reference batches do) supplies FID/sFID statistics as given. Images are streamed in batches,
-so 50,000 samples never sit in memory at once; only their features do.
-
-Feature networks (one code path: only the network differs):
-  - "inception": torch-fidelity's FeatureExtractorInceptionV3, a PyTorch port of the TF Inception graph of
-    2015-12-05 that ADM uses, including its TF1 bilinear resize to 299 x 299. pool_3 (2048-d) gives FID,
-    IS (softmax of the bias-free logits, 1008 classes), precision and recall. sFID uses ADM's
-    `mixed_6/conv` tensor: TF's blocks `mixed`, `mixed_1`, ... are torch-fidelity's Mixed_5b, 5c, 5d, 6a, 6b,
-    6c, 6d, ..., so `mixed_6` is Mixed_6d, and `mixed_6/conv` is that block's first unit, the 1x1 branch
-    (`Mixed_6d.branch1x1`; torch-fidelity's weight converter maps `mixed_6/conv/conv2d_params` and
-    `mixed_6/conv/batchnorm` there). The graph tensor `mixed_6/conv:0` is the output of that unit (the ReLU
-    after its batch norm), i.e. the output of the BasicConv2d module, captured with a forward hook:
-    192 x 17 x 17, of which ADM keeps the first 7 channels and flattens them in TF's (H, W, C) order
-    (7 x 17 x 17 = 2023-d). The order matters for statistics shared with ADM's files, not for the distance.
-  - "digits": DigitsClassifier, a small CNN trained once on scikit-learn's digits rendered exactly as the
-    digits demo sees them (16 x 16), cached under data/. Its penultimate layer (128-d) gives the Frechet
-    distance ("FD-digits"), precision and recall; its logits give the accuracy on the intended labels.
-
-Weights are always opened with torch.load(weights_only=True) (train_utils.load_checkpoint) before
-torch-fidelity sees them: its own loader unpickles.
-"""
-
-import contextlib
 import glob
 import math
 import os
@@ -39,40 +10,17 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import center_crop_arr, digits_images
-from train_utils import atomic_write, load_checkpoint
+from ditlab.data import center_crop_arr
+from ditlab.features import DIGITS_CLASSIFIER, SPATIAL_CHANNELS, EvaluationError, feature_network
+from ditlab.files import atomic_write
 
-FEATURES = ("inception", "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
-DIGITS_CLASSIFIER = os.path.join("data", "digits_classifier.pt")
-DIGITS_SIZE = 16  # the digits demo's image size
 IS_SPLIT = 5000  # ADM's split size for the Inception Score
 PR_K = 3  # ADM's neighbourhood size for precision and recall
-SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 STAT_SIZES = {"inception": {"mu": 2048, "mu_s": SPATIAL_CHANNELS * 17 * 17}, "digits": {"mu": 128}}
 
-
-def add_network_args(group, features_flag="--features"):
-    """The flags that choose and locate the feature network, shared by evaluate.py (--features),
-    sample_ddp.py (--eval-features) and train.py (--fid-features)."""
-    group.add_argument(features_flag, choices=FEATURES, default="inception",
-                       help="inception: ADM's metrics (FID, sFID, IS, precision, recall); digits: the digits "
-                            "classifier (FD-digits, precision, recall, accuracy; the CPU-sized digits demo)")
-    group.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: downloaded once "
-                            "into torch's hub cache)")
-    group.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
-                       help="the cached digits classifier (trained once, in seconds, when missing)")
-
-
-class EvaluationError(ValueError):
-    """Bad input to the evaluator; the message names the file and says what to do."""
 
 
 #################################################################################
@@ -217,222 +165,6 @@ def open_images(path, image_size=None):
     if source.num < 2:
         raise EvaluationError(f"{path}: {source.num} image(s); the metrics need at least 2 (FID needs a covariance)")
     return source
-
-
-#################################################################################
-#                               Feature networks                                #
-#################################################################################
-
-
-def read_plain_state_dict(path, what):
-    """A {name: tensor} dict from `path`, opened with weights_only=True; anything else is refused."""
-    try:
-        obj = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise EvaluationError(f"{what} {path}: {e}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise EvaluationError(f"{what} {path} is not a plain state dict (a dict of tensors); save one with "
-                              f"torch.save(model.state_dict(), path)")
-    return obj
-
-
-def inception_weights_file(path=None):
-    """The Inception weights file: `path`, or torch-fidelity's release file, downloaded once into torch's
-    hub cache (where torch-fidelity itself keeps it)."""
-    if path is not None:
-        return path
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
-    if not os.path.isfile(cached):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(INCEPTION_URL, cached, progress=True)
-        except Exception as e:
-            raise EvaluationError(f"could not download the Inception weights from {INCEPTION_URL} ({e}); on a machine "
-                                  f"without internet copy that file here and pass --inception-weights PATH") from None
-    return cached
-
-
-def write_random_inception_weights(path, seed=0):
-    """torch-fidelity's InceptionV3 layout with random weights (He-initialised convolutions, so activations
-    keep a usable scale through its 40 layers), saved as a plain state dict: for tests and benchmarks on
-    machines without the real weights. Same network and cost; its scores mean nothing."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-            torch.random.fork_rng():
-        net = tfi.FeatureExtractorInceptionV3("random-inception", ["2048"])
-        torch.manual_seed(seed)
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        nn.init.normal_(net.fc.weight, std=0.05)
-        nn.init.normal_(net.fc.bias, std=1.0)
-    torch.save(net.state_dict(), path)
-    return path
-
-
-class InceptionFeatures(nn.Module):
-    """ADM's three Inception outputs for uint8 images (N, 3, H, W): 'pool' (N, 2048) pool_3, 'spatial'
-    (N, 2023) mixed_6/conv[..., :7] flattened in (H, W, C) order, 'logits' (N, 1008) without the bias."""
-
-    def __init__(self, weights_path=None):
-        super().__init__()
-        import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-        path = inception_weights_file(weights_path)
-        state = read_plain_state_dict(path, "Inception weights")
-        # torch-fidelity loads weights itself (and unpickles them): give it the dict we opened safely.
-        original = tfi.load_state_dict_from_url
-        tfi.load_state_dict_from_url = lambda *args, **kwargs: state
-        try:
-            self.net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-        except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise EvaluationError(f"Inception weights {path} are not an InceptionV3 state dict of torch-fidelity's "
-                                  f"layout ({first}); use weights-inception-2015-12-05-6726825d.pth") from None
-        finally:
-            tfi.load_state_dict_from_url = original
-        self._spatial = None
-        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
-
-    def _keep_spatial(self, module, inputs, output):
-        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()
-
-    @torch.no_grad()
-    def forward(self, images):
-        pool, logits = self.net(images)
-        spatial, self._spatial = self._spatial, None
-        return {"pool": pool, "spatial": spatial, "logits": logits}
-
-
-class DigitsClassifier(nn.Module):
-    """A small CNN for the digits demo's 16 x 16 digits: three convolutions, a 128-d penultimate layer
-    (the features), 10 logits. Input: (N, 1, 16, 16) in [-1, 1]."""
-
-    def __init__(self, width=32, features=128):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1)
-        self.fc = nn.Linear(2 * width * 4 * 4, features)
-        self.head = nn.Linear(features, 10)
-
-    def features(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        return F.relu(self.fc(x.flatten(1)))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def digits_rgb():
-    """(uint8 images (1797, 16, 16, 3), labels (1797,)): scikit-learn's digits exactly as the digits demo
-    trains on them (data.digits_images at 32 x 32, then the ADM center crop to 16), as sample files hold them."""
-    images, labels = digits_images()
-    return np.stack([center_crop_arr(im.convert("RGB"), DIGITS_SIZE) for im in images]), np.asarray(labels)
-
-
-def digits_data():
-    """(images (1797, 1, 16, 16) in [-1, 1], labels): digits_rgb as the classifier's input."""
-    arrays, labels = digits_rgb()
-    return to_gray(torch.from_numpy(arrays).permute(0, 3, 1, 2)), torch.as_tensor(labels)
-
-
-def to_gray(images):
-    """uint8 (N, 3, H, W) -> float (N, 1, H, W) in [-1, 1], the mean of the channels."""
-    return images.float().mean(1, keepdim=True).div(127.5).sub(1.0)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_digits_classifier(epochs=30, seed=0, held_out=360):
-    """Train DigitsClassifier on all but `held_out` digits (a fixed random split), deterministically (one
-    thread, fixed seed; about 10 s on a CPU core). Random shifts of up to 1 pixel make it tolerant of
-    imperfect samples. Returns (model, held-out accuracy)."""
-    images, labels = digits_data()
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels)))
-    test, train = order[:held_out], order[held_out:]
-    with _one_thread(), torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DigitsClassifier()
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(train) / 64))
-        for _ in range(epochs):
-            for idx in train[torch.randperm(len(train))].split(64):
-                x = F.pad(images[idx], (1, 1, 1, 1), value=-1.0)
-                dx, dy = torch.randint(0, 3, (2,)).tolist()
-                x = x[..., dy:dy + DIGITS_SIZE, dx:dx + DIGITS_SIZE]
-                loss = F.cross_entropy(model(x), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-        model.eval()
-        with torch.no_grad():
-            accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
-    return model, accuracy
-
-
-def load_digits_classifier(path=DIGITS_CLASSIFIER):
-    """The cached DigitsClassifier at `path` (a plain-tensor checkpoint, weights_only), trained and
-    written there first when missing."""
-    if not os.path.isfile(path):
-        print(f"training the digits classifier once -> {path}", file=sys.stderr, flush=True)
-        model, accuracy = train_digits_classifier()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "held_out_accuracy": accuracy,
-                                                 "image_size": DIGITS_SIZE}, f))
-        print(f"digits classifier: held-out accuracy {accuracy:.2%}", file=sys.stderr, flush=True)
-    state = read_plain_state_dict(path, "digits classifier")
-    model = DigitsClassifier()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise EvaluationError(f"digits classifier {path} does not fit DigitsClassifier; delete it to retrain") from None
-    return model.eval()
-
-
-class DigitsFeatures(nn.Module):
-    """The digits route's outputs for uint8 images (N, 3, H, W): 'pool' (N, 128) penultimate features and
-    'logits' (N, 10). Images that are not 16 x 16 are ADM-center-cropped to it first."""
-
-    def __init__(self, path=DIGITS_CLASSIFIER):
-        super().__init__()
-        self.net = load_digits_classifier(path)
-
-    @torch.no_grad()
-    def forward(self, images):
-        if images.shape[-2:] != (DIGITS_SIZE, DIGITS_SIZE):
-            from PIL import Image
-
-            arrays = [center_crop_arr(Image.fromarray(a), DIGITS_SIZE) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(images.device)
-        feats = self.net.features(to_gray(images))
-        return {"pool": feats, "spatial": None, "logits": self.net.head(feats)}
-
-
-def feature_network(features="inception", inception_weights=None, digits_classifier=DIGITS_CLASSIFIER):
-    """The feature network by name. Built inside torch.random.fork_rng: creating its layers draws initial
-    weights, which must not move the caller's RNG (train.py's exact resume depends on it)."""
-    if features not in FEATURES:
-        raise EvaluationError(f"unknown feature network {features!r}; choose one of {', '.join(FEATURES)}")
-    with torch.random.fork_rng():
-        return InceptionFeatures(inception_weights) if features == "inception" else DigitsFeatures(digits_classifier)
 
 
 @torch.no_grad()

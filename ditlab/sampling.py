@@ -1,18 +1,4 @@
-"""Sampling helpers shared by sample.py, sample_ddp.py, train.py's sample grids and train_toy.py's
-evaluation: the model flags and their loading (official checkpoints, this repo's checkpoints, bare state
-dicts, diffusers folders), VAE decoding, per-image random generators, and the guided samplers.
-
-Samplers (SAMPLERS): "ddpm" (ancestral, the reference's), "ddim" (eta 0), and two ODE solvers from
-diffusers driven by our model's noise prediction: "dpm-solver++" (DPMSolverMultistepScheduler, 2M,
-algorithm_type dpmsolver++) and "unipc" (UniPCMultistepScheduler, order 2, bh2). The solvers are configured
-from the diffusion's own 1000 betas (trained_betas) and use diffusers' timestep spacing ("linspace") for the
-requested number of steps; the learned-variance channels are dropped, and clip_denoised becomes diffusers'
-thresholding with sample_max_value 1, which is exactly clipping the predicted x0 to [-1, 1].
-
-Randomness: image i of a run uses its own generator seeded from (seed, i), for the starting noise and
-every DDPM step's noise, so an image does not depend on how many others are drawn with it, nor on how
-many processes draw them. DDIM and the ODE solvers add no noise after the start.
-"""
+"""Sampling: load a model for sampling, draw images from it with any sampler, classifier-free guidance."""
 
 import contextlib
 import sys
@@ -20,10 +6,10 @@ import sys
 import numpy as np
 import torch
 
-from cli import COUNT
-from data import VAE_HELP
-from diffusers_dit import solver_scheduler
-from download import PRETRAINED_MODELS, WEIGHTS, load_model
+from ditlab.checkpoints import PRETRAINED_MODELS, WEIGHTS, load_model
+from ditlab.cli import COUNT
+from ditlab.data import VAE_HELP
+from ditlab.diffusers_interop import solver_scheduler
 from models import NORM_LAYERS, DiT_models
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
@@ -157,7 +143,7 @@ def check_sampler(name):
 
 
 def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="linspace"):
-    """The diffusers scheduler of "dpm-solver++" or "unipc" (diffusers_dit.solver_scheduler) configured
+    """The diffusers scheduler of "dpm-solver++" or "unipc" (diffusers_interop.solver_scheduler) configured
     from the diffusion's full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps:
     spacing "linspace" is diffusers' default (999 down to about 1000 / N, then to sigma 0; what DiTPipeline
     does); "respaced" takes the diffusion's own kept timesteps (999 down to 0, as ddpm / ddim; DPM-Solver++
@@ -224,21 +210,19 @@ def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_chan
         fn = model
     if sampler in SOLVERS:
         return _solve(fn, diffusion, x, labels, sampler, guided, clip_denoised, progress, spacing)
-    for i in _steps(list(range(diffusion.num_timesteps))[::-1], progress):
-        x_in = torch.cat([x, x]) if guided else x
-        t = torch.full((len(x_in),), i, device=x.device, dtype=torch.long)
-        if sampler == "ddim":  # eta = 0: deterministic, no noise drawn
-            x = diffusion.ddim_sample(fn, x_in, t, clip_denoised=clip_denoised, model_kwargs=dict(y=labels),
-                                      eta=0.0)["sample"][:n]
-            continue
-        out = diffusion.p_mean_variance(fn, x_in, t, clip_denoised=clip_denoised, model_kwargs=dict(y=labels))
-        mean, log_variance = out["mean"][:n], out["log_variance"][:n]
-        if i > 0:
-            noise = step_noise() if step_noise is not None else torch.randn_like(x_in)[:n]
-            x = mean + torch.exp(0.5 * log_variance) * noise
-        else:
-            x = mean
-    return x
+    # DDPM and DDIM: the reference's loops. Guided, the batch is doubled as in the reference's sample.py
+    # (forward_with_cfg reads only the first half, so the second half's own noise never matters).
+    x_in = torch.cat([x, x]) if guided else x
+    loop = dict(noise=x_in, clip_denoised=clip_denoised, model_kwargs=dict(y=labels), device=x.device,
+                progress=progress)
+    if sampler == "ddim":  # eta = 0: deterministic
+        return diffusion.ddim_sample_loop(fn, tuple(x_in.shape), eta=0.0, **loop)[:n]
+    noise = None
+    if step_noise is not None:
+        def noise(like):
+            drawn = step_noise()
+            return torch.cat([drawn, drawn]) if guided else drawn
+    return diffusion.p_sample_loop(fn, tuple(x_in.shape), step_noise=noise, **loop)[:n]
 
 
 def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",

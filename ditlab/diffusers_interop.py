@@ -1,39 +1,14 @@
-"""DiT weights both ways between this repo and diffusers (DiTTransformer2DModel, DiTPipeline), and the
-diffusers schedulers the ODE samplers use.
-
-    from diffusers_dit import export_pipeline, load_folder, make_exact
-    export_pipeline(model, config, "exports/dit")             # a folder DiTPipeline.from_pretrained loads
-    state_dict, config = load_folder("exports/dit")           # back: bitwise the weights that went in
-    state_dict, config = load_folder(snapshot("facebook/DiT-XL-2-256"))   # the Hub copy of the official model
-
-Key mapping (the one of diffusers' scripts/convert_dit_to_diffusers.py): x_embedder.proj -> pos_embed.proj;
-t_embedder.mlp.0/2 and y_embedder.embedding_table -> transformer_blocks.{i}.norm1.emb.{timestep_embedder.
-linear_1/2, class_embedder.embedding_table}, copied into every block; blocks.{i}.adaLN_modulation.1 ->
-norm1.linear; attn.qkv split in three along dim 0 -> attn1.to_q/to_k/to_v; attn.proj -> attn1.to_out.0;
-mlp.fc1/fc2 -> ff.net.0.proj / ff.net.2; final_layer.adaLN_modulation.1 -> proj_out_1; final_layer.linear ->
-proj_out_2. pos_embed is not stored by diffusers (a non-persistent buffer): it is recomputed on import, as
-the model's own initialisation computes it.
-
-Numerics: diffusers' DiT is not exactly the original. Its timestep embedding divides the frequencies by
-half - 1 (downscale_freq_shift=1, hard-coded in CombinedTimestepLabelEmbeddings) instead of half, and
-the LayerNorm before the MLP uses the config's norm_eps (default 1e-5; the original 1e-6). Exports write
-norm_eps 1e-6, which diffusers honours at load time; the frequency shift is not a config key, so
-`make_exact(transformer)` sets it (and norm_eps) on a loaded model. Import always gives the original DiT.
-
-diffusers' DiT has LayerNorm in every block and a label table with a null row: only layer-norm models
-export; a model without a null class (class dropout 0) gets a zero null row, dropped again on import
-(dit_config.json, written next to model_index.json, records this repo's config and which weights).
-"""
+"""diffusers interop: our DiT <-> diffusers' DiTTransformer2DModel, pipelines, solver schedulers."""
 
 import json
 import os
 
 import torch
 
-from data import LATENT_SCALE, load_vae, vae_source
 from diffusion import create_diffusion
+from ditlab.checkpoints import load_checkpoint
+from ditlab.data import LATENT_SCALE, load_vae, vae_source
 from models import DIT_SIZES, DiT_models, get_2d_sincos_pos_embed
-from train_utils import load_checkpoint
 
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the Hub's DiT says Transformer2DModel
 META_FILE = "dit_config.json"

@@ -1,25 +1,4 @@
-"""Embedding outliers in DiT: capture, per-layer statistics and plots.
-
-The LayerNorm study (seed 000) observed that a trained DiT writes one or a few huge values into its
-token embeddings, always in the same channel, apparently to carry scale information past the
-LayerNorm in front of every attention and MLP. This module measures that, for any DiT of models.py:
-
-* Capture. `EmbeddingRecorder` is a `capture` callback for `DiT.forward`. It reduces every captured
-  tensor ("embed", "block.0" ... "block.<depth-1>", "final") to a few numbers the moment it is seen
-  and keeps only the full vectors of the tokens it was asked to keep, so memory stays flat whatever
-  the depth. `analyze_model` runs it on a batch noised (q_sample) to several timesteps.
-* Statistics. Each is a small function of a tensor whose last axis is channels and whose other axes
-  are tokens (e.g. (N, T, D) = all tokens of a batch): `max_abs`, `median_abs`, `max_median_ratio`,
-  `channel_rms`, `rms_kurtosis`, `massive_mask`, `top_channels`, `argmax_counts`, `dominant_channel`,
-  and `summarize_channels` for how consistently one channel holds the largest value across tokens,
-  layers and timesteps.
-* Plots (PNG, through the Agg canvas, no pyplot state): the study's grid of one token per layer,
-  per-layer curves of max-median ratio and kurtosis with several models overlaid, a layers x channels
-  heatmap of channel RMS, and outlier magnitude against the timestep. They read plain dicts (the same
-  layout as stats.json) so they can also be redrawn from a saved stats.json.
-
-Medians are lower medians (torch.median): for an even count, the smaller of the two middle values.
-"""
+"""Outlier statistics of token embeddings (massive activations) and their plots."""
 
 import math
 from collections import Counter
@@ -29,8 +8,8 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # Massive activations (Sun et al., 2024, "Massive Activations in Large Language Models"): an entry is
 # massive when |x| > MASSIVE_ABS and |x| > MASSIVE_RATIO * (median |x| over the whole captured tensor).

@@ -1,0 +1,69 @@
+"""What a toy run does between steps: the probe and sampled evaluations of the raw and EMA weights."""
+
+import json
+import os
+import time
+
+import torch
+
+from ditlab.distributed import barrier
+from ditlab.files import append_jsonl
+from ditlab.sampling import denoise
+from ditlab.toy.probe import probe
+from ditlab.toy.task import TOY_CHANNELS, TOY_IMAGE_SIZE, sample_error
+
+
+@torch.no_grad()
+def draw_samples(model, diffusion, num, seed, device, sampler="ddpm"):
+    """`num` samples from fixed noise and a fixed sampler RNG, without touching the global RNG."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        noise = torch.randn(num, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE, device=device)
+        y = torch.zeros(num, dtype=torch.long, device=device)
+        return denoise(model, diffusion, noise, y, sampler, clip_denoised=True)
+
+
+def run_probe(trainer, args, step):
+    """The per-timestep probe (ditlab.toy.probe) of the raw and the EMA weights: rows {"kind": "timestep", ...}
+    appended to metrics.jsonl, embedding statistics to embeddings.jsonl."""
+    t0, errors = time.time(), {}
+    for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
+        per_t, embeddings = probe(model, trainer.diffusion, args.probe_samples)
+        tag = dict(step=step, weights=weights)
+        append_jsonl(os.path.join(trainer.run_dir, "metrics.jsonl"),
+                     [dict(kind="timestep", **tag, normalization=args.normalization, seed=args.global_seed,
+                           num_samples=args.probe_samples, **row) for row in per_t])
+        append_jsonl(os.path.join(trainer.run_dir, "embeddings.jsonl"), [{**tag, **row} for row in embeddings])
+        errors[weights] = {row["t"]: row["eps_rel_error"] for row in per_t}
+    shown = " ".join(f"t={t}: {errors['ema'][t]:.2e}" for t in (0, 10, 100, 999) if t in errors["ema"])
+    trainer.logger.info(f"probe step {step}: EMA eps_rel_error {shown} ({time.time() - t0:.2f}s)")
+
+
+def evaluate(trainer, sampler_diffusion, args, step):
+    """Probe (run_probe) at every evaluation and every --probe-every steps; at --eval-steps also sample with
+    the raw and the EMA weights, append metrics.jsonl and save samples_<step>.pt."""
+    if trainer.dist.is_main and (step in args.eval_steps or (args.probe_every and step % args.probe_every == 0)):
+        run_probe(trainer, args, step)
+    if step not in args.eval_steps:
+        return
+    if trainer.dist.is_main:
+        saved, t0 = {}, time.time()
+        for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
+            was_training = model.training
+            model.eval()
+            samples = draw_samples(model, sampler_diffusion, args.num_eval_samples, args.global_seed + 12345,
+                                   trainer.dist.device, args.sampler).cpu()
+            model.train(was_training)
+            saved[weights] = samples
+            row = dict(step=step, weights=weights, normalization=args.normalization, num_samples=len(samples),
+                       sampling_steps=sampler_diffusion.num_timesteps, sampler=args.sampler, seed=args.global_seed,
+                       model=args.model,
+                       **sample_error(samples))
+            with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"kind": "sample", **row}) + "\n")
+            trainer.logger.info(f"eval step {step} {weights}: rms {row['rms']:.3e} mean|x| {row['mean_abs']:.3e} "
+                                f"max|x| {row['max_abs']:.3e} ({row['max_abs_8bit']:.3f} 8-bit levels)")
+        torch.save(saved, os.path.join(trainer.run_dir, f"samples_{step}.pt"))
+        trainer.logger.info(f"evaluation took {time.time() - t0:.1f}s")
+    barrier()

@@ -1,0 +1,237 @@
+"""Toy study figures."""
+
+import matplotlib.pyplot as plt
+
+from ditlab.toy.readers import (
+    GROWTH_TIMESTEPS,
+    LABELS,
+    PROBE_METRICS,
+    eval_steps,
+    first_seed_runs,
+    last_probe,
+    load_config,
+    load_metrics,
+    load_samples,
+    outlier_growth,
+)
+
+COLORS = {"layer-norm": "tab:red", "none": "tab:blue"}
+
+
+#################################################################################
+#                                  Plots and tables                             #
+#################################################################################
+
+
+def plot_scatter(ax, runs, step, weights="ema"):
+    """Channel 0 vs channel 1 of every pixel of every sample, one colour per variant, symmetric limits."""
+    limit = 0.0
+    clouds = []
+    for run_dir in runs:
+        s = load_samples(run_dir, step, weights)
+        clouds.append((float((s.double() ** 2).mean().sqrt()), load_config(run_dir)["normalization"], s))
+    for rms, norm, s in sorted(clouds, key=lambda c: -c[0]):  # widest cloud first, so none is hidden
+        c0, c1 = s[:, 0].flatten().numpy(), s[:, 1].flatten().numpy()
+        ax.scatter(c0, c1, s=6, alpha=0.6, color=COLORS.get(norm), label=f"{LABELS.get(norm, norm)} (RMS {rms:.1e})")
+        limit = max(limit, float(s.abs().max()))
+    limit = 1.1 * limit or 1e-3
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_aspect("equal")
+    ax.axhline(0, color="0.8", lw=0.5, zorder=0)
+    ax.axvline(0, color="0.8", lw=0.5, zorder=0)
+    ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    ax.set_title(f"step {step:,} ({weights} weights)")
+    ax.set_xlabel("channel 0")
+    ax.set_ylabel("channel 1")
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def plot_compare(runs, path, weights="ema"):
+    """The study's figure: one scatter panel per evaluated step, all variants of one seed together."""
+    steps = eval_steps(runs[0])
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.4 * len(steps), 4.8), squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        plot_scatter(ax, runs, step, weights)
+    fig.suptitle("Toy DiT samples (target: all zeros). Each point is one pixel of 100 samples.", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_error_curves(runs, path=None, error="rms", ax=None):
+    """Error against training step for every run (raw dashed, EMA solid), log scale."""
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    for run_dir in runs:
+        cfg = load_config(run_dir)
+        rows = load_metrics(run_dir)
+        for weights, style in (("ema", "-"), ("raw", "--")):
+            pts = sorted((r["step"], r[error]) for r in rows if r["weights"] == weights)
+            ax.plot(*zip(*pts), style, marker="o", color=COLORS.get(cfg["normalization"]),
+                    label=f"{LABELS.get(cfg['normalization'], cfg['normalization'])} seed {cfg['global_seed']} {weights}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{error} of sampled pixels")
+    ax.axhline(1 / 127.5, color="0.5", lw=0.8, ls=":", label="one 8-bit level")
+    ax.legend(fontsize=6)
+    if own:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+
+def plot_timestep_errors(runs, path=None):
+    """The probe's errors against the timestep (log-log, t + 1 on the x axis), one colour per variant, one
+    line per seed, EMA solid and raw dashed, at each run's last probe. Saved to `path`, or returned."""
+    fig, axes = plt.subplots(1, len(PROBE_METRICS), figsize=(5 * len(PROBE_METRICS), 4))
+    for ax, (metric, label) in zip(axes, PROBE_METRICS.items()):
+        for run in runs:
+            cfg = load_config(run)
+            for weights, style in (("ema", "-"), ("raw", "--")):
+                rows = last_probe(run, weights)
+                if rows:
+                    ts = sorted(rows)
+                    ax.plot([t + 1 for t in ts], [rows[t][metric] for t in ts], style, marker=".",
+                            color=COLORS.get(cfg["normalization"]), label=f"{LABELS.get(cfg['normalization'], cfg['normalization'])} "
+                            f"s{cfg['global_seed']} {weights} (step {rows[ts[0]]['step']})")
+        if metric == "x0_rmse":
+            ax.axhline(1 / 127.5, color="0.5", lw=0.8, ls=":", label="one 8-bit level")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep t + 1")
+        ax.set_title(label, fontsize=9)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Per-timestep precision of the denoiser (fixed noise, x0 = 0, no sampling)", fontsize=10)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_outlier_growth(runs, path, timesteps=GROWTH_TIMESTEPS, weights="raw"):
+    """Per-block max |x|, max/median ratio and channel-RMS kurtosis of the token embeddings against the
+    training step (first seed of each variant), one column per timestep; darker = later block. Raw weights
+    by default: the EMA lags about 1 / (1 - decay) steps behind, which would date the outlier late."""
+    metrics = ("max_abs", "max_median_ratio", "rms_kurtosis")
+    fig, axes = plt.subplots(len(metrics), len(timesteps), figsize=(3.6 * len(timesteps), 2.7 * len(metrics)), squeeze=False)
+    for run in first_seed_runs(runs):
+        norm = load_config(run)["normalization"]
+        for row, metric in enumerate(metrics):
+            curves = outlier_growth(run, weights, metric)
+            layers = sorted({layer for layer, _ in curves}, key=lambda n: int(n.split(".")[1]))
+            for col, t in enumerate(timesteps):
+                for i, layer in enumerate(layers):
+                    if (layer, t) in curves:
+                        axes[row][col].plot(*zip(*curves[(layer, t)]), color=COLORS.get(norm),
+                                            alpha=0.35 + 0.65 * (i + 1) / len(layers), lw=1,
+                                            label=f"{LABELS.get(norm, norm)} {layer}")
+    for row, metric in enumerate(metrics):
+        for col, t in enumerate(timesteps):
+            ax = axes[row][col]
+            ax.set_yscale("log")
+            ax.set_title(f"{metric}, t = {t}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("training step", fontsize=7)
+    axes[0][0].legend(fontsize=5)
+    fig.suptitle(f"Outliers in the token embeddings over training ({weights} weights, x0 = 0 noised to t)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_mechanism(result, path):
+    """Left: signal/outlier at every norm input against t. Middle: LayerNorm eps error against the largest
+    ratio over layers (one point per t). Right: LayerNorm / no-LayerNorm error ratio against it."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for layer, e in result["layers"].items():
+        ts = sorted(int(t) for t in e["signal_to_outlier"])
+        axes[0].plot([t + 1 for t in ts], [e["signal_to_outlier"][str(t)] for t in ts], marker=".",
+                     lw=2.5 if layer == "max over layers" else 1, color="k" if layer == "max over layers" else None, label=layer)
+    axes[0].set(xscale="log", yscale="log", xlabel="timestep t + 1", ylabel="|signal| / outlier at the norm input")
+    axes[0].legend(fontsize=6)
+    top = result["layers"]["max over layers"]
+    ts = [t for t in sorted(result["error"]) if str(t) in top["signal_to_outlier"]]
+    ratio = [top["signal_to_outlier"][str(t)] for t in ts]
+    panels = [(axes[1], [result["error"][t] for t in ts], "LayerNorm eps error", "signal_to_outlier_vs_error")]
+    if result["none_error"]:
+        panels.append((axes[2], [result["error"][t] / result["none_error"][t] for t in ts],
+                       "eps error LayerNorm / no LayerNorm", "signal_to_outlier_vs_gap"))
+    for ax, ys, ylabel, corr in panels:
+        ax.scatter(ratio, ys, color="tab:red")
+        for t, x, y in zip(ts, ratio, ys):
+            ax.annotate(f"t={t}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        r, rho = top[corr]
+        ax.set(xscale="log", yscale="log", xlabel="largest |signal| / outlier over norm inputs", ylabel=ylabel,
+               title=f"log Pearson {r:+.2f}, Spearman {rho:+.2f}")
+    if not result["none_error"]:
+        axes[2].set_axis_off()
+    fig.suptitle(f"Does the LayerNorm model's per-t error track its signal/outlier ratio? (seed {result['seed']}, "
+                 f"{result['weights']} weights)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_trajectories(summary, path, weights="ema"):
+    """One panel per cell: the probe error (geometric mean over t >= 10) against the training step, a line
+    per variant and seed (LayerNorm red, no LayerNorm blue), log error against linear steps; the raw
+    weights' curves as thin faint lines (the EMA lags them)."""
+    names = list(summary["cells"])
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        tr = summary["cells"][name]["trajectory"][weights]
+        for norm, color in (("layer-norm", "tab:red"), ("none", "tab:blue")):
+            raw = summary["cells"][name]["trajectory"].get("raw", {}).get("curves", {}).get(norm, {})
+            for i, (_, curve) in enumerate(sorted(raw.items())):
+                ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, lw=0.6, alpha=0.35,
+                        label=f"{LABELS.get(norm, norm)}, raw" if i == 0 else None)
+            for i, (seed, curve) in enumerate(sorted(tr["curves"].get(norm, {}).items())):
+                ax.plot([s for s, _ in curve], [e for _, e in curve], color=color, marker=".", lw=1, alpha=0.8,
+                        ls="-" if i == 0 else "--", label=f"{LABELS.get(norm, norm)}, seed {seed}")
+        ax.set(yscale="log", title=name, xlabel="training step")
+        ax.grid(True, which="both", alpha=0.2)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("eps error, geo. mean over t >= 10")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Probe error during training (fixed noise, no sampling; markers: EMA, faint: raw weights): "
+                 "does the LayerNorm gap grow?", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_sweep(summary, path):
+    """Left: final sample RMS ratio per cell (a dot per seed, a bar at the ratio of the means). Right:
+    per-t eps error ratio against t, a line per cell with the per-seed range shaded."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = list(summary["cells"])
+    for i, name in enumerate(names):
+        cell = summary["cells"][name]
+        left.scatter([i] * len(cell["ema"]["per_seed_ratios"]), cell["ema"]["per_seed_ratios"], color="tab:red", zorder=3)
+        left.scatter([i + 0.2] * len(cell["raw"]["per_seed_ratios"]), cell["raw"]["per_seed_ratios"], color="0.5",
+                     marker="x", zorder=3, label="raw, per seed" if i == 0 else None)
+        left.hlines(cell["ema"]["ratio"], i - 0.25, i + 0.25, color="tab:red", lw=2,
+                    label="EMA: ratio of means (dots: per seed)" if i == 0 else None)
+        rows = [r for r in cell["timesteps"] if "ratio" in r]
+        ts = [r["t"] + 1 for r in rows]
+        line, = right.plot(ts, [r["ratio"] for r in rows], marker=".", label=name)
+        right.fill_between(ts, [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows], color=line.get_color(),
+                           alpha=0.15)
+    left.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.axhline(1, color="0.5", lw=0.8, ls=":")
+        ax.legend(fontsize=7)
+    left.set_ylabel("final sample RMS, LayerNorm / no LayerNorm")
+    right.set(xscale="log", xlabel="timestep t + 1", ylabel="eps error, LayerNorm / no LayerNorm (EMA)")
+    fig.suptitle("Where is the LayerNorm gap large? (> 1: LayerNorm worse; spread over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
