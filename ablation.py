@@ -26,12 +26,11 @@ import sys
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from ditlab.checkpoints import load_checkpoint
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
 from ditlab.evaluation import Evaluator
-from ditlab.features import DIGITS_CLASSIFIER, digits_rgb
+from ditlab.features import DIGITS_CLASSIFIER, real_digits
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.readers import final_loss, load_config, load_metrics
@@ -103,15 +102,16 @@ def finished_digits_run(results_dir, variant, seed, steps):
     return run if run and load_checkpoint(run, mmap=True)["step"] >= steps else None
 
 
-def run_digits(variants, seeds, steps, parallel, results_dir, log_dir):
-    """The digits demo for every variant and seed (ditlab/jobs.py, logs only), skipping finished runs; returns
+def run_digits(args, results_dir, log_dir):
+    """The digits demo for every --variants and --seeds at --digits-steps, --parallel at a time (ditlab/jobs.py, logs only), skipping finished runs; returns
     [(variant, seed, run directory)]."""
+    variants, seeds, steps = args.variants, args.seeds, args.digits_steps
     todo = [(v, s) for s in seeds for v in variants if not finished_digits_run(results_dir, v, s, steps)]
     cmds = [[sys.executable, "train.py", "--demo", "--normalization", v, "--global-seed", str(s), "--max-steps",
              str(steps), "--results-dir", results_dir, "--sample-every", "0"] for v, s in todo]
     print(f"[ablation] digits demo: {len(cmds)} runs of {steps} steps "
           f"({len(variants) * len(seeds) - len(cmds)} already done)", flush=True)
-    run_jobs(cmds, parallel, log_dir)
+    run_jobs(cmds, args.parallel, log_dir)
     return [(v, s, finished_digits_run(results_dir, v, s, steps)) for s in seeds for v in variants]
 
 
@@ -139,13 +139,12 @@ def score_digits(runs, args, sample_root, log_dir):
 
 
 def real_digits_floor(args, seed=0):
-    """The metrics of real digits against the same reference: a random set of --quality-samples of the
-    1,797 digits (drawn with replacement when more are asked for), the floor a perfect model would reach."""
-    images, labels = digits_rgb()
-    idx = np.random.default_rng(seed).choice(len(labels), args.quality_samples, replace=args.quality_samples > len(labels))
+    """The metrics of real digits against the same reference: --quality-samples of the 1,797 digits
+    (features.real_digits: classes balanced, without replacement), the floor a perfect model would reach."""
+    images, labels = real_digits(args.quality_samples, seed)
     evaluator = Evaluator(args.digits_ref, features="digits", digits_classifier=args.digits_classifier, device="cpu",
                           progress=False)
-    return evaluator(images[idx], labels[idx])
+    return evaluator(images, labels)
 
 
 QUALITY = ("fd_digits", "precision", "recall", "accuracy")
@@ -310,8 +309,7 @@ def main(argv=None):
         toy = toy_table(runs)
         plot_toy(runs, os.path.join(args.out, "toy_errors.png"))
     if not args.skip_digits:
-        runs = run_digits(args.variants, args.seeds, args.digits_steps, args.parallel,
-                          os.path.join(args.out, "digits-runs"), os.path.join(args.out, "logs"))
+        runs = run_digits(args, os.path.join(args.out, "digits-runs"), os.path.join(args.out, "logs"))
         scores = score_digits(runs, args, os.path.join(args.out, "samples"), os.path.join(args.out, "logs", "quality"))
         quality, floor = quality_table(runs, scores), real_digits_floor(args)
         plot_quality(quality, floor, args.variants, os.path.join(args.out, "digits_quality.png"))

@@ -86,9 +86,10 @@ def shard_seed(global_seed, k):
 
 
 @torch.no_grad()
-def encode_shard(vae, folder, start, end, args, device, stop=()):
-    """Latents (n, 2, C, h, w) and labels (n,) of images start..end-1; None when `stop` turned true
+def encode_shard(vae, folder, span, args, device, stop=()):
+    """Latents (n, 2, C, h, w) and labels (n,) of images span = (start, end): start..end-1; None when `stop` turned true
     between two batches (a stop signal: the shard is redone by the next run)."""
+    start, end = span
     loader = DataLoader(BothFlips(folder, start, end), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
                         worker_init_fn=ignore_stop_signals)
@@ -110,7 +111,7 @@ def shard_entry(k, shard_size, n):
     return dict(file=f"shard-{k:05d}.pt", start=start, count=end - start)
 
 
-def encode_my_shards(vae, folder, shards, args, d, stop, t0, check_bad_images):
+def encode_my_shards(vae, folder, shards, args, d, *, stop=(), t0=None, check_bad_images=lambda: None):
     """Encode and save this rank's shards that are not on disk yet (every world_size-th). Returns False
     when a stop signal came first (the shard in progress is dropped and redone by the next run)."""
     for k, shard in enumerate(shards):
@@ -118,7 +119,7 @@ def encode_my_shards(vae, folder, shards, args, d, stop, t0, check_bad_images):
         if k % d.world_size != d.rank or os.path.isfile(path):
             continue
         start, end = shard["start"], shard["start"] + shard["count"]
-        encoded = encode_shard(vae, folder, start, end, args, d.device, stop)
+        encoded = encode_shard(vae, folder, (start, end), args, d.device, stop)
         if encoded is None:
             return False
         latents, labels = encoded
@@ -176,7 +177,7 @@ def main(argv=None):
         folder.bad_images_file = os.path.join(args.latents_dir, "bad_images.txt")
         bad = BadImages(folder.bad_images_file, args.max_bad_images, print)
         with StopFlag() as stop:
-            finished = encode_my_shards(vae, folder, shards, args, d, stop, t0, bad.check)
+            finished = encode_my_shards(vae, folder, shards, args, d, stop=stop, t0=t0, check_bad_images=bad.check)
         if not finished:
             print(f"[rank {d.rank}] {stop.name} received: stopped between batches; the shards written so far are "
                   f"kept, rerun the same command to finish (exit code {PREEMPTED_EXIT})", flush=True)

@@ -29,6 +29,7 @@ import argparse
 import glob
 import os
 import sys
+from types import SimpleNamespace
 import time
 import zipfile
 
@@ -159,14 +160,15 @@ def create_npz(folder, num, path, labels=None):
     return path
 
 
-def draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, args, d):
-    """Draw this process's batches and save the images still missing (`todo`); returns how many were
-    written. A stop signal ends it after the batch in progress, its images saved, with PREEMPTED_EXIT."""
-    written = 0
+def draw_batches(mine, todo, folder, sampler, args):
+    """Draw this process's batches and save the images still missing (`todo`); `sampler` holds the model,
+    its diffusion, VAE, config, guidance scale and the process's DistInfo. Returns how many images were written. A stop signal ends it after the batch in progress, its images saved, with PREEMPTED_EXIT."""
+    written, d = 0, sampler.dist
     with StopFlag() as stop:
         for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
-            images, _ = draw_images(model, diffusion, indices, args.global_seed, vae,
-                                    config.get("latent_scale", LATENT_SCALE), cfg_scale, args.cfg_channels, args.sampler)
+            images, _ = draw_images(sampler.model, sampler.diffusion, indices, args.global_seed, sampler.vae,
+                                    sampler.config.get("latent_scale", LATENT_SCALE), sampler.cfg_scale,
+                                    args.cfg_channels, args.sampler)
             for index, image in zip(indices, images):
                 if index in todo:
                     save_png(png_path(folder, index), image)
@@ -231,7 +233,8 @@ def main(argv=None):
     mine = batches_to_draw(missing, num, batch_size)[d.rank::d.world_size]
 
     start = time.time()
-    written = draw_batches(mine, todo, folder, model, diffusion, vae, config, cfg_scale, args, d)
+    sampler = SimpleNamespace(model=model, diffusion=diffusion, vae=vae, config=config, cfg_scale=cfg_scale, dist=d)
+    written = draw_batches(mine, todo, folder, sampler, args)
     total = torch.tensor([written], dtype=torch.long, device=d.device)
     if dist.is_initialized():
         dist.all_reduce(total)

@@ -43,6 +43,7 @@ from diffusion import create_diffusion
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
 from ditlab.distributed import DistInfo
 from ditlab.files import atomic_write
+from ditlab.sampling import denoise
 from ditlab.trainer import COMPILE_MODES, PRECISIONS, Trainer
 from models import DIT_SIZES, DiT, DiT_models, build_model
 
@@ -100,7 +101,7 @@ class PeerDiT(nn.Module):
         from diffusers import DiTTransformer2DModel
 
         d, heads = config["hidden_size"], config["num_heads"]
-        self.in_channels = config["in_channels"]
+        self.in_channels, self.num_classes = config["in_channels"], config["num_classes"]
         self.net = DiTTransformer2DModel(
             num_attention_heads=heads, attention_head_dim=d // heads, in_channels=self.in_channels,
             out_channels=2 * self.in_channels if config["learn_sigma"] else self.in_channels,
@@ -343,7 +344,7 @@ def bench_training(args, device, setting, flops_per_image, peak_tflops):
 
 
 def bench_sampling(args, device, precision, forward_flops_per_image, peak_tflops):
-    """Images/s of N-step DDPM sampling, without and/or with guidance (--sample-guidance), for ours and
+    """Images/s of N-step DDPM sampling through sampling.denoise (what sample.py runs), without and/or with guidance (--sample-guidance), for ours and
     the peer. Model FLOPs per image: steps x forward, twice that with guidance (the batch is doubled)."""
     diffusion = create_diffusion(timestep_respacing=str(args.sample_steps))
     models = {}
@@ -354,15 +355,8 @@ def bench_sampling(args, device, precision, forward_flops_per_image, peak_tflops
     x, y = random_batch(args, device, n)
 
     def loop(impl, cfg):
-        def run():
-            model = models[impl]
-            if cfg:
-                y2 = torch.cat([y, torch.full_like(y, 1000)])
-                diffusion.p_sample_loop(model.forward_with_cfg, (2 * n, *x.shape[1:]), torch.cat([x, x]),
-                                        clip_denoised=False, model_kwargs=dict(y=y2, cfg_scale=args.cfg_scale),
-                                        device=device)
-            else:
-                diffusion.p_sample_loop(model, x.shape, x, clip_denoised=False, model_kwargs=dict(y=y), device=device)
+        def run():  # the loop sample.py runs (sampling.denoise: the reference's p_sample_loop, doubled for cfg)
+            denoise(models[impl], diffusion, x, y, "ddpm", cfg_scale=args.cfg_scale if cfg else 1.0)
         return run
 
     rows = []
@@ -399,7 +393,7 @@ def toy_setting(args):
 
 def bench_toy(args, device):
     """Training steps/s of the toy study's preset (paper on a GPU, cpu otherwise), both variants."""
-    from toy import PRESETS, TOY_MODEL, zero_batches
+    from ditlab.toy.task import PRESETS, TOY_MODEL, zero_batches
 
     name = args.toy_preset or ("paper" if device.type == "cuda" else "cpu")
     preset = PRESETS[name]
@@ -444,8 +438,9 @@ def ratio_cell(row):
     return f"{row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})" if "ratio" in row else "-"
 
 
-def report(args, device, header, train_rows, sample_rows, toy_rows, peaks):
-    """The run as a markdown section: header lines and one table per benchmark."""
+def report(args, device, header, rows, peaks):
+    """The run as a markdown section: header lines and one table per benchmark (rows: train, sample, toy)."""
+    train_rows, sample_rows, toy_rows = rows["train"], rows["sample"], rows["toy"]
     lines = [f"## {header['date']} | {header['device']}", "",
              f"- versions: {header['versions']}; torch threads: {header['threads']}; commit: {header['commit']}",
              f"- command: `{header['command']}`",
@@ -609,7 +604,7 @@ def main(argv=None):
         print("toy preset ...", flush=True)
         toy_rows = bench_toy(args, device)
         dump()
-    section = report(args, device, header, train_rows, sample_rows, toy_rows, peaks)
+    section = report(args, device, header, dict(train=train_rows, sample=sample_rows, toy=toy_rows), peaks)
     print("\n" + section)
     if args.record:
         record(args.record, section)

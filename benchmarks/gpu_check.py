@@ -39,7 +39,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 from benchmarks.records import device_name, git_commit, record, versions
+from ditlab.jobs import run_jobs
 
 PARTS = ("tests", "train", "xl-train", "xl-sample", "toy")
 
@@ -91,94 +91,48 @@ def install_wheels(wheel_dir, env):
     return f"installed {len(wheels)} carried wheels from {wheel_dir} for this check"
 
 
+def read_text(path):
+    """A log's text ("" when it does not exist yet)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def run_part(name, cmd, budget, log_dir, env):
-    """Run one command with a time limit, its output teed to the console and <log_dir>/<name>.log.
-    Returns (exit code or 'timeout', seconds, output)."""
+    """Run one command through the job runner with a time limit, its output teed to the console and
+    <log_dir>/<name>.log. Returns (exit code or 'timeout', seconds, output)."""
     if budget < MIN_PART_SECONDS:
         print(f"\n=== {name}: skipped, {budget:.0f} s left of the check's time limit", flush=True)
         return "skipped", 0.0, ""
     print(f"\n=== {name}: {shlex.join(cmd)}  (limit {budget:.0f} s)", flush=True)
-    start = time.perf_counter()
-    lines = []
-    with open(os.path.join(log_dir, f"{name}.log"), "a") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            deadline = start + budget
-            for line in iter_lines(proc, deadline):
-                print("  | " + line, end="", flush=True)
-                log.write(line)
-                lines.append(line)
-            rc = proc.wait(timeout=max(1, deadline - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            rc = "timeout"
-        except BaseException:  # Ctrl-C: the part runs in its own session, so stop it here
-            kill_group(proc)
-            raise
+    log = os.path.join(log_dir, f"{name}.log")
+    start, before = time.perf_counter(), len(read_text(log))
+    (rc,) = run_jobs([cmd], 1, log_dir, tags=[name], env=env, names=[name], append=True, timeout=budget, check=False)
     seconds = time.perf_counter() - start
     print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)
-    return rc, seconds, "".join(lines)
+    return rc, seconds, read_text(log)[before:]
 
 
 def run_concurrently(name, cmds, budget, log_dir, env):
-    """Run `cmds` at the same time, each logging to <log_dir>/<name>-<i>.log, under one time limit.
-    Returns (0, the first non-zero exit code, or 'timeout'; seconds). Prints each log when done."""
+    """Run `cmds` at the same time through the job runner, each logging to <log_dir>/<name>-<i>.log, under one
+    time limit. Returns (0, the first non-zero exit code, or 'timeout'; seconds). Prints each log when done."""
     if budget < MIN_PART_SECONDS:
         print(f"\n=== {name}: skipped, {budget:.0f} s left of the check's time limit", flush=True)
         return "skipped", 0.0
     print(f"\n=== {name}: {len(cmds)} processes at once (limit {budget:.0f} s)", flush=True)
-    start, procs, logs = time.perf_counter(), [], []
     for i, cmd in enumerate(cmds):
         print(f"  {i}: {shlex.join(cmd)}", flush=True)
-        logs.append(open(os.path.join(log_dir, f"{name}-{i}.log"), "w"))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-    rc = 0
-    try:
-        for proc in procs:
-            try:
-                code = proc.wait(timeout=max(1.0, start + budget - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            rc = rc or code
-    finally:
-        for proc in procs:
-            kill_group(proc)
-    for log in logs:
-        log.close()
-        with open(log.name) as f:
-            print("".join("  | " + line for line in f), end="", flush=True)
+    start, names = time.perf_counter(), [f"{name}-{i}" for i in range(len(cmds))]
+    codes = run_jobs(cmds, len(cmds), log_dir, env=env, names=names, timeout=budget, check=False)
+    rc = next((code for code in codes if code), 0)
+    for log in names:
+        print("".join("  | " + line for line in read_text(os.path.join(log_dir, f"{log}.log")).splitlines(True)),
+              end="", flush=True)
     seconds = time.perf_counter() - start
     print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)
     return rc, seconds
-
-
-def kill_group(proc):
-    """Kill a part's whole process group: the part if it still runs, and anything it left behind (compile
-    workers, data-loader workers)."""
-    try:
-        os.killpg(proc.pid, 9)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def iter_lines(proc, deadline):
-    """Lines of proc's output until it closes; TimeoutExpired once `deadline` passes (checked per line and
-    by a watchdog thread that kills the process group, so a silent hang cannot block the read)."""
-    def watchdog():
-        while proc.poll() is None:
-            if time.perf_counter() > deadline:
-                kill_group(proc)
-                return
-            time.sleep(0.5)
-
-    threading.Thread(target=watchdog, daemon=True).start()
-    for line in proc.stdout:
-        yield line
-    if time.perf_counter() > deadline:
-        raise subprocess.TimeoutExpired(proc.args, deadline)
 
 
 class Budget(dict):

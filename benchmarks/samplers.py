@@ -40,7 +40,7 @@ from diffusion import create_diffusion
 from ditlab.checkpoints import load_model
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
 from ditlab.evaluation import Evaluator
-from ditlab.features import DIGITS_CLASSIFIER, digits_data
+from ditlab.features import DIGITS_CLASSIFIER, real_digits
 from ditlab.sampling import SAMPLERS, SOLVERS, denoise, image_generators, sample_images, to_rgb, to_uint8
 from ditlab.toy.task import sample_error
 
@@ -130,15 +130,13 @@ def score_digits(evaluator, x, y):
 
 
 def real_digits_rows(evaluator, args):
-    """Real digits scored like the samples: per seed, --per-class digits of every class drawn without
-    replacement (features.digits_data, the demo's 16 x 16 crops): the metrics' floor at this count."""
-    images, labels = digits_data()
+    """Real digits scored like the samples: per seed, --per-class digits of every class
+    (features.real_digits, the demo's 16 x 16 crops, without replacement): the metrics' floor at this count."""
     rows = []
     for seed in args.digits_seeds:
-        rng = np.random.default_rng(seed)
-        idx = np.concatenate([rng.choice(np.flatnonzero(labels.numpy() == c), args.per_class, replace=False)
-                              for c in range(10)])
-        rows.append(dict(seed=seed, **score_digits(evaluator, images[idx], labels[idx])))
+        images, labels = real_digits(10 * args.per_class, seed)
+        metrics = evaluator(images, labels)
+        rows.append(dict(seed=seed, **{k: metrics[k] for k in DIGITS_METRICS}))
     print("digits real digits: " + ", ".join(f"{k} {np.mean([r[k] for r in rows]):.3f}" for k in DIGITS_METRICS),
           file=sys.stderr, flush=True)
     return rows

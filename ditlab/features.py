@@ -139,6 +139,22 @@ def digits_rgb():
     return np.stack([center_crop_arr(im.convert("RGB"), DIGITS_SIZE) for im in images]), np.asarray(labels)
 
 
+def real_digits(num, seed=0):
+    """The real-digit floor's images: `num` of the 1,797 digits as uint8 (num, 16, 16, 3) with their labels,
+    the classes as balanced as `num` allows (num // 10 each, the remainder to the first classes), drawn
+    without replacement within each class (with replacement only for a class asked for more digits than it
+    has). A perfect model's samples score like these; ablation.py and benchmarks/samplers.py both use it."""
+    images, labels = digits_rgb()
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        want = num // 10 + (c < num % 10)
+        picks.append(rng.choice(members, want, replace=want > len(members)))
+    idx = np.concatenate(picks)
+    return images[idx], labels[idx]
+
+
 def digits_data():
     """(images (1797, 1, 16, 16) in [-1, 1], labels): digits_rgb as the classifier's input."""
     arrays, labels = digits_rgb()

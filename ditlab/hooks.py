@@ -1,5 +1,6 @@
 """What a training run does between steps: EMA sample grids and FID of the EMA model."""
 
+import contextlib
 import json
 import math
 import os
@@ -20,13 +21,14 @@ from ditlab.sampling import denoise, draw_images
 
 
 @torch.no_grad()
-def sample_grid(model, diffusion, labels, noise, cfg_scale, null_class, clip_denoised, autocast, sampler="ddpm"):
+def sample_grid(model, diffusion, labels, noise, *, cfg_scale=1.0, null_class=None, clip_denoised=False, autocast=None,
+                sampler="ddpm"):
     """Samples of `model` from fixed `noise` for `labels` (sampling.denoise: classifier-free guidance
     with the null class, the model's last label row, when cfg_scale > 1). DDPM uses (and must run inside
     a fork of) the global RNG."""
-    if cfg_scale > 1 and null_class != model.num_classes:
+    if cfg_scale > 1 and null_class not in (None, model.num_classes):
         raise ValueError(f"the null class of this model is {model.num_classes}, not {null_class}")
-    with autocast:
+    with autocast or contextlib.nullcontext():
         out = denoise(model, diffusion, noise, labels, sampler, cfg_scale, clip_denoised=clip_denoised)
     return out.float()
 
@@ -51,8 +53,8 @@ def make_sample_hook(trainer, args, vae, tensorboard):
                 torch.manual_seed(args.global_seed)
                 noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, device=device)
                 labels = torch.arange(n, device=device) % num_classes
-                x = sample_grid(ema, diffusion, labels, noise, cfg_scale, num_classes, vae is None, trainer.autocast(),
-                                args.sample_sampler)
+                x = sample_grid(ema, diffusion, labels, noise, cfg_scale=cfg_scale, null_class=num_classes,
+                                clip_denoised=vae is None, autocast=trainer.autocast(), sampler=args.sample_sampler)
                 if vae is not None:
                     with torch.no_grad():
                         x = vae.decode(x / args.latent_scale).sample.float()
@@ -74,10 +76,11 @@ def make_sample_hook(trainer, args, vae, tensorboard):
     return hook
 
 
-def draw_fid_samples(ema, diffusion, args, vae, d, autocast):
+def draw_fid_samples(trainer, diffusion, args, vae):
     """This process's share of the FID images: the fixed batches [k*B, (k+1)*B) of the --fid-num-samples
     indices, dealt out to the ranks; image i from its own generator (sampling.image_generators), so the
     set of images is the same for any number of processes. Returns (indices, uint8 images, labels)."""
+    ema, d, autocast = trainer.ema, trainer.dist, trainer.autocast
     n, b = args.fid_num_samples, args.fid_batch_size
     mine = [range(s, min(s + b, n)) for s in range(0, n, b)][d.rank::d.world_size]
     cfg_scale = args.fid_cfg_scale if args.class_dropout_prob > 0 else 1.0
@@ -111,7 +114,7 @@ def make_fid_hook(trainer, args, vae, tensorboard):
     def hook(step):
         t0 = time.time()
         with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
-            indices, images, labels = draw_fid_samples(trainer.ema, diffusion, args, vae, d, trainer.autocast)
+            indices, images, labels = draw_fid_samples(trainer, diffusion, args, vae)
             feats = extract_features(ArrayImages(images), net, device=d.device, progress=False) if indices else None
         shares = gather_objects((indices, feats, labels))
         if d.is_main:

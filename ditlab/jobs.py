@@ -1,4 +1,7 @@
-"""The one job runner: run command lines as parallel subprocesses, each with its own log."""
+"""The one job runner: command lines as subprocesses, at most `parallel` at a time, each with its own log,
+optionally under one time limit (then each job runs in its own process group, killed whole at the deadline).
+The studies (toy_study.py, sweep.py, ablation.py) train their runs through it; benchmarks/gpu_check.py runs
+its parts through it."""
 
 import os
 import subprocess
@@ -6,12 +9,12 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: jobs run from there
 
 
-def _pump(proc, log_path, tag):
+def _pump(proc, log_path, tag, append):
     """Copy a job's output to its log file and, when tagged, to the console as "[tag] line"."""
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         for line in proc.stdout:
             log.write(line)
             log.flush()
@@ -29,37 +32,67 @@ def log_tail(path, lines=15):
         return ""
 
 
-def run_jobs(commands, parallel, log_dir, tags=None):
-    """Run every command (an argv list, run from the repository root) with at most `parallel` at a time.
-    `tags[i]` (optional) prefixes job i's echoed lines; untagged jobs only log to <log_dir>/job<i>.log.
-    Returns when all succeeded; raises SystemExit naming the first job that failed."""
+def kill_group(proc):
+    """Kill a job's whole process group: the job if it still runs, and anything it left behind (compile
+    workers, data-loader workers)."""
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _start(cmd, log_path, tag, env, options):
+    """Start one job with its output pumped into its log; returns (proc, pump thread)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=options["timeout"] is not None)
+    pump = threading.Thread(target=_pump, args=(proc, log_path, tag, options["append"]), daemon=True)
+    pump.start()
+    return proc, pump
+
+
+def run_jobs(commands, parallel, log_dir, tags=None, **options):
+    """Run every command (an argv list, run from the repository root, OMP_NUM_THREADS=1 unless `env` says
+    otherwise) with at most `parallel` at a time. Job i logs to <log_dir>/<names[i]>.log (default job<i>);
+    `tags[i]` echoes its lines to the console as "[tag] line".
+
+    Options: env (the environment), names, append (add to existing logs), timeout (seconds for all jobs
+    together; a job still running then is killed with its process group and reported as "timeout"),
+    check (default True: raise SystemExit naming the first job that fails, stopping the others; False:
+    return every job's exit code, in order)."""
+    options = {"env": None, "names": None, "append": False, "timeout": None, "check": True, **options}
     os.makedirs(log_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    pending, running = list(enumerate(commands)), []
+    env = options["env"] or {**os.environ, "OMP_NUM_THREADS": "1"}
+    deadline = None if options["timeout"] is None else time.perf_counter() + options["timeout"]
+    names = options["names"] or [f"job{i}" for i in range(len(commands))]
+    pending, running, codes = list(enumerate(commands)), [], [None] * len(commands)
     try:
         while pending or running:
             while pending and len(running) < parallel:
                 i, cmd = pending.pop(0)
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1)
-                log_path = os.path.join(log_dir, f"job{i}.log")
-                pump = threading.Thread(target=_pump, args=(proc, log_path, tags[i] if tags else None), daemon=True)
-                pump.start()
-                running.append((i, proc, pump, log_path))
+                log_path = os.path.join(log_dir, f"{names[i]}.log")
+                running.append((i, *_start(cmd, log_path, tags[i] if tags else None, env, options), log_path))
                 if not tags:
                     print(f"  started: {' '.join(cmd[1:])}", flush=True)
             for item in list(running):
                 i, proc, pump, log_path = item
-                if proc.poll() is None:
+                if proc.poll() is None and (deadline is None or time.perf_counter() < deadline):
                     continue
+                if proc.poll() is None:  # past the deadline
+                    kill_group(proc)
+                    codes[i] = "timeout"
+                else:
+                    codes[i] = proc.returncode
+                    if deadline is not None:
+                        kill_group(proc)  # what it left behind
                 pump.join()
                 running.remove(item)
-                if proc.returncode:
-                    raise SystemExit(f"job failed (exit {proc.returncode}): {' '.join(commands[i])}\n"
+                if codes[i] and options["check"]:
+                    raise SystemExit(f"job failed (exit {codes[i]}): {' '.join(commands[i])}\n"
                                      f"last lines of {log_path}:\n{log_tail(log_path)}")
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         for _, proc, _, _ in running:  # a failure or Ctrl-C: do not leave the other jobs running
             if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
+                kill_group(proc) if deadline is not None else (proc.terminate(), proc.wait())
+    return codes

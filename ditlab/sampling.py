@@ -8,7 +8,7 @@ import torch
 
 from ditlab.checkpoints import PRETRAINED_MODELS, WEIGHTS, load_model
 from ditlab.cli import COUNT
-from ditlab.data import VAE_HELP
+from ditlab.data import LATENT_SCALE, VAE_HELP
 from ditlab.diffusers_interop import solver_scheduler
 from models import NORM_LAYERS, DiT_models
 
@@ -175,7 +175,7 @@ def _steps(steps, progress):
     return tqdm(steps, desc="sampling", file=sys.stderr)
 
 
-def _solve(fn, diffusion, x, y, sampler, guided, clip_denoised, progress, spacing):
+def _solve(fn, diffusion, x, y, sampler, *, guided=False, clip_denoised=False, progress=False, spacing="linspace"):
     """An ODE solve from x (N, C, H, W) with a diffusers scheduler; fn(x_in, t, y) is the (guided) model."""
     n, c = x.shape[:2]
     scheduler = make_solver(sampler, diffusion, clip_denoised, device=x.device, spacing=spacing)
@@ -209,7 +209,8 @@ def denoise(model, diffusion, x, labels, sampler="ddpm", cfg_scale=1.0, cfg_chan
     else:
         fn = model
     if sampler in SOLVERS:
-        return _solve(fn, diffusion, x, labels, sampler, guided, clip_denoised, progress, spacing)
+        return _solve(fn, diffusion, x, labels, sampler, guided=guided, clip_denoised=clip_denoised, progress=progress,
+                      spacing=spacing)
     # DDPM and DDIM: the reference's loops. Guided, the batch is doubled as in the reference's sample.py
     # (forward_with_cfg reads only the first half, so the second half's own noise never matters).
     x_in = torch.cat([x, x]) if guided else x
@@ -241,8 +242,8 @@ def sample_images(model, diffusion, labels, generators, cfg_scale=1.0, cfg_chann
                    spacing=spacing)
 
 
-def draw_images(model, diffusion, indices, seed, vae, latent_scale, cfg_scale=1.0, cfg_channels=None, sampler="ddpm",
-                autocast=None):
+def draw_images(model, diffusion, indices, seed, vae=None, latent_scale=LATENT_SCALE, cfg_scale=1.0, cfg_channels=None,
+                sampler="ddpm", autocast=None):
     """Images `indices` of a run seeded `seed` (sample_ddp.py's set, train.py's FID set): each one's label and
     noise from its own generator, sampled (inside `autocast`, when given), decoded, as uint8 (N, H, W, 3)
     with their labels (a list). Pixel-space models (vae None) are clipped to [-1, 1] as they sample."""

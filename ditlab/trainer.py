@@ -1,6 +1,7 @@
 """The training loop (Trainer): AdamW, EMA, precision and compile modes, exact checkpoints and resume."""
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -112,14 +113,14 @@ class Trainer:
     (use torch.random.fork_rng) so that resumed runs stay exact.
     """
 
-    def __init__(self, model, diffusion, *, dist_info, run_dir, logger, config, lr=1e-4, weight_decay=0.0,
+    def __init__(self, model, diffusion, *, dist_info, run_dir=None, logger=None, config=None, lr=1e-4, weight_decay=0.0,
                  ema_decay=0.9999, grad_clip=None, precision="fp32", compile=False, lr_schedule=None):
         if precision not in PRECISIONS:
             raise SystemExit(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.dist = dist_info
         self.run_dir = run_dir
-        self.logger = logger
-        self.config = config
+        self.logger = logger or logging.getLogger("ditlab.trainer")
+        self.config = config or {}
         self.diffusion = diffusion
         self.ema_decay = ema_decay
         self.grad_clip = grad_clip
@@ -225,10 +226,14 @@ class Trainer:
         """Train from self.step to max_steps on `batches` (an iterator of (x, y) on the device,
         already positioned at self.step). Checkpoints every `ckpt_every` steps and at the end."""
         with self.stop:
-            return self._fit(batches, max_steps, log_every, ckpt_every, hooks, tensorboard, extra_state)
+            return self._fit(batches, max_steps, dict(log_every=log_every, ckpt_every=ckpt_every, hooks=hooks,
+                                                      tensorboard=tensorboard, extra_state=extra_state))
 
-    def _fit(self, batches, max_steps, log_every, ckpt_every, hooks, tensorboard, extra_state):
-        """The loop of `fit`; returns True when max_steps was reached, False after a stop signal."""
+    def _fit(self, batches, max_steps, options):
+        """The loop of `fit` (its keyword arguments in `options`); returns True when max_steps was reached,
+        False after a stop signal."""
+        log_every, ckpt_every, hooks = options["log_every"], options["ckpt_every"], options["hooks"]
+        tensorboard, extra_state = options["tensorboard"], options["extra_state"]
         start_step, start_time = self.step, time.time()
         last_step, last_time = self.step, start_time
         running_loss = torch.zeros((), device=self.dist.device)

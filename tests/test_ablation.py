@@ -71,7 +71,7 @@ def test_quality_table_and_summary_give_mean_and_range_over_seeds(tmp_path, monk
 
 
 def test_real_digits_floor_scores_real_digits_as_near_perfect(tmp_path, digits_classifier):
-    import data
+    from ditlab import data
 
     ref = data.write_digits_folder(str(tmp_path / "digits"))
     args = argparse.Namespace(quality_samples=300, digits_ref=ref, digits_classifier=digits_classifier)

@@ -346,7 +346,7 @@ def digits_npz(tmp_path, name, rng, count=200, noise=False):
 def test_digits_route_separates_real_digits_from_noise(tmp_path, digits_classifier, capsys):
     rng = np.random.default_rng(9)
     ref = str(tmp_path / "digits")
-    import data
+    from ditlab import data
     data.write_digits_folder(ref)  # the demo's 32 x 32 folder: center-cropped to 16 by the digits route
     real, noise = digits_npz(tmp_path, "real.npz", rng), digits_npz(tmp_path, "noise.npz", rng, noise=True)
     out = str(tmp_path / "m.json")

@@ -1,0 +1,80 @@
+"""The README cannot rot: every command it shows names a script, module or make target that exists, and
+every flag it passes is one that command's --help lists (so a renamed or removed flag fails here)."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+    """The command lines of the README's code blocks: (kind, target, argv) for `python SCRIPT ...`,
+    `python -m MODULE ...`, `torchrun ... SCRIPT ...` and `make TARGET ...`."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:
+                continue
+            words = [w for w in words if not re.fullmatch(r"[A-Z_]+=.*", w)]  # VAR=value prefixes
+            if not words:
+                continue
+            if words[0] in ("python", "python3"):
+                if words[1:2] == ["-m"]:
+                    commands.append(("module", words[2], words[3:]))
+                elif len(words) > 1 and words[1].endswith(".py"):
+                    commands.append(("script", words[1], words[2:]))
+            elif words[0] == "torchrun":
+                script = next((w for w in words[1:] if w.endswith(".py")), None)
+                if script:
+                    commands.append(("script", script, words[words.index(script) + 1:]))
+            elif words[0] == "make":
+                commands.append(("make", words[1] if len(words) > 1 else "", []))
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_the_main_commands():
+    targets = {target for kind, target, _ in COMMANDS}
+    assert {"toy", "test"} <= targets and "train.py" in targets and "sample.py" in targets
+
+
+_HELP = {}
+
+
+def help_text(kind, target):
+    if (kind, target) not in _HELP:
+        cmd = [sys.executable, target, "--help"] if kind == "script" else [sys.executable, "-m", target, "--help"]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}"
+        _HELP[kind, target] = out.stdout
+    return _HELP[kind, target]
+
+
+@pytest.mark.parametrize("kind,target,argv", [c for c in COMMANDS if c[0] != "make"],
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_readme_command_flags_exist(kind, target, argv):
+    if kind == "script":
+        assert os.path.isfile(os.path.join(ROOT, target)), f"the README runs {target}, which does not exist"
+    text = help_text(kind, target)
+    for flag in [a.split("=")[0] for a in argv if a.startswith("--")]:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{target} has no flag {flag}"
+
+
+def test_readme_make_targets_exist():
+    for kind, target, _ in COMMANDS:
+        if kind == "make":
+            out = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, f"make {target}: {out.stderr}"
