@@ -254,12 +254,12 @@ def peak_tflops(precision, device):
 def peak_memory_probe(args, impl, setting):
     """Peak memory of a few training steps. GPU: measured in-process by the caller. CPU: a fresh
     subprocess reports its peak RSS above its RSS after start-up, so earlier work does not count."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", f"{impl}:{setting}", "--model", args.model,
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--probe", f"{impl}:{setting}", "--model", args.model,
            "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--device", "cpu"]
     for key in ("depth", "hidden_size", "num_heads", "threads"):
         if getattr(args, key):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]

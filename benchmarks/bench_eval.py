@@ -69,8 +69,8 @@ def child_stats(args):
 
 
 def run_child(kind, extra):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    cmd = [sys.executable, "-m", "benchmarks.bench_eval", "--child", kind, *extra]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=7200)
     if out.returncode:
         raise SystemExit(f"{kind} benchmark failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

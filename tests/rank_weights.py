@@ -1,7 +1,9 @@
 """Test helper (not a command): run a training script, e.g. under torchrun, and have every rank save its own
 weights to <run>/rank<r>-weights.pt ({"initial", "model", "ema"}), so DDP tests can compare the ranks.
 
-    python -m torch.distributed.run --nproc_per_node=2 -m tests.rank_weights train_toy.py FLAGS...
+    python -m torch.distributed.run --nproc_per_node=2 tests/rank_weights.py train_toy.py FLAGS...
+
+It imports ditlab from the installed package (make setup installs it in editable mode).
 
 It wraps ditlab.trainer.Trainer (the initial weights when it is built, the final ones after fit) and runs
 the script as __main__; the scripts themselves carry no test-only flag."""

@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_sample import TINY, one_thread, random_model, same_weights  # noqa: F401 (one_thread: autouse fixture)
 
-import analyze_embeddings
 import export_diffusers
 import sample
 import sample_ddp
 from diffusion import create_diffusion
 from ditlab import checkpoints, diffusers_interop, sampling
+from ditlab.analysis import load_for_analysis
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_hub_layout_and_hf_prefix(tmp_path, vae_dir, monkeypatch):
     assert len(calls) == 2 and "transformer/diffusion_pytorch_model.bin" in calls[1][1]  # .bin only in this copy
     assert not any("fp16" in p or p.startswith("vae/") and p.endswith(".bin") for p in calls[1][1])
     # The other --ckpt users take folders too.
-    assert same_weights(analyze_embeddings.load_checkpoint(folder)[0], ema)
+    assert same_weights(load_for_analysis(folder)[0], ema)
     npz = sample_ddp.main(["--ckpt", folder, "--num-fid-samples", "2", "--num-sampling-steps", "2", "--sample-dir",
                            str(tmp_path / "ddp"), "--sampler", "ddim"]) + ".npz"
     assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)

@@ -292,7 +292,9 @@ def test_sample_images_per_image_randomness(tmp_path, normalization, sampler):
 
     batch = draw(range(4))
     assert batch.shape == (4, 3, 8, 8) and torch.isfinite(batch).all() and batch.abs().max() <= 1
-    torch.testing.assert_close(draw([2]), batch[2:3], rtol=1e-5, atol=1e-6)
+    # Alone or in a batch, the model's float32 matmuls round differently; the multistep solvers carry that
+    # rounding along (3e-6 seen on a 2-core CPU, already at 72aa15f). Different noise would differ by O(1).
+    torch.testing.assert_close(draw([2]), batch[2:3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(draw(range(4)), batch, rtol=0, atol=0)  # global RNG plays no part
     assert not torch.allclose(batch[1], batch[3])  # same label, different noise
     assert not torch.allclose(draw(range(4), cfg_scale=1.0), batch)

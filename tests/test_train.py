@@ -164,7 +164,7 @@ def test_train_with_local_vae_writes_a_rebuildable_checkpoint(tmp_path, image_fo
 
 
 def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_dir, digits_classifier):
-    out = torchrun(29531, "-m", "tests.rank_weights", "train.py", *TINY, "--data-path", image_folder,
+    out = torchrun(29531, os.path.join("tests", "rank_weights.py"), "train.py", *TINY, "--data-path", image_folder,
                    "--results-dir", str(tmp_path), "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1",
                    *fid_flags(image_folder, digits_classifier, every=1))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -182,7 +182,7 @@ def test_torchrun_two_processes(tmp_path):
     """Two gloo ranks: the same initial weights on both and as a single process (the init does not depend
     on the world size), and every rank's EMA and weights equal after training (the EMA starts from the
     broadcast weights on every rank, not only on rank 0)."""
-    helper = ["-m", "tests.rank_weights"]  # every rank saves its weights
+    helper = [os.path.join("tests", "rank_weights.py")]  # every rank saves its weights
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", *helper,
            "train_toy.py", *TINY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path / "two")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

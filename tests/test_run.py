@@ -1,0 +1,56 @@
+"""Tests for ditlab/run.py, the run skeleton of train.py and train_toy.py: the lr schedule against its closed
+form, the shared flags and their old names, configs written before the flags were shared, and a resume
+that names a run of the other trainer."""
+
+import json
+import math
+import os
+
+import pytest
+
+import train
+import train_toy
+from ditlab.run import lr_multiplier, upgrade_config
+
+
+def test_lr_multiplier_matches_the_closed_form():
+    assert lr_multiplier("constant", 0, 100) is None  # nothing to schedule: the optimiser's lr is left alone
+    warm = lr_multiplier("constant", 4, 100)
+    assert [warm(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = lr_multiplier("cosine", 10, 110)
+    for step in (10, 35, 60, 85, 109):
+        assert cos(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 10) / 100)), abs=1e-15)
+    assert cos(60) == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match="lr-schedule"):
+        lr_multiplier("linear", 0, 10)
+
+
+def test_both_trainers_take_the_same_names():
+    toy, _ = train_toy.parse_args(["--max-steps", "7", "--lr-schedule", "constant", "--warmup-steps", "0"])
+    old, _ = train_toy.parse_args(["--steps", "7"])  # the study's old name
+    assert toy.max_steps == old.max_steps == 7 and toy.lr_schedule == "constant"
+    img, explicit = train.parse_args(["--steps", "5", "--lr-schedule", "cosine", "--warmup-steps", "2",
+                                      "--eval-every", "3", "--fid-ref", os.path.abspath(__file__)])
+    assert (img.max_steps, img.lr_schedule, img.warmup_steps, img.fid_every) == (5, "cosine", 2, 3)
+    assert {"max_steps", "fid_every"} <= explicit
+
+
+def test_old_toy_configs_are_upgraded():
+    old = {"script": "train_toy.py", "steps": 12_000, "normalization": "none"}
+    assert upgrade_config(old) == {"script": "train_toy.py", "max_steps": 12_000, "normalization": "none"}
+    image = {"script": "train.py", "max_steps": 8, "epochs": 2}
+    assert upgrade_config(image) == image
+
+
+TOY = ["--preset", "cpu", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "8",
+       "--steps", "2", "--eval-steps", "2", "--num-eval-samples", "4", "--sampling-steps", "5", "--probe-samples", "4",
+       "--probe-every", "0", "--threads", "1"]
+
+
+def test_a_resume_of_the_other_trainers_run_is_refused_without_touching_it(tmp_path):
+    run = train_toy.main([*TOY, "--results-dir", str(tmp_path)])
+    before = {name: open(os.path.join(run, name), "rb").read() for name in ("config.json", "log.txt")}
+    with pytest.raises(SystemExit, match=r"written by train_toy.py.*python train_toy.py --resume"):
+        train.main(["--resume", run])
+    assert {name: open(os.path.join(run, name), "rb").read() for name in before} == before
+    assert json.load(open(os.path.join(run, "config.json")))["script"] == "train_toy.py"
