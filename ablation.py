@@ -31,6 +31,7 @@ from ditlab.checkpoints import load_checkpoint
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
 from ditlab.evaluation import Evaluator
 from ditlab.features import DIGITS_CLASSIFIER, real_digits
+from ditlab.files import provenance
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.readers import final_loss, load_config, load_metrics
@@ -240,7 +241,7 @@ def quality_lines(quality, floor, args):
 
 
 def write_summary(out, toy, digits, args, quality=None, floor=None):
-    lines = ["# Normalization ablation", "",
+    lines = ["# Normalization ablation", "", provenance(), "",
              f"Variants: {', '.join(args.variants)}; toy seeds {args.seeds} (the `make toy` CPU preset); "
              f"digits demo {args.digits_steps} steps per variant and seed (seeds {args.seeds}).", ""]
     if toy:

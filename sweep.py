@@ -1,6 +1,6 @@
 """The sweep (`make sweep`): where is the LayerNorm gap large?
 
-LayerNorm vs no LayerNorm, one factor at a time around the CPU preset of the toy study (toy.SWEEP_CELLS):
+LayerNorm vs no LayerNorm, one factor at a time around the CPU preset of the toy study (ditlab.toy.sweep.SWEEP_CELLS):
 the preset itself, constant lr 1e-4 (the study's) and constant lr 1e-3 beside the cosine schedule, width
 128, batch 1024 and twice the training steps, two seeds per cell (and, asked for by name, steps4x: four
 times the steps, near the study's 50k). Every run is train_toy.py (through ditlab/jobs.py, one thread each,

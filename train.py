@@ -1,14 +1,14 @@
 """Train a class-conditional latent DiT (Peebles & Xie, 2023), on one process or many (torchrun).
 
-    python train.py                                             # the digits demo: ~10 min on 2 CPU cores
+    python train.py                                             # the digits demo: ~23 min on one idle core
     torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /data/imagenet/train
     torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --latents-dir latents/in256 --precision bf16 --compile
     python train.py --resume results/000-DiT-XL-2-layer-norm    # continue a run exactly where it stopped
 
 Demo: `python train.py` alone writes scikit-learn's 8x8 digits once as an ImageFolder (data/digits/),
 trains a small pixel-space DiT on them through the same code path as ImageNet (settings: DEMO below) and
-ends with an EMA sample grid, one column per digit, at results/<run>/samples/0008000.png (about 9.5
-minutes on 2 idle CPU cores). `--demo` with other flags changes its settings.
+ends with an EMA sample grid, one column per digit, at results/<run>/samples/0008000.png (about 23
+minutes: 8,000 steps at ~5.8 steps/s on one thread of an idle core). `--demo` with other flags changes its settings.
 
 Data: --data-path is an ImageFolder tree (DIR/<class>/<image>). Images are ADM-center-cropped to
 --image-size, mirrored at random (unless --no-flip), scaled to [-1, 1] and encoded by the Stable Diffusion VAE (--vae ema |

@@ -19,7 +19,7 @@ The reference every sampler is compared with is 250-step DDPM: keep "ddpm" and 2
 and steps.
 Time per image: the sampling call of one batch over its size (one process, this machine's threads).
 Writes docs/figures/samplers_toy.png, docs/figures/samplers_digits.png (and samplers_digits_grid.png:
-one image per class for a few settings, same starting noise), docs/samplers.md and --out/samplers.json.
+one image per class for a few settings, same starting noise), docs/results/samplers.md and --out/samplers.json.
 """
 
 import argparse
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--grid-only", action="store_true", help="only the digits sample grid (docs/figures/...grid.png)")
     p.add_argument("--out", default="results/samplers", help="folder for samplers.json")
     p.add_argument("--figures", default="docs/figures")
-    p.add_argument("--record", default="docs/samplers.md", help="markdown report ('' to skip)")
+    p.add_argument("--record", default="docs/results/samplers.md", help="markdown report ('' to skip)")
     return p.parse_args(argv)
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import sys
 import tempfile
 
 
@@ -46,3 +47,40 @@ def append_jsonl(path, rows):
     """Append dicts to a JSON-lines file."""
     with open(path, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def provenance(argv=None):
+    """One markdown line saying what wrote a report: the command, the commit (and whether the tree had
+    changes), the machine (CPU model and core count, or the GPU) and the date. Every study report starts
+    with it, so a table is never separated from the run that measured it."""
+    import datetime
+    import platform
+    import shlex
+    import subprocess
+
+    import torch
+
+    argv = sys.argv if argv is None else argv
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        machine = f"{cpu}, {os.cpu_count()} cores"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"_Written by `python {shlex.join(argv)}` at commit {commit} on {machine}, {date}._"

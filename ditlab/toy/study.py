@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+from ditlab.files import provenance
 from ditlab.jobs import run_jobs
 from ditlab.toy.plots import (
     LABELS,
@@ -88,6 +89,8 @@ def write_report(runs, out, outlier_stats=None):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     text = format_markdown(summary, load_config(runs[0]))
+    title, rest = text.split("\n", 1)
+    text = f"{title}\n\n{provenance()}\n{rest}"
     if lines:
         text += "\n".join(lines) + "\n"
     if outlier_stats:

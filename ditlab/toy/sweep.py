@@ -6,6 +6,7 @@ import os
 import statistics
 import sys
 
+from ditlab.files import provenance
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.plots import plot_sweep, plot_trajectories
@@ -174,7 +175,7 @@ def trajectory_summary(runs, weights="ema", t_min=10):
 def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
     """summary.md of the sweep: the sample-error table and the per-t eps error ratio table."""
     first = next(iter(summary["cells"].values()))
-    lines = ["# Sweep: where is the LayerNorm gap large?", "",
+    lines = ["# Sweep: where is the LayerNorm gap large?", "", provenance(), "",
              "LayerNorm vs no LayerNorm, one factor at a time around the CPU preset (DiT-XS/1 at depth 2, width 64, "
              "batch 256, AdamW lr 1e-3 with 200 warm-up steps and cosine decay, EMA 0.999). Sample errors: RMS of "
              f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step {first.get('sampler', 'ddpm')}, target 0) at the last step, mean "
