@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import download
 import sample
 import sample_ddp
 from diffusion import create_diffusion
@@ -232,6 +233,22 @@ def test_official_name_downloads_once(fake_server):
     with pytest.raises(RuntimeError, match="could not download"):  # not on the server
         checkpoints.find_model("DiT-XL-2-512x512.pt")
     assert not os.path.exists(os.path.join(checkpoints.PRETRAINED_DIR, "DiT-XL-2-512x512.pt"))
+
+
+def test_download_command_prefetches_and_says_what_failed(fake_server, capsys):
+    """download.py (the README's pre-fetch): the named file lands in PRETRAINED_DIR, checked as a plain
+    state dict; a file the server lacks is a one-line error naming it; an unknown name is refused."""
+    server, model = fake_server
+    download.main(["DiT-XL-2-256x256.pt"])
+    local = os.path.join(checkpoints.PRETRAINED_DIR, "DiT-XL-2-256x256.pt")
+    assert f"DiT-XL-2-256x256.pt: {local}" in capsys.readouterr().out
+    assert torch.equal(torch.load(local, weights_only=True)["x_embedder.proj.weight"],
+                       model.state_dict()["x_embedder.proj.weight"])
+    with pytest.raises(SystemExit, match="could not download .*DiT-XL-2-512x512.pt"):
+        download.main([])  # both: the 256 file is there, the 512 one is not on the server
+    with pytest.raises(SystemExit):
+        download.main(["DiT-XL-2-1024x1024.pt"])
+    assert "not an official file" in capsys.readouterr().err
 
 
 class FailingResponse(io.BytesIO):
