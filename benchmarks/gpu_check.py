@@ -46,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 from benchmarks.records import device_name, git_commit, record, versions
-from ditlab.jobs import run_jobs
+from ditlab.jobs import read_log, run_jobs
 
 PARTS = ("tests", "train", "xl-train", "xl-sample", "toy")
 
@@ -91,15 +91,6 @@ def install_wheels(wheel_dir, env):
     return f"installed {len(wheels)} carried wheels from {wheel_dir} for this check"
 
 
-def read_text(path):
-    """A log's text ("" when it does not exist yet)."""
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def run_part(name, cmd, budget, log_dir, env):
     """Run one command through the job runner with a time limit, its output teed to the console and
     <log_dir>/<name>.log. Returns (exit code or 'timeout', seconds, output)."""
@@ -108,11 +99,11 @@ def run_part(name, cmd, budget, log_dir, env):
         return "skipped", 0.0, ""
     print(f"\n=== {name}: {shlex.join(cmd)}  (limit {budget:.0f} s)", flush=True)
     log = os.path.join(log_dir, f"{name}.log")
-    start, before = time.perf_counter(), len(read_text(log))
+    start, before = time.perf_counter(), len(read_log(log))
     (rc,) = run_jobs([cmd], 1, log_dir, tags=[name], env=env, names=[name], append=True, timeout=budget, check=False)
     seconds = time.perf_counter() - start
     print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)
-    return rc, seconds, read_text(log)[before:]
+    return rc, seconds, read_log(log)[before:]
 
 
 def run_concurrently(name, cmds, budget, log_dir, env):
@@ -128,7 +119,7 @@ def run_concurrently(name, cmds, budget, log_dir, env):
     codes = run_jobs(cmds, len(cmds), log_dir, env=env, names=names, timeout=budget, check=False)
     rc = next((code for code in codes if code), 0)
     for log in names:
-        print("".join("  | " + line for line in read_text(os.path.join(log_dir, f"{log}.log")).splitlines(True)),
+        print("".join("  | " + line for line in read_log(os.path.join(log_dir, f"{log}.log")).splitlines(True)),
               end="", flush=True)
     seconds = time.perf_counter() - start
     print(f"=== {name}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after {seconds:.0f} s", flush=True)

@@ -1,8 +1,12 @@
-"""Files: atomic writes, JSON and JSON-lines helpers."""
+"""Files: atomic writes, JSON and JSON-lines helpers, and the provenance line of study reports."""
 
 import contextlib
+import datetime
 import json
 import os
+import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 
@@ -53,12 +57,7 @@ def provenance(argv=None):
     """One markdown line saying what wrote a report: the command, the commit (and whether the tree had
     changes), the machine (CPU model and core count, or the GPU) and the date. Every study report starts
     with it, so a table is never separated from the run that measured it."""
-    import datetime
-    import platform
-    import shlex
-    import subprocess
-
-    import torch
+    import torch  # lazily: the rest of this module needs no torch
 
     argv = sys.argv if argv is None else argv
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,13 +23,18 @@ def _pump(proc, log_path, tag, append):
                 sys.stdout.flush()
 
 
-def log_tail(path, lines=15):
-    """The last lines of a log file, for an error message."""
+def read_log(path):
+    """A job's log ("" when it does not exist yet)."""
     try:
         with open(path) as f:
-            return "".join(f.readlines()[-lines:])
+            return f.read()
     except OSError:
         return ""
+
+
+def log_tail(path, lines=15):
+    """The last lines of a log file, for an error message."""
+    return "".join(read_log(path).splitlines(keepends=True)[-lines:])
 
 
 def kill_group(proc):
@@ -94,5 +99,9 @@ def run_jobs(commands, parallel, log_dir, tags=None, **options):
     finally:
         for _, proc, _, _ in running:  # a failure or Ctrl-C: do not leave the other jobs running
             if proc.poll() is None:
-                kill_group(proc) if deadline is not None else (proc.terminate(), proc.wait())
+                if deadline is not None:
+                    kill_group(proc)
+                else:
+                    proc.terminate()
+                    proc.wait()
     return codes
