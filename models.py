@@ -5,7 +5,8 @@ that the official pretrained checkpoints load unchanged (same parameter names an
 things this repository studies:
 
 * ``normalization``: the LayerNorm in every block (and in the final layer) can be swapped for another
-  layer from ``NORM_LAYERS`` ("none" = identity). Everything else stays the same.
+  layer from ``NORM_LAYERS`` ("none" = identity; "dyt" and "derf" are point-wise functions). Everything
+  else stays the same.
 * ``capture``: ``forward(..., capture=fn)`` calls ``fn(name, tokens)`` with the token embeddings after
   the patch embedding ("embed"), after every block ("block.0" ... "block.<depth-1>") and after the final
   layer ("final"), so that embedding outliers can be measured without editing the model. When
@@ -122,6 +123,20 @@ class DynamicTanh(nn.Module):
         return torch.tanh(self.alpha * x)
 
 
+class DynamicErf(nn.Module):
+    """Dynamic erf, Derf (Chen et al. 2025, "Stronger Normalization-Free Transformers"): erf(alpha * x + s)
+    with two learnable scalars, alpha (init 0.5) and the shift s (init 0). The paper's per-channel outer
+    gamma/beta are left out as DiT's norms have no affine; the adaLN modulation scales and shifts after it."""
+
+    def __init__(self, dim, alpha_init=0.5, shift_init=0.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+        self.shift = nn.Parameter(torch.full((1,), float(shift_init)))
+
+    def forward(self, x):
+        return torch.erf(self.alpha * x + self.shift)
+
+
 # Each entry builds the normalization used before attention, before the MLP and in the final layer.
 # To add a variant, add one line here (and a parameter-free variant needs nothing else).
 NORM_LAYERS = {
@@ -129,12 +144,14 @@ NORM_LAYERS = {
     "none": lambda dim: nn.Identity(),
     "rms-norm": lambda dim: nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False),
     "dyt": lambda dim: DynamicTanh(dim, alpha_init=0.5),
+    "derf": lambda dim: DynamicErf(dim, alpha_init=0.5, shift_init=0.0),
 }
 
 # Variants without adaLN-Zero: the DyT authors' DiT recipe removes all four zero-initialisations (the
 # blocks' adaLN modulation, the final layer's adaLN modulation, the final linear's weight and bias), which
-# keep their default Xavier / zero-bias init, so a new DyT model does not output zero.
-NO_ZERO_INIT = {"dyt"}
+# keep their default Xavier / zero-bias init, so a new DyT model does not output zero. The Derf authors
+# use the same recipe for every point-wise function.
+NO_ZERO_INIT = {"dyt", "derf"}
 
 
 def make_norm(name, dim):

@@ -5,9 +5,10 @@ import math
 
 import numpy as np
 import pytest
+import scipy.special
 import torch
 
-from models import NO_ZERO_INIT, NORM_LAYERS, DiT, DiT_models, build_model, get_2d_sincos_pos_embed
+from models import NO_ZERO_INIT, NORM_LAYERS, DiT, DiT_models, DynamicErf, build_model, get_2d_sincos_pos_embed
 
 TINY = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=5)
 
@@ -33,13 +34,15 @@ def _silu(x):
     return x / (1 + np.exp(-x))
 
 
-def _norm(x, kind, alpha=None):
+def _norm(x, kind, alpha=None, shift=None):
     if kind == "none":
         return x
     if kind == "rms-norm":
         return x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
     if kind == "dyt":
         return np.tanh(alpha * x)
+    if kind == "derf":
+        return scipy.special.erf(alpha * x + shift)
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + 1e-6)
@@ -81,13 +84,15 @@ def reference_dit(sd, cfg, x, t, y, norm):
         pre = f"blocks.{b}"
         mod = _linear(w, pre + ".adaLN_modulation.1", _silu(c))
         sh1, sc1, g1, sh2, sc2, g2 = [mod[:, k * D:(k + 1) * D][:, None] for k in range(6)]
-        a1, a2 = w.get(pre + ".norm1.alpha"), w.get(pre + ".norm2.alpha")
-        tok = tok + g1 * _attention(w, pre + ".attn", _norm(tok, norm, a1) * (1 + sc1) + sh1, cfg["num_heads"])
-        h = _norm(tok, norm, a2) * (1 + sc2) + sh2
+        n1 = (w.get(pre + ".norm1.alpha"), w.get(pre + ".norm1.shift"))
+        n2 = (w.get(pre + ".norm2.alpha"), w.get(pre + ".norm2.shift"))
+        tok = tok + g1 * _attention(w, pre + ".attn", _norm(tok, norm, *n1) * (1 + sc1) + sh1, cfg["num_heads"])
+        h = _norm(tok, norm, *n2) * (1 + sc2) + sh2
         tok = tok + g2 * _linear(w, pre + ".mlp.fc2", _gelu_tanh(_linear(w, pre + ".mlp.fc1", h)))
     mod = _linear(w, "final_layer.adaLN_modulation.1", _silu(c))
     shift, scale = mod[:, None, :D], mod[:, None, D:]
-    out = _linear(w, "final_layer.linear", _norm(tok, norm, w.get("final_layer.norm_final.alpha")) * (1 + scale) + shift)
+    nf = (w.get("final_layer.norm_final.alpha"), w.get("final_layer.norm_final.shift"))
+    out = _linear(w, "final_layer.linear", _norm(tok, norm, *nf) * (1 + scale) + shift)
     # Unpatchify: token (i, j) holds a p x p x C_out block in (row, col, channel) order.
     co = out.shape[-1] // (p * p)
     img = np.zeros((n, co, H, W))
@@ -107,7 +112,7 @@ def randomized(model, std=0.3, seed=0):
     return model
 
 
-@pytest.mark.parametrize("norm", ["layer-norm", "none", "rms-norm", "dyt"])
+@pytest.mark.parametrize("norm", ["layer-norm", "none", "rms-norm", "dyt", "derf"])
 @pytest.mark.parametrize("patch_size,input_size", [(2, 4), (1, 3)])
 def test_forward_matches_float64_reference(norm, patch_size, input_size):
     cfg = dict(TINY, patch_size=patch_size, input_size=input_size)
@@ -327,8 +332,43 @@ def test_dyt_follows_the_dyt_recipe_without_zero_init():
     assert bytes(sd["normalization"].tolist()) == b"dyt" and "blocks.0.norm1.alpha" in sd
 
 
+def test_derf_layer_is_erf_of_a_scaled_shifted_input():
+    """Derf against scipy's erf in float64: at init (alpha 0.5, shift 0) and after both scalars change,
+    with gradients reaching both."""
+    layer = DynamicErf(8).double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64) * 3
+    assert (layer.alpha.item(), layer.shift.item()) == (0.5, 0.0)
+    np.testing.assert_allclose(layer(x).detach().numpy(), scipy.special.erf(0.5 * x.numpy()), rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        layer.alpha.fill_(1.7)
+        layer.shift.fill_(-0.3)
+    out = layer(x)
+    np.testing.assert_allclose(out.detach().numpy(), scipy.special.erf(1.7 * x.numpy() - 0.3), rtol=1e-12, atol=1e-14)
+    out.sum().backward()
+    assert layer.alpha.grad.abs() > 0 and layer.shift.grad.abs() > 0
+
+
+def test_derf_follows_the_point_wise_recipe():
+    """A new Derf DiT has alpha 0.5 and shift 0 in every norm (scalars), no adaLN-Zero (it outputs non-zero),
+    records its variant, and a checkpoint of another variant is refused (and the other way round)."""
+    torch.manual_seed(0)
+    model = DiT(**TINY, normalization="derf")
+    alphas = [p for n, p in model.named_parameters() if n.endswith(".alpha")]
+    shifts = [p for n, p in model.named_parameters() if n.endswith(".shift")]
+    assert len(alphas) == len(shifts) == 2 * 2 + 1
+    assert all(a.shape == (1,) and a.item() == 0.5 for a in alphas) and all(s.item() == 0.0 for s in shifts)
+    x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([10, 500]), torch.tensor([1, 2])
+    assert model(x, t, y).abs().min() > 0
+    sd = model.state_dict()
+    assert bytes(sd["normalization"].tolist()) == b"derf"
+    with pytest.raises(ValueError, match="normalization='derf'.*built with normalization='dyt'"):
+        DiT(**TINY, normalization="dyt").load_state_dict(sd)
+    with pytest.raises(ValueError, match="normalization='layer-norm'.*built with normalization='derf'"):
+        DiT(**TINY, normalization="derf").load_state_dict(DiT(**TINY).state_dict(), strict=False)
+
+
 def test_unknown_normalization_lists_choices():
-    with pytest.raises(ValueError, match="dyt.*layer-norm.*none.*rms-norm"):
+    with pytest.raises(ValueError, match="derf.*dyt.*layer-norm.*none.*rms-norm"):
         DiT(**TINY, normalization="batch-norm")
 
 
