@@ -1,0 +1,458 @@
+"""The digits study (digits_study.py, `make digits`): does a normalization variant change the quality of
+trained image samples? Every variant of the digits demo at its own best learning rate, several seeds,
+scored guided and unguided against the real-digit floor, with a memorisation check and the outliers.
+
+The phases, each skipped where its output already exists (so an interrupted study continues):
+  1. lr sweep: every variant at every --lrs, seed 0, --sweep-steps (FD-digits every --fid-every steps);
+  2. the best lr of each variant: lowest FD-digits at --sweep-steps;
+  3. final runs: every variant at its lr for every seed to --steps (seed 0's sweep run is extended: the lr
+     is constant, so a resumed run is the run that would have gone there directly);
+  4. guidance: one scale for all, the best FD-digits of the LayerNorm seed-0 model over --cfg-candidates;
+  5. sampling (sample_ddp.py, EMA weights) unguided and guided, scored by evaluate.py's digits route;
+  6. memorisation (distance of every sample to its nearest training digit) and outliers
+     (analyze_embeddings.py on the real digits), then the report.
+"""
+
+import glob
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from ditlab.checkpoints import load_checkpoint
+from ditlab.evaluation import Evaluator
+from ditlab.features import digits_rgb, real_digits, to_gray
+from ditlab.files import provenance, write_json
+from ditlab.jobs import run_jobs
+from ditlab.run import newest_run
+
+VARIANTS = ("layer-norm", "none", "rms-norm", "dyt", "derf")
+COLORS = {"layer-norm": "tab:red", "none": "tab:blue", "rms-norm": "tab:green", "dyt": "tab:purple",
+          "derf": "tab:orange"}
+QUALITY = ("fd_digits", "precision", "recall", "accuracy")
+DIGITS_REF = os.path.join("data", "digits")
+
+
+#################################################################################
+#                                  Training                                     #
+#################################################################################
+
+def run_key(variant, lr, seed):
+    return f"{variant}-lr{lr:g}-s{seed}"
+
+
+def find_run(args, variant, lr, seed):
+    """The newest run of this variant, lr and seed under <out>/runs (None if there is none yet)."""
+    return newest_run(os.path.join(args.out, "runs"), {"normalization": variant, "lr": lr, "global_seed": seed})
+
+
+def run_step(run):
+    return load_checkpoint(run, mmap=True)["step"] if run else 0
+
+
+def train_command(args, variant, lr, seed, steps):
+    """train.py's command for one run: a new demo run, or a resume of the existing one to `steps`."""
+    run = find_run(args, variant, lr, seed)
+    if run:
+        return [sys.executable, "train.py", "--resume", run, "--max-steps", str(steps), "--threads", "1"]
+    return [sys.executable, "train.py", "--demo", "--normalization", variant, "--lr", f"{lr:g}", "--global-seed",
+            str(seed), "--max-steps", str(steps), "--results-dir", os.path.join(args.out, "runs"), "--threads", "1",
+            "--sample-every", "0", "--ckpt-every", str(args.fid_every), "--fid-every", str(args.fid_every),
+            "--fid-ref", args.digits_ref, "--fid-features", "digits", "--fid-num-samples", str(args.curve_samples),
+            "--fid-sampling-steps", str(args.curve_sampling_steps), "--fid-cfg-scale", "1",
+            "--digits-classifier", args.digits_classifier]
+
+
+def train_all(args, runs):
+    """Train every (variant, lr, seed, steps) not yet at its step count, --parallel at a time, the runs
+    with the most steps left first; returns {(variant, lr, seed): run directory}."""
+    todo = [(steps - run_step(find_run(args, v, lr, s)), v, lr, s, steps) for v, lr, s, steps in runs]
+    todo = sorted((t for t in todo if t[0] > 0), key=lambda t: -t[0])
+    print(f"[digits] training {len(todo)} of {len(runs)} runs ({sum(t[0] for t in todo):,} steps to go)", flush=True)
+    run_jobs([train_command(args, v, lr, s, steps) for _, v, lr, s, steps in todo], args.parallel,
+             os.path.join(args.out, "logs"), names=[run_key(v, lr, s) for _, v, lr, s, _ in todo],
+             tags=[run_key(v, lr, s) for _, v, lr, s, _ in todo], append=True)
+    return {(v, lr, s): find_run(args, v, lr, s) for v, lr, s, _ in runs}
+
+
+def fid_rows(run):
+    """The FD-digits rows of a run's metrics.jsonl, by step."""
+    rows = {}
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("kind") == "fid" and "fd_digits" in row:
+                rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def fd_at(run, step):
+    rows = [r for r in fid_rows(run) if r["step"] == step]
+    if not rows:
+        raise SystemExit(f"{run}: no FD-digits row at step {step} in metrics.jsonl; rerun the study to finish it")
+    return rows[0]["fd_digits"]
+
+
+def best_lrs(args, sweep):
+    """Per variant, the lr whose seed-0 run has the lowest FD-digits at --sweep-steps (ties: the lower lr)."""
+    return {v: min(args.lrs, key=lambda lr: (fd_at(sweep[(v, lr, 0)], args.sweep_steps), lr)) for v in args.variants}
+
+
+#################################################################################
+#                               Sampling + scoring                              #
+#################################################################################
+
+def sample_folder(args, run, cfg, num):
+    return os.path.join(args.out, "samples", f"{os.path.basename(run)}-cfg{cfg:g}-n{num}")
+
+
+def sample_command(args, run, cfg, num):
+    return [sys.executable, "sample_ddp.py", "--ckpt", run, "--device", "cpu", "--sample-dir",
+            sample_folder(args, run, cfg, num), "--num-fid-samples", str(num), "--per-proc-batch-size", "250",
+            "--num-sampling-steps", str(args.sampling_steps), "--cfg-scale", f"{cfg:g}", "--eval-ref", args.digits_ref,
+            "--eval-features", "digits", "--digits-classifier", args.digits_classifier]
+
+
+def scored(folder):
+    """(metrics, .npz path) of a scored sample folder, or None while it is not scored."""
+    found = glob.glob(os.path.join(folder, "*.metrics.json"))
+    if not found:
+        return None
+    with open(found[0]) as f:
+        return json.load(f), found[0][: -len(".metrics.json")] + ".npz"
+
+
+def sample_all(args, items):
+    """Sample and score every (run, cfg, num) not yet scored (with args.report: none, and a SystemExit if
+    one is missing); returns {(run, cfg, num): (metrics, npz)}."""
+    todo = [it for it in items if scored(sample_folder(args, *it)) is None]
+    if todo and args.report:
+        raise SystemExit(f"{len(todo)} sample sets are not scored yet (e.g. {sample_folder(args, *todo[0])}); "
+                         "run without --report")
+    print(f"[digits] sampling {len(todo)} of {len(items)} sets ({args.sampling_steps} DDPM steps)", flush=True)
+    run_jobs([sample_command(args, *it) for it in todo], args.parallel, os.path.join(args.out, "logs", "samples"),
+             names=[os.path.basename(sample_folder(args, *it)) for it in todo])
+    return {it: scored(sample_folder(args, *it)) for it in items}
+
+
+def choose_cfg(args, finals):
+    """The guidance scale for every guided set: --cfg-scale if given, else the lowest FD-digits of the
+    LayerNorm (or first variant's) seed-0 model over --cfg-candidates at --cfg-samples samples."""
+    if args.cfg_scale is not None:
+        return args.cfg_scale, {}
+    variant = "layer-norm" if "layer-norm" in args.variants else args.variants[0]
+    run = finals[(variant, args.seeds[0])]
+    sets = sample_all(args, [(run, g, args.cfg_samples) for g in args.cfg_candidates])
+    fds = {g: sets[(run, g, args.cfg_samples)][0]["fd_digits"] for g in args.cfg_candidates}
+    return min(fds, key=lambda g: (fds[g], g)), fds
+
+
+#################################################################################
+#                                 Memorisation                                  #
+#################################################################################
+
+def nearest_distances(samples, train, chunk=1024):
+    """Euclidean distance of every row of `samples` to its nearest row of `train` (float64), and of every
+    training row to its nearest other training row (leave-one-out): the second is what a sample that is
+    as novel as a fresh draw from the data would show, the first is zero for a copy."""
+    samples = torch.as_tensor(samples, dtype=torch.float64).flatten(1)
+    train = torch.as_tensor(train, dtype=torch.float64).flatten(1)
+
+    def nearest(x, exclude_self):
+        out = []
+        for i in range(0, len(x), chunk):
+            d = torch.cdist(x[i:i + chunk], train)
+            if exclude_self:
+                d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = math.inf
+            out.append(d.min(1).values)
+        return torch.cat(out).numpy()
+
+    return nearest(samples, False), nearest(train, True)
+
+
+def memorisation(npz_path, train=None):
+    """Nearest-training-digit distances of a sample set in the demo's pixels (grey, [-1, 1], 16 x 16):
+    the median, its ratio to the training digits' own median, and the share of samples closer to a
+    training digit than 95% of training digits are to their nearest neighbour ("near-copies")."""
+    if train is None:
+        train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
+    with np.load(npz_path) as f:
+        images = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2)
+    to_sample, train_nn = nearest_distances(to_gray(images), train)
+    threshold = np.quantile(train_nn, 0.05)
+    return dict(median=float(np.median(to_sample)), train_median=float(np.median(train_nn)),
+                ratio=float(np.median(to_sample) / np.median(train_nn)),
+                near_copies=float((to_sample < threshold).mean()), threshold=float(threshold))
+
+
+#################################################################################
+#                                    Outliers                                   #
+#################################################################################
+
+def outlier_summary(stats_path):
+    """Per model label in an analyze_embeddings stats.json: the largest |x|, max/median ratio and
+    kurtosis of channel RMS over the blocks and analysed timesteps, and the count of massive activations."""
+    with open(stats_path) as f:
+        stats = json.load(f)
+    table = {}
+    for label, model in stats["models"].items():
+        blocks = [s for per_t in model["stats"].values() for name, s in per_t.items() if name.startswith("block.")]
+        table[label] = dict(
+            normalization=model["config"]["normalization"],
+            max_abs=max(s["max_abs"] for s in blocks),
+            max_median_ratio=max(s["max_median_ratio"] for s in blocks),
+            rms_kurtosis=max(s["rms_kurtosis"] for s in blocks),
+            massive_count=max(s["massive_count"] for s in blocks),
+        )
+    return table
+
+
+def outliers_of(args, run):
+    """Outlier statistics of one final model (EMA weights, real digits as x0), computed once per run."""
+    out = os.path.join(args.out, "outliers", os.path.basename(run))
+    if not os.path.isfile(os.path.join(out, "stats.json")):
+        run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", run, "--data-path", args.digits_ref, "--out", out,
+                   "--batch-size", "64"]], 1, os.path.join(args.out, "logs", "outliers"),
+                 names=[os.path.basename(run)])
+    (row,) = outlier_summary(os.path.join(out, "stats.json")).values()
+    return row
+
+
+#################################################################################
+#                                     Study                                     #
+#################################################################################
+
+def spread(values):
+    return dict(mean=statistics.fmean(values), min=min(values), max=max(values), values=list(values))
+
+
+def run_study(args):
+    """Every phase (module docstring); with args.report only reads what finished runs left. Returns the
+    summary dict (also written to <out>/summary.json)."""
+    sweep_runs = [(v, lr, 0, args.sweep_steps) for v in args.variants for lr in args.lrs]
+    sweep = train_all(args, sweep_runs) if not args.report else {k[:3]: find_run(args, *k[:3]) for k in sweep_runs}
+    missing = [run_key(*k) for k, run in sweep.items() if run_step(run) < args.sweep_steps]
+    if missing:
+        raise SystemExit(f"the lr sweep has not finished ({', '.join(missing)}); run without --report")
+    lrs = best_lrs(args, sweep)
+    summary = dict(provenance=provenance(), settings=settings_of(args), best_lr=lrs,
+                   sweep={run_key(*k): dict(run=r, curve=curve(r, args.sweep_steps)) for k, r in sweep.items()})
+    if args.sweep_only:
+        return write_report(args, summary)
+    final_runs = [(v, lrs[v], s, args.steps) for s in args.seeds for v in args.variants]
+    trained = train_all(args, final_runs) if not args.report else {k[:3]: find_run(args, *k[:3]) for k in final_runs}
+    finals = {(v, s): trained[(v, lrs[v], s)] for v, _, s, _ in final_runs}
+    missing = [f"{v} s{s}" for (v, s), run in finals.items() if run_step(run) < args.steps]
+    if missing:
+        raise SystemExit(f"final runs not finished ({', '.join(missing)}); run without --report")
+    cfg, cfg_fds = choose_cfg(args, finals)
+    items = [(run, g, args.samples) for run in finals.values() for g in (1.0, cfg)]
+    sets = sample_all(args, items)
+    train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
+    summary.update(cfg_scale=cfg, cfg_candidates=cfg_fds, floor=real_floor(args), runs={})
+    for (v, s), run in finals.items():
+        entry = dict(variant=v, seed=s, lr=lrs[v], run=run, curve=curve(run, args.steps), outliers=outliers_of(args, run))
+        for name, g in (("unguided", 1.0), ("guided", cfg)):
+            metrics, npz = sets[(run, g, args.samples)]
+            entry[name] = dict({k: metrics[k] for k in QUALITY}, memorisation=memorisation(npz, train), npz=npz)
+        summary["runs"][f"{v} s{s}"] = entry
+    summary["table"] = final_table(summary, args.variants)
+    return write_report(args, summary)
+
+
+def settings_of(args):
+    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "fid_every", "curve_samples", "curve_sampling_steps",
+            "samples", "sampling_steps", "cfg_candidates", "cfg_samples")
+    return {k: getattr(args, k) for k in keys}
+
+
+def curve(run, steps):
+    """(step, FD-digits, accuracy) of a run's evaluations up to `steps`."""
+    return [(r["step"], r["fd_digits"], r["accuracy"]) for r in fid_rows(run) if r["step"] <= steps]
+
+
+def real_floor(args):
+    """Real digits (features.real_digits, --samples of them) scored against the same reference."""
+    images, labels = real_digits(args.samples, 0)
+    evaluator = Evaluator(args.digits_ref, features="digits", digits_classifier=args.digits_classifier, device="cpu",
+                          progress=False)
+    return {k: float(v) for k, v in evaluator(images, labels).items() if k in QUALITY}
+
+
+def final_table(summary, variants):
+    """Per variant: each metric of both sample sets, memorisation and outliers, mean/min/max over seeds."""
+    table = {}
+    for v in variants:
+        runs = [r for r in summary["runs"].values() if r["variant"] == v]
+        if not runs:
+            continue
+        row = dict(lr=runs[0]["lr"], seeds=[r["seed"] for r in runs])
+        for name in ("unguided", "guided"):
+            row[name] = {k: spread([r[name][k] for r in runs]) for k in QUALITY}
+            row[name]["near_copies"] = spread([r[name]["memorisation"]["near_copies"] for r in runs])
+            row[name]["nn_ratio"] = spread([r[name]["memorisation"]["ratio"] for r in runs])
+        for k in ("max_median_ratio", "rms_kurtosis", "max_abs"):
+            row[k] = spread([r["outliers"][k] for r in runs])
+        last = [r["curve"][-1] for r in runs]
+        quarter = [max(c for c in r["curve"] if c[0] <= 0.75 * r["curve"][-1][0]) for r in runs]
+        row["last_quarter_fd_change"] = spread([(a[1] - b[1]) / b[1] for a, b in zip(last, quarter)])
+        table[v] = row
+    return table
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+def fmt(d, digits=3):
+    return f"{d['mean']:.{digits}g} [{d['min']:.{digits}g}, {d['max']:.{digits}g}]"
+
+
+def sweep_lines(summary, args):
+    lines = ["## 1. Learning rate per variant (seed 0)", "",
+             f"FD-digits of {args.curve_samples} unguided EMA samples ({args.curve_sampling_steps} DDPM steps) at "
+             f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs.", "",
+             "| variant | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
+             "|---|" + "---:|" * len(args.lrs)]
+    for v in args.variants:
+        cells = []
+        for lr in args.lrs:
+            fd = [c[1] for c in summary["sweep"][run_key(v, lr, 0)]["curve"] if c[0] == args.sweep_steps][0]
+            cells.append(f"**{fd:.3g}**" if lr == summary["best_lr"][v] else f"{fd:.3g}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines + ["", "![lr sweep](lr_sweep.png)", ""]
+
+
+def final_lines(summary, args):
+    table, floor = summary["table"], summary["floor"]
+    lines = [f"## 2. Trained models: {args.steps} steps, seeds {args.seeds}", "",
+             f"{args.samples} samples per run from the EMA weights ({args.sampling_steps} DDPM steps), unguided and "
+             f"guided at scale {summary['cfg_scale']:g}, scored against the 1,797 digits with the digits classifier's "
+             "features (FD-digits, precision and recall at k = 3) and its accuracy on the labels the samples were "
+             "drawn for; mean [min, max] over seeds. Real digits: the same number of training digits scored the "
+             "same way (the floor a perfect model reaches).", ""]
+    if summary["cfg_candidates"]:
+        cands = ", ".join(f"{g:g}: {fd:.3g}" for g, fd in summary["cfg_candidates"].items())
+        lines += [f"Guidance scale chosen on {'layer-norm' if 'layer-norm' in args.variants else args.variants[0]} "
+                  f"seed {args.seeds[0]} by FD-digits of {args.cfg_samples} samples ({cands}).", ""]
+    for name in ("unguided", "guided"):
+        lines += [f"### {name.capitalize()}", "", "| variant | lr | FD-digits | precision | recall | accuracy |",
+                  "|---|---:|---|---|---|---|"]
+        for v, row in table.items():
+            q = row[name]
+            lines.append(f"| {v} | {row['lr']:g} | {fmt(q['fd_digits'])} | {fmt(q['precision'])} | {fmt(q['recall'])} | "
+                         f"{fmt(q['accuracy'])} |")
+        lines += [f"| real digits | - | {floor['fd_digits']:.3g} | {floor['precision']:.3g} | {floor['recall']:.3g} | "
+                  f"{floor['accuracy']:.3g} |", ""]
+    lines += ["### Converged? Memorisation? Outliers?", "",
+              "Last-quarter change: relative change of FD-digits (curve samples) over the last quarter of training "
+              "(negative: still improving). Nearest-digit ratio: median distance of a guided sample to its nearest "
+              "training digit over the training digits' own median nearest-neighbour distance (1: as novel as a "
+              "fresh digit, 0: copies); near-copies: share of guided samples closer to a training digit than 95% "
+              "of training digits are to theirs (5% for fresh digits). Outliers: over the blocks, EMA weights, the "
+              "real digits noised to t = 50 ... 999 (analyze_embeddings.py).", "",
+              "| variant | last-quarter FD change | nearest-digit ratio | near-copies | max/median | RMS kurtosis |",
+              "|---|---|---|---|---|---|"]
+    for v, row in table.items():
+        lines.append(f"| {v} | {fmt(row['last_quarter_fd_change'], 2)} | {fmt(row['guided']['nn_ratio'], 2)} | "
+                     f"{fmt(row['guided']['near_copies'], 2)} | {fmt(row['max_median_ratio'])} | "
+                     f"{fmt(row['rms_kurtosis'])} |")
+    return lines + ["", "![quality over training](curves.png)", "", "![guided samples](grid.png)", ""]
+
+
+def write_report(args, summary):
+    """summary.md, summary.json and the figures in --out; with --record, the page docs/results/digits.md and
+    its figures under docs/figures/digits_*.png."""
+    os.makedirs(args.out, exist_ok=True)
+    plot_sweep(summary, args, os.path.join(args.out, "lr_sweep.png"))
+    lines = ["# The digits study: normalization variants on trained digit models", "", summary["provenance"], "",
+             *sweep_lines(summary, args)]
+    if "table" in summary:
+        plot_curves(summary, args, os.path.join(args.out, "curves.png"))
+        plot_grid(summary, args, os.path.join(args.out, "grid.png"))
+        lines += final_lines(summary, args)
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    if args.record:
+        os.makedirs(os.path.join("docs", "figures"), exist_ok=True)
+        for name in ("lr_sweep", "curves", "grid"):
+            if os.path.isfile(os.path.join(args.out, f"{name}.png")):
+                shutil.copyfile(os.path.join(args.out, f"{name}.png"), os.path.join("docs", "figures", f"digits_{name}.png"))
+        with open(args.record, "w") as f:
+            f.write(text.replace("](lr_sweep.png)", "](../figures/digits_lr_sweep.png)")
+                    .replace("](curves.png)", "](../figures/digits_curves.png)")
+                    .replace("](grid.png)", "](../figures/digits_grid.png)"))
+    print(text)
+    return summary
+
+
+def plot_sweep(summary, args, path):
+    """FD-digits over training for every lr, one panel per variant (seed 0)."""
+    fig, axes = plt.subplots(1, len(args.variants), figsize=(3.2 * len(args.variants), 3.2), sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], args.variants):
+        for lr in args.lrs:
+            pts = summary["sweep"][run_key(v, lr, 0)]["curve"]
+            style = dict(lw=2.2) if lr == summary["best_lr"][v] else dict(lw=1, alpha=0.7)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"lr {lr:g}", **style)
+        ax.set_yscale("log")
+        ax.set_title(v, fontsize=9, color=COLORS.get(v))
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("FD-digits (unguided)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(summary, args, path):
+    """FD-digits and accuracy over training: per variant the mean over seeds (line) and the range (band)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for v in summary["table"]:
+        curves = [r["curve"] for r in summary["runs"].values() if r["variant"] == v]
+        steps = sorted(set.intersection(*[{c[0] for c in cur} for cur in curves]))
+        for ax, k in zip(axes, (1, 2)):
+            vals = np.array([[dict((c[0], c[k]) for c in cur)[s] for s in steps] for cur in curves])
+            ax.plot(steps, vals.mean(0), color=COLORS.get(v), label=v)
+            ax.fill_between(steps, vals.min(0), vals.max(0), color=COLORS.get(v), alpha=0.2)
+    floor = summary["floor"]
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel(f"FD-digits ({args.curve_samples} unguided samples)")
+    axes[1].set_ylabel("accuracy on the intended labels")
+    axes[1].axhline(floor["accuracy"], color="0.4", ls="--", lw=1, label="real digits")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(summary, args, path, per_class=4):
+    """Guided samples of each variant's first seed: one panel per variant, a column per digit."""
+    variants = list(summary["table"])
+    fig, axes = plt.subplots(1, len(variants), figsize=(2.8 * len(variants), 0.6 + 0.28 * per_class),
+                             squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        entry = summary["runs"][f"{v} s{args.seeds[0]}"]
+        with np.load(entry["guided"]["npz"]) as f:
+            images, labels = f["arr_0"], f["arr_1"]
+        rows = []
+        for c in range(10):
+            picks = images[labels == c][:per_class]
+            picks = np.concatenate([picks, np.zeros((per_class - len(picks), *images.shape[1:]), np.uint8)])
+            rows.append(np.concatenate(list(picks), 0))
+        ax.imshow(np.concatenate(rows, 1), interpolation="nearest")
+        ax.set_title(f"{v} (lr {entry['lr']:g})", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"Guided samples (scale {summary['cfg_scale']:g}), first seed, one column per digit", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
