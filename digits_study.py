@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--digits-ref", default=DIGITS_REF, help="the reference digits (train.py --demo writes them)")
     p.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER)
     p.add_argument("--out", default="results/digits")
+    p.add_argument("--records", default=None, help="where finished runs are kept as small JSON records, never "
+                   "recomputed (default: <out>/records; the measured study's are in docs/results/digits_runs/)")
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (and report it)")
     p.add_argument("--report", action="store_true", help="only rewrite the report from finished runs")
     p.add_argument("--record", default="", metavar="PAGE", help="also write the report to PAGE (e.g. "
@@ -59,6 +61,7 @@ def parse_args(argv=None):
         p.error(f"--sweep-steps {args.sweep_steps} is more than --steps {args.steps}: the final runs extend the sweep's")
     if args.steps % args.fid_every or args.sweep_steps % args.fid_every:
         p.error(f"--steps and --sweep-steps must be multiples of --fid-every {args.fid_every} (the curves' points)")
+    args.records = args.records or os.path.join(args.out, "records")
     return args
 
 

@@ -9,8 +9,8 @@ The phases, each skipped where its output already exists (so an interrupted stud
      is constant, so a resumed run is the run that would have gone there directly);
   4. guidance: one scale for all, the best FD-digits of the LayerNorm seed-0 model over --cfg-candidates;
   5. sampling (sample_ddp.py, EMA weights) unguided and guided, scored by evaluate.py's digits route;
-  6. memorisation (distance of every sample to its nearest training digit) and outliers
-     (analyze_embeddings.py on the real digits), then the report.
+  6. memorisation (distance of every sample to its nearest training digit) and outliers (as
+     analyze_embeddings.py on the real digits), then the report.
 """
 
 import glob
@@ -20,11 +20,14 @@ import os
 import shutil
 import statistics
 import sys
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from diffusion import create_diffusion
+from ditlab.analysis import DEFAULT_TIMESTEPS, analyze_checkpoint
 from ditlab.checkpoints import load_checkpoint
 from ditlab.evaluation import Evaluator
 from ditlab.features import digits_rgb, real_digits, to_gray
@@ -92,18 +95,6 @@ def fid_rows(run):
     return [rows[k] for k in sorted(rows)]
 
 
-def fd_at(run, step):
-    rows = [r for r in fid_rows(run) if r["step"] == step]
-    if not rows:
-        raise SystemExit(f"{run}: no FD-digits row at step {step} in metrics.jsonl; rerun the study to finish it")
-    return rows[0]["fd_digits"]
-
-
-def best_lrs(args, sweep):
-    """Per variant, the lr whose seed-0 run has the lowest FD-digits at --sweep-steps (ties: the lower lr)."""
-    return {v: min(args.lrs, key=lambda lr: (fd_at(sweep[(v, lr, 0)], args.sweep_steps), lr)) for v in args.variants}
-
-
 #################################################################################
 #                               Sampling + scoring                              #
 #################################################################################
@@ -141,13 +132,11 @@ def sample_all(args, items):
     return {it: scored(sample_folder(args, *it)) for it in items}
 
 
-def choose_cfg(args, finals):
-    """The guidance scale for every guided set: --cfg-scale if given, else the lowest FD-digits of the
-    LayerNorm (or first variant's) seed-0 model over --cfg-candidates at --cfg-samples samples."""
+def choose_cfg(args, run):
+    """The guidance scale for every guided set: --cfg-scale if given, else the lowest FD-digits of `run`
+    (the LayerNorm seed-0 final model) over --cfg-candidates at --cfg-samples samples; (scale, {g: FD})."""
     if args.cfg_scale is not None:
         return args.cfg_scale, {}
-    variant = "layer-norm" if "layer-norm" in args.variants else args.variants[0]
-    run = finals[(variant, args.seeds[0])]
     sets = sample_all(args, [(run, g, args.cfg_samples) for g in args.cfg_candidates])
     fds = {g: sets[(run, g, args.cfg_samples)][0]["fd_digits"] for g in args.cfg_candidates}
     return min(fds, key=lambda g: (fds[g], g)), fds
@@ -167,7 +156,7 @@ def nearest_distances(samples, train, chunk=1024):
     def nearest(x, exclude_self):
         out = []
         for i in range(0, len(x), chunk):
-            d = torch.cdist(x[i:i + chunk], train)
+            d = torch.cdist(x[i:i + chunk], train, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros
             if exclude_self:
                 d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = math.inf
             out.append(d.min(1).values)
@@ -195,73 +184,155 @@ def memorisation(npz_path, train=None):
 #                                    Outliers                                   #
 #################################################################################
 
-def outlier_summary(stats_path):
-    """Per model label in an analyze_embeddings stats.json: the largest |x|, max/median ratio and
-    kurtosis of channel RMS over the blocks and analysed timesteps, and the count of massive activations."""
-    with open(stats_path) as f:
-        stats = json.load(f)
-    table = {}
-    for label, model in stats["models"].items():
-        blocks = [s for per_t in model["stats"].values() for name, s in per_t.items() if name.startswith("block.")]
-        table[label] = dict(
-            normalization=model["config"]["normalization"],
-            max_abs=max(s["max_abs"] for s in blocks),
-            max_median_ratio=max(s["max_median_ratio"] for s in blocks),
-            rms_kurtosis=max(s["rms_kurtosis"] for s in blocks),
-            massive_count=max(s["massive_count"] for s in blocks),
-        )
-    return table
+def outlier_summary(per_timestep):
+    """From outliers' per-timestep per-layer statistics ({t: {layer: stats}}): the largest |x|, max/median
+    ratio and kurtosis of channel RMS over the blocks and timesteps, and the count of massive activations."""
+    blocks = [s for per_layer in per_timestep.values() for name, s in per_layer.items() if name.startswith("block.")]
+    return {k: max(s[k] for s in blocks) for k in ("max_abs", "max_median_ratio", "rms_kurtosis", "massive_count")}
 
 
 def outliers_of(args, run):
-    """Outlier statistics of one final model (EMA weights, real digits as x0), computed once per run."""
-    out = os.path.join(args.out, "outliers", os.path.basename(run))
-    if not os.path.isfile(os.path.join(out, "stats.json")):
-        run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", run, "--data-path", args.digits_ref, "--out", out,
-                   "--batch-size", "64"]], 1, os.path.join(args.out, "logs", "outliers"),
-                 names=[os.path.basename(run)])
-    (row,) = outlier_summary(os.path.join(out, "stats.json")).values()
-    return row
+    """Outlier statistics of one final model: EMA weights, a batch of 64 real digits noised to t = 50 ... 999
+    (as analyze_embeddings.py --data-path DIGITS, in this process and without its plots)."""
+    settings = SimpleNamespace(weights="ema", vae=None, batch_size=64, data_path=args.digits_ref, zero_data=False,
+                               seed=0, class_labels=None, timesteps=list(DEFAULT_TIMESTEPS), top_k=5)
+    _, _, result = analyze_checkpoint(run, settings, torch.device("cpu"), {}, create_diffusion(timestep_respacing=""))
+    return outlier_summary(result.to_json()["stats"])
 
 
 #################################################################################
 #                                     Study                                     #
 #################################################################################
 
+# A finished run is kept as a small JSON record (curve, scores, memorisation, outliers, speed) in
+# --records, so that the study continues across machines and sessions where the run directories (tens of
+# MB each) do not travel: a record is never recomputed, and the report is built from records alone.
+SWEEP_SETTINGS = ("sweep_steps", "fid_every", "curve_samples", "curve_sampling_steps")
+FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "samples", "sampling_steps")
+
+
 def spread(values):
     return dict(mean=statistics.fmean(values), min=min(values), max=max(values), values=list(values))
 
 
+def record_path(args, name):
+    return os.path.join(args.records, f"{name}.json")
+
+
+def read_record(args, name, keys):
+    """The record `name`, or None; a record made with other settings (keys) is refused, not reused."""
+    path = record_path(args, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    differ = {k: (record["settings"].get(k), getattr(args, k)) for k in keys if record["settings"].get(k) != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"{path} was made with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in differ.items())}); "
+                         "pass another --records folder (or the same settings)")
+    return record
+
+
+def write_record(args, name, record, keys):
+    os.makedirs(args.records, exist_ok=True)
+    write_json(record_path(args, name), {**record, "settings": {k: getattr(args, k) for k in keys},
+                                         "provenance": provenance()})
+
+
+def training_speed(run):
+    """Median of the steps/s that a run's log.txt reports (training only: evaluations are left out)."""
+    rates = []
+    with open(os.path.join(run, "log.txt")) as f:
+        for line in f:
+            if " steps/s" in line:
+                rates.append(float(line.split(" steps/s")[0].rsplit("| ", 1)[1]))
+    return statistics.median(rates) if rates else None
+
+
+def lr_sweep(args):
+    """Phase 1: {(variant, lr): record} of the seed-0 runs at --sweep-steps (training what has no record)."""
+    todo = [(v, lr) for v in args.variants for lr in args.lrs if read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS) is None]
+    if todo and args.report:
+        raise SystemExit(f"the lr sweep has not finished ({', '.join(run_key(v, lr, 0) for v, lr in todo)}); "
+                         "run without --report")
+    runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in todo])
+    for v, lr in todo:
+        run = runs[(v, lr, 0)]
+        write_record(args, "sweep-" + run_key(v, lr, 0), dict(variant=v, lr=lr, seed=0, run=os.path.basename(run),
+                     curve=curve(run, args.sweep_steps), steps_per_s=training_speed(run)), SWEEP_SETTINGS)
+    return {(v, lr): read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS) for v in args.variants for lr in args.lrs}
+
+
+def best_lrs(args, sweep):
+    """Per variant, the lr whose seed-0 run has the lowest FD-digits at --sweep-steps (ties: the lower lr)."""
+    def fd(v, lr):
+        return [c[1] for c in sweep[(v, lr)]["curve"] if c[0] == args.sweep_steps][0]
+    return {v: min(args.lrs, key=lambda lr: (fd(v, lr), lr)) for v in args.variants}
+
+
+def final_runs(args, lrs):
+    """Phases 3-6 for every (variant, seed) without a record: train, choose the guidance scale, sample,
+    score, memorisation, outliers; returns ({(variant, seed): record}, the guidance record)."""
+    todo = [(v, s) for s in args.seeds for v in args.variants
+            if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
+    if todo and args.report:
+        raise SystemExit(f"final runs not finished ({', '.join(f'{v} s{s}' for v, s in todo)}); run without --report")
+    runs = train_all(args, [(v, lrs[v], s, args.steps) for v, s in todo])
+    cfg = guidance(args, lrs)
+    sets = sample_all(args, [(runs[(v, lrs[v], s)], g, args.samples) for v, s in todo for g in (1.0, cfg["scale"])])
+    train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
+    for v, s in todo:
+        run = runs[(v, lrs[v], s)]
+        record = dict(variant=v, lr=lrs[v], seed=s, run=os.path.basename(run), curve=curve(run, args.steps),
+                      steps_per_s=training_speed(run), outliers=outliers_of(args, run), cfg_scale=cfg["scale"])
+        for name, g in (("unguided", 1.0), ("guided", cfg["scale"])):
+            metrics, npz = sets[(run, g, args.samples)]
+            record[name] = dict({k: metrics[k] for k in QUALITY}, memorisation=memorisation(npz, train))
+        save_grid_images(args, "final-" + run_key(v, lrs[v], s), sets[(run, cfg["scale"], args.samples)][1])
+        write_record(args, "final-" + run_key(v, lrs[v], s), record, FINAL_SETTINGS)
+    return {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) for s in args.seeds for v in args.variants}, cfg
+
+
+def guidance(args, lrs):
+    """Phase 4, once: the guidance record {"scale", "candidates"} (--cfg-scale, or chosen by choose_cfg on the
+    first variant's first-seed final run, which must then be here)."""
+    keys = (*FINAL_SETTINGS, "cfg_candidates", "cfg_samples")
+    record = read_record(args, "guidance", keys)
+    if record is not None and (args.cfg_scale is None or record["scale"] == args.cfg_scale):
+        return record
+    if args.report:
+        raise SystemExit("no guidance record yet; run without --report")
+    variant = "layer-norm" if "layer-norm" in args.variants else args.variants[0]
+    run = find_run(args, variant, lrs[variant], args.seeds[0])
+    if args.cfg_scale is None and run_step(run) < args.steps:
+        raise SystemExit(f"choosing the guidance scale needs the {variant} seed-{args.seeds[0]} final run; "
+                         "rerun with that seed included")
+    scale, fds = choose_cfg(args, run)
+    write_record(args, "guidance", dict(scale=scale, candidates={f"{g:g}": fd for g, fd in fds.items()}), keys)
+    return read_record(args, "guidance", keys)
+
+
+def save_grid_images(args, name, npz_path, per_class=4):
+    """The first `per_class` guided samples of every digit (the report's grid), kept beside the record."""
+    with np.load(npz_path) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    picks = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
+    os.makedirs(args.records, exist_ok=True)
+    np.savez_compressed(os.path.join(args.records, f"{name}.grid.npz"), images=images[picks], labels=labels[picks])
+
+
 def run_study(args):
-    """Every phase (module docstring); with args.report only reads what finished runs left. Returns the
-    summary dict (also written to <out>/summary.json)."""
-    sweep_runs = [(v, lr, 0, args.sweep_steps) for v in args.variants for lr in args.lrs]
-    sweep = train_all(args, sweep_runs) if not args.report else {k[:3]: find_run(args, *k[:3]) for k in sweep_runs}
-    missing = [run_key(*k) for k, run in sweep.items() if run_step(run) < args.sweep_steps]
-    if missing:
-        raise SystemExit(f"the lr sweep has not finished ({', '.join(missing)}); run without --report")
+    """Every phase (module docstring); with args.report only reads the records. Returns the summary dict
+    (also written to <out>/summary.json)."""
+    sweep = lr_sweep(args)
     lrs = best_lrs(args, sweep)
     summary = dict(provenance=provenance(), settings=settings_of(args), best_lr=lrs,
-                   sweep={run_key(*k): dict(run=r, curve=curve(r, args.sweep_steps)) for k, r in sweep.items()})
+                   sweep={run_key(v, lr, 0): r for (v, lr), r in sweep.items()})
     if args.sweep_only:
         return write_report(args, summary)
-    final_runs = [(v, lrs[v], s, args.steps) for s in args.seeds for v in args.variants]
-    trained = train_all(args, final_runs) if not args.report else {k[:3]: find_run(args, *k[:3]) for k in final_runs}
-    finals = {(v, s): trained[(v, lrs[v], s)] for v, _, s, _ in final_runs}
-    missing = [f"{v} s{s}" for (v, s), run in finals.items() if run_step(run) < args.steps]
-    if missing:
-        raise SystemExit(f"final runs not finished ({', '.join(missing)}); run without --report")
-    cfg, cfg_fds = choose_cfg(args, finals)
-    items = [(run, g, args.samples) for run in finals.values() for g in (1.0, cfg)]
-    sets = sample_all(args, items)
-    train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
-    summary.update(cfg_scale=cfg, cfg_candidates=cfg_fds, floor=real_floor(args), runs={})
-    for (v, s), run in finals.items():
-        entry = dict(variant=v, seed=s, lr=lrs[v], run=run, curve=curve(run, args.steps), outliers=outliers_of(args, run))
-        for name, g in (("unguided", 1.0), ("guided", cfg)):
-            metrics, npz = sets[(run, g, args.samples)]
-            entry[name] = dict({k: metrics[k] for k in QUALITY}, memorisation=memorisation(npz, train), npz=npz)
-        summary["runs"][f"{v} s{s}"] = entry
+    finals, cfg = final_runs(args, lrs)
+    summary.update(cfg_scale=cfg["scale"], cfg_candidates=cfg["candidates"], floor=real_floor(args),
+                   runs={f"{v} s{s}": r for (v, s), r in finals.items()})
     summary["table"] = final_table(summary, args.variants)
     return write_report(args, summary)
 
@@ -286,12 +357,11 @@ def real_floor(args):
 
 
 def final_table(summary, variants):
-    """Per variant: each metric of both sample sets, memorisation and outliers, mean/min/max over seeds."""
+    """Per variant: each metric of both sample sets, memorisation, outliers and training speed, mean/min/max
+    over seeds."""
     table = {}
     for v in variants:
         runs = [r for r in summary["runs"].values() if r["variant"] == v]
-        if not runs:
-            continue
         row = dict(lr=runs[0]["lr"], seeds=[r["seed"] for r in runs])
         for name in ("unguided", "guided"):
             row[name] = {k: spread([r[name][k] for r in runs]) for k in QUALITY}
@@ -299,6 +369,7 @@ def final_table(summary, variants):
             row[name]["nn_ratio"] = spread([r[name]["memorisation"]["ratio"] for r in runs])
         for k in ("max_median_ratio", "rms_kurtosis", "max_abs"):
             row[k] = spread([r["outliers"][k] for r in runs])
+        row["steps_per_s"] = spread([r["steps_per_s"] for r in runs])
         last = [r["curve"][-1] for r in runs]
         quarter = [max(c for c in r["curve"] if c[0] <= 0.75 * r["curve"][-1][0]) for r in runs]
         row["last_quarter_fd_change"] = spread([(a[1] - b[1]) / b[1] for a, b in zip(last, quarter)])
@@ -338,7 +409,7 @@ def final_lines(summary, args):
              "drawn for; mean [min, max] over seeds. Real digits: the same number of training digits scored the "
              "same way (the floor a perfect model reaches).", ""]
     if summary["cfg_candidates"]:
-        cands = ", ".join(f"{g:g}: {fd:.3g}" for g, fd in summary["cfg_candidates"].items())
+        cands = ", ".join(f"{g}: {fd:.3g}" for g, fd in summary["cfg_candidates"].items())
         lines += [f"Guidance scale chosen on {'layer-norm' if 'layer-norm' in args.variants else args.variants[0]} "
                   f"seed {args.seeds[0]} by FD-digits of {args.cfg_samples} samples ({cands}).", ""]
     for name in ("unguided", "guided"):
@@ -442,8 +513,8 @@ def plot_grid(summary, args, path, per_class=4):
                              squeeze=False)
     for ax, v in zip(axes[0], variants):
         entry = summary["runs"][f"{v} s{args.seeds[0]}"]
-        with np.load(entry["guided"]["npz"]) as f:
-            images, labels = f["arr_0"], f["arr_1"]
+        with np.load(os.path.join(args.records, f"final-{run_key(v, entry['lr'], entry['seed'])}.grid.npz")) as f:
+            images, labels = f["images"], f["labels"]
         rows = []
         for c in range(10):
             picks = images[labels == c][:per_class]

@@ -1,0 +1,101 @@
+"""The digits study (ditlab/digits_study.py, digits_study.py): memorisation against brute force, the lr
+choice, and a tiny end-to-end study that resumes from its records alone (as in a later session)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ditlab import digits_study
+from ditlab.features import digits_rgb, to_gray
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_nearest_distances_match_brute_force_numpy():
+    rng = np.random.default_rng(0)
+    samples, train = rng.normal(size=(7, 2, 3, 3)), rng.normal(size=(11, 2, 3, 3))
+    samples[3] = train[5]  # an exact copy
+    to_train, train_nn = digits_study.nearest_distances(samples, train, chunk=4)
+    flat_s, flat_t = samples.reshape(7, -1), train.reshape(11, -1)
+    want_s = [min(np.sqrt(((a - b) ** 2).sum()) for b in flat_t) for a in flat_s]
+    want_t = [min(np.sqrt(((flat_t[i] - flat_t[j]) ** 2).sum()) for j in range(11) if j != i) for i in range(11)]
+    np.testing.assert_allclose(to_train, want_s, rtol=1e-12)
+    np.testing.assert_allclose(train_nn, want_t, rtol=1e-12)
+    assert to_train[3] == 0
+
+
+def test_memorisation_flags_copies_and_not_fresh_noise(tmp_path):
+    """Training digits themselves are all near-copies (distance 0); the same digits shifted by one pixel
+    are not copies of themselves, so their ratio is well above 0."""
+    images, _ = digits_rgb()
+    copies, shifted = tmp_path / "copies.npz", tmp_path / "shifted.npz"
+    np.savez(copies, arr_0=images[:50], arr_1=np.zeros(50, int))
+    np.savez(shifted, arr_0=np.roll(images[:50], 1, axis=2), arr_1=np.zeros(50, int))
+    train = to_gray(torch.from_numpy(images).permute(0, 3, 1, 2))
+    m = digits_study.memorisation(str(copies), train)
+    assert m["median"] == 0 and m["near_copies"] == 1.0 and m["ratio"] == 0
+    s = digits_study.memorisation(str(shifted), train)
+    assert s["median"] > 0 and s["near_copies"] < 1.0
+    # the training digits' own nearest-neighbour median, recomputed by brute force on the flattened pixels
+    flat = train.double().flatten(1).numpy()
+    d = np.sqrt(((flat[:, None] - flat[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    assert s["train_median"] == pytest.approx(np.median(d.min(1)), rel=1e-12)
+
+
+def test_best_lr_is_the_lowest_fd_at_the_sweep_length_with_ties_to_the_lower_lr():
+    args = SimpleNamespace(variants=["layer-norm", "dyt"], lrs=[1e-3, 2e-3, 4e-3], sweep_steps=4)
+    fds = {("layer-norm", 1e-3): 50, ("layer-norm", 2e-3): 30, ("layer-norm", 4e-3): 40,
+           ("dyt", 1e-3): 20, ("dyt", 2e-3): 20, ("dyt", 4e-3): 25}
+    # the final point decides, not an earlier one
+    sweep = {k: {"curve": [[2, 1.0, 0.1], [4, fd, 0.5]]} for k, fd in fds.items()}
+    assert digits_study.best_lrs(args, sweep) == {"layer-norm": 2e-3, "dyt": 1e-3}
+
+
+def run_study(*flags):
+    cmd = [sys.executable, "digits_study.py", "--variants", "layer-norm", "--lrs", "2e-3",
+           "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--curve-samples", "10",
+           "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "2", *flags]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path):
+    out = tmp_path / "study"
+    first = run_study("--seeds", "0", "--out", str(out))
+    assert "training 1 of 1 runs (2 steps to go)" in first.split("sampling")[0].split("[digits]")[2]  # seed 0 extended
+    records = out / "records"
+    sweep = json.load(open(records / "sweep-layer-norm-lr0.002-s0.json"))
+    final = json.load(open(records / "final-layer-norm-lr0.002-s0.json"))
+    assert sweep["run"] == final["run"]  # the sweep's run, extended
+    # the curve is the run's own metrics.jsonl
+    rows = [json.loads(line) for line in open(out / "runs" / final["run"] / "metrics.jsonl")]
+    assert final["curve"] == [[r["step"], r["fd_digits"], r["accuracy"]] for r in rows] and len(rows) == 2
+    assert final["guided"]["memorisation"]["median"] > 0
+    assert set(final["unguided"]) >= {"fd_digits", "precision", "recall", "accuracy"}
+    summary = json.load(open(out / "summary.json"))
+    assert summary["best_lr"] == {"layer-norm": 2e-3}
+    assert summary["table"]["layer-norm"]["guided"]["accuracy"]["values"] == [final["guided"]["accuracy"]]
+
+    # a later session: no run directories, only the records; adding seed 1 trains only seed 1
+    shutil.rmtree(out / "runs")
+    shutil.rmtree(out / "samples")
+    second = run_study("--seeds", "0", "1", "--out", str(out))
+    assert "training 0 of 0 runs" in second and "training 1 of 1 runs" in second
+    again = run_study("--seeds", "0", "1", "--out", str(out), "--report")
+    table = json.load(open(out / "summary.json"))["table"]["layer-norm"]
+    assert table["seeds"] == [0, 1] and "real digits" in again
+    assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "curves.png")
+    # records made with other settings are refused, not silently mixed in
+    bad = subprocess.run([sys.executable, "digits_study.py", "--variants", "layer-norm", "--lrs", "2e-3",
+                          "--sweep-steps", "4", "--steps", "4", "--fid-every", "2", "--out", str(out), "--report"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
