@@ -5,8 +5,11 @@ that the official pretrained checkpoints load unchanged (same parameter names an
 things this repository studies:
 
 * ``normalization``: the LayerNorm in every block (and in the final layer) can be swapped for another
-  layer from ``NORM_LAYERS`` ("none" = identity; "dyt" and "derf" are point-wise functions). Everything
-  else stays the same.
+  layer from ``NORM_LAYERS`` ("none" = identity; "dyt" and "derf" are point-wise functions;
+  "layer-norm-restore" is LayerNorm plus what it removes, learnt back). ``final_normalization`` sets the
+  final layer's apart from the blocks' (default: the same). Everything else stays the same.
+* ``dropout``: off by default (no parameters, so the key layout is the official one either way); when set,
+  dropout on the attention weights and on the MLP's hidden activations while training.
 * ``capture``: ``forward(..., capture=fn)`` calls ``fn(name, tokens)`` with the token embeddings after
   the patch embedding ("embed"), after every block ("block.0" ... "block.<depth-1>") and after the final
   layer ("final"), so that embedding outliers can be measured without editing the model. When
@@ -137,6 +140,27 @@ class DynamicErf(nn.Module):
         return torch.erf(self.alpha * x + self.shift)
 
 
+class RestoringLayerNorm(nn.Module):
+    """LayerNorm that hands back what it removes: LN(x) + log(sigma(x)) * a + mu(x) * b, with mu and sigma
+    the token's mean and standard deviation (those LN divides out) and a, b learnable per-channel vectors
+    that start at zero, so a new layer computes exactly LayerNorm. The log makes the token's scale an
+    additive feature whose range stays moderate however large the outlier channels make sigma; the mean
+    is signed, so it is passed as it is. If LayerNorm costs a denoiser precision because it discards each
+    token's scale, this variant can learn it back; if it still loses precision, the cost lies elsewhere."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale_weight = nn.Parameter(torch.zeros(dim))  # a: zeros, not a Linear, so no init draws
+        self.mean_weight = nn.Parameter(torch.zeros(dim))  # b
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True, unbiased=False)
+        out = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return out + 0.5 * torch.log(var + self.eps) * self.scale_weight + mean * self.mean_weight
+
+
 # Each entry builds the normalization used before attention, before the MLP and in the final layer.
 # To add a variant, add one line here (and a parameter-free variant needs nothing else).
 NORM_LAYERS = {
@@ -145,6 +169,7 @@ NORM_LAYERS = {
     "rms-norm": lambda dim: nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False),
     "dyt": lambda dim: DynamicTanh(dim, alpha_init=0.5),
     "derf": lambda dim: DynamicErf(dim, alpha_init=0.5, shift_init=0.0),
+    "layer-norm-restore": lambda dim: RestoringLayerNorm(dim, eps=1e-6),
 }
 
 # Variants without adaLN-Zero: the DyT authors' DiT recipe removes all four zero-initialisations (the
@@ -170,44 +195,50 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, through scaled_dot_product_attention
     (flash / memory-efficient kernels on GPU)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, dropout=0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} must be divisible by the number of heads {num_heads}")
         self.num_heads = num_heads
+        self.dropout = dropout  # on the attention weights, while training
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # unbind: one backward op instead of three zero-filled
+        p = self.dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # unbind: one backward op instead of three zero-filled
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class Mlp(nn.Module):
-    """Linear - GELU (tanh approximation) - Linear."""
+    """Linear - GELU (tanh approximation) - [dropout] - Linear."""
 
-    def __init__(self, dim, hidden_dim):
+    def __init__(self, dim, hidden_dim, dropout=0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+        self.dropout = dropout  # on the hidden activations, while training; 0: never called
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.act(self.fc1(x))
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout, training=True)
+        return self.fc2(h)
 
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: the conditioning vector c produces a shift,
     scale and gate for the attention branch and for the MLP branch."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, normalization="layer-norm"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, normalization="layer-norm", dropout=0.0):
         super().__init__()
         self.norm1 = make_norm(normalization, hidden_size)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, dropout)
         self.norm2 = make_norm(normalization, hidden_size)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
@@ -231,9 +262,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-# State-dict key that records a non-default normalization. The default ("layer-norm") writes no
-# extra key, so its state_dict is exactly the official layout.
+# State-dict keys that record a non-default normalization (and a final layer's normalization that differs
+# from the blocks'). The default ("layer-norm" everywhere) writes neither, so its state_dict is exactly the
+# official layout.
 NORM_KEY = "normalization"
+FINAL_NORM_KEY = "final_normalization"
 
 
 class DiT(nn.Module):
@@ -256,6 +289,8 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         normalization="layer-norm",
+        final_normalization=None,
+        dropout=0.0,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -263,12 +298,21 @@ class DiT(nn.Module):
                 f"input_size {input_size} is not divisible by patch size {patch_size}; "
                 f"use an input size that is a multiple of {patch_size}"
             )
+        final_normalization = final_normalization or normalization  # None: the blocks' normalization
         make_norm(normalization, 1)  # fail early, with the list of choices, on an unknown name
+        make_norm(final_normalization, 1)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, normalization=normalization,
         )
+        # Only where they differ from the reference model, so its config stays the reference's.
+        if final_normalization != normalization:
+            self.config["final_normalization"] = final_normalization
+        if dropout:
+            self.config["dropout"] = dropout
         self.input_size = input_size
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -277,6 +321,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.normalization = normalization
+        self.final_normalization = final_normalization
         self.grad_checkpointing = False  # recompute block activations in backward to save memory
         self.check_labels = True  # label range check (one host sync per call on GPU; scripts may turn off)
 
@@ -287,9 +332,9 @@ class DiT(nn.Module):
         # Fixed sin-cos position embedding, stored as a frozen parameter (it is in the official files).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, normalization) for _ in range(depth)]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, normalization, dropout) for _ in range(depth)]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, normalization)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, final_normalization)
         self.initialize_weights()
         self._register_state_dict_hook(_save_normalization)
         self._register_load_state_dict_pre_hook(_check_normalization, with_module=True)
@@ -404,9 +449,12 @@ class DiT(nn.Module):
 
 
 def _save_normalization(module, state_dict, prefix, local_metadata):
-    """State-dict hook: record a non-default normalization as a uint8 tensor of its name's bytes."""
+    """State-dict hook: record a non-default normalization as a uint8 tensor of its name's bytes, and the
+    final layer's where it differs from the blocks'."""
     if module.normalization != "layer-norm":
         state_dict[prefix + NORM_KEY] = torch.tensor(list(module.normalization.encode()), dtype=torch.uint8)
+    if module.final_normalization != module.normalization:
+        state_dict[prefix + FINAL_NORM_KEY] = torch.tensor(list(module.final_normalization.encode()), dtype=torch.uint8)
 
 
 def stored_normalization(state_dict, prefix=""):
@@ -416,15 +464,28 @@ def stored_normalization(state_dict, prefix=""):
     return "layer-norm" if stored is None else bytes(stored.tolist()).decode()
 
 
+def stored_final_normalization(state_dict, prefix=""):
+    """The final layer's normalization of a DiT state dict: its FINAL_NORM_KEY, else the blocks' one."""
+    stored = state_dict.get(prefix + FINAL_NORM_KEY)
+    return stored_normalization(state_dict, prefix) if stored is None else bytes(stored.tolist()).decode()
+
+
 def _check_normalization(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Load pre-hook: refuse a checkpoint of another normalization variant with a clear message.
     A state_dict without the key (e.g. the official files) is a LayerNorm model."""
-    name = stored_normalization(state_dict, prefix)
+    name, final = stored_normalization(state_dict, prefix), stored_final_normalization(state_dict, prefix)
     state_dict.pop(prefix + NORM_KEY, None)
+    state_dict.pop(prefix + FINAL_NORM_KEY, None)
     if name != module.normalization:
         raise ValueError(
             f"this checkpoint was trained with normalization={name!r} but the model was built with "
             f"normalization={module.normalization!r}; build the model with normalization={name!r}"
+        )
+    if final != module.final_normalization:
+        raise ValueError(
+            f"this checkpoint's final layer was trained with final_normalization={final!r} but the model was "
+            f"built with final_normalization={module.final_normalization!r}; build it with "
+            f"final_normalization={final!r}"
         )
 
 
@@ -495,7 +556,7 @@ def build_model(name, **kwargs):
 
 # Keys of a run's config (saved in every checkpoint of train.py / train_toy.py) that describe the model.
 MODEL_CONFIG_KEYS = ("input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma",
-                     "normalization", "depth", "hidden_size", "num_heads")
+                     "normalization", "final_normalization", "dropout", "depth", "hidden_size", "num_heads")
 
 
 def build_model_from_config(config):

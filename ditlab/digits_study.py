@@ -250,17 +250,30 @@ def training_speed(run):
 
 
 def lr_sweep(args):
-    """Phase 1: {(variant, lr): record} of the seed-0 runs at --sweep-steps (training what has no record)."""
-    todo = [(v, lr) for v in args.variants for lr in args.lrs if read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS) is None]
+    """Phase 1: {(variant, lr): record} of the seed-0 runs at --sweep-steps. A run that has finished gets
+    its record first (also with --report, so that a study cut short keeps what it finished); then the
+    rest is trained."""
+    def missing():
+        return [(v, lr) for v in args.variants for lr in args.lrs
+                if read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS) is None]
+
+    def keep(v, lr, run):
+        write_record(args, "sweep-" + run_key(v, lr, 0), dict(variant=v, lr=lr, seed=0, run=os.path.basename(run),
+                     curve=curve(run, args.sweep_steps), steps_per_s=training_speed(run)), SWEEP_SETTINGS)
+
+    for v, lr in missing():
+        run = find_run(args, v, lr, 0)
+        if run_step(run) >= args.sweep_steps:
+            keep(v, lr, run)
+    todo = missing()
     if todo and args.report:
         raise SystemExit(f"the lr sweep has not finished ({', '.join(run_key(v, lr, 0) for v, lr in todo)}); "
                          "run without --report")
     runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in todo])
     for v, lr in todo:
-        run = runs[(v, lr, 0)]
-        write_record(args, "sweep-" + run_key(v, lr, 0), dict(variant=v, lr=lr, seed=0, run=os.path.basename(run),
-                     curve=curve(run, args.sweep_steps), steps_per_s=training_speed(run)), SWEEP_SETTINGS)
-    return {(v, lr): read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS) for v in args.variants for lr in args.lrs}
+        keep(v, lr, runs[(v, lr, 0)])
+    return {(v, lr): read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS)
+            for v in args.variants for lr in args.lrs}
 
 
 def best_lrs(args, sweep):

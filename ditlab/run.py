@@ -14,7 +14,7 @@ from glob import glob
 import torch
 
 from ditlab.checkpoints import checkpoint_file, load_checkpoint
-from ditlab.cli import COUNT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
+from ditlab.cli import COUNT, DROPOUT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from ditlab.distributed import broadcast_object
 from ditlab.files import truncate_jsonl, write_json
 from ditlab.preemption import PREEMPTED_EXIT
@@ -237,6 +237,10 @@ def add_model_args(g, model_choices, norm_choices, model_default=None):
     g.add_argument("--num-heads", type=COUNT, default=None, help="override the model's attention heads")
     g.add_argument("--normalization", choices=norm_choices, default="layer-norm")
     g.add_argument("--no-layernorm", action="store_true", help="same as --normalization none")
+    g.add_argument("--final-normalization", choices=norm_choices, default=None,
+                   help="the final layer's normalization (default: --normalization's)")
+    g.add_argument("--dropout", type=DROPOUT, default=0.0,
+                   help="dropout on the attention weights and the MLP's hidden activations (default: off)")
 
 
 def add_optimisation_args(g, **defaults):
@@ -347,7 +351,10 @@ def open_run(args, d, spec, new_config, ckpt=None, run_dir=None):
     flags a resume may change (config.json rewritten to say what the run does now) and its logs cut back
     to the checkpoint's step. Returns a Run with the rank's logger."""
     if ckpt is None:
-        run_dir = new_run_dir(args.results_dir, args.model, args.normalization) if d.is_main else None
+        norm = args.normalization
+        if getattr(args, "final_normalization", None) not in (None, norm):
+            norm += f"-final-{args.final_normalization}"
+        run_dir = new_run_dir(args.results_dir, args.model, norm) if d.is_main else None
         run_dir = broadcast_object(run_dir)
         config = {**new_config, "script": spec.script}
     else:

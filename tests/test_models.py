@@ -8,7 +8,10 @@ import pytest
 import scipy.special
 import torch
 
-from models import NO_ZERO_INIT, NORM_LAYERS, DiT, DiT_models, DynamicErf, build_model, get_2d_sincos_pos_embed
+from models import (
+    NO_ZERO_INIT, NORM_LAYERS, DiT, DiT_models, DynamicErf, build_model, build_model_from_config,
+    get_2d_sincos_pos_embed,
+)
 
 TINY = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=5)
 
@@ -34,7 +37,9 @@ def _silu(x):
     return x / (1 + np.exp(-x))
 
 
-def _norm(x, kind, alpha=None, shift=None):
+def _norm(x, kind, w, prefix):
+    """The normalization `kind` in float64, its parameters (if any) read from w under `prefix`."""
+    alpha, shift = w.get(prefix + ".alpha"), w.get(prefix + ".shift")
     if kind == "none":
         return x
     if kind == "rms-norm":
@@ -45,7 +50,10 @@ def _norm(x, kind, alpha=None, shift=None):
         return scipy.special.erf(alpha * x + shift)
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + 1e-6)
+    out = (x - mu) / np.sqrt(var + 1e-6)
+    if kind == "layer-norm-restore":
+        out = out + np.log(np.sqrt(var + 1e-6)) * w[prefix + ".scale_weight"] + mu * w[prefix + ".mean_weight"]
+    return out
 
 
 def _attention(w, prefix, x, heads):
@@ -64,7 +72,7 @@ def _attention(w, prefix, x, heads):
     return _linear(w, prefix + ".proj", out)
 
 
-def reference_dit(sd, cfg, x, t, y, norm):
+def reference_dit(sd, cfg, x, t, y, norm, final_norm=None):
     w = _np(sd)
     x = x.double().numpy()
     n, C, H, W = x.shape
@@ -84,15 +92,14 @@ def reference_dit(sd, cfg, x, t, y, norm):
         pre = f"blocks.{b}"
         mod = _linear(w, pre + ".adaLN_modulation.1", _silu(c))
         sh1, sc1, g1, sh2, sc2, g2 = [mod[:, k * D:(k + 1) * D][:, None] for k in range(6)]
-        n1 = (w.get(pre + ".norm1.alpha"), w.get(pre + ".norm1.shift"))
-        n2 = (w.get(pre + ".norm2.alpha"), w.get(pre + ".norm2.shift"))
-        tok = tok + g1 * _attention(w, pre + ".attn", _norm(tok, norm, *n1) * (1 + sc1) + sh1, cfg["num_heads"])
-        h = _norm(tok, norm, *n2) * (1 + sc2) + sh2
+        tok = tok + g1 * _attention(w, pre + ".attn", _norm(tok, norm, w, pre + ".norm1") * (1 + sc1) + sh1,
+                                    cfg["num_heads"])
+        h = _norm(tok, norm, w, pre + ".norm2") * (1 + sc2) + sh2
         tok = tok + g2 * _linear(w, pre + ".mlp.fc2", _gelu_tanh(_linear(w, pre + ".mlp.fc1", h)))
     mod = _linear(w, "final_layer.adaLN_modulation.1", _silu(c))
     shift, scale = mod[:, None, :D], mod[:, None, D:]
-    nf = (w.get("final_layer.norm_final.alpha"), w.get("final_layer.norm_final.shift"))
-    out = _linear(w, "final_layer.linear", _norm(tok, norm, *nf) * (1 + scale) + shift)
+    normed = _norm(tok, final_norm or norm, w, "final_layer.norm_final")
+    out = _linear(w, "final_layer.linear", normed * (1 + scale) + shift)
     # Unpatchify: token (i, j) holds a p x p x C_out block in (row, col, channel) order.
     co = out.shape[-1] // (p * p)
     img = np.zeros((n, co, H, W))
@@ -112,7 +119,7 @@ def randomized(model, std=0.3, seed=0):
     return model
 
 
-@pytest.mark.parametrize("norm", ["layer-norm", "none", "rms-norm", "dyt", "derf"])
+@pytest.mark.parametrize("norm", ["layer-norm", "none", "rms-norm", "dyt", "derf", "layer-norm-restore"])
 @pytest.mark.parametrize("patch_size,input_size", [(2, 4), (1, 3)])
 def test_forward_matches_float64_reference(norm, patch_size, input_size):
     cfg = dict(TINY, patch_size=patch_size, input_size=input_size)
@@ -125,6 +132,85 @@ def test_forward_matches_float64_reference(norm, patch_size, input_size):
     ref = reference_dit(model.state_dict(), dict(cfg, depth=2), x, t, y, norm)
     assert out.shape == (3, 6, input_size, input_size)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm,final", [("layer-norm", "none"), ("none", "layer-norm"), ("dyt", "rms-norm")])
+def test_separate_final_normalization_matches_float64_reference(norm, final):
+    """The blocks' normalization and the final layer's chosen apart: the forward pass is the reference
+    with each in its place."""
+    torch.manual_seed(0)
+    model = randomized(DiT(**TINY, normalization=norm, final_normalization=final)).double().eval()
+    x, t, y = torch.randn(3, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 17, 999]), torch.tensor([0, 4, 2])
+    ref = reference_dit(model.state_dict(), dict(TINY, depth=2), x, t, y, norm, final)
+    np.testing.assert_allclose(model(x, t, y).detach().numpy(), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_final_normalization_round_trips_and_keeps_the_official_layout():
+    """Plain LayerNorm (final_normalization None or "layer-norm") writes exactly the official keys and
+    config; a different final norm adds one key, its state dict loads only into the same choice, and
+    the config records it for build_model_from_config."""
+    plain = DiT(**TINY)
+    same = DiT(**TINY, final_normalization="layer-norm")
+    assert list(same.state_dict()) == list(plain.state_dict()) and same.config == plain.config
+    assert "final_normalization" not in plain.config and "dropout" not in plain.config
+    mixed = randomized(DiT(**TINY, final_normalization="none"))
+    sd = mixed.state_dict()
+    assert set(sd) - set(plain.state_dict()) == {"final_normalization"} and bytes(sd["final_normalization"].tolist()) == b"none"
+    with pytest.raises(ValueError, match="final_normalization='none'.*built with final_normalization='layer-norm'"):
+        DiT(**TINY).load_state_dict(sd)
+    with pytest.raises(ValueError, match="final_normalization='layer-norm'.*built with final_normalization='none'"):
+        DiT(**TINY, final_normalization="none").load_state_dict(plain.state_dict())
+    rebuilt = build_model_from_config(dict(mixed.config, model="DiT-S/2"))
+    rebuilt.load_state_dict(sd)
+    x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([3, 900]), torch.tensor([1, 2])
+    assert torch.equal(rebuilt.eval()(x, t, y), mixed.eval()(x, t, y))
+
+
+def test_restoring_layernorm_starts_exactly_as_layernorm_and_can_learn():
+    """layer-norm-restore with its two vectors at zero computes bitwise what LayerNorm computes with the
+    same weights (and building it draws no extra random numbers); the vectors get gradients."""
+    torch.manual_seed(0)
+    ln = DiT(**TINY)
+    torch.manual_seed(0)
+    restore = DiT(**TINY, normalization="layer-norm-restore")
+    extra = {k for k in restore.state_dict() if k.endswith(("scale_weight", "mean_weight"))}
+    assert len(extra) == 2 * (2 * 2 + 1)
+    for k, v in ln.state_dict().items():
+        assert torch.equal(restore.state_dict()[k], v), k  # same init draws
+    randomized(ln)
+    restore.load_state_dict({**ln.state_dict(), **{k: restore.state_dict()[k] for k in extra},
+                             "normalization": restore.state_dict()["normalization"]})
+    x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([3, 900]), torch.tensor([1, 2])
+    out = restore.eval()(x, t, y)
+    assert torch.equal(out, ln.eval()(x, t, y))
+    out.square().sum().backward()
+    assert all(restore.get_parameter(k).grad.abs().sum() > 0 for k in extra)
+
+
+def test_dropout_off_changes_nothing_and_on_acts_only_while_training():
+    """dropout=0 (the default): the same keys, config, outputs and random stream as a model built without
+    it, in training mode too. dropout=0.1: training outputs change from draw to draw, eval ones do not,
+    and eval equals the model without dropout."""
+    torch.manual_seed(0)
+    base = randomized(DiT(**TINY, class_dropout_prob=0.0)).train()
+    off = DiT(**TINY, class_dropout_prob=0.0, dropout=0.0).train()
+    on = DiT(**TINY, class_dropout_prob=0.0, dropout=0.1).train()
+    off.load_state_dict(base.state_dict())
+    on.load_state_dict(base.state_dict())
+    assert list(on.state_dict()) == list(base.state_dict()) and off.config == base.config and on.config["dropout"] == 0.1
+    x, t, y = torch.randn(4, 3, 4, 4), torch.tensor([3, 900, 10, 500]), torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(1)
+    a = base(x, t, y)
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    b = off(x, t, y)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(on(x, t, y), on(x, t, y))
+    on.eval()
+    base.eval()
+    assert torch.equal(on(x, t, y), base(x, t, y))
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
+        DiT(**TINY, dropout=1.0)
 
 
 def test_layernorm_and_none_differ():
