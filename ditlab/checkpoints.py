@@ -45,7 +45,7 @@ import torch
 
 from ditlab.data import LATENT_SCALE
 from ditlab.files import atomic_write
-from models import build_model_from_config, stored_normalization
+from models import build_model_from_config, stored_final_normalization, stored_normalization
 
 # The two official DiT-XL/2 files (raw EMA state dicts), by name -> image size.
 PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
@@ -224,14 +224,15 @@ def build_and_load(state_dict, config, source="checkpoint"):
 def bare_config(state_dict, overrides, source, bare_model=None):
     """The config of a bare state dict, from the overrides (which must name the model, unless
     `bare_model` gives a default) on top of the reference's defaults: 256 px, 1000 classes, the mse VAE
-    (vae="none": a pixel-space model with 3 channels); the normalization is read from the state dict."""
+    (vae="none": a pixel-space model with 3 channels); the normalizations are read from the state dict."""
     overrides = {"model": bare_model, **overrides} if bare_model else overrides
     if "model" not in overrides:
         raise ValueError(f"{source} is a bare state dict with no config: say which model it is, e.g. "
                          f"load_model(path, model='DiT-XL/2', image_size=256) (sample.py: --model and --image-size)")
     size = overrides.get("image_size", 256)
     config = official_config(size)
-    config.update(model=overrides["model"], normalization=stored_normalization(state_dict))
+    config.update(model=overrides["model"], normalization=stored_normalization(state_dict),
+                  final_normalization=stored_final_normalization(state_dict))
     if overrides.get("vae") == "none":
         config.update(input_size=size, in_channels=3)
     return config

@@ -12,7 +12,7 @@ import torch
 
 import train_toy
 from diffusion import create_diffusion
-from ditlab.checkpoints import load_checkpoint
+from ditlab.checkpoints import load_checkpoint, load_model
 from ditlab.preemption import PREEMPTED_EXIT
 from ditlab.toy.hooks import draw_samples
 from ditlab.toy.probe import TIMESTEP_GRID, probe
@@ -265,3 +265,17 @@ def test_paper_preset_compiles_and_none_switches_it_off():
     assert train_toy.parse_args(["--preset", "paper", "--compile", "reduce-overhead"])[0].compile == "reduce-overhead"
     assert train_toy.parse_args(["--preset", "cpu"])[0].compile is None
     assert compile_mode("none") is None
+
+
+def test_final_normalization_and_dropout_travel_with_the_run(tmp_path):
+    """--final-normalization and --dropout are model settings: in config.json and the checkpoint (the
+    mixed model reloads as itself, its run directory says so), fixed on resume."""
+    run = run_toy(tmp_path, "--final-normalization", "none", "--dropout", "0.1", "--steps", "2", "--eval-steps", "2",
+                  "--num-eval-samples", "4", "--sampling-steps", "3")
+    assert os.path.basename(run).endswith("-layer-norm-final-none")
+    model, config = load_model(run)
+    assert (config["final_normalization"], config["dropout"]) == ("none", 0.1)
+    assert isinstance(model.final_layer.norm_final, torch.nn.Identity) and model.blocks[0].mlp.dropout == 0.1
+    assert isinstance(model.blocks[0].norm1, torch.nn.LayerNorm)
+    with pytest.raises(SystemExit, match="--final-normalization layer-norm contradicts the run being resumed"):
+        train_toy.main(["--resume", run, "--final-normalization", "layer-norm", "--threads", "1"])
