@@ -53,6 +53,8 @@ def short_name(ckpt):
 def model_labels(ckpts, configs):
     """One label per checkpoint: its normalization, plus the run name where two would be equal."""
     base = [c.get("normalization") or "layer-norm" for c in configs]
+    base = [b if c.get("final_normalization") in (None, b) else f"{b}, final {c['final_normalization']}"
+            for b, c in zip(base, configs)]
     labels = [b if base.count(b) == 1 else f"{b} [{short_name(k)}]" for b, k in zip(base, ckpts)]
     return [lab if labels.count(lab) == 1 else f"{lab} #{i}" for i, lab in enumerate(labels)]
 

@@ -1,0 +1,95 @@
+"""Interventions on one channel (ditlab/toy/intervene.py, intervene.py) on models built so that the
+answer is known."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from diffusion import create_diffusion
+from ditlab.toy.intervene import channel_statistics, edit_fn, intervene, places
+from ditlab.toy.task import TOY_MODEL
+from models import DiT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHANNEL, VALUE = 5, 50.0
+
+
+def hand_built(normalization="layer-norm"):
+    """A small toy DiT with random weights, except that channel CHANNEL of the patch embedding (block 0's
+    input, so what block.0.norm1 sees) is the constant VALUE for every token, input and timestep: an
+    outlier that is exactly a bias."""
+    torch.manual_seed(0)
+    model = DiT(**TOY_MODEL, patch_size=1, depth=2, hidden_size=16, num_heads=2, normalization=normalization)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+        model.x_embedder.proj.weight[CHANNEL] = 0
+        model.x_embedder.proj.bias[CHANNEL] = VALUE
+        model.pos_embed[0, :, CHANNEL] = 0
+    return model.eval()
+
+
+def test_places_cover_every_block_output_and_norm_input():
+    names = [n for n, _, _ in places(hand_built())]
+    assert names == ["block.0.norm1", "block.0.norm2", "block.0", "block.1.norm1", "block.1.norm2", "block.1",
+                     "final.norm"]
+
+
+def test_a_constant_outlier_is_found_and_mean_ablation_changes_nothing_zeroing_does():
+    model = hand_built()
+    diffusion, sampler = create_diffusion(""), create_diffusion("10")
+    stats = channel_statistics(model, diffusion, num=4)
+    s = stats["block.0.norm1"]
+    assert s["channel"] == CHANNEL and s["mean"] == VALUE and torch.all(s["per_t"] == VALUE)
+    assert s["rms_share"] > 0.9
+    result = intervene(model, diffusion, sampler, ["block.0.norm1"], probe_samples=8, num_samples=8, stats=stats)
+    entry = result["places"]["block.0.norm1"]
+    for edit in ("mean", "per-t"):  # the channel is its own mean, at every t: bitwise the unedited model
+        assert entry[edit]["per_t"] == result["baseline"]["per_t"] and entry[edit]["sample_ratio"] == 1.0
+    zero = entry["zero"]
+    assert max(abs(r - 1) for r in zero["ratio_per_t"].values()) > 1e-3 and zero["sample_ratio"] != 1.0
+
+
+def test_edits_replace_exactly_the_channel_with_the_asked_value():
+    """Against a direct computation: the hook output equals the input with one channel set."""
+    h = torch.randn(6, 4, 16)
+    t = torch.tensor([0, 0, 3, 3, 999, 999])
+    per_t = torch.arange(1000, dtype=torch.float64) / 7
+    for edit, want in (("zero", torch.zeros(6, 4)), ("mean", torch.full((6, 4), 2.5)),
+                       ("per-t", (t.double() / 7).float()[:, None].expand(6, 4))):
+        out = edit_fn("block.0", 3, edit, per_t=per_t, value=2.5)("block.0", h, t)
+        assert torch.equal(out[..., 3], want) and torch.equal(out[..., :3], h[..., :3])
+        assert torch.equal(out[..., 4:], h[..., 4:])
+    assert edit_fn("block.0", 3, "zero")("block.1", h, t) is None  # other places untouched
+
+
+def test_command_writes_tables_for_a_run(tmp_path):
+    run = subprocess.run([sys.executable, "train_toy.py", "--depth", "1", "--hidden-size", "16", "--num-heads", "2",
+                          "--global-batch-size", "16", "--steps", "3", "--eval-steps", "3", "--num-eval-samples", "4",
+                          "--sampling-steps", "5", "--probe-samples", "4", "--results-dir", str(tmp_path / "runs"),
+                          "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (ckpt,) = [str(p) for p in (tmp_path / "runs").iterdir()]
+    out = subprocess.run([sys.executable, "intervene.py", "--ckpt", ckpt, "--places", "final.norm", "block.0",
+                          "--probe-samples", "4", "--stats-samples", "2", "--num-samples", "4", "--sampling-steps", "5",
+                          "--out", str(tmp_path / "iv"), "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.load(open(tmp_path / "iv" / "interventions.json"))
+    (model,) = result["models"].values()
+    assert set(model["places"]) == {"final.norm", "block.0"}
+    # with one block, editing its output and the final norm's input are the same edit
+    assert model["places"]["final.norm"]["zero"]["per_t"] == model["places"]["block.0"]["zero"]["per_t"]
+    assert "| final.norm |" in open(tmp_path / "iv" / "interventions.md").read()
+    bad = subprocess.run([sys.executable, "intervene.py", "--ckpt", ckpt, "--places", "block.7", "--out",
+                          str(tmp_path / "iv2")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "block.7: not a place" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_control_model_without_layernorm_has_a_loudest_channel_too():
+    stats = channel_statistics(hand_built("none"), create_diffusion(""), num=2)
+    assert stats["block.0.norm1"]["channel"] == CHANNEL
