@@ -37,6 +37,7 @@ from ditlab.data import (
     BadImages,
     load_vae,
     open_image_folder,
+    stop_workers,
     vae_geometry,
 )
 from ditlab.distributed import barrier, cleanup_distributed, setup_distributed
@@ -95,13 +96,17 @@ def encode_shard(vae, folder, span, args, device, stop=()):
                         worker_init_fn=ignore_stop_signals)
     generator = torch.Generator().manual_seed(shard_seed(args.global_seed, start // args.shard_size))
     latents, labels = [], []
-    for x, y in loader:
-        if stop:
-            return None
-        x = x.to(device, non_blocking=True).flatten(0, 1)  # (2B, 3, H, W): image, mirror, image, mirror, ...
-        z = vae.encode(x).latent_dist.sample(generator=generator).mul_(args.latent_scale)
-        latents.append(z.unflatten(0, (-1, 2)).to("cpu", DTYPES[args.dtype]))
-        labels.append(y)
+    batches = iter(loader)
+    try:
+        for x, y in batches:
+            if stop:
+                return None
+            x = x.to(device, non_blocking=True).flatten(0, 1)  # (2B, 3, H, W): image, mirror, image, mirror, ...
+            z = vae.encode(x).latent_dist.sample(generator=generator).mul_(args.latent_scale)
+            latents.append(z.unflatten(0, (-1, 2)).to("cpu", DTYPES[args.dtype]))
+            labels.append(y)
+    finally:
+        stop_workers(batches)  # also on a failure: they ignore SIGTERM, exit would wait for them
     return torch.cat(latents), torch.cat(labels).long()
 
 

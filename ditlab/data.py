@@ -364,7 +364,21 @@ class BatchStream:
         return {"epoch": self.epoch, "position": self.position}
 
     def close(self):
-        self._batches = None  # lets the loader's workers go
+        """Stop the loader's worker processes now. Needed on every way out, a failure above all: the
+        workers ignore SIGTERM (so that a signal to the process group reaches only the main process, which
+        saves first), and persistent workers stay referenced from the failure's traceback, so at
+        interpreter exit multiprocessing would wait for them forever (a run that failed would hang)."""
+        stop_workers(self._batches)
+        stop_workers(getattr(self.loader, "_iterator", None))
+        self.loader._iterator = self._batches = None
+
+
+def stop_workers(batches):
+    """Shut down the worker processes of a DataLoader iterator (None or a single-process one: nothing to
+    do). torch has no public call for this; its iterator's own __del__ uses _shutdown_workers, which is
+    what this calls, so that a failure never leaves the process waiting for its workers at exit."""
+    if batches is not None and hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()
 
 
 def vae_encoder(vae, latent_scale):

@@ -719,3 +719,42 @@ def test_compile_none_logs_no_compiling(tmp_path, image_folder):
     run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "1", "--compile", "none")
     assert "compiled" not in open(os.path.join(run_dir, "log.txt")).read()
     assert compile_mode(json.load(open(os.path.join(run_dir, "config.json")))["compile"]) is None
+
+
+#################################################################################
+#                      Failures exit, whatever the workers do                   #
+#################################################################################
+
+
+def limited_run(cmd, limit_bytes, timeout=120):
+    """Run cmd with a file-size limit (as `ulimit -f`): writes past it fail (Python ignores SIGXFSZ), as on a
+    full disk. Returns the CompletedProcess; a hang is a TimeoutExpired, i.e. a failed test."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+
+
+def test_a_failed_save_with_two_loader_workers_exits_in_seconds(tmp_path, image_folder):
+    """Issue 24.1: an exception (here the checkpoint write failing on a 'full disk') with --num-workers 2
+    ends the process with a non-zero code within seconds, its reason as the last line of log.txt; it used
+    to wait forever for the persistent workers, which ignore SIGTERM."""
+    cmd = [sys.executable, "train.py", *TINY, "--num-workers", "2", "--data-path", image_folder, "--vae", "none",
+           "--max-steps", "4", "--ckpt-every", "2", "--results-dir", str(tmp_path), "--threads", "1"]
+    start = time.time()
+    out = limited_run(cmd, 64_000)
+    assert out.returncode == 1 and time.time() - start < 60, out.stderr[-2000:]
+    last = open(os.path.join(only_run(str(tmp_path)), "log.txt")).read().strip().splitlines()[-1]
+    assert "run failed" in last
+
+
+def test_extract_latents_failure_with_workers_exits(tmp_path, image_folder, vae_dir):
+    """The same for extract_latents.py: a shard that cannot be written ends the command, workers and all."""
+    cmd = [sys.executable, "extract_latents.py", "--data-path", image_folder, "--image-size", "16", "--vae", vae_dir,
+           "--shard-size", "5", "--batch-size", "2", "--num-workers", "2", "--num-classes", "4", "--latents-dir",
+           str(tmp_path / "latents")]
+    start = time.time()
+    out = limited_run(cmd, 2_000)
+    assert out.returncode != 0 and time.time() - start < 60, out.stderr[-2000:]
