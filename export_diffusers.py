@@ -28,7 +28,7 @@ import sys
 
 from ditlab.checkpoints import WEIGHTS, load_model
 from ditlab.cli import COUNT
-from ditlab.diffusers_interop import build_transformer, export_pipeline, measure_difference
+from ditlab.diffusers_interop import build_transformer, check_export_folder, export_pipeline, measure_difference
 from models import DiT_models
 
 
@@ -51,6 +51,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.check_only:
+        check_export_folder(args.out)
     try:
         model, config = load_model(args.ckpt, args.weights, must_match=("model", "image_size"), bare_model="DiT-XL/2",
                                    model=args.model, image_size=args.image_size)

@@ -8,6 +8,7 @@ import torch
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_checkpoint
 from ditlab.data import LATENT_SCALE, load_vae, vae_source
+from ditlab.files import share_like_open
 from models import DIT_SIZES, DiT_models, get_2d_sincos_pos_embed
 
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the Hub's DiT says Transformer2DModel
@@ -200,7 +201,19 @@ def export_pipeline(model, config, out, weights="ema", source=None):
     meta = dict(config=config, weights=weights, source=source, null_row_added=model.config["class_dropout_prob"] == 0)
     with open(os.path.join(out, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, default=str)
+    share_like_open(out)  # safetensors leaves its files at 0600
     return dict(vae=vae_note, id2label=bool(labels), transformer=transformer)
+
+
+def check_export_folder(out):
+    """Before any work: `out` must be a new or empty folder, or an earlier export (model_index.json or
+    META_FILE in it), never a file or an unrelated folder whose files would be mixed with the export's."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file; give a folder for the export (it is created if missing)")
+    if os.path.isdir(out) and os.listdir(out) and not any(
+            os.path.isfile(os.path.join(out, name)) for name in ("model_index.json", META_FILE)):
+        raise SystemExit(f"--out {out} is not empty and not an export (no model_index.json); give a new or "
+                         "empty folder")
 
 
 #################################################################################

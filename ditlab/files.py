@@ -30,17 +30,60 @@ def write_json(path, obj):
 #################################################################################
 
 
+class NotARegularFile(OSError):
+    """An output path names something that is not a regular file (a directory, a device, a pipe)."""
+
+
+def output_target(path):
+    """The file a write to `path` should replace: `path` itself, or what a symlink at `path` points to
+    (so that the link stays a link). NotARegularFile when that exists and is not a regular file: a
+    directory, a device node or a pipe is never replaced."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        kind = "a directory" if os.path.isdir(target) else "not a regular file"
+        raise NotARegularFile(f"{path} is {kind}; give the path of a file to write")
+    return target
+
+
+def umask_mode():
+    """0666 less the process's umask: the mode open() gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def new_file_mode(target):
+    """The permission bits the written file gets: an existing file's own, else umask_mode() (the temp
+    file it is written to starts at 0600)."""
+    return os.stat(target).st_mode & 0o7777 if os.path.isfile(target) else umask_mode()
+
+
+def share_like_open(folder):
+    """Give every file under `folder` umask_mode(): for folders that a third-party writer (safetensors
+    through a temp file) leaves at 0600, so that colleagues on a shared file system can read them."""
+    mode = umask_mode()
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.chmod(path, mode)
+
+
 def atomic_write(path, write_fn):
     """Write a file through `write_fn(fileobj)` into a temp file next to `path`, then rename it over
-    `path`: a crash at any point leaves either the old file or the new one, never a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    `path`: a crash at any point leaves either the old file or the new one, never a partial file. The
+    file gets the mode open() would give it (new_file_mode), a symlink is written through, and anything
+    that is not a regular file is refused (output_target)."""
+    target = output_target(path)
+    directory = os.path.dirname(target)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(target))
     try:
+        os.chmod(tmp, new_file_mode(target))
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -240,3 +240,25 @@ def test_hub_vae_that_cannot_be_loaded_is_named(tmp_path, vae_dir, monkeypatch, 
     assert "vae" not in os.listdir(folder)
     model, config = checkpoints.load_model(folder)
     assert same_weights(model, ema) and config["vae"] == "ema"
+
+
+def test_export_files_are_readable_by_others_and_an_unrelated_folder_is_refused(tmp_path, vae_dir):
+    """Issue 24.2/24.6: every exported file gets the umask's mode (0644 under 022, as open() gives), and
+    --out into a non-empty folder that is not an export is refused before anything is written; an
+    earlier export is overwritten."""
+    path, _, _, _ = latent_checkpoint(tmp_path, vae_dir)
+    old = os.umask(0o022)
+    try:
+        folder = export(tmp_path, path, "--no-check")
+        modes = {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mode & 0o777
+                 for d, _, files in os.walk(folder) for f in files}
+        assert modes and set(modes.values()) == {0o644}, modes
+        export(tmp_path, path, "--no-check")  # an export may be redone in place
+    finally:
+        os.umask(old)
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "paper.tex").write_text("x")
+    with pytest.raises(SystemExit, match="not empty and not an export"):
+        export(tmp_path, path, "--no-check", out="notes")
+    assert os.listdir(unrelated) == ["paper.tex"]
