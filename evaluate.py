@@ -21,7 +21,7 @@ import time
 from ditlab.cli import COUNT
 from ditlab.evaluation import Evaluator, summary_line
 from ditlab.features import EvaluationError, add_network_args
-from ditlab.files import write_json
+from ditlab.files import check_output_file, write_json
 
 
 def parse_args(argv=None):
@@ -50,6 +50,10 @@ def main(argv=None):
     if args.features == "digits" and not os.path.exists(args.ref):
         raise SystemExit(f"error: {args.ref}: no such file or folder; the digits demo's reference folder "
                          f"data/digits is written by `python train.py` (the demo) on its first run")
+    if args.out:
+        check_output_file(args.out, "--out")  # before the features, not after them
+    if args.save_stats:
+        check_output_file(args.save_stats, "--save-stats", (".npz",))
     start = time.time()
     try:
         evaluator = Evaluator(args.ref, features=args.features, inception_weights=args.inception_weights,

@@ -25,6 +25,7 @@ import torch
 from diffusion import create_diffusion
 from ditlab.cli import INDEX, NON_NEGATIVE
 from ditlab.data import LATENT_SCALE, load_vae
+from ditlab.files import atomic_write, check_output_file
 from ditlab.sampling import (
     add_model_args,
     check_vae,
@@ -37,6 +38,7 @@ from ditlab.sampling import (
     to_rgb,
 )
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # The reference sample.py's labels: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -54,6 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_file(args.out, "--out", IMAGE_EXTENSIONS)  # before sampling, not after it
     device = pick_device(args.device)
     model, config = load_for_sampling(args)
     model.to(device)
@@ -80,8 +83,8 @@ def main(argv=None):
     images = to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float().cpu())
     from torchvision.utils import save_image
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_image(images, args.out, nrow=4, normalize=True, value_range=(-1, 1))
+    fmt = os.path.splitext(args.out)[1].lstrip(".").lower().replace("jpg", "jpeg")
+    atomic_write(args.out, lambda f: save_image(images, f, format=fmt, nrow=4, normalize=True, value_range=(-1, 1)))
     print(f"saved {args.out}", file=sys.stderr)
     return images
 

@@ -45,7 +45,7 @@ from ditlab.data import LATENT_SCALE, load_vae
 from ditlab.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from ditlab.evaluation import Evaluator, summary_line
 from ditlab.features import EvaluationError, add_network_args
-from ditlab.files import atomic_write, write_json
+from ditlab.files import atomic_write, check_output_dir, write_json
 from ditlab.preemption import PREEMPTED_EXIT, StopFlag
 from ditlab.sampling import (
     add_model_args,
@@ -200,6 +200,7 @@ def evaluate_npz(path, out, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_dir(args.sample_dir, "--sample-dir")  # before the model loads
     d = setup_distributed(args.device)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

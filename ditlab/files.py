@@ -45,6 +45,39 @@ def output_target(path):
     return target
 
 
+def check_output_file(path, flag, extensions=None):
+    """Before any work: `path` (given as `flag`) can be written. SystemExit saying what to do when its name
+    lacks one of `extensions`, when it is a directory, a device or a pipe, or when its folder (created
+    here if missing) is not writable. Returns path."""
+    if extensions and not path.lower().endswith(tuple(extensions)):
+        raise SystemExit(f"{flag} {path}: give a file name ending in {' or '.join(extensions)}")
+    try:
+        target = output_target(path)
+    except NotARegularFile as e:
+        raise SystemExit(f"{flag}: {e}") from None
+    folder = os.path.dirname(target)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot create its folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"{flag} {path}: the folder {folder} is not writable")
+    return path
+
+
+def check_output_dir(path, flag):
+    """Before any work: `path` is a folder that exists (created here) and is writable; SystemExit otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path} is a file; give a folder (it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot create it: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise SystemExit(f"{flag} {path} is not writable")
+    return path
+
+
 def umask_mode():
     """0666 less the process's umask: the mode open() gives a new file."""
     mask = os.umask(0)

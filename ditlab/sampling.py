@@ -130,7 +130,11 @@ def has_null_class(model):
 
 
 def check_solver_steps(sampler, steps, flag):
-    """Before any work: diffusers' solvers take at most 999 of the 1000 steps (SystemExit naming `flag`)."""
+    """Before any work: no sampler takes more steps than the diffusion's 1000, and diffusers' solvers at
+    most 999 of them (SystemExit naming `flag`)."""
+    if steps > 1000:
+        raise SystemExit(f"{flag} {steps}: the diffusion has 1000 steps, so a sampler takes at most 1000 "
+                         "(250 is the DiT default)")
     if sampler in SOLVERS and steps >= 1000:
         raise SystemExit(f"--sampler {sampler} takes at most 999 steps, got {flag} {steps} (diffusers' spacing "
                          f"repeats timesteps at 1000); it needs far fewer, 10-100")

@@ -382,3 +382,20 @@ def test_reference_statistics_are_used_as_given(tmp_path, digits_classifier):
     adm_like = save_npz(tmp_path, "adm.npz", arrays["arr_0"], mu=np.zeros(2048), sigma=np.eye(2048),
                         mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     assert Evaluator(adm_like, **kwargs)(samples)["reference_stats"] == "computed"
+
+
+def test_evaluate_out_is_checked_before_the_features(tmp_path, monkeypatch):
+    """Issue 24.3: --out onto a folder fails before any feature is computed; a missing folder is created."""
+    class NoEvaluator:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("features were computed before --out was checked")
+
+    monkeypatch.setattr(evaluate, "Evaluator", NoEvaluator)
+    (tmp_path / "ref").mkdir()
+    with pytest.raises(SystemExit, match="--out: .* is a directory"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--save-stats .*stats: give a file name ending in .npz"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--save-stats", str(tmp_path / "stats")])
+    with pytest.raises(AssertionError, match="features were computed"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--out", str(tmp_path / "new" / "m.json")])
+    assert os.path.isdir(tmp_path / "new")

@@ -518,3 +518,39 @@ def test_sample_ddp_stop_signal_keeps_the_batch_then_finishes_identically(tmp_pa
     monkeypatch.undo()
     sample_ddp.main(["--ckpt", path, "--sample-dir", str(tmp_path / "cut"), *DDP_FLAGS])
     np.testing.assert_array_equal(npz_of(folder), npz_of(straight))
+
+
+#################################################################################
+#          Output paths and step counts checked before the work (issue 24)      #
+#################################################################################
+
+
+def never_load(*args, **kwargs):
+    raise AssertionError("the model was loaded: the bad flag was not caught before the work")
+
+
+@pytest.mark.parametrize("out,message", [("grid", r"grid: give a file name ending in \.png"),
+                                         ("folder.png", "--out: .* is a directory")])
+def test_sample_out_is_checked_before_sampling(tmp_path, monkeypatch, out, message):
+    monkeypatch.setattr(sample, "load_for_sampling", never_load)
+    (tmp_path / "folder.png").mkdir()
+    out = str(tmp_path / out)
+    with pytest.raises(SystemExit, match=message):
+        sample.main(["--ckpt", "x.pt", "--out", out])
+
+
+def test_sample_out_folder_is_created_and_steps_above_1000_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "load_for_sampling", never_load)
+    with pytest.raises(AssertionError, match="model was loaded"):  # the path is fine: it gets to the model
+        sample.main(["--ckpt", "x.pt", "--out", str(tmp_path / "new" / "deeper" / "grid.png")])
+    assert os.path.isdir(tmp_path / "new" / "deeper")
+    with pytest.raises(SystemExit, match="--num-sampling-steps 5000: the diffusion has 1000 steps"):
+        sampling.load_for_sampling(sample.parse_args(["--num-sampling-steps", "5000"]))
+
+
+def test_sample_ddp_sample_dir_that_is_a_file_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_ddp, "load_for_sampling", never_load)
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    with pytest.raises(SystemExit, match="--sample-dir .* is a file; give a folder"):
+        sample_ddp.main(["--ckpt", "x.pt", "--sample-dir", str(path), "--device", "cpu"])
