@@ -67,6 +67,8 @@ def main(argv=None):
     metrics.update(samples=os.path.abspath(args.samples), reference=os.path.abspath(args.ref),
                    seconds=round(time.time() - start, 2))
     print(summary_line(metrics))
+    if metrics.get("warning"):
+        print(f"warning: {metrics['warning']}", file=sys.stderr)
     if args.out:
         write_json(args.out, metrics)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -43,22 +43,30 @@ def _read_npy_header(f, path, key):
     return shape, dtype
 
 
-def check_images(images, where):
+def check_images(images, where, shape=None, values=True):
     """Validate a batch (N, H, W, 3) of uint8 images, or floats within [0, 255] (rounded, as ADM's
-    evaluator would read them); returns uint8."""
+    evaluator would read them); returns uint8. `shape`: the whole array's, for the messages (a file's
+    first batch stands for it); values=False checks only the layout and dtype. Floats that all lie in
+    [0, 1] are refused: read as [0, 255] they would round to black and one grey level."""
+    shape = tuple(shape or images.shape)
     if images.ndim != 4:
-        raise EvaluationError(f"{where}: images must be N x H x W x 3, got an array of shape {images.shape}")
+        raise EvaluationError(f"{where}: images must be N x H x W x 3, got an array of shape {shape}")
     if images.shape[-1] != 3:
         hint = ("; it looks like N x 3 x H x W: transpose it with a.transpose(0, 2, 3, 1)"
                 if images.shape[1] == 3 else "; convert grayscale or RGBA images to RGB")
         raise EvaluationError(f"{where}: images must have 3 channels last (N x H x W x 3), got shape "
-                              f"{images.shape}{hint}")
+                              f"{shape}{hint}")
     if images.dtype == np.uint8:
         return images
     if np.issubdtype(images.dtype, np.floating):
+        if not values:
+            return images
         if not np.isfinite(images).all() or images.min(initial=0) < 0 or images.max(initial=0) > 255:
             raise EvaluationError(f"{where}: float images must lie in [0, 255] (found {np.nanmin(images):.3g} .. "
                                   f"{np.nanmax(images):.3g}); scale images in [-1, 1] with 127.5 * (x + 1)")
+        if images.size and images.max() <= 1.0:
+            raise EvaluationError(f"{where}: float images all within [0, 1]; the evaluator reads floats as 0-255 "
+                                  f"levels (ADM's convention), so multiply them by 255 first")
         return np.round(images).astype(np.uint8)
     if np.issubdtype(images.dtype, np.integer):
         if images.min(initial=0) < 0 or images.max(initial=0) > 255:
@@ -86,7 +94,7 @@ class NpzImages:
             self.shape, self.dtype = _read_npy_header(f, path, "arr_0")
         if len(self.shape) != 4:
             raise EvaluationError(f"{path}: arr_0 must be N x H x W x 3, got shape {self.shape}")
-        check_images(np.zeros((1, *self.shape[1:]), dtype=self.dtype), f"{path} (arr_0)")
+        check_images(np.zeros((1, *self.shape[1:]), dtype=self.dtype), f"{path} (arr_0)", self.shape, values=False)
         self.num = self.shape[0]
         self._small = {n for n in names if n != "arr_0"}
         self.labels = self._array("arr_1") if "arr_1" in self._small else None
@@ -117,7 +125,7 @@ class NpzImages:
                     raise EvaluationError(f"{self.path}: arr_0 is truncated (image {start + len(data) // row} of "
                                           f"{self.num}); rewrite the file")
                 batch = np.frombuffer(data, dtype=self.dtype).reshape(n, *self.shape[1:])
-                yield check_images(batch, f"{self.path} (arr_0, images {start}..{start + n - 1})")
+                yield check_images(batch, f"{self.path} (arr_0, images {start}..{start + n - 1})", self.shape)
 
 
 class FolderImages:
@@ -170,15 +178,16 @@ def open_images(path, image_size=None):
 @torch.no_grad()
 def extract_features(source, net, batch_size=64, device="cpu", progress=True, desc=None):
     """Run `net` over every image of `source`: {'pool', 'spatial', 'logits'} as float32 numpy arrays
-    (None where the network has no such output)."""
-    out = {}
+    (None where the network has no such output), and 'image_size', the (H, W) of its images."""
+    out, size = {}, None
     total = math.ceil(source.num / batch_size)
     for batch in tqdm(source.batches(batch_size), total=total, desc=desc or os.path.basename(source.path),
                       disable=not progress, file=sys.stderr, mininterval=2):
+        size = size or tuple(batch.shape[1:3])
         x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).to(device)  # a writable copy
         for key, value in net(x).items():
             out.setdefault(key, []).append(None if value is None else value.float().cpu().numpy())
-    return {k: None if v[0] is None else np.concatenate(v) for k, v in out.items()}
+    return {**{k: None if v[0] is None else np.concatenate(v) for k, v in out.items()}, "image_size": size}
 
 
 #################################################################################
@@ -214,7 +223,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise EvaluationError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm(S1 S2)")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    # A distance is not negative: rounding can leave a set against itself at -1e-5 (ADM prints that).
+    return max(float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)), 0.0)
 
 
 def inception_score(logits, split_size=IS_SPLIT):
@@ -316,7 +326,11 @@ def score(sample_feats, ref_feats, ref_stats, labels=None, features="inception",
     else:
         accuracy = None
         if labels is not None:
-            accuracy = float((sample_feats["logits"].argmax(1) == np.asarray(labels)).mean())
+            labels, classes = np.asarray(labels), sample_feats["logits"].shape[1]
+            if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+                raise EvaluationError(f"labels {labels.min()}..{labels.max()} lie outside the classifier's classes "
+                                      f"0..{classes - 1}: the accuracy would be meaningless; check arr_1")
+            accuracy = float((sample_feats["logits"].argmax(1) == labels).mean())
         out.update(fd_digits=fd, accuracy=accuracy)
     out.update(precision=precision, recall=recall, num_samples=len(sample_feats["pool"]),
                num_reference=len(ref_feats["pool"]))
@@ -345,6 +359,10 @@ class Evaluator:
         labels = file_labels if labels is None else labels
         out = score(feats, self.ref_feats, self.ref_stats, labels, self.features, self.device)
         out["reference_stats"] = self.ref_stats_source
+        if feats["image_size"] != self.ref_feats["image_size"]:
+            (h, w), (rh, rw) = feats["image_size"], self.ref_feats["image_size"]
+            out["warning"] = (f"the samples are {h} x {w} but the reference images {rh} x {rw}: the feature network "
+                              f"resizes both, so the scores compare different resolutions")
         return out
 
     def save_stats(self, path):
@@ -384,4 +402,6 @@ def summary_line(metrics):
     names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "fd_digits": "FD-digits"}
     parts = [f"{names.get(k, k)} {metrics[k]:.4g}"
              for k in keys if metrics.get(k) is not None]
+    if metrics.get("precision") is None:
+        parts.append(f"precision/recall n/a (they need more than {PR_K} images in each set)")
     return " | ".join(parts) + f" ({metrics['num_samples']} samples vs {metrics['num_reference']} reference images)"

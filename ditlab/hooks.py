@@ -121,7 +121,7 @@ def make_fid_hook(trainer, args, vae, tensorboard):
             order = np.argsort(np.concatenate([s[0] for s in shares if s[0]]))
             parts = [s for s in shares if s[0]]
             merged = {k: None if parts[0][1][k] is None else np.concatenate([p[1][k] for p in parts])[order]
-                      for k in parts[0][1]}
+                      for k in parts[0][1] if k != "image_size"}
             y = np.concatenate([p[2] for p in parts])[order]
             metrics = score(merged, evaluator.ref_feats, evaluator.ref_stats, y, args.fid_features, d.device)
             row = {"kind": "fid", "step": step, "weights": "ema", **metrics, "sampler": args.fid_sampler,

@@ -14,12 +14,16 @@ from test_sample import one_thread  # noqa: F401 (autouse: tiny networks run on 
 import evaluate
 from ditlab.evaluation import (
     Evaluator,
+    NpzImages,
+    check_images,
     feature_stats,
     frechet_distance,
     inception_score,
     open_images,
     precision_recall,
+    score,
     squared_distances,
+    summary_line,
 )
 from ditlab.features import (
     EvaluationError,
@@ -399,3 +403,53 @@ def test_evaluate_out_is_checked_before_the_features(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="features were computed"):
         evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--out", str(tmp_path / "new" / "m.json")])
     assert os.path.isdir(tmp_path / "new")
+
+
+#################################################################################
+#                 Results that would be wrong are refused or noted (24.4)       #
+#################################################################################
+
+
+def test_float_images_in_unit_range_are_refused_not_rounded_to_black():
+    images = np.random.default_rng(0).random((4, 8, 8, 3))
+    with pytest.raises(EvaluationError, match=r"within \[0, 1\].*multiply them by 255"):
+        check_images(images, "samples")
+    assert check_images(images * 255, "samples").max() > 1  # the same images in 0-255 pass
+
+
+def test_layout_errors_name_the_whole_shape(tmp_path):
+    path = tmp_path / "nchw.npz"
+    np.savez(path, np.zeros((7, 3, 8, 8), np.uint8))
+    with pytest.raises(EvaluationError, match=r"got shape \(7, 3, 8, 8\).*transpose"):
+        NpzImages(str(path))
+
+
+def test_labels_outside_the_classifier_classes_are_refused():
+    feats = {"pool": np.random.default_rng(0).normal(size=(6, 4)), "logits": np.zeros((6, 10))}
+    ref = {"pool": np.random.default_rng(1).normal(size=(6, 4))}
+    stats = dict(zip(("mu", "sigma"), feature_stats(ref["pool"])))
+    with pytest.raises(EvaluationError, match=r"labels 0\.\.12 lie outside the classifier's classes 0\.\.9"):
+        score(feats, ref, stats, labels=[0, 1, 2, 12, 3, 4], features="digits")
+    assert score(feats, ref, stats, labels=[0] * 6, features="digits")["accuracy"] == 1.0  # argmax of zeros is 0
+
+
+def test_few_images_say_why_precision_and_recall_are_missing():
+    line = summary_line({"fd_digits": 3.0, "accuracy": 0.5, "precision": None, "recall": None, "num_samples": 3,
+                         "num_reference": 100})
+    assert "precision/recall n/a (they need more than 3 images in each set)" in line
+
+
+def test_a_set_against_itself_is_never_below_zero():
+    for seed in range(20):  # rounding in sqrtm leaves some of these a hair below zero before the clamp
+        mu, sigma = feature_stats(np.random.default_rng(seed).normal(size=(50, 20)))
+        assert 0 <= frechet_distance(mu, sigma, mu, sigma) < 1e-6
+
+
+def test_samples_and_reference_of_different_sizes_get_a_warning(tmp_path, digits_classifier):
+    small, big = tmp_path / "small.npz", tmp_path / "big.npz"
+    rng = np.random.default_rng(0)
+    np.savez(small, rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    np.savez(big, rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    metrics = Evaluator(str(big), features="digits", digits_classifier=digits_classifier, device="cpu",
+                        progress=False)(str(small))
+    assert "16 x 16 but the reference images 32 x 32" in metrics["warning"]
