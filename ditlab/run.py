@@ -342,7 +342,11 @@ def find_resume(args, explicit, spec):
         raise SystemExit(f"--resume {args.resume}: that run was written by {script}; resume it with "
                          f"`python {script} --resume {args.resume}`")
     check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
-    return merge_resume_config(args, explicit, ckpt["config"], spec.resume_overrides), ckpt, run_dir
+    merged = merge_resume_config(args, explicit, ckpt["config"], spec.resume_overrides)
+    if merged.max_steps is not None and ckpt["step"] >= merged.max_steps:  # before anything is rewritten
+        raise SystemExit(f"--resume {args.resume}: the run has reached step {ckpt['step']} and --max-steps is "
+                         f"{merged.max_steps}: nothing to do; pass a larger --max-steps to continue it")
+    return merged, ckpt, run_dir
 
 
 def open_run(args, d, spec, new_config, ckpt=None, run_dir=None):

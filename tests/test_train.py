@@ -279,6 +279,8 @@ def test_resume_refuses_a_contradicting_flag(tmp_path, image_folder):
     run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "1")
     with pytest.raises(SystemExit, match="--hidden-size 64 contradicts the run being resumed"):
         train.main(["--resume", run_dir, "--hidden-size", "64"])
+    with pytest.raises(SystemExit, match="has reached step 1 and --max-steps is 1: nothing to do"):
+        train.main(["--resume", run_dir])  # issue 24.5: used to exit 0 having done nothing
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, image_folder, monkeypatch):

@@ -255,6 +255,12 @@ def test_resume_refuses_a_contradicting_flag_like_train_py(tmp_path):
         train_toy.main(["--resume", run, "--lr", "0.5", "--threads", "1"])
     assert train_toy.main(["--resume", run, "--steps", "3", "--threads", "1"]) == run
     assert load_checkpoint(run)["step"] == 3
+    # a resume that would do nothing says so and exits non-zero, leaving config.json as it was (issue 24.5)
+    before = open(os.path.join(run, "config.json")).read()
+    for steps in ("3", "1"):
+        with pytest.raises(SystemExit, match="has reached step 3 and --max-steps is .*: nothing to do"):
+            train_toy.main(["--resume", run, "--steps", steps, "--threads", "1"])
+    assert open(os.path.join(run, "config.json")).read() == before
 
 
 def test_paper_preset_compiles_and_none_switches_it_off():
