@@ -314,6 +314,9 @@ def make_loader(args, d, local_batch):
     """(data set, loader, steps per epoch). Images or their pre-extracted latents, read through the
     same (index, flip) keys of a FlipSampler; the demo writes its digits folder first (rank 0)."""
     if args.demo and not args.latents_dir and not os.path.isdir(args.data_path):
+        if os.path.normpath(args.data_path) != os.path.normpath(DEMO["data_path"]):
+            raise SystemExit(f"--data-path {args.data_path}: no such folder; the demo writes its digits only to "
+                             f"its own {DEMO['data_path']} (drop --data-path, or give an existing image folder)")
         if d.is_main:
             print(f"writing the digits demo data set to {args.data_path}/ (once)")
             write_digits_folder(args.data_path)

@@ -77,7 +77,14 @@ def parse_args(argv=None):
         args.preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     finish_parse(args, explicit, PRESETS[args.preset])
     check_solver_steps(args.sampler, args.sampling_steps, "--sampling-steps")
+    for flag, value in (("--probe-samples", args.probe_samples), ("--num-eval-samples", args.num_eval_samples)):
+        if value > MAX_EVAL_SAMPLES:  # one batch each: more would only fail to allocate, after training
+            p.error(f"{flag} {value}: at most {MAX_EVAL_SAMPLES:,} (the error of 256-1,000 draws is already "
+                    f"within a few percent)")
     return args, explicit
+
+
+MAX_EVAL_SAMPLES = 100_000
 
 
 def finalize_eval_steps(args):

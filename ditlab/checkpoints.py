@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import os
 import pickle
+import re
 import sys
 import urllib.request
 import zipfile
@@ -302,11 +303,13 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
                               mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
-            detail = lines[0] if lines else str(e).splitlines()[0]
+            # Only the name of what it pickles: torch's own text advises retrying with weights_only=False,
+            # which on a file like this one would run its code.
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            detail = f" (it references {found.group(1)})" if found else ""
             raise ValueError(f"refusing to load {path!r}: it pickles objects other than tensors and plain Python "
-                             f"types, which could run arbitrary code ({detail}). Only weights_only checkpoints are "
-                             f"loaded.") from None
+                             f"types, which could run arbitrary code{detail}. Only weights_only checkpoints are "
+                             f"loaded; re-save trusted weights as a plain state dict.") from None
         raise ValueError(f"could not load {path!r}: not a PyTorch checkpoint, or corrupt ({e})") from e
     except Exception as e:  # truncated zip, garbage
         raise ValueError(f"could not load {path!r}: the file is corrupt, truncated or not a PyTorch checkpoint "

@@ -70,11 +70,18 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def report_bad_image(report_file, path, error):
-    """Append "path<TAB>reason" to the report file (one short O_APPEND write: safe from many workers)."""
+    """Append "path<TAB>reason" to the report file (one short O_APPEND write: safe from many workers),
+    once per image: an image already listed (it fails again every epoch) is not added again."""
     line = f"{path}\t{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
     if report_file is None:
         print(f"unreadable image skipped: {line.strip()}", flush=True)
         return
+    try:
+        with open(report_file) as f:
+            if any(known.partition("\t")[0] == path for known in f):
+                return
+    except FileNotFoundError:
+        pass
     with open(report_file, "a") as f:
         f.write(line)
 

@@ -170,6 +170,10 @@ def configure_threads(requested=None, num_params=None, small=10_000_000):
     (its matmuls are too small to split, and a second busy process on the machine makes several threads
     collapse: 0.2 vs 6-7 steps/s measured on the digits demo); else torch's default (all cores)."""
     if requested:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if requested > cores:
+            raise SystemExit(f"--threads {requested} is more than the {cores} cores this process may use; "
+                             f"oversubscribed threads run far slower (give at most {cores})")
         torch.set_num_threads(requested)
         why = "--threads"
     elif os.environ.get("OMP_NUM_THREADS"):
@@ -349,12 +353,25 @@ def find_resume(args, explicit, spec):
     return merged, ckpt, run_dir
 
 
+def check_model_config(config):
+    """Before a run directory is made: the config builds a model (on the meta device: no memory, no
+    time). SystemExit with the model's own message (e.g. heads that do not divide the width) otherwise."""
+    from models import build_model_from_config
+
+    try:
+        with torch.device("meta"):
+            build_model_from_config(config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def open_run(args, d, spec, new_config, ckpt=None, run_dir=None):
     """The run directory and its config.json: a new `<results-dir>/<index>-<model>-<normalization>/` with
     `new_config` (claimed on rank 0, its name broadcast), or the resumed run's, its config updated with the
     flags a resume may change (config.json rewritten to say what the run does now) and its logs cut back
     to the checkpoint's step. Returns a Run with the rank's logger."""
     if ckpt is None:
+        check_model_config(new_config)
         norm = args.normalization
         if getattr(args, "final_normalization", None) not in (None, norm):
             norm += f"-final-{args.final_normalization}"

@@ -126,8 +126,11 @@ def test_refuses_checkpoints_that_pickle_code(tmp_path, payload):
     obj = Payload() if payload == "class" else RunsCode(marker)
     path = str(tmp_path / "evil.pt")
     torch.save({"model": {"w": torch.ones(1)}, "ema": {"w": torch.ones(1)}, "extra": obj}, path)
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(ValueError, match="refusing to load") as refused:
         checkpoints.find_model(path)
+    # the refusal names what the file references and never advises the unsafe retry (issue 24.8)
+    assert "weights_only=False" not in str(refused.value) and "set to `False`" not in str(refused.value)
+    assert ("posix.system" in str(refused.value)) if payload == "os.system" else ("Payload" in str(refused.value))
     with pytest.raises(SystemExit, match="refusing to load"):
         sample.main(["--ckpt", path, "--out", str(tmp_path / "x.png")])
     assert not marker.exists()

@@ -485,6 +485,8 @@ def test_truncated_image_is_logged_once_skipped_and_resume_stays_exact(tmp_path,
     full = train.main([*flags, "--results-dir", str(tmp_path / "full"), "--max-steps", "14"])  # two epochs
     log = open(os.path.join(full, "log.txt")).read()
     assert log.count("unreadable image skipped") == 1 and bad in log and "OSError" in log
+    # the report file lists it once too, not once per epoch (issue 24.8)
+    assert open(os.path.join(full, "bad_images.txt")).read().count(bad) == 1
     real = Trainer._stop_everywhere
     monkeypatch.setattr(Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
     with pytest.raises(SystemExit):
@@ -760,3 +762,20 @@ def test_extract_latents_failure_with_workers_exits(tmp_path, image_folder, vae_
     start = time.time()
     out = limited_run(cmd, 2_000)
     assert out.returncode != 0 and time.time() - start < 60, out.stderr[-2000:]
+
+
+def test_threads_above_the_core_count_and_a_mistyped_demo_data_path_are_refused(tmp_path):
+    """Issue 24.8: --threads beyond the cores (5 toy steps took 60 s at 1000) and --demo --data-path TYPO
+    (which used to write the digits into TYPO) stop at once with what to do."""
+    with pytest.raises(SystemExit, match="--threads 100000 is more than the"):
+        configure_threads(100000)
+    typo = tmp_path / "digts"
+    with pytest.raises(SystemExit, match="no such folder; the demo writes its digits only to"):
+        train.main(["--demo", "--data-path", str(typo), "--results-dir", str(tmp_path / "runs"), "--max-steps", "1"])
+    assert not typo.exists()
+
+
+def test_heads_that_do_not_divide_the_width_leave_no_run_behind(tmp_path, image_folder):
+    with pytest.raises(SystemExit, match="hidden size 32 must be divisible by the number of heads 3"):
+        run(tmp_path, image_folder, "--vae", "none", "--num-heads", "3", "--max-steps", "1")
+    assert not os.path.exists(tmp_path / "000-DiT-S-2-layer-norm")

@@ -285,3 +285,13 @@ def test_final_normalization_and_dropout_travel_with_the_run(tmp_path):
     assert isinstance(model.blocks[0].norm1, torch.nn.LayerNorm)
     with pytest.raises(SystemExit, match="--final-normalization layer-norm contradicts the run being resumed"):
         train_toy.main(["--resume", run, "--final-normalization", "layer-norm", "--threads", "1"])
+
+
+def test_bad_model_shape_and_huge_probe_are_refused_before_any_run_directory(tmp_path):
+    """Issue 24.6: heads that do not divide the width, and a probe too large to allocate, are one-line
+    errors before anything is written (the first used to leave an empty run directory behind)."""
+    with pytest.raises(SystemExit, match="hidden size 64 must be divisible by the number of heads 5"):
+        train_toy.main(["--num-heads", "5", "--results-dir", str(tmp_path), "--threads", "1"])
+    assert not os.path.exists(tmp_path) or os.listdir(tmp_path) == []
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--probe-samples", "100000000"])
