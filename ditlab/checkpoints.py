@@ -212,13 +212,17 @@ def build_and_load(state_dict, config, source="checkpoint"):
     try:
         model = build_model_from_config(config)
     except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"cannot build the model for {source} from config {_describe(config)}: {e}") from e
+        hint = describe_flags(state_dict)
+        raise ValueError(f"cannot build the model for {source} from config {_describe(config)}: {e}"
+                         f"{'; ' + hint if hint else ''}") from e
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, ValueError) as e:
         lines = str(e).splitlines()
         detail = "\n".join(lines[:6]) + ("\n..." if len(lines) > 6 else "")
-        raise ValueError(f"{source} does not fit the expected model {_describe(config)}:\n{detail}") from None
+        hint = describe_flags(state_dict)
+        raise ValueError(f"{source} does not fit the expected model {_describe(config)}"
+                         f"{'; ' + hint if hint else ''}:\n{detail}") from None
     return model.eval()
 
 
@@ -236,7 +240,47 @@ def bare_config(state_dict, overrides, source, bare_model=None):
                   final_normalization=stored_final_normalization(state_dict))
     if overrides.get("vae") == "none":
         config.update(input_size=size, in_channels=3)
+    shapes = state_dict_shapes(state_dict)  # depth and width are in the weights: a non-standard size loads too
+    config.update({k: shapes[k] for k in ("depth", "hidden_size") if k in shapes})
     return config
+
+
+def state_dict_shapes(state_dict):
+    """What a DiT state dict's shapes say about its model: depth, hidden_size, patch_size, in_channels,
+    num_classes (the label table has one more row, the null class, when trained with label dropout) and
+    input_size; {} for what is missing. The number of heads is not in the shapes."""
+    out = {}
+    proj = state_dict.get("x_embedder.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        out.update(hidden_size=proj.shape[0], in_channels=proj.shape[1], patch_size=proj.shape[-1])
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.ndim == 3:
+            out["input_size"] = round(pos.shape[1] ** 0.5) * proj.shape[-1]
+    blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks:
+        out["depth"] = len(blocks)
+    table = state_dict.get("y_embedder.embedding_table.weight")
+    if table is not None:
+        out["label_rows"] = table.shape[0]
+    return out
+
+
+def describe_flags(state_dict):
+    """The sample.py flags that describe a bare state dict, as far as its shapes tell (mismatch messages)."""
+    shapes = state_dict_shapes(state_dict)
+    if "hidden_size" not in shapes:
+        return ""
+    heads = [h for h in (16, 12, 8, 6, 4, 2) if shapes["hidden_size"] % h == 0][:1] or [1]
+    flags = (f"--depth {shapes.get('depth')} --hidden-size {shapes['hidden_size']} --num-heads N (a divisor of "
+             f"{shapes['hidden_size']}, e.g. {heads[0]}; the shapes do not say) and a --model with patch size "
+             f"{shapes['patch_size']}")
+    if "label_rows" in shapes:
+        flags += f", --num-classes {shapes['label_rows'] - 1} (or {shapes['label_rows']} without label dropout)"
+    if shapes["in_channels"] == 3 and "input_size" in shapes:
+        flags += f", --vae none --image-size {shapes['input_size']}"
+    elif "input_size" in shapes:
+        flags += f", --image-size {shapes['input_size'] * 8}"
+    return f"its shapes say: pass {flags}"
 
 
 def load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **overrides):

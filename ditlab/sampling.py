@@ -29,6 +29,11 @@ def add_model_args(p):
                    help="default: from the checkpoint, else DiT-XL/2")
     p.add_argument("--image-size", type=COUNT, default=None, help="pixels; default: from the checkpoint, else 256")
     p.add_argument("--num-classes", type=COUNT, default=None, help="default: from the checkpoint, else 1000")
+    p.add_argument("--depth", type=COUNT, default=None, help="a bare state dict's depth (default: from its weights)")
+    p.add_argument("--hidden-size", type=COUNT, default=None,
+                   help="a bare state dict's width (default: from its weights)")
+    p.add_argument("--num-heads", type=COUNT, default=None,
+                   help="a bare state dict's attention heads (default: the --model's; the weights do not say)")
     p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default=None,
                    help="default: from the checkpoint (a different value is an error)")
     p.add_argument("--vae", default=None, metavar="VAE",
@@ -59,9 +64,11 @@ def load_for_sampling(args):
     else:
         name = args.ckpt
     try:
-        model, config = load_model(name, args.weights, must_match=("model", "image_size", "num_classes"),
+        model, config = load_model(name, args.weights,
+                                   must_match=("model", "image_size", "num_classes", "depth", "hidden_size", "num_heads"),
                                    bare_model="DiT-XL/2", model=args.model, image_size=args.image_size,
-                                   num_classes=args.num_classes, normalization=args.normalization, vae=args.vae)
+                                   num_classes=args.num_classes, normalization=args.normalization, vae=args.vae,
+                                   depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     config.setdefault("vae", "mse")  # the reference sample.py's VAE

@@ -557,3 +557,23 @@ def test_sample_ddp_sample_dir_that_is_a_file_is_refused_before_loading(tmp_path
     path.write_text("x")
     with pytest.raises(SystemExit, match="--sample-dir .* is a file; give a folder"):
         sample_ddp.main(["--ckpt", "x.pt", "--sample-dir", str(path), "--device", "cpu"])
+
+
+def test_a_bare_state_dict_of_a_non_standard_size_samples_and_mismatches_say_what_to_pass(tmp_path):
+    """Issue 24.7: the demo's DiT (depth 4, width 128, 4 heads, 16 px pixels, 10 classes) saved as a bare
+    state dict: its depth and width are read from the weights, --num-heads and the rest come from flags,
+    and a wrong description names the flags its shapes call for."""
+    torch.manual_seed(0)
+    model = build_model_from_config(dict(model="DiT-S/4", depth=4, hidden_size=128, num_heads=4, input_size=16,
+                                         in_channels=3, num_classes=10))
+    path = str(tmp_path / "bare.pt")
+    torch.save(model.state_dict(), path)
+    flags = ["--ckpt", path, "--model", "DiT-S/4", "--image-size", "16", "--num-classes", "10", "--vae", "none",
+             "--num-sampling-steps", "2", "--device", "cpu"]
+    images = sample.main([*flags, "--num-heads", "4", "--out", str(tmp_path / "grid.png")])
+    assert images.shape == (8, 3, 16, 16) and os.path.isfile(tmp_path / "grid.png")
+    with pytest.raises(SystemExit, match=r"divisible by the number of heads 6.*--num-heads N \(a divisor of 128"):
+        sample.main([*flags, "--out", str(tmp_path / "g2.png")])  # DiT-S's 6 heads do not divide 128
+    with pytest.raises(SystemExit, match=r"does not fit.*--depth 4 --hidden-size 128 .*patch size 4.*--num-classes 10 "
+                                         r"\(or 11 without label dropout\), --vae none --image-size 16"):
+        sample.main(["--ckpt", path, "--model", "DiT-S/2", "--num-heads", "4", "--out", str(tmp_path / "g3.png")])
