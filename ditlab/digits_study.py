@@ -209,6 +209,7 @@ def outliers_of(args, run):
 # MB each) do not travel: a record is never recomputed, and the report is built from records alone.
 SWEEP_SETTINGS = ("sweep_steps", "fid_every", "curve_samples", "curve_sampling_steps")
 FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "samples", "sampling_steps")
+GUIDANCE_SETTINGS = (*FINAL_SETTINGS, "cfg_candidates", "cfg_samples")
 
 
 def spread(values):
@@ -284,32 +285,40 @@ def best_lrs(args, sweep):
 
 
 def final_runs(args, lrs):
-    """Phases 3-6 for every (variant, seed) without a record: train, choose the guidance scale, sample,
-    score, memorisation, outliers; returns ({(variant, seed): record}, the guidance record)."""
+    """Phases 3-6 for every (variant, seed) without a record, --parallel runs at a time (a wave): train,
+    choose the guidance scale (once, after the wave holding its model), sample, score, memorisation,
+    outliers, and write each run's record before the next wave starts (so a study cut short keeps every
+    finished wave). Returns ({(variant, seed): record}, the guidance record)."""
     todo = [(v, s) for s in args.seeds for v in args.variants
             if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
     if todo and args.report:
         raise SystemExit(f"final runs not finished ({', '.join(f'{v} s{s}' for v, s in todo)}); run without --report")
-    runs = train_all(args, [(v, lrs[v], s, args.steps) for v, s in todo])
-    cfg = guidance(args, lrs)
-    sets = sample_all(args, [(runs[(v, lrs[v], s)], g, args.samples) for v, s in todo for g in (1.0, cfg["scale"])])
+    first = ("layer-norm" if "layer-norm" in args.variants else args.variants[0], args.seeds[0])
+    todo.sort(key=lambda vs: vs != first)  # the guidance scale is chosen on this one: in the first wave
     train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
-    for v, s in todo:
-        run = runs[(v, lrs[v], s)]
-        record = dict(variant=v, lr=lrs[v], seed=s, run=os.path.basename(run), curve=curve(run, args.steps),
-                      steps_per_s=training_speed(run), outliers=outliers_of(args, run), cfg_scale=cfg["scale"])
-        for name, g in (("unguided", 1.0), ("guided", cfg["scale"])):
-            metrics, npz = sets[(run, g, args.samples)]
-            record[name] = dict({k: metrics[k] for k in QUALITY}, memorisation=memorisation(npz, train))
-        save_grid_images(args, "final-" + run_key(v, lrs[v], s), sets[(run, cfg["scale"], args.samples)][1])
-        write_record(args, "final-" + run_key(v, lrs[v], s), record, FINAL_SETTINGS)
-    return {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) for s in args.seeds for v in args.variants}, cfg
+    for i in range(0, len(todo), args.parallel):
+        wave = todo[i:i + args.parallel]
+        runs = train_all(args, [(v, lrs[v], s, args.steps) for v, s in wave])
+        cfg = guidance(args, lrs)
+        sets = sample_all(args, [(runs[(v, lrs[v], s)], g, args.samples) for v, s in wave for g in (1.0, cfg["scale"])])
+        for v, s in wave:
+            run = runs[(v, lrs[v], s)]
+            record = dict(variant=v, lr=lrs[v], seed=s, run=os.path.basename(run), curve=curve(run, args.steps),
+                          steps_per_s=training_speed(run), outliers=outliers_of(args, run), cfg_scale=cfg["scale"])
+            for name, g in (("unguided", 1.0), ("guided", cfg["scale"])):
+                metrics, npz = sets[(run, g, args.samples)]
+                record[name] = dict({k: metrics[k] for k in QUALITY}, memorisation=memorisation(npz, train))
+            save_grid_images(args, "final-" + run_key(v, lrs[v], s), sets[(run, cfg["scale"], args.samples)][1])
+            write_record(args, "final-" + run_key(v, lrs[v], s), record, FINAL_SETTINGS)
+    cfg = guidance(args, lrs)
+    return {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
+            for s in args.seeds for v in args.variants}, cfg
 
 
 def guidance(args, lrs):
     """Phase 4, once: the guidance record {"scale", "candidates"} (--cfg-scale, or chosen by choose_cfg on the
     first variant's first-seed final run, which must then be here)."""
-    keys = (*FINAL_SETTINGS, "cfg_candidates", "cfg_samples")
+    keys = GUIDANCE_SETTINGS
     record = read_record(args, "guidance", keys)
     if record is not None and (args.cfg_scale is None or record["scale"] == args.cfg_scale):
         return record
