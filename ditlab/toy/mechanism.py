@@ -1,0 +1,271 @@
+"""The mechanism study (mechanism.py): why does LayerNorm cost the toy denoiser its precision?
+
+Cells, each a train_toy.py configuration on the CPU preset, several seeds:
+  localise  LayerNorm everywhere, nowhere, in the blocks only (final norm identity), in the final layer only;
+  restore   layer-norm-restore (LayerNorm that learns back the scale and mean it removes);
+  stress    AdamW weight decay 0.01 / 0.1 and dropout 0.1, for LayerNorm and for no LayerNorm.
+Every finished run is kept as a small JSON record (final per-t probe error, sampled error, outlier and
+signal/outlier statistics at the last probe and, for the runs named in INTERVENE_CELLS, the interventions of
+ditlab/toy/intervene.py), so the study continues across sessions; the report reads only records.
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+
+from diffusion import create_diffusion
+from ditlab.checkpoints import load_model
+from ditlab.files import provenance, write_json
+from ditlab.jobs import run_jobs
+from ditlab.run import newest_run
+from ditlab.toy.intervene import channel_statistics, intervene
+from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
+
+# name -> (what it is, train_toy.py flags)
+CELLS = {
+    "layer-norm": ("LayerNorm in the blocks and the final layer", ["--normalization", "layer-norm"]),
+    "none": ("no normalization", ["--normalization", "none"]),
+    "ln-blocks": ("LayerNorm in the blocks only (final norm identity)",
+                  ["--normalization", "layer-norm", "--final-normalization", "none"]),
+    "ln-final": ("LayerNorm in the final layer only (blocks identity)",
+                 ["--normalization", "none", "--final-normalization", "layer-norm"]),
+    "restore": ("LayerNorm that learns back its removed log-scale and mean", ["--normalization", "layer-norm-restore"]),
+    "layer-norm-wd0.01": ("LayerNorm, AdamW weight decay 0.01", ["--normalization", "layer-norm", "--weight-decay", "0.01"]),
+    "none-wd0.01": ("no normalization, weight decay 0.01", ["--normalization", "none", "--weight-decay", "0.01"]),
+    "layer-norm-wd0.1": ("LayerNorm, weight decay 0.1", ["--normalization", "layer-norm", "--weight-decay", "0.1"]),
+    "none-wd0.1": ("no normalization, weight decay 0.1", ["--normalization", "none", "--weight-decay", "0.1"]),
+    "layer-norm-dropout0.1": ("LayerNorm, dropout 0.1", ["--normalization", "layer-norm", "--dropout", "0.1"]),
+    "none-dropout0.1": ("no normalization, dropout 0.1", ["--normalization", "none", "--dropout", "0.1"]),
+}
+GROUPS = {
+    "localise": ("layer-norm", "none", "ln-blocks", "ln-final"),
+    "restore": ("layer-norm", "none", "restore"),
+    "stress": ("layer-norm", "none", "layer-norm-wd0.01", "none-wd0.01", "layer-norm-wd0.1", "none-wd0.1",
+               "layer-norm-dropout0.1", "none-dropout0.1"),
+}
+INTERVENE_CELLS = ("layer-norm", "none", "restore")
+REPORT_T = (0, 1, 5, 10, 100, 999)
+RECORD_SETTINGS = ("steps", "probe_samples", "num_eval_samples")
+
+
+def job_name(cell, seed, steps):
+    return f"{cell}-{steps}-s{seed}"
+
+
+def run_of(args, cell, seed, steps):
+    """The newest finished-or-not run of a cell, seed and length under <out>/runs/<cell>-<steps>/."""
+    return newest_run(os.path.join(args.out, "runs", f"{cell}-{steps}"), {"global_seed": seed, "max_steps": steps})
+
+
+def finished(run, steps):
+    """A run whose final evaluation (sampling rows at its last step) is written."""
+    return run is not None and any(r["step"] == steps for r in load_metrics(run))
+
+
+def train_command(args, cell, seed, steps):
+    return [sys.executable, "train_toy.py", "--preset", "cpu", *CELLS[cell][1], "--global-seed", str(seed),
+            "--max-steps", str(steps), "--eval-steps", str(steps), "--probe-samples", str(args.probe_samples),
+            "--num-eval-samples", str(args.num_eval_samples), "--results-dir",
+            os.path.join(args.out, "runs", f"{cell}-{steps}"), "--threads", "1", "--resume", "auto"]
+
+
+def record_path(args, name):
+    return os.path.join(args.records, f"{name}.json")
+
+
+def read_record(args, name):
+    path = record_path(args, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    differ = [k for k in ("probe_samples", "num_eval_samples") if record["settings"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{path} was made with other {', '.join(differ)}; pass another --records folder")
+    return record
+
+
+def summarise_run(args, cell, seed, steps, run):
+    """The record of one finished run: per-t EMA probe error (last probe), sampled EMA RMS, the outlier
+    (max/median ratio per block output, worst over t) and signal/outlier ratio at every norm input per t,
+    and, for INTERVENE_CELLS, the interventions."""
+    probe = last_probe(run, "ema")
+    outliers = {}
+    for r in load_embeddings(run, "outliers"):
+        if r["weights"] == "ema" and r["step"] == steps and r["layer"].startswith("block."):
+            outliers.setdefault(r["layer"], {})[r["t"]] = r["max_median_ratio"]
+    norm_inputs = {}
+    for r in load_embeddings(run, "norm_input"):
+        if r["weights"] == "ema" and r["step"] == steps:
+            norm_inputs.setdefault(r["layer"], {})[r["t"]] = dict(signal_to_outlier=r["signal_to_outlier"],
+                                                                  outlier_channel=r["outlier_channel"])
+    record = dict(cell=cell, seed=seed, steps=steps, run=os.path.basename(run),
+                  eps=({t: probe[t]["eps_rel_error"] for t in probe}), sample_rms=final_sample_errors(run),
+                  max_median=outliers, norm_inputs=norm_inputs)
+    if cell in INTERVENE_CELLS:
+        model, _ = load_model(run)
+        diffusion, sampler = create_diffusion(""), create_diffusion(str(args.intervene_sampling_steps))
+        stats = channel_statistics(model, diffusion, num=args.stats_samples)
+        result = intervene(model, diffusion, sampler, probe_samples=args.probe_samples,
+                           num_samples=args.num_eval_samples, stats=stats)
+        record["interventions"] = result
+    return record
+
+
+def run_cells(args):
+    """Train every (cell, seed) without a record at --steps (and the localise cells at every --long-steps),
+    --parallel at a time, then record each; returns {(cell, seed, steps): record}."""
+    wanted = [(cell, seed, args.steps) for cell in args.cells for seed in args.seeds]
+    wanted += [(cell, seed, n) for n in args.long_steps for cell in args.long_cells for seed in args.seeds]
+    todo = [w for w in wanted if read_record(args, job_name(*w)) is None]
+    if todo and args.report:
+        raise SystemExit(f"{len(todo)} runs have no record yet (e.g. {job_name(*todo[0])}); run without --report")
+    train = [w for w in todo if not finished(run_of(args, *w), w[2])]
+    train.sort(key=lambda w: -w[2])  # the long runs first, so that the two slots stay busy
+    print(f"[mechanism] {len(wanted)} runs, {len(wanted) - len(todo)} recorded, {len(train)} to train", flush=True)
+    # in waves of --parallel, each wave recorded before the next (a study cut short keeps what finished)
+    for i in range(0, len(train), args.parallel):
+        wave = train[i:i + args.parallel]
+        run_jobs([train_command(args, *w) for w in wave], args.parallel, os.path.join(args.out, "logs"),
+                 names=[job_name(*w) for w in wave], tags=[job_name(*w) for w in wave], append=True)
+        keep(args, wave)
+    keep(args, [w for w in todo if w not in train])
+    return {w: read_record(args, job_name(*w)) for w in wanted}
+
+
+def keep(args, runs):
+    for cell, seed, steps in runs:
+        run = run_of(args, cell, seed, steps)
+        if not finished(run, steps):
+            raise SystemExit(f"{job_name(cell, seed, steps)} did not finish; see {args.out}/logs")
+        record = summarise_run(args, cell, seed, steps, run)
+        os.makedirs(args.records, exist_ok=True)
+        write_json(record_path(args, job_name(cell, seed, steps)),
+                   {**record, "settings": {k: getattr(args, k) for k in RECORD_SETTINGS}, "provenance": provenance()})
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+def geomean(values):
+    values = list(values)
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def spread(values):
+    values = list(values)
+    return f"{statistics.fmean(values):.3g} [{min(values):.3g}, {max(values):.3g}]"
+
+
+def ratio_rows(records, cells, steps, base, timesteps=REPORT_T):
+    """Markdown rows: per cell, the per-t eps error and the sampled RMS relative to `base`'s, per seed
+    paired (same seed), mean [min, max] over seeds."""
+    lines = []
+    for cell in cells:
+        seeds = sorted(s for (c, s, n) in records if c == cell and n == steps and (base, s, n) in records)
+        if not seeds:
+            continue
+        cells_t = []
+        for t in timesteps:
+            r = [records[(cell, s, steps)]["eps"][str(t)] / records[(base, s, steps)]["eps"][str(t)] for s in seeds]
+            cells_t.append(spread(r))
+        sampled = [records[(cell, s, steps)]["sample_rms"] / records[(base, s, steps)]["sample_rms"] for s in seeds]
+        lines.append(f"| {cell} | {len(seeds)} | " + " | ".join(cells_t) + f" | {spread(sampled)} |")
+    return lines
+
+
+def error_rows(records, cells, steps, timesteps=REPORT_T):
+    lines = []
+    for cell in cells:
+        recs = [r for (c, s, n), r in records.items() if c == cell and n == steps]
+        if recs:
+            lines.append(f"| {cell} | {len(recs)} | " + " | ".join(spread(r["eps"][str(t)] for r in recs)
+                                                                  for t in timesteps)
+                         + f" | {spread(r['sample_rms'] for r in recs)} |")
+    return lines
+
+
+def outlier_rows(records, cells, steps):
+    """Per cell: the largest max/median ratio over block outputs and t (the outlier), and signal/outlier
+    at the final norm's input at t = 0 and t = 100."""
+    lines = []
+    for cell in cells:
+        recs = [r for (c, s, n), r in records.items() if c == cell and n == steps]
+        if not recs:
+            continue
+        mm = [max(v for per_t in r["max_median"].values() for v in per_t.values()) for r in recs]
+        fin = [r["norm_inputs"].get("final.norm", {}) for r in recs]
+        s0 = [f["0"]["signal_to_outlier"] for f in fin if "0" in f]
+        s100 = [f["100"]["signal_to_outlier"] for f in fin if "100" in f]
+        lines.append(f"| {cell} | {spread(mm)} | {spread(s0) if s0 else '-'} | {spread(s100) if s100 else '-'} |")
+    return lines
+
+
+def intervention_rows(records, cell, steps, timesteps=(0, 10, 100, 999)):
+    """Per place and edit: sampled RMS and probe eps error relative to the unedited model, over seeds."""
+    recs = [r for (c, s, n), r in records.items() if c == cell and n == steps and "interventions" in r]
+    if not recs:
+        return []
+    lines = []
+    for place in recs[0]["interventions"]["places"]:
+        for edit in ("mean", "per-t", "zero"):
+            got = [r["interventions"]["places"][place][edit] for r in recs]
+            cells_t = " | ".join(spread(g["ratio_per_t"][str(t)] for g in got) for t in timesteps)
+            lines.append(f"| {place} | {edit} | {spread(g['sample_ratio'] for g in got)} | {cells_t} |")
+    return lines
+
+
+def write_report(args, records):
+    """<out>/summary.md and summary.json (and --record PAGE): the four parts' tables from the records."""
+    steps = args.steps
+    head_t = " | ".join(f"t={t}" for t in REPORT_T)
+    lines = ["# The mechanism study: where and why LayerNorm costs the toy denoiser its precision", "", provenance(), "",
+             f"Toy CPU preset (`train_toy.py --preset cpu`), {steps} steps, seeds {args.seeds}; EMA weights, the last "
+             f"probe ({args.probe_samples} draws per t) and {args.num_eval_samples} samples (1000 DDPM steps). "
+             "Ratios are per seed (same seed, same probe noise), then mean [min, max] over seeds.", "",
+             "## Errors per cell", "", f"| cell | seeds | {head_t} | sampled RMS |",
+             "|---|---:|" + "---|" * (len(REPORT_T) + 1), *error_rows(records, args.cells, steps), "",
+             "## 1. Localise: which norm costs the precision? (ratio to LayerNorm everywhere)", "",
+             f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1),
+             *ratio_rows(records, GROUPS["localise"], steps, "layer-norm"), "",
+             "Ratio to no normalization:", "", f"| cell | seeds | {head_t} | sampled |",
+             "|---|---:|" + "---|" * (len(REPORT_T) + 1), *ratio_rows(records, GROUPS["localise"], steps, "none"), ""]
+    for n in args.long_steps:
+        lines += [f"At {n} steps (ratio to LayerNorm everywhere):", "", f"| cell | seeds | {head_t} | sampled |",
+                  "|---|---:|" + "---|" * (len(REPORT_T) + 1),
+                  *ratio_rows(records, GROUPS["localise"], n, "layer-norm"), ""]
+    lines += ["## 2. Ablate: what does the outlier carry?", "",
+              "The loudest channel at each place replaced by its mean (over tokens, probe draws and timesteps), its "
+              "per-timestep mean, or zero (ditlab/toy/intervene.py); sampled RMS and eps error relative to the "
+              "unedited model (1 = no change).", ""]
+    for cell in INTERVENE_CELLS:
+        rows = intervention_rows(records, cell, steps)
+        if rows:
+            lines += [f"### {cell}", "", "| place | edit | sampled | t=0 | t=10 | t=100 | t=999 |",
+                      "|---|---|---|---|---|---|---|", *rows, ""]
+    lines += ["## 3. Restore: LayerNorm that hands back what it removes (ratio to LayerNorm)", "",
+              f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1),
+              *ratio_rows(records, ("restore", "none"), steps, "layer-norm"), "",
+              "## 4. Stress: weight decay and dropout (ratio of each LayerNorm cell to its no-LayerNorm twin)", ""]
+    lines += [f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1)]
+    for ln, none in (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
+                     ("layer-norm-dropout0.1", "none-dropout0.1")):
+        twin = {k: v for k, v in records.items() if k[0] in (ln, none)}
+        renamed = {(("A" if c == ln else "B"), s, n): r for (c, s, n), r in twin.items()}
+        lines += [row.replace("| A |", f"| {ln} / {none} |", 1) for row in ratio_rows(renamed, ("A",), steps, "B")]
+    lines += ["", "## Outliers and the signal/outlier ratio at the final norm", "",
+              "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |", "|---|---|---|---|",
+              *outlier_rows(records, args.cells, steps), ""]
+    text = "\n".join(lines)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    write_json(os.path.join(args.out, "summary.json"), {job_name(*k): v for k, v in records.items()})
+    if args.record:
+        with open(args.record, "w") as f:
+            f.write(text)
+    print(text)
+    return text

@@ -1,0 +1,50 @@
+"""The mechanism study's report (ditlab/toy/mechanism.py) from records whose ratios are known."""
+
+from types import SimpleNamespace
+
+from ditlab.toy import mechanism
+from ditlab.toy.mechanism import REPORT_T
+
+
+def record(cell, seed, eps_scale, rms):
+    return {"cell": cell, "seed": seed, "eps": {str(t): eps_scale * (t + 1) for t in mechanism.REPORT_T},
+            "sample_rms": rms, "max_median": {"block.0": {"0": 3.0 + seed}},
+            "norm_inputs": {"final.norm": {"0": {"signal_to_outlier": 0.1}, "100": {"signal_to_outlier": 0.5}}}}
+
+
+def test_ratio_rows_pair_seeds_and_give_mean_and_range():
+    records = {("layer-norm", s, 10): record("layer-norm", s, 2.0 * (s + 1), 4.0) for s in (0, 1)}
+    records.update({("ln-blocks", s, 10): record("ln-blocks", s, 1.0 * (s + 1), 1.0 + s) for s in (0, 1)})
+    (row,) = mechanism.ratio_rows(records, ["ln-blocks"], 10, "layer-norm")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "ln-blocks" and cells[1] == "2"
+    assert cells[2:2 + len(REPORT_T)] == ["0.5 [0.5, 0.5]"] * len(REPORT_T)  # eps halves at every t, both seeds
+    assert cells[-1] == "0.375 [0.25, 0.5]"  # sampled: 1/4 and 2/4
+
+
+def test_report_has_every_part_and_the_stress_twins(tmp_path):
+    records = {}
+    for cell, scale in (("layer-norm", 2.0), ("none", 1.0), ("layer-norm-wd0.1", 4.0), ("none-wd0.1", 1.0)):
+        for s in (0, 1, 2):
+            records[(cell, s, 10)] = record(cell, s, scale, scale)
+    args = SimpleNamespace(steps=10, seeds=[0, 1, 2], probe_samples=8, num_eval_samples=4, long_steps=[],
+                           cells=["layer-norm", "none", "layer-norm-wd0.1", "none-wd0.1"], out=str(tmp_path),
+                           record=str(tmp_path / "page.md"))
+    text = mechanism.write_report(args, records)
+    for part in ("## 1. Localise", "## 2. Ablate", "## 3. Restore", "## 4. Stress", "signal/outlier"):
+        assert part in text
+    assert "| layer-norm / none | 3 | 2 [2, 2]" in text and "| layer-norm-wd0.1 / none-wd0.1 | 3 | 4 [4, 4]" in text
+    assert (tmp_path / "page.md").read_text() == text and (tmp_path / "summary.json").exists()
+
+
+def test_every_cell_is_a_valid_train_toy_command_with_its_settings():
+    import train_toy
+
+    args = SimpleNamespace(probe_samples=8, num_eval_samples=4, out="results/x")
+    for cell, (_, flags) in mechanism.CELLS.items():
+        parsed, _ = train_toy.parse_args(mechanism.train_command(args, cell, 1, 100)[2:])
+        assert parsed.max_steps == 100 and parsed.global_seed == 1 and parsed.resume == "auto"
+        want = dict(zip(flags[::2], flags[1::2]))
+        assert parsed.normalization == want["--normalization"]
+        assert parsed.final_normalization == want.get("--final-normalization")
+        assert parsed.weight_decay == float(want.get("--weight-decay", 0)) and parsed.dropout == float(want.get("--dropout", 0))
