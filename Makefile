@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test toy sweep ablation bench gpu-check clean-venv
+.PHONY: setup test toy sweep ablation digits mechanism bench gpu-check clean-venv
 
 # `make toy SEEDS="0 1 2"` for the multi-seed check; extra train_toy.py flags via TOY_ARGS.
 SEEDS ?= 0
@@ -38,6 +38,19 @@ sweep: setup
 ABLATION_SEEDS ?= 0 1 2
 ablation: setup
 	$(PYTHON) ablation.py --seeds $(ABLATION_SEEDS)
+
+# Does a normalization variant change trained image quality? Every variant of the digits demo at its own best
+# lr, 3 seeds, guided and unguided, memorisation and outliers -> results/digits/ (hours on 2 cores; resumable,
+# finished runs kept as records: docs/results/digits.md says what the measured study cost). DIGITS_ARGS for more.
+DIGITS_ARGS ?=
+digits: setup
+	$(PYTHON) digits_study.py $(DIGITS_ARGS)
+
+# Why does LayerNorm cost the toy its precision? Localise / ablate / restore / stress cells, 3 seeds each
+# -> results/mechanism/ (resumable, finished runs kept as records). MECHANISM_ARGS for more.
+MECHANISM_ARGS ?=
+mechanism: setup
+	$(PYTHON) mechanism.py $(MECHANISM_ARGS)
 
 # Speed: our DiT vs diffusers' DiTTransformer2DModel (CPU: DiT-S/2, batch 8, fp32; GPU: DiT-XL/2, batch 32)
 # -> printed and added to docs/benchmarks.md. More flags via BENCH_ARGS, e.g. BENCH_ARGS="--settings bf16+compile".

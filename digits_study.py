@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=INDEX, nargs="+", default=[0, 1, 2])
     p.add_argument("--lrs", type=POSITIVE, nargs="+", default=[1e-3, 2e-3, 4e-3],
                    help="the lr sweep's values (seed 0, --sweep-steps); each variant then trains at its best")
-    p.add_argument("--sweep-steps", type=COUNT, default=4000, help="training steps of the lr sweep's runs")
+    p.add_argument("--sweep-steps", type=COUNT, default=3000, help="training steps of the lr sweep's runs")
     p.add_argument("--steps", type=COUNT, default=12000, help="training steps of the final runs")
     p.add_argument("--fid-every", type=COUNT, default=1000,
                    help="FD-digits of the EMA model every this many steps (the curves; also the checkpoint interval)")
