@@ -314,9 +314,12 @@ def make_loader(args, d, local_batch):
     """(data set, loader, steps per epoch). Images or their pre-extracted latents, read through the
     same (index, flip) keys of a FlipSampler; the demo writes its digits folder first (rank 0)."""
     if args.demo and not args.latents_dir and not os.path.isdir(args.data_path):
-        if os.path.normpath(args.data_path) != os.path.normpath(DEMO["data_path"]):
-            raise SystemExit(f"--data-path {args.data_path}: no such folder; the demo writes its digits only to "
-                             f"its own {DEMO['data_path']} (drop --data-path, or give an existing image folder)")
+        # Written only into a folder named like the demo's own (data/digits, or .../digits elsewhere): a
+        # mistyped path to one's own images must not silently become the digits.
+        if os.path.basename(os.path.normpath(args.data_path)) != os.path.basename(DEMO["data_path"]):
+            raise SystemExit(f"--data-path {args.data_path}: no such folder; the demo writes its digits only into "
+                             f"a folder named 'digits' (drop --data-path for {DEMO['data_path']}, or give an existing "
+                             f"image folder)")
         if d.is_main:
             print(f"writing the digits demo data set to {args.data_path}/ (once)")
             write_digits_folder(args.data_path)

@@ -119,7 +119,9 @@ def size_overrides(args):
 
 def model_config(args):
     """The DiT config `build_impl` builds, without building it (DiT-XL/2 is 2.7 GB in fp32)."""
-    config = {k: v.default for k, v in inspect.signature(DiT).parameters.items()}
+    # DiT.config leaves out the options this repo adds while they are off (it stays the reference's)
+    config = {k: v.default for k, v in inspect.signature(DiT).parameters.items()
+              if k not in ("final_normalization", "dropout")}
     size, patch = args.model[len("DiT-"):].split("/")
     depth, hidden_size, num_heads = DIT_SIZES[size]
     config.update(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch),

@@ -770,7 +770,7 @@ def test_threads_above_the_core_count_and_a_mistyped_demo_data_path_are_refused(
     with pytest.raises(SystemExit, match="--threads 100000 is more than the"):
         configure_threads(100000)
     typo = tmp_path / "digts"
-    with pytest.raises(SystemExit, match="no such folder; the demo writes its digits only to"):
+    with pytest.raises(SystemExit, match="no such folder; the demo writes its digits only into a folder named"):
         train.main(["--demo", "--data-path", str(typo), "--results-dir", str(tmp_path / "runs"), "--max-steps", "1"])
     assert not typo.exists()
 
