@@ -122,6 +122,7 @@ def scored(folder):
 def sample_all(args, items):
     """Sample and score every (run, cfg, num) not yet scored (with args.report: none, and a SystemExit if
     one is missing); returns {(run, cfg, num): (metrics, npz)}."""
+    items = list(dict.fromkeys(items))  # guidance 1 is the unguided set: sampled once
     todo = [it for it in items if scored(sample_folder(args, *it)) is None]
     if todo and args.report:
         raise SystemExit(f"{len(todo)} sample sets are not scored yet (e.g. {sample_folder(args, *todo[0])}); "

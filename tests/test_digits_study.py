@@ -62,7 +62,7 @@ def test_best_lr_is_the_lowest_fd_at_the_sweep_length_with_ties_to_the_lower_lr(
 def run_study(*flags):
     cmd = [sys.executable, "digits_study.py", "--variants", "layer-norm", "--lrs", "2e-3",
            "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--curve-samples", "10",
-           "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "2", *flags]
+           "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "1", *flags]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
@@ -84,6 +84,8 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path):
     summary = json.load(open(out / "summary.json"))
     assert summary["best_lr"] == {"layer-norm": 2e-3}
     assert summary["table"]["layer-norm"]["guided"]["accuracy"]["values"] == [final["guided"]["accuracy"]]
+    # guidance 1 is the unguided set, sampled once and scored the same
+    assert final["guided"]["fd_digits"] == final["unguided"]["fd_digits"] and len(os.listdir(out / "samples")) == 1
 
     # a later session: no run directories, only the records; adding seed 1 trains only seed 1
     shutil.rmtree(out / "runs")
