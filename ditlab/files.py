@@ -55,13 +55,7 @@ def check_output_file(path, flag, extensions=None):
         target = output_target(path)
     except NotARegularFile as e:
         raise SystemExit(f"{flag}: {e}") from None
-    folder = os.path.dirname(target)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"{flag} {path}: cannot create its folder {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise SystemExit(f"{flag} {path}: the folder {folder} is not writable")
+    writable_folder(os.path.dirname(target), f"{flag} {path}: its folder")
     return path
 
 
@@ -69,13 +63,18 @@ def check_output_dir(path, flag):
     """Before any work: `path` is a folder that exists (created here) and is writable; SystemExit otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path} is a file; give a folder (it is created if missing)")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"{flag} {path}: cannot create it: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise SystemExit(f"{flag} {path} is not writable")
+    writable_folder(path, f"{flag}")
     return path
+
+
+def writable_folder(folder, what):
+    """Create `folder` if missing; SystemExit starting with `what` when that fails or it is not writable."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{what} {folder} cannot be created: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"{what} {folder} is not writable")
 
 
 def umask_mode():
