@@ -157,7 +157,8 @@ def parse_args(argv=None):
     finish_parse(args, explicit, DEMO if args.demo else None)
     if args.fid_every and not args.fid_ref:
         raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
-    if args.fid_ref and not os.path.exists(args.fid_ref):
+    demo_writes_it = args.demo and args.fid_ref and os.path.normpath(args.fid_ref) == os.path.normpath(args.data_path)
+    if args.fid_ref and not os.path.exists(args.fid_ref) and not demo_writes_it:  # the demo's digits come first
         raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
     check_sampling_flags(args)
     return args, explicit

@@ -29,6 +29,7 @@ import torch
 from diffusion import create_diffusion
 from ditlab.analysis import DEFAULT_TIMESTEPS, analyze_checkpoint
 from ditlab.checkpoints import load_checkpoint
+from ditlab.data import write_digits_folder
 from ditlab.evaluation import Evaluator
 from ditlab.features import digits_rgb, real_digits, to_gray
 from ditlab.files import provenance, write_json
@@ -64,7 +65,8 @@ def train_command(args, variant, lr, seed, steps):
     run = find_run(args, variant, lr, seed)
     if run:
         return [sys.executable, "train.py", "--resume", run, "--max-steps", str(steps), "--threads", "1"]
-    return [sys.executable, "train.py", "--demo", "--normalization", variant, "--lr", f"{lr:g}", "--global-seed",
+    return [sys.executable, "train.py", "--demo", "--data-path", args.digits_ref, "--normalization", variant, "--lr",
+            f"{lr:g}", "--global-seed",
             str(seed), "--max-steps", str(steps), "--results-dir", os.path.join(args.out, "runs"), "--threads", "1",
             "--sample-every", "0", "--ckpt-every", str(args.fid_every), "--fid-every", str(args.fid_every),
             "--fid-ref", args.digits_ref, "--fid-features", "digits", "--fid-num-samples", str(args.curve_samples),
@@ -347,6 +349,8 @@ def save_grid_images(args, name, npz_path, per_class=4):
 def run_study(args):
     """Every phase (module docstring); with args.report only reads the records. Returns the summary dict
     (also written to <out>/summary.json)."""
+    if not os.path.isdir(args.digits_ref):  # the demo's data and the reference: written once, before any run
+        write_digits_folder(args.digits_ref)
     sweep = lr_sweep(args)
     lrs = best_lrs(args, sweep)
     summary = dict(provenance=provenance(), settings=settings_of(args), best_lr=lrs,

@@ -59,8 +59,10 @@ def test_best_lr_is_the_lowest_fd_at_the_sweep_length_with_ties_to_the_lower_lr(
     assert digits_study.best_lrs(args, sweep) == {"layer-norm": 2e-3, "dyt": 1e-3}
 
 
-def run_study(*flags):
-    cmd = [sys.executable, "digits_study.py", "--variants", "layer-norm", "--lrs", "2e-3",
+def run_study(digits, classifier, *flags):
+    """The study on a digits folder of its own (train.py --demo writes it there) and the session's classifier."""
+    cmd = [sys.executable, "digits_study.py", "--digits-ref", digits, "--digits-classifier", classifier,
+           "--variants", "layer-norm", "--lrs", "2e-3",
            "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--curve-samples", "10",
            "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "1", *flags]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -68,9 +70,10 @@ def run_study(*flags):
     return out.stdout
 
 
-def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path):
+def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_classifier):
     out = tmp_path / "study"
-    first = run_study("--seeds", "0", "--out", str(out))
+    common = (str(tmp_path / "digits"), digits_classifier)
+    first = run_study(*common, "--seeds", "0", "--out", str(out))
     assert "training 1 of 1 runs (2 steps to go)" in first.split("sampling")[0].split("[digits]")[2]  # seed 0 extended
     records = out / "records"
     sweep = json.load(open(records / "sweep-layer-norm-lr0.002-s0.json"))
@@ -90,14 +93,15 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path):
     # a later session: no run directories, only the records; adding seed 1 trains only seed 1
     shutil.rmtree(out / "runs")
     shutil.rmtree(out / "samples")
-    second = run_study("--seeds", "0", "1", "--out", str(out))
+    second = run_study(*common, "--seeds", "0", "1", "--out", str(out))
     assert "training 0 of 0 runs" in second and "training 1 of 1 runs" in second
-    again = run_study("--seeds", "0", "1", "--out", str(out), "--report")
+    again = run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report")
     table = json.load(open(out / "summary.json"))["table"]["layer-norm"]
     assert table["seeds"] == [0, 1] and "real digits" in again
     assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "curves.png")
     # records made with other settings are refused, not silently mixed in
-    bad = subprocess.run([sys.executable, "digits_study.py", "--variants", "layer-norm", "--lrs", "2e-3",
+    bad = subprocess.run([sys.executable, "digits_study.py", "--digits-ref", common[0], "--digits-classifier", common[1],
+                          "--variants", "layer-norm", "--lrs", "2e-3",
                           "--sweep-steps", "4", "--steps", "4", "--fid-every", "2", "--out", str(out), "--report"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr

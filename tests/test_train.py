@@ -572,12 +572,16 @@ def test_missing_data_path_is_a_message_not_a_traceback(tmp_path):
 #################################################################################
 
 
-def test_digits_demo_runs(tmp_path):
+def test_digits_demo_runs(tmp_path, digits_classifier):
     digits = str(tmp_path / "digits")
     run_dir = train.main(["--demo", "--data-path", digits, "--results-dir", str(tmp_path / "runs"), "--max-steps", "2",
                           "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--sample-steps", "2",
-                          "--sample-images", "10", "--num-workers", "0"])
+                          "--sample-images", "10", "--num-workers", "0",
+                          # FD-digits against the folder the demo is about to write (a fresh machine has none yet)
+                          "--fid-every", "2", "--fid-ref", digits, "--fid-features", "digits", "--fid-num-samples", "10",
+                          "--fid-sampling-steps", "2", "--digits-classifier", digits_classifier])
     assert sorted(os.listdir(digits)) == [str(i) for i in range(10)]
+    assert '"fd_digits"' in open(os.path.join(run_dir, "metrics.jsonl")).read()
     assert sum(len(os.listdir(os.path.join(digits, c))) for c in os.listdir(digits)) == 1797
     config = load_checkpoint(run_dir)["config"]
     assert (config["vae"], config["in_channels"], config["num_classes"]) == ("none", 3, 10)
