@@ -48,3 +48,25 @@ def test_every_cell_is_a_valid_train_toy_command_with_its_settings():
         assert parsed.normalization == want["--normalization"]
         assert parsed.final_normalization == want.get("--final-normalization")
         assert parsed.weight_decay == float(want.get("--weight-decay", 0)) and parsed.dropout == float(want.get("--dropout", 0))
+
+
+def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_nothing(tmp_path, capsys):
+    import mechanism as command
+
+    argv = ["--cells", "layer-norm", "ln-final", "--seeds", "0", "--steps", "20", "--probe-samples", "4",
+            "--num-eval-samples", "4", "--stats-samples", "2", "--intervene-sampling-steps", "3",
+            "--out", str(tmp_path / "study")]
+    records = command.main(argv)
+    assert set(records) == {("layer-norm", 0, 20), ("ln-final", 0, 20)}
+    ln = records[("layer-norm", 0, 20)]
+    # the intervened cell: every place, every edit; the other cell has none
+    assert set(ln["interventions"]["places"]) == {"block.0.norm1", "block.0.norm2", "block.0", "block.1.norm1",
+                                                  "block.1.norm2", "block.1", "final.norm"}
+    assert "interventions" not in records[("ln-final", 0, 20)]
+    assert ln["settings"] == {"steps": 20, "probe_samples": 4, "num_eval_samples": 4}
+    folder = tmp_path / "study" / "records"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    capsys.readouterr()
+    command.main(argv)
+    assert "2 runs, 2 recorded, 0 to train" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

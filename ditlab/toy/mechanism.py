@@ -14,6 +14,8 @@ import math
 import os
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_model
@@ -135,13 +137,25 @@ def run_cells(args):
     return {w: read_record(args, job_name(*w)) for w in wanted}
 
 
+def _one_thread():
+    import torch
+    torch.set_num_threads(1)
+
+
 def keep(args, runs):
+    """Write the record of every finished run in `runs`; the summaries (the interventions take minutes per
+    run) run --parallel at a time in fresh processes of one thread each, like the training jobs."""
     for cell, seed, steps in runs:
-        run = run_of(args, cell, seed, steps)
-        if not finished(run, steps):
+        if not finished(run_of(args, cell, seed, steps), steps):
             raise SystemExit(f"{job_name(cell, seed, steps)} did not finish; see {args.out}/logs")
-        record = summarise_run(args, cell, seed, steps, run)
-        os.makedirs(args.records, exist_ok=True)
+    if not runs:
+        return
+    work = [(args, cell, seed, steps, run_of(args, cell, seed, steps)) for cell, seed, steps in runs]
+    with ProcessPoolExecutor(min(args.parallel, len(work)), mp_context=get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        records = list(pool.map(summarise_run, *zip(*work)))
+    os.makedirs(args.records, exist_ok=True)
+    for (cell, seed, steps), record in zip(runs, records):
         write_json(record_path(args, job_name(cell, seed, steps)),
                    {**record, "settings": {k: getattr(args, k) for k in RECORD_SETTINGS}, "provenance": provenance()})
 
