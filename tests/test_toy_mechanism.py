@@ -70,3 +70,23 @@ def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_noth
     command.main(argv)
     assert "2 runs, 2 recorded, 0 to train" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_final_norm_test_ranks_the_gap_against_signal_to_outlier_squared():
+    ts = (0, 10, 100, 999)
+
+    def rec(eps, so=None):
+        r = {"eps": {str(t): e for t, e in zip(ts, eps)}}
+        if so is not None:
+            r["norm_inputs"] = {"final.norm": {str(t): {"signal_to_outlier": v} for t, v in zip(ts, so)}}
+        return r
+
+    so = [0.1, 0.2, 0.4, 0.8]
+    records = {("ln-final", 0, 5): rec([1.0, 2.0, 4.0, 8.0], so), ("none", 0, 5): rec([1.0, 1.0, 1.0, 1.0]),
+               # seed 1: the gap falls as (s/M)^2 rises
+               ("ln-final", 1, 5): rec([8.0, 4.0, 2.0, 1.0], so), ("none", 1, 5): rec([2.0, 2.0, 2.0, 2.0])}
+    rows, rhos = mechanism.final_norm_test(records, "ln-final", "none", 5)
+    assert rhos == [1.0, -1.0]
+    assert rows[0] == "| 0 | 0.01 [0.01, 0.01] | 2.5 [1, 4] |"  # (0.1)^2; gaps 1/1 and 8/2
+    assert [r.split("|")[1].strip() for r in rows] == ["0", "10", "100", "999"]
+    assert mechanism.final_norm_test(records, "layer-norm", "ln-blocks", 5) == ([], [])

@@ -17,6 +17,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
+from scipy.stats import spearmanr
+
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_model
 from ditlab.files import provenance, write_json
@@ -232,6 +234,29 @@ def intervention_rows(records, cell, steps, timesteps=(0, 10, 100, 999)):
     return lines
 
 
+# pairs that differ only in the final layer's norm (LayerNorm, identity), for the (|s|/M)^2 test
+FINAL_NORM_PAIRS = (("ln-final", "none"), ("layer-norm", "ln-blocks"))
+
+
+def final_norm_test(records, cell, twin, steps):
+    """The (|s|/M)^2 argument at the final norm by itself: per probe timestep, (s/M)^2 at the final norm's
+    input of `cell` (mean [min, max] over seeds) and the eps error ratio cell / twin (same seed), where the
+    two differ only in the final norm; and per seed the Spearman rank correlation over timesteps of the
+    two (the argument predicts > 0: the norm costs most where it is least linear). Returns (rows, rhos)."""
+    seeds = sorted(s for (c, s, n) in records if c == cell and n == steps and (twin, s, n) in records)
+    if not seeds:
+        return [], []
+    timesteps = sorted(int(t) for t in records[(cell, seeds[0], steps)]["norm_inputs"]["final.norm"])
+    q = {s: [records[(cell, s, steps)]["norm_inputs"]["final.norm"][str(t)]["signal_to_outlier"] ** 2
+             for t in timesteps] for s in seeds}
+    gap = {s: [records[(cell, s, steps)]["eps"][str(t)] / records[(twin, s, steps)]["eps"][str(t)]
+               for t in timesteps] for s in seeds}
+    rows = [f"| {t} | {spread(q[s][i] for s in seeds)} | {spread(gap[s][i] for s in seeds)} |"
+            for i, t in enumerate(timesteps)]
+    rhos = [float(spearmanr(q[s], gap[s]).statistic) for s in seeds]
+    return rows, rhos
+
+
 def write_report(args, records):
     """<out>/summary.md and summary.json (and --record PAGE): the four parts' tables from the records."""
     steps = args.steps
@@ -270,6 +295,17 @@ def write_report(args, records):
         twin = {k: v for k, v in records.items() if k[0] in (ln, none)}
         renamed = {(("A" if c == ln else "B"), s, n): r for (c, s, n), r in twin.items()}
         lines += [row.replace("| A |", f"| {ln} / {none} |", 1) for row in ratio_rows(renamed, ("A",), steps, "B")]
+    lines += ["", "## 5. The (|s|/M)^2 argument at the final norm by itself", "",
+              "Each pair differs only in the final layer's norm (LayerNorm vs identity). If LayerNorm costs "
+              "precision through its non-linearity, of relative size (|s|/M)^2 at its input (signal s, the "
+              "loudest constant channel M; ditlab/toy/probe.py), the error ratio should be largest where "
+              "(s/M)^2 is: a positive rank correlation over timesteps.", ""]
+    for cell, twin in FINAL_NORM_PAIRS:
+        rows, rhos = final_norm_test(records, cell, twin, steps)
+        if rows:
+            lines += [f"### {cell} / {twin}", "", f"| t | (s/M)^2 at {cell}'s final norm | eps {cell} / {twin} |",
+                      "|---:|---|---|", *rows, "",
+                      f"Spearman rank correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", ""]
     lines += ["", "## Outliers and the signal/outlier ratio at the final norm", "",
               "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |", "|---|---|---|---|",
               *outlier_rows(records, args.cells, steps), ""]
