@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
 from ditlab.digits_study import DIGITS_REF, VARIANTS, run_study
 from ditlab.features import DIGITS_CLASSIFIER
+from ditlab.run import LR_SCHEDULES
 from models import NORM_LAYERS
 
 
@@ -35,7 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--lrs", type=POSITIVE, nargs="+", default=[1e-3, 2e-3, 4e-3],
                    help="the lr sweep's values (seed 0, --sweep-steps); each variant then trains at its best")
     p.add_argument("--sweep-steps", type=COUNT, default=3000, help="training steps of the lr sweep's runs")
-    p.add_argument("--steps", type=COUNT, default=12000, help="training steps of the final runs")
+    p.add_argument("--steps", type=COUNT, default=8000, help="training steps of the final runs")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                   help="the final runs' lr schedule (the sweep's is constant): cosine decays to zero at --steps")
+    p.add_argument("--final-fid-every", type=COUNT, default=2000,
+                   help="the final runs' curve points and checkpoint interval")
     p.add_argument("--fid-every", type=COUNT, default=1000,
                    help="FD-digits of the EMA model every this many steps (the curves; also the checkpoint interval)")
     p.add_argument("--curve-samples", type=COUNT, default=500, help="unguided samples of each curve point")
@@ -59,8 +64,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sweep_steps > args.steps:
         p.error(f"--sweep-steps {args.sweep_steps} is more than --steps {args.steps}: the final runs extend the sweep's")
-    if args.steps % args.fid_every or args.sweep_steps % args.fid_every:
-        p.error(f"--steps and --sweep-steps must be multiples of --fid-every {args.fid_every} (the curves' points)")
+    if args.sweep_steps % args.fid_every or args.steps % args.final_fid_every:
+        p.error(f"--sweep-steps must be a multiple of --fid-every {args.fid_every} and --steps of --final-fid-every "
+                f"{args.final_fid_every} (the curves' points)")
     args.records = args.records or os.path.join(args.out, "records")
     return args
 

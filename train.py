@@ -155,17 +155,19 @@ def parse_args(argv=None):
     if not argv:
         args.demo = True
     finish_parse(args, explicit, DEMO if args.demo else None)
-    if args.fid_every and not args.fid_ref:
-        raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
-    demo_writes_it = args.demo and args.fid_ref and os.path.normpath(args.fid_ref) == os.path.normpath(args.data_path)
-    if args.fid_ref and not os.path.exists(args.fid_ref) and not demo_writes_it:  # the demo's digits come first
-        raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
     check_sampling_flags(args)
     return args, explicit
 
 
 def check_sampling_flags(args):
-    """The grid's and the FID's sampler can take their step counts (again after a resume merges flags)."""
+    """The FID's reference exists where an FID is asked for, and the grid's and the FID's sampler can take
+    their step counts (checked again after a resume merges the run's flags: a resume with --fid-every
+    alone keeps the run's --fid-ref)."""
+    if args.fid_every and not args.fid_ref and not args.resume:
+        raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
+    demo_writes_it = args.demo and args.fid_ref and os.path.normpath(args.fid_ref) == os.path.normpath(args.data_path)
+    if args.fid_ref and not os.path.exists(args.fid_ref) and not demo_writes_it:  # the demo's digits come first
+        raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
     check_solver_steps(args.sample_sampler, args.sample_steps, "--sample-steps")
     check_solver_steps(args.fid_sampler, args.fid_sampling_steps, "--fid-sampling-steps")
 

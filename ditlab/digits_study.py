@@ -5,8 +5,9 @@ scored guided and unguided against the real-digit floor, with a memorisation che
 The phases, each skipped where its output already exists (so an interrupted study continues):
   1. lr sweep: every variant at every --lrs, seed 0, --sweep-steps (FD-digits every --fid-every steps);
   2. the best lr of each variant: lowest FD-digits at --sweep-steps;
-  3. final runs: every variant at its lr for every seed to --steps (seed 0's sweep run is extended: the lr
-     is constant, so a resumed run is the run that would have gone there directly);
+  3. final runs: every variant at its lr for every seed to --steps with --lr-schedule (cosine by default:
+     annealed to zero at --steps; with constant, seed 0's sweep run is extended, the run that would have
+     gone there directly);
   4. guidance: one scale for all, the best FD-digits of the LayerNorm seed-0 model over --cfg-candidates;
   5. sampling (sample_ddp.py, EMA weights) unguided and guided, scored by evaluate.py's digits route;
   6. memorisation (distance of every sample to its nearest training digit) and outliers (as
@@ -51,39 +52,52 @@ def run_key(variant, lr, seed):
     return f"{variant}-lr{lr:g}-s{seed}"
 
 
-def find_run(args, variant, lr, seed):
-    """The newest run of this variant, lr and seed under <out>/runs (None if there is none yet)."""
-    return newest_run(os.path.join(args.out, "runs"), {"normalization": variant, "lr": lr, "global_seed": seed})
+def run_settings(args, final):
+    """(lr schedule, evaluation and checkpoint interval) of the final runs or of the sweep's (constant lr)."""
+    return (args.lr_schedule, args.final_fid_every) if final else ("constant", args.fid_every)
+
+
+def find_run(args, variant, lr, seed, steps, final):
+    """The newest run of this variant, lr, seed and lr schedule under <out>/runs (None if there is none
+    yet). A constant-lr run of any length matches (seed 0's final run extends its sweep run: the run that
+    would have gone there directly); a decaying run belongs to its own length."""
+    schedule, _ = run_settings(args, final)
+    wanted = {"normalization": variant, "lr": lr, "global_seed": seed, "lr_schedule": schedule}
+    if schedule != "constant":
+        wanted["max_steps"] = steps
+    return newest_run(os.path.join(args.out, "runs"), wanted)
 
 
 def run_step(run):
     return load_checkpoint(run, mmap=True)["step"] if run else 0
 
 
-def train_command(args, variant, lr, seed, steps):
+def train_command(args, variant, lr, seed, steps, final):
     """train.py's command for one run: a new demo run, or a resume of the existing one to `steps`."""
-    run = find_run(args, variant, lr, seed)
+    run = find_run(args, variant, lr, seed, steps, final)
+    schedule, every = run_settings(args, final)
     if run:
-        return [sys.executable, "train.py", "--resume", run, "--max-steps", str(steps), "--threads", "1"]
+        return [sys.executable, "train.py", "--resume", run, "--max-steps", str(steps), "--threads", "1",
+                "--ckpt-every", str(every), "--fid-every", str(every)]
     return [sys.executable, "train.py", "--demo", "--data-path", args.digits_ref, "--normalization", variant, "--lr",
-            f"{lr:g}", "--global-seed",
+            f"{lr:g}", "--lr-schedule", schedule, "--global-seed",
             str(seed), "--max-steps", str(steps), "--results-dir", os.path.join(args.out, "runs"), "--threads", "1",
-            "--sample-every", "0", "--ckpt-every", str(args.fid_every), "--fid-every", str(args.fid_every),
+            "--sample-every", "0", "--ckpt-every", str(every), "--fid-every", str(every),
             "--fid-ref", args.digits_ref, "--fid-features", "digits", "--fid-num-samples", str(args.curve_samples),
             "--fid-sampling-steps", str(args.curve_sampling_steps), "--fid-cfg-scale", "1",
             "--digits-classifier", args.digits_classifier]
 
 
-def train_all(args, runs):
-    """Train every (variant, lr, seed, steps) not yet at its step count, --parallel at a time, the runs
-    with the most steps left first; returns {(variant, lr, seed): run directory}."""
-    todo = [(steps - run_step(find_run(args, v, lr, s)), v, lr, s, steps) for v, lr, s, steps in runs]
+def train_all(args, runs, final):
+    """Train every (variant, lr, seed, steps) not yet at its step count (the final runs, or the sweep's),
+    --parallel at a time, the runs with the most steps left first; returns {(variant, lr, seed): run dir}."""
+    todo = [(steps - run_step(find_run(args, v, lr, s, steps, final)), v, lr, s, steps) for v, lr, s, steps in runs]
     todo = sorted((t for t in todo if t[0] > 0), key=lambda t: -t[0])
     print(f"[digits] training {len(todo)} of {len(runs)} runs ({sum(t[0] for t in todo):,} steps to go)", flush=True)
-    run_jobs([train_command(args, v, lr, s, steps) for _, v, lr, s, steps in todo], args.parallel,
+    run_jobs([train_command(args, v, lr, s, steps, final) for _, v, lr, s, steps in todo], args.parallel,
              os.path.join(args.out, "logs"), names=[run_key(v, lr, s) for _, v, lr, s, _ in todo],
              tags=[run_key(v, lr, s) for _, v, lr, s, _ in todo], append=True)
-    return {(v, lr, s): find_run(args, v, lr, s) for v, lr, s, _ in runs}
+    return {(v, lr, s): find_run(args, v, lr, s, steps, final) for v, lr, s, steps in runs}
 
 
 def fid_rows(run):
@@ -211,7 +225,7 @@ def outliers_of(args, run):
 # --records, so that the study continues across machines and sessions where the run directories (tens of
 # MB each) do not travel: a record is never recomputed, and the report is built from records alone.
 SWEEP_SETTINGS = ("sweep_steps", "fid_every", "curve_samples", "curve_sampling_steps")
-FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "samples", "sampling_steps")
+FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "lr_schedule", "final_fid_every", "samples", "sampling_steps")
 GUIDANCE_SETTINGS = (*FINAL_SETTINGS, "cfg_candidates", "cfg_samples")
 
 
@@ -266,14 +280,14 @@ def lr_sweep(args):
                      curve=curve(run, args.sweep_steps), steps_per_s=training_speed(run)), SWEEP_SETTINGS)
 
     for v, lr in missing():
-        run = find_run(args, v, lr, 0)
+        run = find_run(args, v, lr, 0, args.sweep_steps, final=False)
         if run_step(run) >= args.sweep_steps:
             keep(v, lr, run)
     todo = missing()
     if todo and args.report:
         raise SystemExit(f"the lr sweep has not finished ({', '.join(run_key(v, lr, 0) for v, lr in todo)}); "
                          "run without --report")
-    runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in todo])
+    runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in todo], final=False)
     for v, lr in todo:
         keep(v, lr, runs[(v, lr, 0)])
     return {(v, lr): read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS)
@@ -301,7 +315,7 @@ def final_runs(args, lrs):
     train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
     for i in range(0, len(todo), args.parallel):
         wave = todo[i:i + args.parallel]
-        runs = train_all(args, [(v, lrs[v], s, args.steps) for v, s in wave])
+        runs = train_all(args, [(v, lrs[v], s, args.steps) for v, s in wave], final=True)
         cfg = guidance(args, lrs)
         sets = sample_all(args, [(runs[(v, lrs[v], s)], g, args.samples) for v, s in wave for g in (1.0, cfg["scale"])])
         for v, s in wave:
@@ -328,7 +342,7 @@ def guidance(args, lrs):
     if args.report:
         raise SystemExit("no guidance record yet; run without --report")
     variant = "layer-norm" if "layer-norm" in args.variants else args.variants[0]
-    run = find_run(args, variant, lrs[variant], args.seeds[0])
+    run = find_run(args, variant, lrs[variant], args.seeds[0], args.steps, final=True)
     if args.cfg_scale is None and run_step(run) < args.steps:
         raise SystemExit(f"choosing the guidance scale needs the {variant} seed-{args.seeds[0]} final run; "
                          "rerun with that seed included")
@@ -365,8 +379,8 @@ def run_study(args):
 
 
 def settings_of(args):
-    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "fid_every", "curve_samples", "curve_sampling_steps",
-            "samples", "sampling_steps", "cfg_candidates", "cfg_samples")
+    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "fid_every", "final_fid_every",
+            "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -429,7 +443,7 @@ def sweep_lines(summary, args):
 
 def final_lines(summary, args):
     table, floor = summary["table"], summary["floor"]
-    lines = [f"## 2. Trained models: {args.steps} steps, seeds {args.seeds}", "",
+    lines = [f"## 2. Trained models: {args.steps} steps ({args.lr_schedule} lr), seeds {args.seeds}", "",
              f"{args.samples} samples per run from the EMA weights ({args.sampling_steps} DDPM steps), unguided and "
              f"guided at scale {summary['cfg_scale']:g}, scored against the 1,797 digits with the digits classifier's "
              "features (FD-digits, precision and recall at k = 3) and its accuracy on the labels the samples were "
@@ -450,7 +464,9 @@ def final_lines(summary, args):
                   f"{floor['accuracy']:.3g} |", ""]
     lines += ["### Converged? Memorisation? Outliers?", "",
               "Last-quarter change: relative change of FD-digits (curve samples) over the last quarter of training "
-              "(negative: still improving). Nearest-digit ratio: median distance of a guided sample to its nearest "
+              "(negative: still improving" + ("; under the cosine schedule the lr is small there, so a small change is "
+              "partly by construction: the curves show whether it had flattened before" if args.lr_schedule == "cosine"
+              else "") + "). Nearest-digit ratio: median distance of a guided sample to its nearest "
               "training digit over the training digits' own median nearest-neighbour distance (1: as novel as a "
               "fresh digit, 0: copies); near-copies: share of guided samples closer to a training digit than 95% "
               "of training digits are to theirs (5% for fresh digits). Outliers: over the blocks, EMA weights, the "

@@ -59,11 +59,38 @@ def test_best_lr_is_the_lowest_fd_at_the_sweep_length_with_ties_to_the_lower_lr(
     assert digits_study.best_lrs(args, sweep) == {"layer-norm": 2e-3, "dyt": 1e-3}
 
 
+def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(tmp_path):
+    def fake_run(index, **config):
+        run = tmp_path / "runs" / f"{index:03d}-DiT-S-4-layer-norm"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "latest.pt").write_bytes(b"")
+        (run / "config.json").write_text(json.dumps(dict(normalization="layer-norm", lr=2e-3, global_seed=0, **config)))
+        return str(run)
+
+    sweep = fake_run(0, lr_schedule="constant", max_steps=3000)
+    args = SimpleNamespace(out=str(tmp_path), lr_schedule="cosine", final_fid_every=2000, fid_every=1000,
+                           digits_ref="d/digits", curve_samples=10, curve_sampling_steps=2, digits_classifier="c.pt")
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) is None
+    cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
+    assert "--resume" not in cmd and cmd[cmd.index("--lr-schedule") + 1] == "cosine"
+    assert cmd[cmd.index("--fid-every") + 1] == "2000" and cmd[cmd.index("--max-steps") + 1] == "8000"
+    final = fake_run(1, lr_schedule="cosine", max_steps=8000)
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) == final
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep  # still the sweep's
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 12000, final=True) is None  # another length
+    # constant-lr finals extend the sweep's run (the run that would have gone there directly)
+    args.lr_schedule = "constant"
+    cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
+    assert cmd[cmd.index("--resume") + 1] == sweep and cmd[cmd.index("--fid-every") + 1] == "2000"
+
+
 def run_study(digits, classifier, *flags):
     """The study on a digits folder of its own (train.py --demo writes it there) and the session's classifier."""
     cmd = [sys.executable, "digits_study.py", "--digits-ref", digits, "--digits-classifier", classifier,
            "--variants", "layer-norm", "--lrs", "2e-3",
-           "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--curve-samples", "10",
+           "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2", "--lr-schedule", "constant",
+           "--curve-samples", "10",
            "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "1", *flags]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -102,6 +129,7 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     # records made with other settings are refused, not silently mixed in
     bad = subprocess.run([sys.executable, "digits_study.py", "--digits-ref", common[0], "--digits-classifier", common[1],
                           "--variants", "layer-norm", "--lrs", "2e-3",
-                          "--sweep-steps", "4", "--steps", "4", "--fid-every", "2", "--out", str(out), "--report"],
+                          "--sweep-steps", "4", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2",
+                          "--out", str(out), "--report"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr

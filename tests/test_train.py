@@ -586,6 +586,10 @@ def test_digits_demo_runs(tmp_path, digits_classifier):
     config = load_checkpoint(run_dir)["config"]
     assert (config["vae"], config["in_channels"], config["num_classes"]) == ("none", 3, 10)
     assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
+    # a resume that changes only --fid-every keeps the run's --fid-ref (it was refused as missing)
+    train.main(["--resume", run_dir, "--max-steps", "3", "--fid-every", "3", "--sample-every", "0"])
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert steps == [2, 3]
 
 
 @pytest.mark.gpu
