@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(NORM_LAYERS))
     p.add_argument("--seeds", type=INDEX, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lrs", type=POSITIVE, nargs="+", default=[1e-3, 2e-3, 4e-3],
+    p.add_argument("--lrs", type=POSITIVE, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3],
                    help="the lr sweep's values (seed 0, --sweep-steps); each variant then trains at its best")
     p.add_argument("--sweep-steps", type=COUNT, default=3000, help="training steps of the lr sweep's runs")
     p.add_argument("--steps", type=COUNT, default=8000, help="training steps of the final runs")
