@@ -64,6 +64,7 @@ def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_noth
                                                   "block.1.norm2", "block.1", "final.norm"}
     assert "interventions" not in records[("ln-final", 0, 20)]
     assert ln["settings"] == {"steps": 20, "probe_samples": 4, "num_eval_samples": 4}
+    assert ln["run_seconds"] >= 0 and ln["intervene_seconds"] > 0
     folder = tmp_path / "study" / "records"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     capsys.readouterr()
@@ -90,3 +91,9 @@ def test_final_norm_test_ranks_the_gap_against_signal_to_outlier_squared():
     assert rows[0] == "| 0 | 0.01 [0.01, 0.01] | 2.5 [1, 4] |"  # (0.1)^2; gaps 1/1 and 8/2
     assert [r.split("|")[1].strip() for r in rows] == ["0", "10", "100", "999"]
     assert mechanism.final_norm_test(records, "layer-norm", "ln-blocks", 5) == ([], [])
+
+
+def test_run_seconds_spans_the_logs_first_and_last_timestamp(tmp_path):
+    (tmp_path / "log.txt").write_text("[2026-12-02 15:48:03] start\nno stamp here\n[2026-12-02 15:48:32] step\n"
+                                      "[bad stamp] x\n[2026-12-02 16:00:05] done\n")
+    assert mechanism.run_seconds(str(tmp_path)) == 12 * 60 + 2

@@ -14,7 +14,9 @@ import math
 import os
 import statistics
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
 from multiprocessing import get_context
 
 from scipy.stats import spearmanr
@@ -91,6 +93,20 @@ def read_record(args, name):
     return record
 
 
+def run_seconds(run):
+    """Wall-clock seconds of a run from the first to the last timestamp of its log.txt (training, probes and
+    the final evaluation; a resumed run's pause counts too)."""
+    stamps = []
+    with open(os.path.join(run, "log.txt")) as f:
+        for line in f:
+            if line.startswith("[") and "]" in line:
+                try:
+                    stamps.append(datetime.strptime(line[1:line.index("]")], "%Y-%m-%d %H:%M:%S"))
+                except ValueError:
+                    continue
+    return (stamps[-1] - stamps[0]).total_seconds() if stamps else None
+
+
 def summarise_run(args, cell, seed, steps, run):
     """The record of one finished run: per-t EMA probe error (last probe), sampled EMA RMS, the outlier
     (max/median ratio per block output, worst over t) and signal/outlier ratio at every norm input per t,
@@ -107,14 +123,16 @@ def summarise_run(args, cell, seed, steps, run):
                                                                   outlier_channel=r["outlier_channel"])
     record = dict(cell=cell, seed=seed, steps=steps, run=os.path.basename(run),
                   eps=({t: probe[t]["eps_rel_error"] for t in probe}), sample_rms=final_sample_errors(run),
-                  max_median=outliers, norm_inputs=norm_inputs)
+                  max_median=outliers, norm_inputs=norm_inputs, run_seconds=run_seconds(run))
     if cell in INTERVENE_CELLS:
+        start = time.time()
         model, _ = load_model(run)
         diffusion, sampler = create_diffusion(""), create_diffusion(str(args.intervene_sampling_steps))
         stats = channel_statistics(model, diffusion, num=args.stats_samples)
         result = intervene(model, diffusion, sampler, probe_samples=args.probe_samples,
                            num_samples=args.num_eval_samples, stats=stats)
         record["interventions"] = result
+        record["intervene_seconds"] = time.time() - start
     return record
 
 
@@ -257,6 +275,19 @@ def final_norm_test(records, cell, twin, steps):
     return rows, rhos
 
 
+def cost_rows(records, cells, steps):
+    """Per cell: runs, wall-clock minutes of one run (its log.txt: training, probes, final evaluation; two
+    runs at a time on the measured machine) and of its interventions, where recorded."""
+    lines = []
+    for cell in cells:
+        recs = [r for (c, s, n), r in records.items() if c == cell and n == steps]
+        train = [r["run_seconds"] / 60 for r in recs if r.get("run_seconds")]
+        edit = [r["intervene_seconds"] / 60 for r in recs if r.get("intervene_seconds")]
+        if recs:
+            lines.append(f"| {cell} | {len(recs)} | {spread(train) if train else '-'} | {spread(edit) if edit else '-'} |")
+    return lines
+
+
 def write_report(args, records):
     """<out>/summary.md and summary.json (and --record PAGE): the four parts' tables from the records."""
     steps = args.steps
@@ -309,6 +340,9 @@ def write_report(args, records):
     lines += ["", "## Outliers and the signal/outlier ratio at the final norm", "",
               "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |", "|---|---|---|---|",
               *outlier_rows(records, args.cells, steps), ""]
+    lines += ["## Cost", "", "Minutes per run, mean [min, max] (two runs at a time, one thread each):", "",
+              "| cell | runs | train + evaluate | interventions |", "|---|---:|---|---|",
+              *cost_rows(records, args.cells, steps), ""]
     text = "\n".join(lines)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
