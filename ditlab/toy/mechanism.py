@@ -310,7 +310,8 @@ def write_report(args, records):
     lines += ["## 2. Ablate: what does the outlier carry?", "",
               "The loudest channel at each place replaced by its mean (over tokens, probe draws and timesteps), its "
               "per-timestep mean, or zero (ditlab/toy/intervene.py); sampled RMS and eps error relative to the "
-              "unedited model (1 = no change).", ""]
+              "unedited model (1 = no change). The final layer sees the last block's output only through its norm, "
+              "so an edit at final.norm's input and at the last block's output are the same edit (equal rows).", ""]
     for cell in INTERVENE_CELLS:
         rows = intervention_rows(records, cell, steps)
         if rows:
