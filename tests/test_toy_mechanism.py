@@ -65,6 +65,7 @@ def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_noth
     assert "interventions" not in records[("ln-final", 0, 20)]
     assert ln["settings"] == {"steps": 20, "probe_samples": 4, "num_eval_samples": 4}
     assert ln["run_seconds"] >= 0 and ln["intervene_seconds"] > 0
+    assert ln["restoring_weights"] == {}  # plain LayerNorm has none
     folder = tmp_path / "study" / "records"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     capsys.readouterr()
@@ -97,3 +98,20 @@ def test_run_seconds_spans_the_logs_first_and_last_timestamp(tmp_path):
     (tmp_path / "log.txt").write_text("[2026-12-02 15:48:03] start\nno stamp here\n[2026-12-02 15:48:32] step\n"
                                       "[bad stamp] x\n[2026-12-02 16:00:05] done\n")
     assert mechanism.run_seconds(str(tmp_path)) == 12 * 60 + 2
+
+
+def test_restoring_weights_reads_every_restoring_layer_and_the_report_line():
+    import torch
+    from models import DiT
+
+    from ditlab.toy.task import TOY_MODEL
+
+    model = DiT(depth=2, hidden_size=16, num_heads=2, patch_size=1, normalization="layer-norm-restore", **TOY_MODEL)
+    got = mechanism.restoring_weights(model)
+    assert len(got) == 5 and all(w == dict(scale=0.0, mean=0.0) for w in got.values())  # 2 x 2 blocks + final
+    with torch.no_grad():
+        model.blocks[1].norm2.mean_weight[3] = -0.25
+    assert mechanism.restoring_weights(model)["blocks.1.norm2"] == dict(scale=0.0, mean=0.25)
+    records = {("restore", 0, 5): {"restoring_weights": {"x": dict(scale=0.1, mean=0.2), "y": dict(scale=0.3, mean=0.0)}}}
+    (line, _) = mechanism.restore_lines(records, 5)
+    assert "|a| 0.3 [0.3, 0.3], |b| 0.2 [0.2, 0.2]" in line

@@ -107,6 +107,13 @@ def run_seconds(run):
     return (stamps[-1] - stamps[0]).total_seconds() if stamps else None
 
 
+def restoring_weights(model):
+    """Largest |a| (log-scale) and |b| (mean) weight of every layer-norm-restore layer ({} for other
+    models): how much of what LayerNorm removes the trained network takes back (both start at zero)."""
+    return {name: dict(scale=m.scale_weight.detach().abs().max().item(), mean=m.mean_weight.detach().abs().max().item())
+            for name, m in model.named_modules() if hasattr(m, "scale_weight") and hasattr(m, "mean_weight")}
+
+
 def summarise_run(args, cell, seed, steps, run):
     """The record of one finished run: per-t EMA probe error (last probe), sampled EMA RMS, the outlier
     (max/median ratio per block output, worst over t) and signal/outlier ratio at every norm input per t,
@@ -124,9 +131,10 @@ def summarise_run(args, cell, seed, steps, run):
     record = dict(cell=cell, seed=seed, steps=steps, run=os.path.basename(run),
                   eps=({t: probe[t]["eps_rel_error"] for t in probe}), sample_rms=final_sample_errors(run),
                   max_median=outliers, norm_inputs=norm_inputs, run_seconds=run_seconds(run))
+    model, _ = load_model(run)
+    record["restoring_weights"] = restoring_weights(model)
     if cell in INTERVENE_CELLS:
         start = time.time()
-        model, _ = load_model(run)
         diffusion, sampler = create_diffusion(""), create_diffusion(str(args.intervene_sampling_steps))
         stats = channel_statistics(model, diffusion, num=args.stats_samples)
         result = intervene(model, diffusion, sampler, probe_samples=args.probe_samples,
@@ -288,6 +296,17 @@ def cost_rows(records, cells, steps):
     return lines
 
 
+def restore_lines(records, steps, cell="restore"):
+    """How much the trained restoring layers take back: the largest |a| and |b| over the model's norms."""
+    recs = [r for (c, s, n), r in records.items() if c == cell and n == steps and r.get("restoring_weights")]
+    if not recs:
+        return []
+    a = [max(w["scale"] for w in r["restoring_weights"].values()) for r in recs]
+    b = [max(w["mean"] for w in r["restoring_weights"].values()) for r in recs]
+    return [f"The trained restoring weights (zero at the start; the layer adds a log(sigma) + b mu to LayerNorm's "
+            f"unit-RMS output), largest over the model's norms, {len(recs)} seeds: |a| {spread(a)}, |b| {spread(b)}.", ""]
+
+
 def write_report(args, records):
     """<out>/summary.md and summary.json (and --record PAGE): the four parts' tables from the records."""
     steps = args.steps
@@ -319,7 +338,7 @@ def write_report(args, records):
                       "|---|---|---|---|---|---|---|", *rows, ""]
     lines += ["## 3. Restore: LayerNorm that hands back what it removes (ratio to LayerNorm)", "",
               f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1),
-              *ratio_rows(records, ("restore", "none"), steps, "layer-norm"), "",
+              *ratio_rows(records, ("restore", "none"), steps, "layer-norm"), "", *restore_lines(records, steps),
               "## 4. Stress: weight decay and dropout (ratio of each LayerNorm cell to its no-LayerNorm twin)", ""]
     lines += [f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1)]
     for ln, none in (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
