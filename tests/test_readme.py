@@ -101,3 +101,34 @@ def test_readme_make_targets_exist():
         if kind == "make":
             out = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, f"make {target}: {out.stderr}"
+
+
+def tracked_files():
+    """The files git tracks (what a fresh clone has), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return set(out.splitlines())
+
+
+def test_every_relative_link_of_the_docs_points_to_a_tracked_file():
+    """A link to a page or figure that exists only on the machine that wrote it (an ignored path, a file never
+    committed) is broken for everyone else."""
+    tracked = tracked_files()
+    pages = ["README.md"] + sorted(os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "docs"))
+                                   for f in fs if f.endswith(".md"))
+    broken = []
+    for page in pages:
+        text = open(os.path.join(ROOT, page)).read()
+        text = re.sub(r"```.*?```", "", text, flags=re.S)
+        text = re.sub(r"`[^`]*`", "", text)  # code, not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target.split("#")[0]))
+            exists = path in tracked or any(f.startswith(path + "/") for f in tracked) if tracked else \
+                os.path.exists(os.path.join(ROOT, path))
+            if not exists:
+                broken.append(f"{page}: {target}")
+    assert not broken, "links to files a fresh clone does not have: " + ", ".join(broken)
