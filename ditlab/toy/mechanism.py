@@ -28,6 +28,7 @@ from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.intervene import channel_statistics, intervene
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
+from models import RestoringLayerNorm
 
 # name -> (what it is, train_toy.py flags)
 CELLS = {
@@ -111,7 +112,7 @@ def restoring_weights(model):
     """Largest |a| (log-scale) and |b| (mean) weight of every layer-norm-restore layer ({} for other
     models): how much of what LayerNorm removes the trained network takes back (both start at zero)."""
     return {name: dict(scale=m.scale_weight.detach().abs().max().item(), mean=m.mean_weight.detach().abs().max().item())
-            for name, m in model.named_modules() if hasattr(m, "scale_weight") and hasattr(m, "mean_weight")}
+            for name, m in model.named_modules() if isinstance(m, RestoringLayerNorm)}
 
 
 def summarise_run(args, cell, seed, steps, run):
