@@ -270,7 +270,7 @@ def training_speed(run):
 def lr_sweep(args):
     """Phase 1: {(variant, lr): record} of the seed-0 runs at --sweep-steps. A run that has finished gets
     its record first (also with --report, so that a study cut short keeps what it finished); then the
-    rest is trained."""
+    rest is trained, --parallel runs at a time, each wave recorded before the next."""
     def missing():
         return [(v, lr) for v in args.variants for lr in args.lrs
                 if read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS) is None]
@@ -287,9 +287,11 @@ def lr_sweep(args):
     if todo and args.report:
         raise SystemExit(f"the lr sweep has not finished ({', '.join(run_key(v, lr, 0) for v, lr in todo)}); "
                          "run without --report")
-    runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in todo], final=False)
-    for v, lr in todo:
-        keep(v, lr, runs[(v, lr, 0)])
+    for i in range(0, len(todo), args.parallel):  # in waves, each recorded before the next starts (run
+        wave = todo[i:i + args.parallel]           # directories do not outlive a session; records do)
+        runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in wave], final=False)
+        for v, lr in wave:
+            keep(v, lr, runs[(v, lr, 0)])
     return {(v, lr): read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS)
             for v in args.variants for lr in args.lrs}
 

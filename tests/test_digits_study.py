@@ -59,6 +59,36 @@ def test_best_lr_is_the_lowest_fd_at_the_sweep_length_with_ties_to_the_lower_lr(
     assert digits_study.best_lrs(args, sweep) == {"layer-norm": 2e-3, "dyt": 1e-3}
 
 
+def test_the_sweep_records_each_wave_before_the_next_trains(tmp_path, monkeypatch):
+    """A session cut short in the sweep's third wave keeps the first two waves' records (run directories
+    do not outlive a session), and the next session trains only what has no record."""
+    args = SimpleNamespace(variants=["layer-norm", "none", "dyt"], lrs=[1e-3, 2e-3], sweep_steps=4, fid_every=2,
+                           curve_samples=10, curve_sampling_steps=2, parallel=2, report=False,
+                           records=str(tmp_path / "records"), out=str(tmp_path))
+    waves = []
+
+    def train_all(args, runs, final):
+        waves.append([(v, lr) for v, lr, _, _ in runs])
+        if len(waves) == 3:
+            raise SystemExit("cut short")
+        return {(v, lr, s): f"run-{v}-{lr:g}" for v, lr, s, _ in runs}
+
+    monkeypatch.setattr(digits_study, "train_all", train_all)
+    monkeypatch.setattr(digits_study, "find_run", lambda *a, **k: None)  # this session's run dirs: none finished
+    monkeypatch.setattr(digits_study, "curve", lambda run, steps: [[steps, 100.0, 0.5]])
+    monkeypatch.setattr(digits_study, "training_speed", lambda run: 5.0)
+    with pytest.raises(SystemExit, match="cut short"):
+        digits_study.lr_sweep(args)
+    assert [len(w) for w in waves] == [2, 2, 2]
+    kept = sorted(os.listdir(args.records))
+    assert kept == sorted(f"sweep-{digits_study.run_key(v, lr, 0)}.json" for w in waves[:2] for v, lr in w)
+    waves.clear()
+    monkeypatch.setattr(digits_study, "train_all", lambda args, runs, final: waves.append(runs) or
+                        {(v, lr, s): f"run-{v}-{lr:g}" for v, lr, s, _ in runs})
+    sweep = digits_study.lr_sweep(args)
+    assert len(waves) == 1 and len(waves[0]) == 2 and len(sweep) == 6 and all(sweep.values())
+
+
 def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(tmp_path):
     def fake_run(index, **config):
         run = tmp_path / "runs" / f"{index:03d}-DiT-S-4-layer-norm"
