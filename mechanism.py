@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/mechanism")
     p.add_argument("--records", default=None, help="default: <out>/records (the measured study's: "
                    "docs/results/mechanism_runs/)")
-    p.add_argument("--report", action="store_true", help="only rewrite the report from the records")
+    p.add_argument("--report", action="store_true", help="only rewrite the report from the records (those "
+                   "recorded so far: the report names the runs still to measure)")
     p.add_argument("--record", default="", metavar="PAGE", help="also write the report to PAGE")
     args = p.parse_args(argv)
     args.records = args.records or os.path.join(args.out, "records")

@@ -1,5 +1,6 @@
 """The mechanism study's report (ditlab/toy/mechanism.py) from records whose ratios are known."""
 
+import os
 from types import SimpleNamespace
 
 from ditlab.toy import mechanism
@@ -35,6 +36,28 @@ def test_report_has_every_part_and_the_stress_twins(tmp_path):
         assert part in text
     assert "| layer-norm / none | 3 | 2 [2, 2]" in text and "| layer-norm-wd0.1 / none-wd0.1 | 3 | 4 [4, 4]" in text
     assert (tmp_path / "page.md").read_text() == text and (tmp_path / "summary.json").exists()
+
+
+def test_report_while_the_study_is_under_way_uses_the_recorded_runs_and_names_the_rest(tmp_path):
+    import mechanism as command
+
+    args = command.parse_args(["--cells", "layer-norm", "none", "--seeds", "0", "1", "--long-steps", "30",
+                               "--long-cells", "layer-norm", "--steps", "10", "--out", str(tmp_path), "--report"])
+    os.makedirs(args.records)
+    for cell, seed in (("layer-norm", 0), ("layer-norm", 1), ("none", 0)):  # none s1 and both long runs missing
+        mechanism.write_json(mechanism.record_path(args, mechanism.job_name(cell, seed, 10)),
+                             {**record(cell, seed, 2.0 if cell == "layer-norm" else 1.0, 1.0),
+                              "settings": {k: getattr(args, k) for k in mechanism.RECORD_SETTINGS}})
+    records = mechanism.run_cells(args)  # trains nothing, refuses nothing
+    assert set(records) == {("layer-norm", 0, 10), ("layer-norm", 1, 10), ("none", 0, 10)}
+    text = mechanism.write_report(args, records)
+    assert "**Not yet measured** (3 of 6 runs" in text
+    assert "none-10-s1, layer-norm-30-s0, layer-norm-30-s1." in text
+    assert "| layer-norm | 1 | 2 [2, 2]" in text  # the localise ratio to none: the one paired seed
+    assert not (tmp_path / "runs").exists()
+    args.seeds = [0]
+    args.long_steps = []
+    assert "Not yet measured" not in mechanism.write_report(args, {k: v for k, v in records.items() if k[1] == 0})
 
 
 def test_every_cell_is_a_valid_train_toy_command_with_its_settings():

@@ -145,14 +145,22 @@ def summarise_run(args, cell, seed, steps, run):
     return record
 
 
+def wanted_runs(args):
+    """Every (cell, seed, steps) the arguments ask for: --cells x --seeds at --steps, and --long-cells x
+    --seeds at every --long-steps."""
+    wanted = [(cell, seed, args.steps) for cell in args.cells for seed in args.seeds]
+    return wanted + [(cell, seed, n) for n in args.long_steps for cell in args.long_cells for seed in args.seeds]
+
+
 def run_cells(args):
     """Train every (cell, seed) without a record at --steps (and the localise cells at every --long-steps),
-    --parallel at a time, then record each; returns {(cell, seed, steps): record}."""
-    wanted = [(cell, seed, args.steps) for cell in args.cells for seed in args.seeds]
-    wanted += [(cell, seed, n) for n in args.long_steps for cell in args.long_cells for seed in args.seeds]
+    --parallel at a time, then record each; returns {(cell, seed, steps): record}. With --report, trains
+    nothing and returns the recorded runs only."""
+    wanted = wanted_runs(args)
     todo = [w for w in wanted if read_record(args, job_name(*w)) is None]
-    if todo and args.report:
-        raise SystemExit(f"{len(todo)} runs have no record yet (e.g. {job_name(*todo[0])}); run without --report")
+    if args.report:  # the study spans sessions: report what is recorded; the report lists what is not
+        print(f"[mechanism] --report: {len(wanted) - len(todo)} of {len(wanted)} runs recorded", flush=True)
+        return {w: read_record(args, job_name(*w)) for w in wanted if w not in todo}
     train = [w for w in todo if not finished(run_of(args, *w), w[2])]
     train.sort(key=lambda w: -w[2])  # the long runs first, so that the two slots stay busy
     print(f"[mechanism] {len(wanted)} runs, {len(wanted) - len(todo)} recorded, {len(train)} to train", flush=True)
@@ -308,6 +316,16 @@ def restore_lines(records, steps, cell="restore"):
             f"unit-RMS output), largest over the model's norms, {len(recs)} seeds: |a| {spread(a)}, |b| {spread(b)}.", ""]
 
 
+def missing_lines(args, records):
+    """The runs the arguments ask for that have no record yet (a report written while the study is under
+    way says what its tables leave out)."""
+    missing = [job_name(*w) for w in wanted_runs(args) if w not in records]
+    if not missing:
+        return []
+    return [f"**Not yet measured** ({len(missing)} of {len(wanted_runs(args))} runs; the tables use the "
+            f"{len(records)} recorded, the seeds column says how many per row): {', '.join(missing)}.", ""]
+
+
 def write_report(args, records):
     """<out>/summary.md and summary.json (and --record PAGE): the four parts' tables from the records."""
     steps = args.steps
@@ -316,6 +334,7 @@ def write_report(args, records):
              f"Toy CPU preset (`train_toy.py --preset cpu`), {steps} steps, seeds {args.seeds}; EMA weights, the last "
              f"probe ({args.probe_samples} draws per t) and {args.num_eval_samples} samples (1000 DDPM steps). "
              "Ratios are per seed (same seed, same probe noise), then mean [min, max] over seeds.", "",
+             *missing_lines(args, records),
              "## Errors per cell", "", f"| cell | seeds | {head_t} | sampled RMS |",
              "|---|---:|" + "---|" * (len(REPORT_T) + 1), *error_rows(records, args.cells, steps), "",
              "## 1. Localise: which norm costs the precision? (ratio to LayerNorm everywhere)", "",
