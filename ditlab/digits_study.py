@@ -284,6 +284,8 @@ def lr_sweep(args):
         if run_step(run) >= args.sweep_steps:
             keep(v, lr, run)
     todo = missing()
+    total = len(args.variants) * len(args.lrs)
+    print(f"[digits] lr sweep: {total - len(todo)} of {total} runs recorded, {len(todo)} to train", flush=True)
     if todo and args.report:
         raise SystemExit(f"the lr sweep has not finished ({', '.join(run_key(v, lr, 0) for v, lr in todo)}); "
                          "run without --report")
@@ -307,11 +309,14 @@ def final_runs(args, lrs):
     """Phases 3-6 for every (variant, seed) without a record, --parallel runs at a time (a wave): train,
     choose the guidance scale (once, after the wave holding its model), sample, score, memorisation,
     outliers, and write each run's record before the next wave starts (so a study cut short keeps every
-    finished wave). Returns ({(variant, seed): record}, the guidance record)."""
+    finished wave). Returns ({(variant, seed): record}, the guidance record); with --report, trains nothing
+    and returns the recorded runs only (and no guidance record when there are none)."""
     todo = [(v, s) for s in args.seeds for v in args.variants
             if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
-    if todo and args.report:
-        raise SystemExit(f"final runs not finished ({', '.join(f'{v} s{s}' for v, s in todo)}); run without --report")
+    if args.report:  # the study spans sessions: report the recorded runs (the report names the rest)
+        done = {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
+                for s in args.seeds for v in args.variants if (v, s) not in todo}
+        return done, (read_record(args, "guidance", GUIDANCE_SETTINGS) if done else None)
     first = ("layer-norm" if "layer-norm" in args.variants else args.variants[0], args.seeds[0])
     todo.sort(key=lambda vs: vs != first)  # the guidance scale is chosen on this one: in the first wave
     train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
@@ -374,6 +379,9 @@ def run_study(args):
     if args.sweep_only:
         return write_report(args, summary)
     finals, cfg = final_runs(args, lrs)
+    summary["missing"] = [f"{v} s{s}" for s in args.seeds for v in args.variants if (v, s) not in finals]
+    if not finals:
+        return write_report(args, summary)
     summary.update(cfg_scale=cfg["scale"], cfg_candidates=cfg["candidates"], floor=real_floor(args),
                    runs={f"{v} s{s}": r for (v, s), r in finals.items()})
     summary["table"] = final_table(summary, args.variants)
@@ -405,6 +413,8 @@ def final_table(summary, variants):
     table = {}
     for v in variants:
         runs = [r for r in summary["runs"].values() if r["variant"] == v]
+        if not runs:  # not yet measured
+            continue
         row = dict(lr=runs[0]["lr"], seeds=[r["seed"] for r in runs])
         for name in ("unguided", "guided"):
             row[name] = {k: spread([r[name][k] for r in runs]) for k in QUALITY}
@@ -451,18 +461,22 @@ def final_lines(summary, args):
              "features (FD-digits, precision and recall at k = 3) and its accuracy on the labels the samples were "
              "drawn for; mean [min, max] over seeds. Real digits: the same number of training digits scored the "
              "same way (the floor a perfect model reaches).", ""]
+    if summary["missing"]:
+        lines += [f"**Not yet measured** ({len(summary['missing'])} of {len(args.variants) * len(args.seeds)} final "
+                  "runs; the tables use the recorded ones, the seeds column says which): "
+                  f"{', '.join(summary['missing'])}.", ""]
     if summary["cfg_candidates"]:
         cands = ", ".join(f"{g}: {fd:.3g}" for g, fd in summary["cfg_candidates"].items())
         lines += [f"Guidance scale chosen on {'layer-norm' if 'layer-norm' in args.variants else args.variants[0]} "
                   f"seed {args.seeds[0]} by FD-digits of {args.cfg_samples} samples ({cands}).", ""]
     for name in ("unguided", "guided"):
-        lines += [f"### {name.capitalize()}", "", "| variant | lr | FD-digits | precision | recall | accuracy |",
-                  "|---|---:|---|---|---|---|"]
+        lines += [f"### {name.capitalize()}", "", "| variant | lr | seeds | FD-digits | precision | recall | accuracy |",
+                  "|---|---:|---|---|---|---|---|"]
         for v, row in table.items():
             q = row[name]
-            lines.append(f"| {v} | {row['lr']:g} | {fmt(q['fd_digits'])} | {fmt(q['precision'])} | {fmt(q['recall'])} | "
-                         f"{fmt(q['accuracy'])} |")
-        lines += [f"| real digits | - | {floor['fd_digits']:.3g} | {floor['precision']:.3g} | {floor['recall']:.3g} | "
+            lines.append(f"| {v} | {row['lr']:g} | {' '.join(map(str, row['seeds']))} | {fmt(q['fd_digits'])} | "
+                         f"{fmt(q['precision'])} | {fmt(q['recall'])} | {fmt(q['accuracy'])} |")
+        lines += [f"| real digits | - | - | {floor['fd_digits']:.3g} | {floor['precision']:.3g} | {floor['recall']:.3g} | "
                   f"{floor['accuracy']:.3g} |", ""]
     lines += ["### Converged? Memorisation? Outliers?", "",
               "Last-quarter change: relative change of FD-digits (curve samples) over the last quarter of training "
@@ -489,6 +503,8 @@ def write_report(args, summary):
     plot_sweep(summary, args, os.path.join(args.out, "lr_sweep.png"))
     lines = ["# The digits study: normalization variants on trained digit models", "", summary["provenance"], "",
              *sweep_lines(summary, args)]
+    if "table" not in summary and summary.get("missing"):
+        lines += ["## 2. Trained models", "", f"No final run recorded yet ({len(summary['missing'])} to measure).", ""]
     if "table" in summary:
         plot_curves(summary, args, os.path.join(args.out, "curves.png"))
         plot_grid(summary, args, os.path.join(args.out, "grid.png"))
@@ -557,7 +573,7 @@ def plot_grid(summary, args, path, per_class=4):
     fig, axes = plt.subplots(1, len(variants), figsize=(2.8 * len(variants), 0.6 + 0.28 * per_class),
                              squeeze=False)
     for ax, v in zip(axes[0], variants):
-        entry = summary["runs"][f"{v} s{args.seeds[0]}"]
+        entry = min((r for r in summary["runs"].values() if r["variant"] == v), key=lambda r: r["seed"])
         with np.load(os.path.join(args.records, f"final-{run_key(v, entry['lr'], entry['seed'])}.grid.npz")) as f:
             images, labels = f["images"], f["labels"]
         rows = []

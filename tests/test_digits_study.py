@@ -131,7 +131,8 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     out = tmp_path / "study"
     common = (str(tmp_path / "digits"), digits_classifier)
     first = run_study(*common, "--seeds", "0", "--out", str(out))
-    assert "training 1 of 1 runs (2 steps to go)" in first.split("sampling")[0].split("[digits]")[2]  # seed 0 extended
+    assert "lr sweep: 0 of 1 runs recorded, 1 to train" in first
+    assert "training 1 of 1 runs (2 steps to go)" in first.split("sampling")[0].split("[digits]")[3]  # seed 0 extended
     records = out / "records"
     sweep = json.load(open(records / "sweep-layer-norm-lr0.002-s0.json"))
     final = json.load(open(records / "final-layer-norm-lr0.002-s0.json"))
@@ -151,11 +152,16 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     shutil.rmtree(out / "runs")
     shutil.rmtree(out / "samples")
     second = run_study(*common, "--seeds", "0", "1", "--out", str(out))
-    assert "training 0 of 0 runs" in second and "training 1 of 1 runs" in second
+    assert "lr sweep: 1 of 1 runs recorded, 0 to train" in second and second.count("[digits] training") == 1
+    assert "training 1 of 1 runs (4 steps to go)" in second
     again = run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report")
     table = json.load(open(out / "summary.json"))["table"]["layer-norm"]
     assert table["seeds"] == [0, 1] and "real digits" in again
     assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "curves.png")
+    # a report while the study is under way (seed 2 not trained): the recorded runs, the missing one named
+    partial = run_study(*common, "--seeds", "0", "1", "2", "--out", str(out), "--report")
+    assert "**Not yet measured** (1 of 3 final runs" in partial and "): layer-norm s2." in partial
+    assert "| layer-norm | 0.002 | 0 1 |" in partial and "[digits] training" not in partial
     # records made with other settings are refused, not silently mixed in
     bad = subprocess.run([sys.executable, "digits_study.py", "--digits-ref", common[0], "--digits-classifier", common[1],
                           "--variants", "layer-norm", "--lrs", "2e-3",
