@@ -18,6 +18,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -34,7 +35,7 @@ from ditlab.data import write_digits_folder
 from ditlab.evaluation import Evaluator
 from ditlab.features import digits_rgb, real_digits, to_gray
 from ditlab.files import provenance, write_json
-from ditlab.jobs import run_jobs
+from ditlab.jobs import read_log, run_jobs
 from ditlab.run import newest_run
 
 VARIANTS = ("layer-norm", "none", "rms-norm", "dyt", "derf")
@@ -88,15 +89,25 @@ def train_command(args, variant, lr, seed, steps, final):
             "--digits-classifier", args.digits_classifier]
 
 
-def train_all(args, runs, final):
+def train_all(args, runs, final, diverged=None):
     """Train every (variant, lr, seed, steps) not yet at its step count (the final runs, or the sweep's),
-    --parallel at a time, the runs with the most steps left first; returns {(variant, lr, seed): run dir}."""
+    --parallel at a time, the runs with the most steps left first; returns {(variant, lr, seed): run dir}.
+    A failed run stops the study (naming its log), except that with a `diverged` dict a run whose loss
+    became non-finite (train.py stops it) is entered there, {(variant, lr, seed): train.py's message}, and
+    the others go on: a sweep that reaches a too-large lr learns that it diverges."""
     todo = [(steps - run_step(find_run(args, v, lr, s, steps, final)), v, lr, s, steps) for v, lr, s, steps in runs]
     todo = sorted((t for t in todo if t[0] > 0), key=lambda t: -t[0])
     print(f"[digits] training {len(todo)} of {len(runs)} runs ({sum(t[0] for t in todo):,} steps to go)", flush=True)
-    run_jobs([train_command(args, v, lr, s, steps, final) for _, v, lr, s, steps in todo], args.parallel,
-             os.path.join(args.out, "logs"), names=[run_key(v, lr, s) for _, v, lr, s, _ in todo],
-             tags=[run_key(v, lr, s) for _, v, lr, s, _ in todo], append=True)
+    log_dir, names = os.path.join(args.out, "logs"), [run_key(v, lr, s) for _, v, lr, s, _ in todo]
+    codes = run_jobs([train_command(args, v, lr, s, steps, final) for _, v, lr, s, steps in todo], args.parallel,
+                     log_dir, names=names, tags=names, append=True, check=diverged is None)
+    for (_, v, lr, s, _), name, code in zip(todo, names, codes or []):
+        if code == 0:
+            continue
+        found = re.findall(r"loss became \S+ between steps \d+ and \d+", read_log(os.path.join(log_dir, f"{name}.log")))
+        if not found:
+            raise SystemExit(f"{name} failed (exit {code}); its log: {os.path.join(log_dir, name + '.log')}")
+        diverged[(v, lr, s)] = found[-1]
     return {(v, lr, s): find_run(args, v, lr, s, steps, final) for v, lr, s, steps in runs}
 
 
@@ -291,18 +302,36 @@ def lr_sweep(args):
                          "run without --report")
     for i in range(0, len(todo), args.parallel):  # in waves, each recorded before the next starts (run
         wave = todo[i:i + args.parallel]           # directories do not outlive a session; records do)
-        runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in wave], final=False)
+        diverged = {}
+        runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in wave], final=False, diverged=diverged)
         for v, lr in wave:
-            keep(v, lr, runs[(v, lr, 0)])
+            if (v, lr, 0) in diverged:  # a result of the sweep (this lr is too large), kept like any other,
+                run = runs[(v, lr, 0)]      # with its evaluations up to its last checkpoint, if it made one
+                write_record(args, "sweep-" + run_key(v, lr, 0), dict(
+                    variant=v, lr=lr, seed=0, run=run and os.path.basename(run), steps_per_s=None,
+                    curve=curve(run, args.sweep_steps) if run else [], diverged=diverged[(v, lr, 0)]), SWEEP_SETTINGS)
+            else:
+                keep(v, lr, runs[(v, lr, 0)])
     return {(v, lr): read_record(args, "sweep-" + run_key(v, lr, 0), SWEEP_SETTINGS)
             for v in args.variants for lr in args.lrs}
 
 
+def sweep_fd(args, record):
+    """FD-digits of a sweep run at --sweep-steps; infinite for a run that diverged."""
+    if record.get("diverged"):
+        return math.inf
+    return [c[1] for c in record["curve"] if c[0] == args.sweep_steps][0]
+
+
 def best_lrs(args, sweep):
-    """Per variant, the lr whose seed-0 run has the lowest FD-digits at --sweep-steps (ties: the lower lr)."""
-    def fd(v, lr):
-        return [c[1] for c in sweep[(v, lr)]["curve"] if c[0] == args.sweep_steps][0]
-    return {v: min(args.lrs, key=lambda lr: (fd(v, lr), lr)) for v in args.variants}
+    """Per variant, the lr whose seed-0 run has the lowest FD-digits at --sweep-steps (ties: the lower lr;
+    a diverged run is the worst)."""
+    best = {v: min(args.lrs, key=lambda lr: (sweep_fd(args, sweep[(v, lr)]), lr)) for v in args.variants}
+    for v, lr in best.items():
+        if sweep[(v, lr)].get("diverged"):
+            raise SystemExit(f"every lr of the sweep diverged for {v} ({', '.join(f'{x:g}' for x in args.lrs)}); "
+                             "pass lower --lrs")
+    return best
 
 
 def final_runs(args, lrs):
@@ -441,14 +470,16 @@ def fmt(d, digits=3):
 def sweep_lines(summary, args):
     lines = ["## 1. Learning rate per variant (seed 0)", "",
              f"FD-digits of {args.curve_samples} unguided EMA samples ({args.curve_sampling_steps} DDPM steps) at "
-             f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs.", "",
+             f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs. Diverged: the "
+             "training loss became non-finite and train.py stopped the run (where, in the run's record).", "",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
              "|---|" + "---:|" * len(args.lrs)]
     for v in args.variants:
         cells = []
         for lr in args.lrs:
-            fd = [c[1] for c in summary["sweep"][run_key(v, lr, 0)]["curve"] if c[0] == args.sweep_steps][0]
-            cells.append(f"**{fd:.3g}**" if lr == summary["best_lr"][v] else f"{fd:.3g}")
+            record = summary["sweep"][run_key(v, lr, 0)]
+            fd = "diverged" if record.get("diverged") else f"{sweep_fd(args, record):.3g}"
+            cells.append(f"**{fd}**" if lr == summary["best_lr"][v] else fd)
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines + ["", "![lr sweep](lr_sweep.png)", ""]
 
@@ -531,9 +562,11 @@ def plot_sweep(summary, args, path):
     fig, axes = plt.subplots(1, len(args.variants), figsize=(3.2 * len(args.variants), 3.2), sharey=True, squeeze=False)
     for ax, v in zip(axes[0], args.variants):
         for lr in args.lrs:
-            pts = summary["sweep"][run_key(v, lr, 0)]["curve"]
+            record = summary["sweep"][run_key(v, lr, 0)]
+            pts = record["curve"]
             style = dict(lw=2.2) if lr == summary["best_lr"][v] else dict(lw=1, alpha=0.7)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"lr {lr:g}", **style)
+            label = f"lr {lr:g}" + (" (diverged)" if record.get("diverged") else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label, **style)
         ax.set_yscale("log")
         ax.set_title(v, fontsize=9, color=COLORS.get(v))
         ax.set_xlabel("step")

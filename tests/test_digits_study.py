@@ -67,7 +67,7 @@ def test_the_sweep_records_each_wave_before_the_next_trains(tmp_path, monkeypatc
                            records=str(tmp_path / "records"), out=str(tmp_path))
     waves = []
 
-    def train_all(args, runs, final):
+    def train_all(args, runs, final, diverged=None):
         waves.append([(v, lr) for v, lr, _, _ in runs])
         if len(waves) == 3:
             raise SystemExit("cut short")
@@ -83,10 +83,40 @@ def test_the_sweep_records_each_wave_before_the_next_trains(tmp_path, monkeypatc
     kept = sorted(os.listdir(args.records))
     assert kept == sorted(f"sweep-{digits_study.run_key(v, lr, 0)}.json" for w in waves[:2] for v, lr in w)
     waves.clear()
-    monkeypatch.setattr(digits_study, "train_all", lambda args, runs, final: waves.append(runs) or
+    monkeypatch.setattr(digits_study, "train_all", lambda args, runs, final, diverged: waves.append(runs) or
                         {(v, lr, s): f"run-{v}-{lr:g}" for v, lr, s, _ in runs})
     sweep = digits_study.lr_sweep(args)
     assert len(waves) == 1 and len(waves[0]) == 2 and len(sweep) == 6 and all(sweep.values())
+
+
+def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path, monkeypatch):
+    """train.py stops a run whose loss became non-finite (exit 1): in the sweep that is a result (the lr is
+    too large), the other runs go on; any other failure still stops the study, naming the log."""
+    args = SimpleNamespace(variants=["none"], lrs=[2e-3, 8e-3], sweep_steps=4, fid_every=2, curve_samples=10,
+                           curve_sampling_steps=2, parallel=2, report=False, records=str(tmp_path / "records"),
+                           out=str(tmp_path))
+    said = {2e-3: "print('step 4/4'); raise SystemExit(0)",
+            8e-3: "print('error: loss became nan between steps 0 and 500; stopping.'); raise SystemExit(1)"}
+    monkeypatch.setattr(digits_study, "train_command", lambda args, v, lr, s, steps, final: [sys.executable, "-c", said[lr]])
+    # the diverged run made no checkpoint (train.py checks the loss before the first one), so there is no run
+    monkeypatch.setattr(digits_study, "find_run", lambda args, v, lr, *a, **k: None if lr == 8e-3 else "runs/000-x")
+    monkeypatch.setattr(digits_study, "run_step", lambda run: 0)
+    monkeypatch.setattr(digits_study, "curve", lambda run, steps: [[steps, 100.0, 0.5]])
+    monkeypatch.setattr(digits_study, "training_speed", lambda run: 5.0)
+    sweep = digits_study.lr_sweep(args)
+    assert sweep[("none", 8e-3)]["diverged"] == "loss became nan between steps 0 and 500"
+    assert sweep[("none", 8e-3)]["curve"] == [] and sweep[("none", 2e-3)]["curve"] == [[4, 100.0, 0.5]]
+    assert digits_study.best_lrs(args, sweep) == {"none": 2e-3}
+    lines = digits_study.sweep_lines({"sweep": {digits_study.run_key("none", lr, 0): sweep[("none", lr)] for lr in args.lrs},
+                                      "best_lr": {"none": 2e-3}}, args)
+    assert "| none | **100** | diverged |" in lines
+    # every lr diverged: a clear error, not a run at a diverging lr
+    with pytest.raises(SystemExit, match="every lr of the sweep diverged for none"):
+        digits_study.best_lrs(args, {("none", lr): sweep[("none", 8e-3)] for lr in args.lrs})
+    # a failure that is not a divergence stops the study
+    said[2e-3] = "raise SystemExit(3)"
+    with pytest.raises(SystemExit, match="none-lr0.002-s0 failed \\(exit 3\\)"):
+        digits_study.train_all(args, [("none", 2e-3, 0, 4)], final=False, diverged={})
 
 
 def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(tmp_path):
