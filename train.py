@@ -64,7 +64,7 @@ from ditlab.run import (
     log_failures, lr_multiplier, open_run, parse_with_explicit, run_config, seed_ranks,
 )
 from ditlab.sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps
-from ditlab.trainer import StopTraining, Trainer, compile_mode
+from ditlab.trainer import Trainer, compile_mode
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
@@ -290,8 +290,6 @@ def main(argv=None):
             try:
                 finished = trainer.fit(stream, max_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
                                        hooks=hooks, tensorboard=tensorboard, extra_state=stream.state)
-            except StopTraining as e:
-                raise SystemExit(f"error: {e}")
             finally:
                 stream.close()
                 if tensorboard is not None:

@@ -38,7 +38,7 @@ from ditlab.run import (
 from ditlab.sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps
 from ditlab.toy.hooks import evaluate
 from ditlab.toy.task import PRESETS, TOY_IMAGE_SIZE, TOY_MODEL, zero_batches
-from ditlab.trainer import StopTraining, Trainer
+from ditlab.trainer import Trainer
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 
 SPEC = RunSpec(
@@ -131,8 +131,6 @@ def main(argv=None):
         try:
             finished = trainer.fit(zero_batches(local_batch, d.device), args.max_steps, log_every=args.log_every,
                                    ckpt_every=args.ckpt_every, hooks=hooks)
-        except StopTraining as e:
-            raise SystemExit(f"error: {e}")
         finally:
             cleanup_distributed()
         if not finished:

@@ -37,6 +37,7 @@ from ditlab.features import digits_rgb, real_digits, to_gray
 from ditlab.files import provenance, write_json
 from ditlab.jobs import read_log, run_jobs
 from ditlab.run import newest_run
+from ditlab.trainer import DIVERGED_EXIT
 
 VARIANTS = ("layer-norm", "none", "rms-norm", "dyt", "derf")
 COLORS = {"layer-norm": "tab:red", "none": "tab:blue", "rms-norm": "tab:green", "dyt": "tab:purple",
@@ -93,8 +94,9 @@ def train_all(args, runs, final, diverged=None):
     """Train every (variant, lr, seed, steps) not yet at its step count (the final runs, or the sweep's),
     --parallel at a time, the runs with the most steps left first; returns {(variant, lr, seed): run dir}.
     A failed run stops the study (naming its log), except that with a `diverged` dict a run whose loss
-    became non-finite (train.py stops it) is entered there, {(variant, lr, seed): train.py's message}, and
-    the others go on: a sweep that reaches a too-large lr learns that it diverges."""
+    became non-finite (train.py stops it with exit code DIVERGED_EXIT) is entered there, {(variant, lr,
+    seed): where, from train.py's message}, and the others go on: a sweep that reaches a too-large lr learns
+    that it diverges."""
     todo = [(steps - run_step(find_run(args, v, lr, s, steps, final)), v, lr, s, steps) for v, lr, s, steps in runs]
     todo = sorted((t for t in todo if t[0] > 0), key=lambda t: -t[0])
     print(f"[digits] training {len(todo)} of {len(runs)} runs ({sum(t[0] for t in todo):,} steps to go)", flush=True)
@@ -104,10 +106,10 @@ def train_all(args, runs, final, diverged=None):
     for (_, v, lr, s, _), name, code in zip(todo, names, codes or []):
         if code == 0:
             continue
-        found = re.findall(r"loss became \S+ between steps \d+ and \d+", read_log(os.path.join(log_dir, f"{name}.log")))
-        if not found:
+        if code != DIVERGED_EXIT:
             raise SystemExit(f"{name} failed (exit {code}); its log: {os.path.join(log_dir, name + '.log')}")
-        diverged[(v, lr, s)] = found[-1]
+        found = re.findall(r"loss became \S+ between steps \d+ and \d+", read_log(os.path.join(log_dir, f"{name}.log")))
+        diverged[(v, lr, s)] = found[-1] if found else f"loss became non-finite (exit {code})"
     return {(v, lr, s): find_run(args, v, lr, s, steps, final) for v, lr, s, steps in runs}
 
 

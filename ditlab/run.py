@@ -195,7 +195,7 @@ def log_failures(logger):
         yield
     except SystemExit as e:
         if e.code not in (None, 0, PREEMPTED_EXIT):
-            logger.error(f"run stopped: {e.code}")
+            logger.error(f"run stopped: {e}")  # the message (StopTraining's too: its code is DIVERGED_EXIT)
         raise
     except KeyboardInterrupt:
         logger.error("run stopped: interrupted")

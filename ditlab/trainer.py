@@ -101,8 +101,21 @@ def format_duration(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class StopTraining(Exception):
-    """Raised on a NaN/inf loss; the run stops without writing a checkpoint of the bad weights."""
+# Exit code of a run stopped by a non-finite loss, so that a sweep tells a diverged run (a result: the lr is
+# too large) from a crash without reading its log.
+DIVERGED_EXIT = 3
+
+
+class StopTraining(SystemExit):
+    """Raised on a NaN/inf loss: the run stops without writing a checkpoint of the bad weights and the
+    process exits with DIVERGED_EXIT; str() is the message (log_failures writes it to log.txt)."""
+
+    def __init__(self, message):
+        super().__init__(DIVERGED_EXIT)
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 class Trainer:
@@ -254,7 +267,7 @@ class Trainer:
                 n = self.step - last_step
                 avg_loss = self._mean_over_ranks(running_loss / n)
                 if not math.isfinite(avg_loss):
-                    raise StopTraining(f"loss became {avg_loss} between steps {last_step} and {self.step}; "
+                    raise StopTraining(f"error: loss became {avg_loss} between steps {last_step} and {self.step}; "
                                        f"stopping. {self._last_good_checkpoint()}")
                 self.loss_history.append([self.step, avg_loss])
                 now = time.time()

@@ -14,6 +14,7 @@ import torch
 
 from ditlab import digits_study
 from ditlab.features import digits_rgb, to_gray
+from ditlab.trainer import DIVERGED_EXIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,13 +91,14 @@ def test_the_sweep_records_each_wave_before_the_next_trains(tmp_path, monkeypatc
 
 
 def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path, monkeypatch):
-    """train.py stops a run whose loss became non-finite (exit 1): in the sweep that is a result (the lr is
-    too large), the other runs go on; any other failure still stops the study, naming the log."""
+    """train.py stops a run whose loss became non-finite (exit DIVERGED_EXIT): in the sweep that is a result
+    (the lr is too large), the other runs go on; any other failure still stops the study, naming the log."""
     args = SimpleNamespace(variants=["none"], lrs=[2e-3, 8e-3], sweep_steps=4, fid_every=2, curve_samples=10,
                            curve_sampling_steps=2, parallel=2, report=False, records=str(tmp_path / "records"),
                            out=str(tmp_path))
     said = {2e-3: "print('step 4/4'); raise SystemExit(0)",
-            8e-3: "print('error: loss became nan between steps 0 and 500; stopping.'); raise SystemExit(1)"}
+            8e-3: "print('error: loss became nan between steps 0 and 500; stopping.'); "
+                  f"raise SystemExit({DIVERGED_EXIT})"}
     monkeypatch.setattr(digits_study, "train_command", lambda args, v, lr, s, steps, final: [sys.executable, "-c", said[lr]])
     # the diverged run made no checkpoint (train.py checks the loss before the first one), so there is no run
     monkeypatch.setattr(digits_study, "find_run", lambda args, v, lr, *a, **k: None if lr == 8e-3 else "runs/000-x")
@@ -113,9 +115,9 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
     # every lr diverged: a clear error, not a run at a diverging lr
     with pytest.raises(SystemExit, match="every lr of the sweep diverged for none"):
         digits_study.best_lrs(args, {("none", lr): sweep[("none", 8e-3)] for lr in args.lrs})
-    # a failure that is not a divergence stops the study
-    said[2e-3] = "raise SystemExit(3)"
-    with pytest.raises(SystemExit, match="none-lr0.002-s0 failed \\(exit 3\\)"):
+    # a failure that is not a divergence stops the study, whatever its log says: the exit code decides
+    said[2e-3] = "print('loss became nan between steps 0 and 2'); raise SystemExit(1)"
+    with pytest.raises(SystemExit, match="none-lr0.002-s0 failed \\(exit 1\\)"):
         digits_study.train_all(args, [("none", 2e-3, 0, 4)], final=False, diverged={})
 
 

@@ -27,6 +27,7 @@ from ditlab.checkpoints import load_checkpoint
 from ditlab.distributed import DistInfo
 from ditlab.files import truncate_jsonl
 from ditlab.preemption import PREEMPTED_EXIT, StopFlag, ignore_stop_signals
+from ditlab.trainer import DIVERGED_EXIT
 from ditlab.run import configure_threads, new_run_dir
 from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config
@@ -521,6 +522,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folde
     with pytest.raises(SystemExit) as stop:
         run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "1")
     message = str(stop.value)
+    assert stop.value.code == DIVERGED_EXIT  # a sweep tells a diverged run from a crash by its exit code
     bad_step = int(message.split(" and ")[1].split(";")[0])
     assert "loss became" in message and f"last good checkpoint (step {bad_step - 1}) is untouched" in message
     ckpt = load_checkpoint(only_run(tmp_path))
