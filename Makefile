@@ -33,8 +33,8 @@ SWEEP_ARGS ?=
 sweep: setup
 	$(PYTHON) sweep.py $(SWEEP_ARGS)
 
-# Every normalization variant on the toy study and the digits demo (training, sample quality, outliers),
-# 3 seeds by default (about 1.5 hours on 2 cores) -> results/ablation/summary.md. ABLATION_SEEDS="0" for one seed.
+# Every normalization variant on the toy study, 3 seeds by default (about 75 minutes on 2 cores)
+# -> results/ablation/summary.md. ABLATION_SEEDS="0" for one seed. On images: `make digits`.
 ABLATION_SEEDS ?= 0 1 2
 ablation: setup
 	$(PYTHON) ablation.py --seeds $(ABLATION_SEEDS)

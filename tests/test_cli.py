@@ -65,7 +65,7 @@ CASES = [  # (parse, flag, bad value, what the message says)
     (extract_latents.parse_args, "--shard-size", "0", "an integer >= 1"),
     (analyze_embeddings.parse_args, "--timesteps", "-1", "an integer >= 0"),
     (toy_study.main, "--parallel", "0", "an integer >= 1"),
-    (ablation.main, "--digits-steps", "0", "an integer >= 1"),
+    (ablation.main, "--seeds", "-1", "an integer >= 0"),
     (bench.parse_args, "--rounds", "0", "an integer >= 1"),
 ]
 

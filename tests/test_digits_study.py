@@ -201,3 +201,14 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
                           "--out", str(out), "--report"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_real_digit_floor_scores_real_digits_as_near_perfect(tmp_path, digits_classifier):
+    """The floor of the report's table: --samples real digits against the reference itself. The classifier
+    recognises them, their features sit inside the reference's (precision), and the count is the one asked."""
+    from ditlab import data
+
+    ref = data.write_digits_folder(str(tmp_path / "digits"))
+    floor = digits_study.real_floor(SimpleNamespace(samples=300, digits_ref=ref, digits_classifier=digits_classifier))
+    assert set(floor) == set(digits_study.QUALITY)
+    assert floor["accuracy"] >= 0.97 and floor["precision"] >= 0.9 and floor["fd_digits"] < 20
