@@ -143,7 +143,7 @@ def real_digits(num, seed=0):
     """The real-digit floor's images: `num` of the 1,797 digits as uint8 (num, 16, 16, 3) with their labels,
     the classes as balanced as `num` allows (num // 10 each, the remainder to the first classes), drawn
     without replacement within each class (with replacement only for a class asked for more digits than it
-    has). A perfect model's samples score like these; ablation.py and benchmarks/samplers.py both use it."""
+    has). A perfect model's samples score like these; the digits study and benchmarks/samplers.py both use it."""
     images, labels = digits_rgb()
     rng = np.random.default_rng(seed)
     picks = []

@@ -48,7 +48,7 @@ def outlier_lines(stats_path):
 
 
 def analyze_outliers(runs, out, timesteps=(0, 10, 100, 500, 999)):
-    """Run the embedding-outlier analysis (analyze_embeddings.py, as a job like ablation.py runs it) on the
+    """Run the embedding-outlier analysis (analyze_embeddings.py, as a job) on the
     first seed of each variant; returns its stats.json path."""
     target = os.path.join(out, "outliers")
     run_jobs([[sys.executable, "analyze_embeddings.py", "--ckpt", *first_seed_runs(runs), "--zero-data", "--out",
