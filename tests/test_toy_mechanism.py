@@ -30,12 +30,26 @@ def test_report_has_every_part_and_the_stress_twins(tmp_path):
             records[(cell, s, 10)] = record(cell, s, scale, scale)
     args = SimpleNamespace(steps=10, seeds=[0, 1, 2], probe_samples=8, num_eval_samples=4, long_steps=[],
                            cells=["layer-norm", "none", "layer-norm-wd0.1", "none-wd0.1"], out=str(tmp_path),
-                           record=str(tmp_path / "page.md"))
+                           record=str(tmp_path / "results" / "page.md"))
+    os.makedirs(tmp_path / "results")
     text = mechanism.write_report(args, records)
     for part in ("## 1. Localise", "## 2. Ablate", "## 3. Restore", "## 4. Stress", "signal/outlier"):
         assert part in text
     assert "| layer-norm / none | 3 | 2 [2, 2]" in text and "| layer-norm-wd0.1 / none-wd0.1 | 3 | 4 [4, 4]" in text
-    assert (tmp_path / "page.md").read_text() == text and (tmp_path / "summary.json").exists()
+    # the page links its figure in ../figures/, summary.md the copy beside it
+    assert f"]({mechanism.FIGURE})" in text
+    page = (tmp_path / "results" / "page.md").read_text()
+    assert page == text.replace(f"]({mechanism.FIGURE})", f"](../figures/{mechanism.FIGURE})")
+    figure = (tmp_path / "figures" / mechanism.FIGURE).read_bytes()
+    assert figure[:8] == b"\x89PNG\r\n\x1a\n" and figure == (tmp_path / mechanism.FIGURE).read_bytes()
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_report_without_records_writes_no_figure(tmp_path):
+    args = SimpleNamespace(steps=10, seeds=[0], probe_samples=8, num_eval_samples=4, long_steps=[],
+                           cells=["layer-norm"], out=str(tmp_path), record="")
+    text = mechanism.write_report(args, {})
+    assert ".png" not in text and not (tmp_path / mechanism.FIGURE).exists()
 
 
 def test_report_while_the_study_is_under_way_uses_the_recorded_runs_and_names_the_rest(tmp_path):

@@ -12,6 +12,7 @@ ditlab/toy/intervene.py), so the study continues across sessions; the report rea
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ from ditlab.files import provenance, write_json
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.intervene import channel_statistics, intervene
+from ditlab.toy.plots import plot_mechanism_study
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
 from models import RestoringLayerNorm
 
@@ -53,6 +55,9 @@ GROUPS = {
                "layer-norm-dropout0.1", "none-dropout0.1"),
 }
 INTERVENE_CELLS = ("layer-norm", "none", "restore")
+STRESS_PAIRS = (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
+                ("layer-norm-dropout0.1", "none-dropout0.1"))
+FIGURE = "mechanism_study.png"
 REPORT_T = (0, 1, 5, 10, 100, 999)
 RECORD_SETTINGS = ("steps", "probe_samples", "num_eval_samples")
 
@@ -327,14 +332,18 @@ def missing_lines(args, records):
 
 
 def write_report(args, records):
-    """<out>/summary.md and summary.json (and --record PAGE): the four parts' tables from the records."""
+    """<out>/summary.md, summary.json and the figure (and --record PAGE, its figure in the page's
+    ../figures/): the four parts' tables from the records."""
     steps = args.steps
+    os.makedirs(args.out, exist_ok=True)
+    figure = plot_mechanism_study(records, steps, os.path.join(args.out, FIGURE), STRESS_PAIRS, INTERVENE_CELLS)
     head_t = " | ".join(f"t={t}" for t in REPORT_T)
     lines = ["# The mechanism study: where and why LayerNorm costs the toy denoiser its precision", "", provenance(), "",
              f"Toy CPU preset (`train_toy.py --preset cpu`), {steps} steps, seeds {args.seeds}; EMA weights, the last "
              f"probe ({args.probe_samples} draws per t) and {args.num_eval_samples} samples (1000 DDPM steps). "
              "Ratios are per seed (same seed, same probe noise), then mean [min, max] over seeds.", "",
              *missing_lines(args, records),
+             *([f"![localise, restore, stress and ablate at {steps} steps]({FIGURE})", ""] if figure else []),
              "## Errors per cell", "", f"| cell | seeds | {head_t} | sampled RMS |",
              "|---|---:|" + "---|" * (len(REPORT_T) + 1), *error_rows(records, args.cells, steps), "",
              "## 1. Localise: which norm costs the precision? (ratio to LayerNorm everywhere)", "",
@@ -361,8 +370,7 @@ def write_report(args, records):
               *ratio_rows(records, ("restore", "none"), steps, "layer-norm"), "", *restore_lines(records, steps),
               "## 4. Stress: weight decay and dropout (ratio of each LayerNorm cell to its no-LayerNorm twin)", ""]
     lines += [f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1)]
-    for ln, none in (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
-                     ("layer-norm-dropout0.1", "none-dropout0.1")):
+    for ln, none in STRESS_PAIRS:
         twin = {k: v for k, v in records.items() if k[0] in (ln, none)}
         renamed = {(("A" if c == ln else "B"), s, n): r for (c, s, n), r in twin.items()}
         lines += [row.replace("| A |", f"| {ln} / {none} |", 1) for row in ratio_rows(renamed, ("A",), steps, "B")]
@@ -384,12 +392,17 @@ def write_report(args, records):
               "| cell | runs | train + evaluate | interventions |", "|---|---:|---|---|",
               *cost_rows(records, args.cells, steps), ""]
     text = "\n".join(lines)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)
     write_json(os.path.join(args.out, "summary.json"), {job_name(*k): v for k, v in records.items()})
     if args.record:
+        page = text
+        if figure:
+            figures = os.path.join(os.path.dirname(os.path.abspath(args.record)), os.pardir, "figures")
+            os.makedirs(figures, exist_ok=True)
+            shutil.copyfile(os.path.join(args.out, FIGURE), os.path.join(figures, FIGURE))
+            page = text.replace(f"]({FIGURE})", f"](../figures/{FIGURE})")
         with open(args.record, "w") as f:
-            f.write(text)
+            f.write(page)
     print(text)
     return text

@@ -235,3 +235,67 @@ def plot_sweep(summary, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _paired(records, cell, base, steps, value):
+    """Per-seed ratios value(cell) / value(base) over the seeds both have at `steps`."""
+    seeds = sorted(s for (c, s, n) in records if c == cell and n == steps and (base, s, n) in records)
+    return [value(records[(cell, s, steps)]) / value(records[(base, s, steps)]) for s in seeds]
+
+
+def plot_mechanism_study(records, steps, path, stress_pairs, intervene_cells, place="final.norm"):
+    """The mechanism study (ditlab/toy/mechanism.py) in three panels, from its records {(cell, seed, steps):
+    record}. Left: per-t eps error ratio to no normalization for the localise and restore cells (mean over
+    seeds, shaded min-max). Middle: sampled error ratio of each LayerNorm cell to its no-LayerNorm twin, a
+    dot per seed and a bar at the mean. Right: the interventions at `place`: sampled error of the edited
+    over the unedited model per edit, a dot per seed. Returns False (and writes nothing) without records."""
+    if not records:
+        return False
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for cell, color in (("layer-norm", "tab:red"), ("ln-blocks", "tab:orange"), ("ln-final", "tab:purple"),
+                        ("restore", "tab:green")):
+        first = next((r for (c, s, n), r in records.items() if c == cell and n == steps), None)
+        if first is None:
+            continue
+        ts = sorted(int(t) for t in first["eps"])
+        per_t = [_paired(records, cell, "none", steps, lambda r, t=t: r["eps"][str(t)]) for t in ts]
+        if not per_t[0]:
+            continue
+        x = [t + 1 for t in ts]
+        left.plot(x, [sum(v) / len(v) for v in per_t], marker=".", color=color, label=f"{cell} ({len(per_t[0])} seeds)")
+        left.fill_between(x, [min(v) for v in per_t], [max(v) for v in per_t], color=color, alpha=0.15)
+    left.set(xscale="log", yscale="log", xlabel="timestep t + 1", ylabel="eps error / no normalization's (same seed)",
+             title="Localise and restore")
+    labels = []
+    for i, (ln, none) in enumerate(stress_pairs):
+        ratios = _paired(records, ln, none, steps, lambda r: r["sample_rms"])
+        labels.append(ln.replace("layer-norm", "LN") if ln != "layer-norm" else "LN (plain)")
+        if ratios:
+            middle.scatter([i] * len(ratios), ratios, color="tab:red", zorder=3)
+            middle.hlines(sum(ratios) / len(ratios), i - 0.25, i + 0.25, color="tab:red", lw=2)
+    middle.set_xticks(range(len(stress_pairs)), labels, fontsize=8)
+    middle.set(yscale="log", ylabel="sampled error, LayerNorm / no LayerNorm",
+               title="Stress: the gap under weight decay and dropout")
+    edits = ("mean", "per-t", "zero")
+    for j, (cell, color) in enumerate(zip(intervene_cells, ("tab:red", "tab:blue", "tab:green"))):
+        got = [r["interventions"]["places"][place] for (c, s, n), r in records.items()
+               if c == cell and n == steps and place in r.get("interventions", {}).get("places", {})]
+        for i, edit in enumerate(edits):
+            ys = [g[edit]["sample_ratio"] for g in got]
+            if ys:
+                right.scatter([i + (j - 1) * 0.22] * len(ys), ys, color=color, zorder=3,
+                              label=f"{cell} ({len(ys)} seeds)" if i == 0 else None)
+    right.set_xticks(range(len(edits)), [f"{e}-ablate" for e in edits])
+    right.set(yscale="log", ylabel="sampled error, edited / unedited",
+              title=f"Ablate the loudest channel at {place}'s input")
+    for ax in (left, middle, right):
+        ax.axhline(1, color="0.5", lw=0.8, ls=":")
+        ax.grid(True, which="both", alpha=0.2)
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"The mechanism study at {steps} steps (toy CPU preset; > 1: worse)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
