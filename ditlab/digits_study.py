@@ -530,8 +530,9 @@ def final_lines(summary, args):
 
 
 def write_report(args, summary):
-    """summary.md, summary.json and the figures in --out; with --record, the page docs/results/digits.md and
-    its figures under docs/figures/digits_*.png."""
+    """summary.md, summary.json and the figures in --out; with --record PAGE, the page and its figures in
+    the page's ../figures/ named after it (docs/results/digits.md: docs/figures/digits_curves.png, ...; another
+    page, such as a length check's, keeps the main study's figures)."""
     os.makedirs(args.out, exist_ok=True)
     plot_sweep(summary, args, os.path.join(args.out, "lr_sweep.png"))
     lines = ["# The digits study: normalization variants on trained digit models", "", summary["provenance"], "",
@@ -547,14 +548,16 @@ def write_report(args, summary):
         f.write(text)
     write_json(os.path.join(args.out, "summary.json"), summary)
     if args.record:
-        os.makedirs(os.path.join("docs", "figures"), exist_ok=True)
+        figures = os.path.join(os.path.dirname(os.path.abspath(args.record)), os.pardir, "figures")
+        prefix = os.path.splitext(os.path.basename(args.record))[0]
+        os.makedirs(figures, exist_ok=True)
+        page = text
         for name in ("lr_sweep", "curves", "grid"):
             if os.path.isfile(os.path.join(args.out, f"{name}.png")):
-                shutil.copyfile(os.path.join(args.out, f"{name}.png"), os.path.join("docs", "figures", f"digits_{name}.png"))
+                shutil.copyfile(os.path.join(args.out, f"{name}.png"), os.path.join(figures, f"{prefix}_{name}.png"))
+            page = page.replace(f"]({name}.png)", f"](../figures/{prefix}_{name}.png)")
         with open(args.record, "w") as f:
-            f.write(text.replace("](lr_sweep.png)", "](../figures/digits_lr_sweep.png)")
-                    .replace("](curves.png)", "](../figures/digits_curves.png)")
-                    .replace("](grid.png)", "](../figures/digits_grid.png)"))
+            f.write(page)
     print(text)
     return summary
 

@@ -190,6 +190,13 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     table = json.load(open(out / "summary.json"))["table"]["layer-norm"]
     assert table["seeds"] == [0, 1] and "real digits" in again
     assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "curves.png")
+    # --record PAGE: the page links its figures in ../figures/, named after the page
+    os.makedirs(tmp_path / "results")
+    run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report", "--record", str(tmp_path / "results" / "long.md"))
+    page = (tmp_path / "results" / "long.md").read_text()
+    for name in ("lr_sweep", "curves", "grid"):
+        assert f"](../figures/long_{name}.png)" in page and f"]({name}.png)" not in page
+        assert (tmp_path / "figures" / f"long_{name}.png").read_bytes() == (out / f"{name}.png").read_bytes()
     # a report while the study is under way (seed 2 not trained): the recorded runs, the missing one named
     partial = run_study(*common, "--seeds", "0", "1", "2", "--out", str(out), "--report")
     assert "**Not yet measured** (1 of 3 final runs" in partial and "): layer-norm s2." in partial
