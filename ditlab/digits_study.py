@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import sys
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ from ditlab.checkpoints import load_checkpoint
 from ditlab.data import write_digits_folder
 from ditlab.evaluation import Evaluator
 from ditlab.features import digits_rgb, real_digits, to_gray
-from ditlab.files import provenance, write_json
+from ditlab.files import provenance, write_json, write_page
 from ditlab.jobs import read_log, run_jobs
 from ditlab.run import newest_run
 from ditlab.trainer import DIVERGED_EXIT
@@ -548,16 +547,8 @@ def write_report(args, summary):
         f.write(text)
     write_json(os.path.join(args.out, "summary.json"), summary)
     if args.record:
-        figures = os.path.join(os.path.dirname(os.path.abspath(args.record)), os.pardir, "figures")
         prefix = os.path.splitext(os.path.basename(args.record))[0]
-        os.makedirs(figures, exist_ok=True)
-        page = text
-        for name in ("lr_sweep", "curves", "grid"):
-            if os.path.isfile(os.path.join(args.out, f"{name}.png")):
-                shutil.copyfile(os.path.join(args.out, f"{name}.png"), os.path.join(figures, f"{prefix}_{name}.png"))
-            page = page.replace(f"]({name}.png)", f"](../figures/{prefix}_{name}.png)")
-        with open(args.record, "w") as f:
-            f.write(page)
+        write_page(args.record, text, args.out, {f"{n}.png": f"{prefix}_{n}.png" for n in ("lr_sweep", "curves", "grid")})
     print(text)
     return summary
 

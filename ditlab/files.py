@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,22 @@ def atomic_write(path, write_fn):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_page(page, text, out, figures):
+    """Write a report's markdown `text` to the results page `page` with its figures beside it: every
+    figures[name] (a file in `out` the text links as `](name)`) is copied to the page's ../figures/ under
+    the name figures[name] and the link rewritten to it, so docs/results/*.md link docs/figures/*.png
+    and a second page of the same study (its own names) never overwrites the first page's figures."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(page)), os.pardir, "figures")
+    for name, target in figures.items():
+        source = os.path.join(out, name)
+        if not os.path.isfile(source):
+            continue
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(source, os.path.join(folder, target))
+        text = text.replace(f"]({name})", f"](../figures/{target})")
+    atomic_write(page, lambda f: f.write(text.encode()))
 
 
 def append_jsonl(path, rows):

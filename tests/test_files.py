@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from ditlab.files import NotARegularFile, atomic_write, write_json
+from ditlab.files import NotARegularFile, atomic_write, write_json, write_page
 
 
 @contextlib.contextmanager
@@ -59,3 +59,18 @@ def test_a_pipe_or_directory_is_never_replaced(tmp_path):
     with pytest.raises(NotARegularFile, match="is a directory"):
         atomic_write(str(tmp_path), lambda f: f.write(b"x"))
     assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no temp file left behind
+
+
+def test_write_page_puts_the_figures_beside_the_page_and_rewrites_only_their_links(tmp_path):
+    out, page = tmp_path / "out", tmp_path / "docs" / "results" / "study.md"
+    out.mkdir()
+    page.parent.mkdir(parents=True)
+    (out / "curves.png").write_bytes(b"png-1")
+    text = "# Study\n\n![curves](curves.png)\n\n![grid](grid.png)\n\n[other](curves.png.md)\n"
+    # grid.png was not drawn: its link is left as it was, nothing is copied for it
+    write_page(str(page), text, str(out), {"curves.png": "study_curves.png", "grid.png": "study_grid.png"})
+    figures = tmp_path / "docs" / "figures"
+    assert sorted(os.listdir(figures)) == ["study_curves.png"]
+    assert (figures / "study_curves.png").read_bytes() == b"png-1"
+    assert page.read_text() == text.replace("](curves.png)", "](../figures/study_curves.png)")
+    assert "](curves.png.md)" in page.read_text() and "](grid.png)" in page.read_text()

@@ -12,7 +12,6 @@ ditlab/toy/intervene.py), so the study continues across sessions; the report rea
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from scipy.stats import spearmanr
 
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_model
-from ditlab.files import provenance, write_json
+from ditlab.files import provenance, write_json, write_page
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.intervene import channel_statistics, intervene
@@ -396,13 +395,6 @@ def write_report(args, records):
         f.write(text)
     write_json(os.path.join(args.out, "summary.json"), {job_name(*k): v for k, v in records.items()})
     if args.record:
-        page = text
-        if figure:
-            figures = os.path.join(os.path.dirname(os.path.abspath(args.record)), os.pardir, "figures")
-            os.makedirs(figures, exist_ok=True)
-            shutil.copyfile(os.path.join(args.out, FIGURE), os.path.join(figures, FIGURE))
-            page = text.replace(f"]({FIGURE})", f"](../figures/{FIGURE})")
-        with open(args.record, "w") as f:
-            f.write(page)
+        write_page(args.record, text, args.out, {FIGURE: FIGURE} if figure else {})
     print(text)
     return text
