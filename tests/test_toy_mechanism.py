@@ -45,6 +45,25 @@ def test_report_has_every_part_and_the_stress_twins(tmp_path):
     assert (tmp_path / "summary.json").exists()
 
 
+def test_report_at_a_long_length_has_its_own_errors_ratios_and_outliers(tmp_path):
+    records = {}
+    for n, scale in ((10, 2.0), (30, 6.0)):  # at the long length LayerNorm's gap triples
+        for s in (0, 1, 2):
+            records[("layer-norm", s, n)] = record("layer-norm", s, scale, scale)
+            records[("none", s, n)] = record("none", s, 1.0, 1.0)
+            records[("ln-blocks", s, n)] = record("ln-blocks", s, scale / 2, scale / 2)
+    args = SimpleNamespace(steps=10, seeds=[0, 1, 2], probe_samples=8, num_eval_samples=4, long_steps=[30],
+                           long_cells=["layer-norm", "none", "ln-blocks"], cells=["layer-norm", "none", "ln-blocks"],
+                           out=str(tmp_path), record="")
+    text = mechanism.write_report(args, records)
+    long = text[text.index("### At 30 steps"):text.index("## 2. Ablate")]
+    short = text[:text.index("### At 30 steps")]
+    assert "| layer-norm | 3 | 6 [6, 6]" in long and "| ln-blocks | 3 | 3 [3, 3]" in long  # ratio to none
+    assert "| ln-blocks | 3 | 0.5 [0.5, 0.5]" in long  # ratio to LayerNorm everywhere
+    assert "| layer-norm | 3 | 2 [2, 2]" in short and "| layer-norm | 3 | 6 [6, 6]" not in short
+    assert "Outliers at 30 steps" in long and "| layer-norm | 4 [3, 5]" in long  # max/median 3 + seed
+
+
 def test_report_without_records_writes_no_figure(tmp_path):
     args = SimpleNamespace(steps=10, seeds=[0], probe_samples=8, num_eval_samples=4, long_steps=[],
                            cells=["layer-norm"], out=str(tmp_path), record="")

@@ -330,6 +330,35 @@ def missing_lines(args, records):
             f"{len(records)} recorded, the seeds column says how many per row): {', '.join(missing)}.", ""]
 
 
+def long_lines(records, n, cells):
+    """The --long-cells at a longer length n (--long-steps): their errors, ratios to both full variants,
+    the (|s|/M)^2 test at the final norm, outliers, the interventions where recorded, and cost, so that
+    the t = 0 question can be read at the length where its gap is clear."""
+    head_t = " | ".join(f"t={t}" for t in REPORT_T)
+    rule = "|---|---:|" + "---|" * (len(REPORT_T) + 1)
+    lines = [f"### At {n} steps", "", f"| cell | seeds | {head_t} | sampled RMS |", rule,
+             *error_rows(records, cells, n), "", "Ratio to LayerNorm everywhere:", "",
+             f"| cell | seeds | {head_t} | sampled |", rule, *ratio_rows(records, cells, n, "layer-norm"), "",
+             "Ratio to no normalization:", "", f"| cell | seeds | {head_t} | sampled |", rule,
+             *ratio_rows(records, cells, n, "none"), ""]
+    for cell, twin in FINAL_NORM_PAIRS:
+        rows, rhos = final_norm_test(records, cell, twin, n)
+        if rows:
+            lines += [f"(|s|/M)^2 at the final norm, {cell} / {twin} at {n} steps (section 5's test): Spearman rank "
+                      f"correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", "",
+                      f"| t | (s/M)^2 at {cell}'s final norm | eps {cell} / {twin} |", "|---:|---|---|", *rows, ""]
+    for cell in INTERVENE_CELLS:
+        rows = intervention_rows(records, cell, n)
+        if rows:
+            lines += [f"Interventions, {cell} at {n} steps (as in section 2):", "",
+                      "| place | edit | sampled | t=0 | t=10 | t=100 | t=999 |", "|---|---|---|---|---|---|---|", *rows, ""]
+    lines += [f"Outliers at {n} steps:", "", "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |",
+              "|---|---|---|---|", *outlier_rows(records, cells, n), "",
+              f"Cost at {n} steps (minutes per run):", "", "| cell | runs | train + evaluate | interventions |",
+              "|---|---:|---|---|", *cost_rows(records, cells, n), ""]
+    return lines
+
+
 def write_report(args, records):
     """<out>/summary.md, summary.json and the figure (and --record PAGE, its figure in the page's
     ../figures/): the four parts' tables from the records."""
@@ -351,9 +380,7 @@ def write_report(args, records):
              "Ratio to no normalization:", "", f"| cell | seeds | {head_t} | sampled |",
              "|---|---:|" + "---|" * (len(REPORT_T) + 1), *ratio_rows(records, GROUPS["localise"], steps, "none"), ""]
     for n in args.long_steps:
-        lines += [f"At {n} steps (ratio to LayerNorm everywhere):", "", f"| cell | seeds | {head_t} | sampled |",
-                  "|---|---:|" + "---|" * (len(REPORT_T) + 1),
-                  *ratio_rows(records, GROUPS["localise"], n, "layer-norm"), ""]
+        lines += long_lines(records, n, args.long_cells)
     lines += ["## 2. Ablate: what does the outlier carry?", "",
               "The loudest channel at each place replaced by its mean (over tokens, probe draws and timesteps), its "
               "per-timestep mean, or zero (ditlab/toy/intervene.py); sampled RMS and eps error relative to the "
