@@ -62,6 +62,9 @@ def test_report_at_a_long_length_has_its_own_errors_ratios_and_outliers(tmp_path
     assert "| ln-blocks | 3 | 0.5 [0.5, 0.5]" in long  # ratio to LayerNorm everywhere
     assert "| layer-norm | 3 | 2 [2, 2]" in short and "| layer-norm | 3 | 6 [6, 6]" not in short
     assert "Outliers at 30 steps" in long and "| layer-norm | 4 [3, 5]" in long  # max/median 3 + seed
+    # the localise figure compares the two lengths
+    assert f"]({mechanism.LENGTHS_FIGURE})" in text
+    assert (tmp_path / mechanism.LENGTHS_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_without_records_writes_no_figure(tmp_path):
@@ -69,6 +72,9 @@ def test_report_without_records_writes_no_figure(tmp_path):
                            cells=["layer-norm"], out=str(tmp_path), record="")
     text = mechanism.write_report(args, {})
     assert ".png" not in text and not (tmp_path / mechanism.FIGURE).exists()
+    args.long_steps, args.long_cells = [30], ["layer-norm"]
+    text = mechanism.write_report(args, {})
+    assert ".png" not in text and not (tmp_path / mechanism.LENGTHS_FIGURE).exists()
 
 
 def test_report_while_the_study_is_under_way_uses_the_recorded_runs_and_names_the_rest(tmp_path):

@@ -27,7 +27,7 @@ from ditlab.files import provenance, write_json, write_page
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
 from ditlab.toy.intervene import channel_statistics, intervene
-from ditlab.toy.plots import plot_mechanism_study
+from ditlab.toy.plots import plot_localise_lengths, plot_mechanism_study
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
 from models import RestoringLayerNorm
 
@@ -57,6 +57,7 @@ INTERVENE_CELLS = ("layer-norm", "none", "restore")
 STRESS_PAIRS = (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
                 ("layer-norm-dropout0.1", "none-dropout0.1"))
 FIGURE = "mechanism_study.png"
+LENGTHS_FIGURE = "mechanism_localise_lengths.png"
 REPORT_T = (0, 1, 5, 10, 100, 999)
 RECORD_SETTINGS = ("steps", "probe_samples", "num_eval_samples")
 
@@ -330,6 +331,11 @@ def missing_lines(args, records):
             f"{len(records)} recorded, the seeds column says how many per row): {', '.join(missing)}.", ""]
 
 
+def figure_lengths(args):
+    """The lengths the localise figure compares: --steps and every --long-steps ([] without long runs)."""
+    return [args.steps, *args.long_steps] if args.long_steps else []
+
+
 def long_lines(records, n, cells):
     """The --long-cells at a longer length n (--long-steps): their errors, ratios to both full variants,
     the (|s|/M)^2 test at the final norm, outliers, the interventions where recorded, and cost, so that
@@ -379,6 +385,11 @@ def write_report(args, records):
              *ratio_rows(records, GROUPS["localise"], steps, "layer-norm"), "",
              "Ratio to no normalization:", "", f"| cell | seeds | {head_t} | sampled |",
              "|---|---:|" + "---|" * (len(REPORT_T) + 1), *ratio_rows(records, GROUPS["localise"], steps, "none"), ""]
+    lengths = figure_lengths(args)
+    drawn = {FIGURE: FIGURE} if figure else {}
+    if lengths and plot_localise_lengths(records, lengths, os.path.join(args.out, LENGTHS_FIGURE)):
+        drawn[LENGTHS_FIGURE] = LENGTHS_FIGURE
+        lines += [f"![localise at {', '.join(map(str, lengths))} steps]({LENGTHS_FIGURE})", ""]
     for n in args.long_steps:
         lines += long_lines(records, n, args.long_cells)
     lines += ["## 2. Ablate: what does the outlier carry?", "",
@@ -422,6 +433,6 @@ def write_report(args, records):
         f.write(text)
     write_json(os.path.join(args.out, "summary.json"), {job_name(*k): v for k, v in records.items()})
     if args.record:
-        write_page(args.record, text, args.out, {FIGURE: FIGURE} if figure else {})
+        write_page(args.record, text, args.out, drawn)
     print(text)
     return text

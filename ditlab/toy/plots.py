@@ -243,15 +243,10 @@ def _paired(records, cell, base, steps, value):
     return [value(records[(cell, s, steps)]) / value(records[(base, s, steps)]) for s in seeds]
 
 
-def plot_mechanism_study(records, steps, path, stress_pairs, intervene_cells, place="final.norm"):
-    """The mechanism study (ditlab/toy/mechanism.py) in three panels, from its records {(cell, seed, steps):
-    record}. Left: per-t eps error ratio to no normalization for the localise and restore cells (mean over
-    seeds, shaded min-max). Middle: sampled error ratio of each LayerNorm cell to its no-LayerNorm twin, a
-    dot per seed and a bar at the mean. Right: the interventions at `place`: sampled error of the edited
-    over the unedited model per edit, a dot per seed. Returns False (and writes nothing) without records."""
-    if not records:
-        return False
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+def _localise_panel(ax, records, steps, title):
+    """Per-t eps error ratio to no normalization (same seed) of the localise and restore cells at `steps`:
+    the mean over seeds, shaded min-max. Returns whether any cell had a paired seed."""
+    drawn = False
     for cell, color in (("layer-norm", "tab:red"), ("ln-blocks", "tab:orange"), ("ln-final", "tab:purple"),
                         ("restore", "tab:green")):
         first = next((r for (c, s, n), r in records.items() if c == cell and n == steps), None)
@@ -261,11 +256,46 @@ def plot_mechanism_study(records, steps, path, stress_pairs, intervene_cells, pl
         per_t = [_paired(records, cell, "none", steps, lambda r, t=t: r["eps"][str(t)]) for t in ts]
         if not per_t[0]:
             continue
+        drawn = True
         x = [t + 1 for t in ts]
-        left.plot(x, [sum(v) / len(v) for v in per_t], marker=".", color=color, label=f"{cell} ({len(per_t[0])} seeds)")
-        left.fill_between(x, [min(v) for v in per_t], [max(v) for v in per_t], color=color, alpha=0.15)
-    left.set(xscale="log", yscale="log", xlabel="timestep t + 1", ylabel="eps error / no normalization's (same seed)",
-             title="Localise and restore")
+        ax.plot(x, [sum(v) / len(v) for v in per_t], marker=".", color=color, label=f"{cell} ({len(per_t[0])} seeds)")
+        ax.fill_between(x, [min(v) for v in per_t], [max(v) for v in per_t], color=color, alpha=0.15)
+    ax.set(xscale="log", yscale="log", xlabel="timestep t + 1", ylabel="eps error / no normalization's (same seed)",
+           title=title)
+    return drawn
+
+
+def plot_localise_lengths(records, lengths, path):
+    """The localise panel at every training length in `lengths`, side by side with a shared y axis, so that
+    the way the two norms' shares change with training can be read off (a panel per length). Returns False
+    (and writes nothing) when no length has a paired run."""
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.3), sharey=True, squeeze=False)
+    drawn = [_localise_panel(ax, records, n, f"{n} steps") for ax, n in zip(axes[0], lengths)]
+    if not any(drawn):
+        plt.close(fig)
+        return False
+    for ax in axes[0]:
+        ax.axhline(1, color="0.5", lw=0.8, ls=":")
+        ax.grid(True, which="both", alpha=0.2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Localise: per-t eps error over no normalization's (toy CPU preset; > 1: worse)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_mechanism_study(records, steps, path, stress_pairs, intervene_cells, place="final.norm"):
+    """The mechanism study (ditlab/toy/mechanism.py) in three panels, from its records {(cell, seed, steps):
+    record}. Left: per-t eps error ratio to no normalization for the localise and restore cells (mean over
+    seeds, shaded min-max). Middle: sampled error ratio of each LayerNorm cell to its no-LayerNorm twin, a
+    dot per seed and a bar at the mean. Right: the interventions at `place`: sampled error of the edited
+    over the unedited model per edit, a dot per seed. Returns False (and writes nothing) without records."""
+    if not records:
+        return False
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    _localise_panel(left, records, steps, "Localise and restore")
     labels = []
     for i, (ln, none) in enumerate(stress_pairs):
         ratios = _paired(records, ln, none, steps, lambda r: r["sample_rms"])
