@@ -331,6 +331,21 @@ def missing_lines(args, records):
             f"{len(records)} recorded, the seeds column says how many per row): {', '.join(missing)}.", ""]
 
 
+def intervention_table(records, cell, steps, title):
+    """The report's lines for one cell's interventions at `steps` under `title` ([] if none recorded)."""
+    rows = intervention_rows(records, cell, steps)
+    return [title, "", "| place | edit | sampled | t=0 | t=10 | t=100 | t=999 |", "|---|---|---|---|---|---|---|",
+            *rows, ""] if rows else []
+
+
+def final_norm_table(records, cell, twin, steps, title):
+    """The report's lines for the (|s|/M)^2 test of one pair at `steps` under `title` ([] without a paired
+    seed): the per-t table and the per-seed rank correlations."""
+    rows, rhos = final_norm_test(records, cell, twin, steps)
+    return [title, "", f"| t | (s/M)^2 at {cell}'s final norm | eps {cell} / {twin} |", "|---:|---|---|", *rows, "",
+            f"Spearman rank correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", ""] if rows else []
+
+
 def figure_lengths(args):
     """The lengths the localise figure compares: --steps and every --long-steps ([] without long runs)."""
     return [args.steps, *args.long_steps] if args.long_steps else []
@@ -348,16 +363,10 @@ def long_lines(records, n, cells):
              "Ratio to no normalization:", "", f"| cell | seeds | {head_t} | sampled |", rule,
              *ratio_rows(records, cells, n, "none"), ""]
     for cell, twin in FINAL_NORM_PAIRS:
-        rows, rhos = final_norm_test(records, cell, twin, n)
-        if rows:
-            lines += [f"(|s|/M)^2 at the final norm, {cell} / {twin} at {n} steps (section 5's test): Spearman rank "
-                      f"correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", "",
-                      f"| t | (s/M)^2 at {cell}'s final norm | eps {cell} / {twin} |", "|---:|---|---|", *rows, ""]
+        lines += final_norm_table(records, cell, twin, n, f"(|s|/M)^2 at the final norm, {cell} / {twin} at {n} steps "
+                                                          "(section 5's test):")
     for cell in INTERVENE_CELLS:
-        rows = intervention_rows(records, cell, n)
-        if rows:
-            lines += [f"Interventions, {cell} at {n} steps (as in section 2):", "",
-                      "| place | edit | sampled | t=0 | t=10 | t=100 | t=999 |", "|---|---|---|---|---|---|---|", *rows, ""]
+        lines += intervention_table(records, cell, n, f"Interventions, {cell} at {n} steps (as in section 2):")
     lines += [f"Outliers at {n} steps:", "", "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |",
               "|---|---|---|---|", *outlier_rows(records, cells, n), "",
               f"Cost at {n} steps (minutes per run):", "", "| cell | runs | train + evaluate | interventions |",
@@ -398,10 +407,7 @@ def write_report(args, records):
               "unedited model (1 = no change). The final layer sees the last block's output only through its norm, "
               "so an edit at final.norm's input and at the last block's output are the same edit (equal rows).", ""]
     for cell in INTERVENE_CELLS:
-        rows = intervention_rows(records, cell, steps)
-        if rows:
-            lines += [f"### {cell}", "", "| place | edit | sampled | t=0 | t=10 | t=100 | t=999 |",
-                      "|---|---|---|---|---|---|---|", *rows, ""]
+        lines += intervention_table(records, cell, steps, f"### {cell}")
     lines += ["## 3. Restore: LayerNorm that hands back what it removes (ratio to LayerNorm)", "",
               f"| cell | seeds | {head_t} | sampled |", "|---|---:|" + "---|" * (len(REPORT_T) + 1),
               *ratio_rows(records, ("restore", "none"), steps, "layer-norm"), "", *restore_lines(records, steps),
@@ -417,11 +423,7 @@ def write_report(args, records):
               "loudest constant channel M; ditlab/toy/probe.py), the error ratio should be largest where "
               "(s/M)^2 is: a positive rank correlation over timesteps.", ""]
     for cell, twin in FINAL_NORM_PAIRS:
-        rows, rhos = final_norm_test(records, cell, twin, steps)
-        if rows:
-            lines += [f"### {cell} / {twin}", "", f"| t | (s/M)^2 at {cell}'s final norm | eps {cell} / {twin} |",
-                      "|---:|---|---|", *rows, "",
-                      f"Spearman rank correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", ""]
+        lines += final_norm_table(records, cell, twin, steps, f"### {cell} / {twin}")
     lines += ["", "## Outliers and the signal/outlier ratio at the final norm", "",
               "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |", "|---|---|---|---|",
               *outlier_rows(records, args.cells, steps), ""]
