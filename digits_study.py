@@ -12,6 +12,8 @@ grid.png; --record PAGE also writes the page (docs/results/digits.md) and its fi
     python digits_study.py                          # the whole study (hours on 2 cores: docs/results/digits.md)
     python digits_study.py --sweep-only             # phase 1 alone (the lr sweep)
     python digits_study.py --report --record docs/results/digits.md
+    python digits_study.py --lengths docs/results/digits_runs docs/results/digits_long_runs \
+        --record docs/results/digits_lengths.md     # the length check: is a doubling still better?
     python digits_study.py --variants layer-norm none --seeds 0 --lrs 2e-3 --sweep-steps 200 --steps 400 \\
         --fid-every 200 --samples 100 --cfg-scale 2 --out results/digits-quick   # a quick end-to-end check
 """
@@ -23,7 +25,7 @@ import time
 import matplotlib.pyplot as plt
 
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
-from ditlab.digits_study import DIGITS_REF, VARIANTS, run_study
+from ditlab.digits_study import DIGITS_REF, VARIANTS, run_study, write_lengths_report
 from ditlab.features import DIGITS_CLASSIFIER
 from ditlab.run import LR_SCHEDULES
 from models import NORM_LAYERS
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--curve-samples", type=COUNT, default=500, help="unguided samples of each curve point")
     p.add_argument("--curve-sampling-steps", type=COUNT, default=50, help="their DDPM steps")
     p.add_argument("--samples", type=COUNT, default=1000, help="samples per final run and guidance setting")
+    p.add_argument("--noise-seeds", type=INDEX, nargs="*", default=[1, 2],
+                   help="sample seeds at which every final model's unguided set is drawn again, to measure the "
+                        "sampling noise of FD-digits (none: skip)")
     p.add_argument("--sampling-steps", type=COUNT, default=100, help="their DDPM steps")
     p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=None,
                    help="guidance scale of the guided sets (default: chosen on layer-norm seed 0 over --cfg-candidates)")
@@ -59,6 +64,14 @@ def parse_args(argv=None):
                    "recomputed (default: <out>/records; the measured study's are in docs/results/digits_runs/)")
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (and report it)")
     p.add_argument("--report", action="store_true", help="only rewrite the report from finished runs")
+    g = p.add_argument_group("length check (instead of the study: compare runs recorded at several --steps)")
+    g.add_argument("--lengths", nargs="+", metavar="RECORDS", default=None,
+                   help="--records folders of the study at different --steps (one per length): writes the length "
+                        "check to <out>/lengths.md (and --record PAGE), trains nothing")
+    g.add_argument("--converged-within", type=POSITIVE, default=0.1, metavar="FRACTION",
+                   help="a length is trained when the next lowers unguided FD-digits by less than this fraction")
+    g.add_argument("--accuracy-within", type=POSITIVE, default=0.01,
+                   help="... and raises accuracy by less than this")
     p.add_argument("--record", default="", metavar="PAGE", help="also write the report to PAGE (e.g. "
                    "docs/results/digits.md) and its figures to docs/figures/digits_*.png")
     args = p.parse_args(argv)
@@ -67,6 +80,8 @@ def parse_args(argv=None):
     if args.sweep_steps % args.fid_every or args.steps % args.final_fid_every:
         p.error(f"--sweep-steps must be a multiple of --fid-every {args.fid_every} and --steps of --final-fid-every "
                 f"{args.final_fid_every} (the curves' points)")
+    if 0 in args.noise_seeds:
+        p.error("--noise-seeds: 0 is the study's own sample seed (its sets are already scored); pass others, e.g. 1 2")
     args.records = args.records or os.path.join(args.out, "records")
     return args
 
@@ -75,6 +90,8 @@ def main(argv=None):
     args = parse_args(argv)
     plt.switch_backend("Agg")
     start = time.time()
+    if args.lengths:
+        return write_lengths_report(args)
     summary = run_study(args)
     print(f"[digits] wrote {os.path.join(args.out, 'summary.md')} ({(time.time() - start) / 60:.1f} min)")
     return summary

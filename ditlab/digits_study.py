@@ -11,7 +11,9 @@ The phases, each skipped where its output already exists (so an interrupted stud
   4. guidance: one scale for all, the best FD-digits of the LayerNorm seed-0 model over --cfg-candidates;
   5. sampling (sample_ddp.py, EMA weights) unguided and guided, scored by evaluate.py's digits route;
   6. memorisation (distance of every sample to its nearest training digit) and outliers (as
-     analyze_embeddings.py on the real digits), then the report.
+     analyze_embeddings.py on the real digits);
+  7. sampling noise: every final model's unguided set drawn again at --noise-seeds, then the report.
+The length check (--lengths) compares the final runs of studies at several --steps.
 """
 
 import glob
@@ -127,15 +129,15 @@ def fid_rows(run):
 #                               Sampling + scoring                              #
 #################################################################################
 
-def sample_folder(args, run, cfg, num):
-    return os.path.join(args.out, "samples", f"{os.path.basename(run)}-cfg{cfg:g}-n{num}")
+def sample_folder(args, run, cfg, num, seed=0):
+    return os.path.join(args.out, "samples", f"{os.path.basename(run)}-cfg{cfg:g}-n{num}" + (f"-seed{seed}" if seed else ""))
 
 
-def sample_command(args, run, cfg, num):
+def sample_command(args, run, cfg, num, seed=0):
     return [sys.executable, "sample_ddp.py", "--ckpt", run, "--device", "cpu", "--sample-dir",
-            sample_folder(args, run, cfg, num), "--num-fid-samples", str(num), "--per-proc-batch-size", "250",
-            "--num-sampling-steps", str(args.sampling_steps), "--cfg-scale", f"{cfg:g}", "--eval-ref", args.digits_ref,
-            "--eval-features", "digits", "--digits-classifier", args.digits_classifier]
+            sample_folder(args, run, cfg, num, seed), "--num-fid-samples", str(num), "--per-proc-batch-size", "250",
+            "--num-sampling-steps", str(args.sampling_steps), "--cfg-scale", f"{cfg:g}", "--global-seed", str(seed),
+            "--eval-ref", args.digits_ref, "--eval-features", "digits", "--digits-classifier", args.digits_classifier]
 
 
 def scored(folder):
@@ -148,8 +150,9 @@ def scored(folder):
 
 
 def sample_all(args, items):
-    """Sample and score every (run, cfg, num) not yet scored (with args.report: none, and a SystemExit if
-    one is missing); returns {(run, cfg, num): (metrics, npz)}."""
+    """Sample and score every (run, cfg, num[, seed]) not yet scored (with args.report: none, and a SystemExit
+    if one is missing); returns {item: (metrics, npz)}. The seed is sample_ddp.py's --global-seed (0 unless
+    given: the study's sets; others measure the sampling noise)."""
     items = list(dict.fromkeys(items))  # guidance 1 is the unguided set: sampled once
     todo = [it for it in items if scored(sample_folder(args, *it)) is None]
     if todo and args.report:
@@ -388,6 +391,33 @@ def guidance(args, lrs):
     return read_record(args, "guidance", keys)
 
 
+def sampling_noise(args, finals):
+    """Phase 7: the unguided set of every final model drawn again at each --noise-seeds (sample_ddp.py's
+    --global-seed; the study's own sets are seed 0) and scored the same way, so that the spread of one model's
+    FD-digits over sample sets can be set against the spread between training seeds, and a comparison of
+    two models rests on more than one set. Kept as noise-<run>.json beside the run's record, topped up when
+    more seeds are asked for; a run whose directory is gone (another session's machine) keeps what it has.
+    Returns {(variant, seed): {sample seed: metrics}} with seed 0 from the final record."""
+    keys, noise, todo = FINAL_SETTINGS, {}, []
+    for (v, s), record in finals.items():
+        name = "noise-" + run_key(v, record["lr"], s)
+        kept = (read_record(args, name, keys) or {}).get("sets", {})
+        missing = [seed for seed in args.noise_seeds if str(seed) not in kept]
+        run = None if args.report or not missing else find_run(args, v, record["lr"], s, args.steps, final=True)
+        if missing and run_step(run) >= args.steps:
+            todo.append((v, s, name, run, kept, missing))
+        noise[(v, s)] = {0: {k: record["unguided"][k] for k in QUALITY}, **{int(k): m for k, m in kept.items()}}
+    if todo:
+        sets = sample_all(args, [(run, 1.0, args.samples, seed) for *_, run, _, missing in todo for seed in missing])
+        for v, s, name, run, kept, missing in todo:
+            kept = {**kept, **{str(seed): {k: sets[(run, 1.0, args.samples, seed)][0][k] for k in QUALITY}
+                               for seed in missing}}
+            write_record(args, name, dict(variant=v, lr=finals[(v, s)]["lr"], seed=s, run=os.path.basename(run),
+                                          sets=kept), keys)
+            noise[(v, s)].update({int(k): m for k, m in kept.items()})
+    return noise
+
+
 def save_grid_images(args, name, npz_path, per_class=4):
     """The first `per_class` guided samples of every digit (the report's grid), kept beside the record."""
     with np.load(npz_path) as f:
@@ -415,12 +445,14 @@ def run_study(args):
     summary.update(cfg_scale=cfg["scale"], cfg_candidates=cfg["candidates"], floor=real_floor(args),
                    runs={f"{v} s{s}": r for (v, s), r in finals.items()})
     summary["table"] = final_table(summary, args.variants)
+    summary["noise"] = {f"{v} s{s}": {str(k): m for k, m in sorted(sets.items())}
+                        for (v, s), sets in sampling_noise(args, finals).items() if len(sets) > 1}
     return write_report(args, summary)
 
 
 def settings_of(args):
     keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "fid_every", "final_fid_every",
-            "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples")
+            "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples", "noise_seeds")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -525,7 +557,34 @@ def final_lines(summary, args):
         lines.append(f"| {v} | {fmt(row['last_quarter_fd_change'], 2)} | {fmt(row['guided']['nn_ratio'], 2)} | "
                      f"{fmt(row['guided']['near_copies'], 2)} | {fmt(row['max_median_ratio'])} | "
                      f"{fmt(row['rms_kurtosis'])} |")
-    return lines + ["", "![quality over training](curves.png)", "", "![guided samples](grid.png)", ""]
+    return lines + noise_lines(summary) + ["", "![quality over training](curves.png)", "", "![guided samples](grid.png)", ""]
+
+
+def noise_lines(summary):
+    """The sampling-noise section: every model's unguided FD-digits over its sample sets, and per variant the
+    spread within one model set against the spread between training seeds (of the per-model means)."""
+    noise = summary.get("noise") or {}
+    if not noise:
+        return []
+    seeds = sorted({int(k) for sets in noise.values() for k in sets})
+    lines = ["", "### Sampling noise: one model, several sample sets", "",
+             f"Unguided FD-digits of each final model drawn again at sample seeds {', '.join(map(str, seeds[1:]))} "
+             f"(sample_ddp.py --global-seed; seed 0 is the set in the tables above), {summary['settings']['samples']} "
+             "samples each. Within: the range of one model's sets (mean over its seeds); between: the range over "
+             "training seeds of the per-model means.", "",
+             "| variant | FD-digits, mean of sets | within one model | between seeds | per model: sets (mean) |",
+             "|---|---|---:|---:|---|"]
+    for v in summary["table"]:
+        runs = {key: sets for key, sets in noise.items() if key.rsplit(" s", 1)[0] == v}
+        if not runs:
+            continue
+        fds = {key: [m["fd_digits"] for m in sets.values()] for key, sets in runs.items()}
+        means = [statistics.fmean(x) for x in fds.values()]
+        within = statistics.fmean(max(x) - min(x) for x in fds.values())
+        per_model = "; ".join(f"s{key.rsplit(' s', 1)[1]}: {' '.join(f'{x:.3g}' for x in xs)} ({statistics.fmean(xs):.3g})"
+                              for key, xs in fds.items())
+        lines.append(f"| {v} | {fmt(spread(means))} | {within:.3g} | {max(means) - min(means):.3g} | {per_model} |")
+    return lines
 
 
 def write_report(args, summary):
@@ -617,3 +676,166 @@ def plot_grid(summary, args, path, per_class=4):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#################################################################################
+#                                 Length check                                  #
+#################################################################################
+
+# Point 2 of the study: a training length at which quality has stopped improving. Under a decaying lr a
+# run's own curve always flattens at its end (the lr is near zero there), so flattening is read across
+# lengths instead: the same variant and seed trained to L and to 2L, each annealed to its own end, and
+# scored the same way. L is long enough when 2L is not measurably better.
+
+def length_records(folders):
+    """{(variant, lr, seed): {steps: record}} of the final runs recorded in `folders` (each the study at
+    one --steps); a folder without final records, or two folders at the same length, are refused."""
+    found = {}
+    for folder in folders:
+        paths = sorted(glob.glob(os.path.join(folder, "final-*.json")))
+        if not paths:
+            raise SystemExit(f"--lengths {folder}: no final-*.json records there (a study's --records folder)")
+        for path in paths:
+            with open(path) as f:
+                record = json.load(f)
+            steps = record["settings"]["steps"]
+            runs = found.setdefault((record["variant"], record["lr"], record["seed"]), {})
+            if steps in runs:
+                raise SystemExit(f"--lengths: {path} and {runs[steps]['path']} are both {record['variant']} seed "
+                                 f"{record['seed']} at {steps} steps; pass one folder per length")
+            noise = os.path.join(folder, f"noise-{run_key(record['variant'], record['lr'], record['seed'])}.json")
+            sets = {0: record["unguided"]}
+            if os.path.isfile(noise):
+                with open(noise) as f:
+                    sets.update({int(k): m for k, m in json.load(f)["sets"].items()})
+            runs[steps] = {**record, "path": path, "sets": sets}
+    return found
+
+
+def paired_means(a, b, key):
+    """Means of metric `key` over the sample seeds that runs a and b both have (a paired comparison: one
+    sample seed draws the same labels and noise for every model), and how many seeds that is."""
+    seeds = sorted(set(a["sets"]) & set(b["sets"]))
+    return (statistics.fmean(a["sets"][k][key] for k in seeds), statistics.fmean(b["sets"][k][key] for k in seeds),
+            len(seeds))
+
+
+def length_verdict(runs, tolerance, accuracy_tolerance):
+    """The shortest length whose doubling (the next recorded length) lowers unguided FD-digits by less than
+    `tolerance` of its value and raises accuracy by less than `accuracy_tolerance`, both as means over the
+    sample sets the two lengths share: (length, the changes to the next length), or (None, the last
+    changes) while every recorded length still improves."""
+    lengths = sorted(runs)
+    changes = None
+    for a, b in zip(lengths, lengths[1:]):
+        fa, fb, n = paired_means(runs[a], runs[b], "fd_digits")
+        aa, ab, _ = paired_means(runs[a], runs[b], "accuracy")
+        changes = dict(to=b, fd=(fb - fa) / fa, accuracy=ab - aa, sets=n)
+        if changes["fd"] > -tolerance and changes["accuracy"] < accuracy_tolerance:
+            return a, changes
+    return None, changes
+
+
+def variant_order(key):
+    """Sort key of (variant, lr, seed): the variants in VARIANTS order, then lr and seed."""
+    return (VARIANTS.index(key[0]) if key[0] in VARIANTS else len(VARIANTS), key)
+
+
+def compared(found):
+    """The runs of length_records recorded at two or more lengths (the ones a length check compares)."""
+    return {k: runs for k, runs in found.items() if len(runs) > 1}
+
+
+def length_lines(found, args):
+    """The length check's page: every run at every length, the change from the length before, and the
+    verdict per run and for the study."""
+    lines = ["# The digits study: how long is trained?", "", provenance(), "",
+             f"Final runs recorded in {', '.join(f'`{f}`' for f in args.lengths)}, each variant and seed trained to "
+             "every length with the lr annealed to zero at that length (a separate run per length), 1,000 EMA "
+             "samples each as in the study. A length counts as trained when the next one (about twice as long) "
+             f"lowers unguided FD-digits by less than {args.converged_within:.0%} and raises accuracy by less "
+             f"than {args.accuracy_within:g}.", "",
+             "| variant | lr | seed | steps | FD-digits unguided | sample sets | change | accuracy | recall | "
+             "FD-digits guided (scale) | nearest-digit ratio | near-copies | max/median |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts = {}
+    for (v, lr, s), runs in sorted(compared(found).items(), key=lambda kv: variant_order(kv[0])):
+        before = None
+        for steps in sorted(runs):
+            r = runs[steps]
+            g, fds = r["guided"], [m["fd_digits"] for m in r["sets"].values()]
+            mean = lambda key: statistics.fmean(m[key] for m in r["sets"].values())  # noqa: E731
+            if before:
+                fa, fb, n = paired_means(before, r, "fd_digits")
+                change = f"{(fb - fa) / fa:+.0%}" + (f" ({n} paired)" if n > 1 else "")
+            else:
+                change = "-"
+            sets = " ".join(f"{x:.3g}" for x in fds) if len(fds) > 1 else "1"
+            lines.append(f"| {v} | {lr:g} | {s} | {steps} | {statistics.fmean(fds):.3g} | {sets} | {change} | "
+                         f"{mean('accuracy'):.3g} | {mean('recall'):.3g} | {g['fd_digits']:.3g} ({r['cfg_scale']:g}) | "
+                         f"{g['memorisation']['ratio']:.2f} | {g['memorisation']['near_copies']:.1%} | "
+                         f"{r['outliers']['max_median_ratio']:.3g} |")
+            before = r
+        verdicts[(v, lr, s)] = length_verdict(runs, args.converged_within, args.accuracy_within)
+    single = len(found) - len(verdicts)
+    lines += ["", (f"{single} more run(s) are recorded at one length only and not compared. " if single else "") +
+              "FD-digits, accuracy and recall unguided: the mean over the model's sample sets (sample seeds 0 and "
+              "the study's --noise-seeds where measured; the FD-digits of each set beside it); change: of that "
+              "mean over the sample seeds both lengths have. Guided and the rest: the sample-seed-0 set. "
+              "Nearest-digit ratio and near-copies: of the guided samples, as on the study's page (1 and 5% "
+              "for fresh digits); max/median: the worst block's channel-RMS outlier.", "", "## Verdict", ""]
+    for (v, lr, s), (length, ch) in verdicts.items():
+        paired = f", mean of {ch['sets']} paired sample sets" if ch["sets"] > 1 else ""
+        step = f"to {ch['to']} steps{paired}: FD-digits {ch['fd']:+.0%}, accuracy {ch['accuracy']:+.3f}"
+        lines.append(f"- {v} seed {s}: " + (f"trained at {length} steps ({step})" if length else
+                                            f"still improving at its longest length ({step})"))
+    reached = [length for length, _ in verdicts.values()]
+    if all(reached):
+        lines.append(f"- **Every run compared is trained at {max(reached)} steps**: the study's length.")
+    else:
+        lines.append(f"- **Not every run has stopped improving** ({sum(1 for x in reached if not x)} of {len(reached)} "
+                     "still improve at their longest length): a longer length is needed.")
+    return lines + ["", "![quality against training step at every length](lengths.png)", ""]
+
+
+def plot_lengths(found, path):
+    """FD-digits (curve samples) and accuracy over training, one column per variant and seed, one line per
+    length; the 1,000-sample unguided FD-digits at each run's end as a cross."""
+    found = compared(found)
+    keys = sorted(found, key=variant_order)
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.4), sharex="col", squeeze=False)
+    for col, key in enumerate(keys):
+        for i, steps in enumerate(sorted(found[key])):
+            r, color = found[key][steps], plt.cm.viridis(i / max(1, len(found[key]) - 1) * 0.85)
+            pts = np.array(r["curve"])
+            axes[0][col].plot(pts[:, 0], pts[:, 1], marker="o", ms=2.5, color=color, label=f"{steps} steps")
+            axes[0][col].plot([steps], [r["unguided"]["fd_digits"]], marker="x", ms=8, mew=2, color=color)
+            axes[1][col].plot(pts[:, 0], pts[:, 2], marker="o", ms=2.5, color=color)
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_title(f"{key[0]} seed {key[2]} (lr {key[1]:g})", fontsize=9, color=COLORS.get(key[0]))
+        axes[0][col].legend(fontsize=7)
+        axes[1][col].set_xlabel("training step")
+    axes[0][0].set_ylabel("FD-digits (curve: 500 samples; x: 1,000)")
+    axes[1][0].set_ylabel("accuracy on the intended labels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_lengths_report(args):
+    """The length check (--lengths): <out>/lengths.md and lengths.png, and with --record PAGE the page and
+    its figure (docs/figures/<page>_lengths.png). Returns {(variant, lr, seed): (length, changes)}."""
+    found = length_records(args.lengths)
+    if not compared(found):
+        raise SystemExit(f"--lengths {' '.join(args.lengths)}: no variant and seed is recorded at two lengths there; "
+                         "pass the --records folders of the same runs trained to different --steps")
+    os.makedirs(args.out, exist_ok=True)
+    plot_lengths(found, os.path.join(args.out, "lengths.png"))
+    text = "\n".join(length_lines(found, args))
+    with open(os.path.join(args.out, "lengths.md"), "w") as f:
+        f.write(text)
+    if args.record:
+        prefix = os.path.splitext(os.path.basename(args.record))[0]
+        write_page(args.record, text, args.out, {"lengths.png": f"{prefix}.png"})
+    print(text)
+    return {k: length_verdict(runs, args.converged_within, args.accuracy_within) for k, runs in compared(found).items()}

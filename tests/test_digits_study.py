@@ -4,6 +4,7 @@ choice, and a tiny end-to-end study that resumes from its records alone (as in a
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -178,7 +179,12 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     assert summary["best_lr"] == {"layer-norm": 2e-3}
     assert summary["table"]["layer-norm"]["guided"]["accuracy"]["values"] == [final["guided"]["accuracy"]]
     # guidance 1 is the unguided set, sampled once and scored the same
-    assert final["guided"]["fd_digits"] == final["unguided"]["fd_digits"] and len(os.listdir(out / "samples")) == 1
+    assert final["guided"]["fd_digits"] == final["unguided"]["fd_digits"]
+    assert sorted(os.listdir(out / "samples")) == [f"{final['run']}-cfg1-n20" + x for x in ("", "-seed1", "-seed2")]
+    # phase 7: the unguided set drawn again at the two noise seeds, scored the same way
+    noise = json.load(open(records / "noise-layer-norm-lr0.002-s0.json"))
+    assert sorted(noise["sets"]) == ["1", "2"] and noise["sets"]["1"]["fd_digits"] != final["unguided"]["fd_digits"]
+    assert "### Sampling noise" in first
 
     # a later session: no run directories, only the records; adding seed 1 trains only seed 1
     shutil.rmtree(out / "runs")
@@ -219,3 +225,135 @@ def test_real_digit_floor_scores_real_digits_as_near_perfect(tmp_path, digits_cl
     floor = digits_study.real_floor(SimpleNamespace(samples=300, digits_ref=ref, digits_classifier=digits_classifier))
     assert set(floor) == set(digits_study.QUALITY)
     assert floor["accuracy"] >= 0.97 and floor["precision"] >= 0.9 and floor["fd_digits"] < 20
+
+
+def write_length_record(folder, variant, seed, steps, fd, accuracy, lr=4e-3):
+    """A final-run record as the study writes it, with the fields the length check reads."""
+    os.makedirs(folder, exist_ok=True)
+    quality = dict(fd_digits=fd, precision=0.9, recall=0.8, accuracy=accuracy)
+    memo = dict(ratio=1.1, near_copies=0.01)
+    record = dict(variant=variant, lr=lr, seed=seed, cfg_scale=1.5, settings=dict(steps=steps),
+                  curve=[[steps // 2, 2 * fd, accuracy - 0.1], [steps, 1.2 * fd, accuracy]],
+                  unguided=dict(quality, memorisation=memo), guided=dict(quality, fd_digits=fd + 5, memorisation=memo),
+                  outliers=dict(max_median_ratio=40.0))
+    with open(os.path.join(folder, f"final-{digits_study.run_key(variant, lr, seed)}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def test_length_check_finds_the_first_length_whose_doubling_no_longer_helps(tmp_path):
+    """LayerNorm: 100 -> 50 -> 47 (-6%, accuracy +0.005): trained at the middle length. none: 100 -> 60 -> 40:
+    still improving. dyt: FD -5% but accuracy +0.05: still improving (both criteria count). A run at one
+    length only is listed as not compared."""
+    folders = [str(tmp_path / f"L{n}") for n in (1000, 2000, 4000)]
+    series = {"layer-norm": [(100, 0.8), (50, 0.9), (47, 0.905)], "none": [(100, 0.8), (60, 0.85), (40, 0.9)],
+              "dyt": [(100, 0.8), (95, 0.85)]}
+    for v, points in series.items():
+        for folder, steps, (fd, acc) in zip(folders, (1000, 2000, 4000), points):
+            write_length_record(folder, v, 0, steps, fd, acc)
+    write_length_record(folders[0], "derf", 1, 1000, 80, 0.8)
+    found = digits_study.length_records(folders)
+    verdict = {k[0]: v for k, v in {k: digits_study.length_verdict(r, 0.1, 0.01) for k, r in found.items()}.items()}
+    assert verdict["layer-norm"][0] == 2000 and verdict["layer-norm"][1]["fd"] == pytest.approx(-0.06)
+    assert verdict["none"] == (None, dict(to=4000, fd=pytest.approx(-1 / 3), accuracy=pytest.approx(0.05), sets=1))
+    assert verdict["dyt"][0] is None and verdict["derf"] == (None, None)
+    # a looser tolerance moves none's length; the accuracy criterion alone keeps dyt improving
+    assert digits_study.length_verdict(found[("none", 4e-3, 0)], 0.5, 0.1)[0] == 1000
+    assert digits_study.length_verdict(found[("dyt", 4e-3, 0)], 0.1, 0.1)[0] == 1000
+
+    out, page = tmp_path / "out", tmp_path / "results" / "digits_lengths.md"
+    cmd = [sys.executable, "digits_study.py", "--lengths", *folders, "--out", str(out), "--record", str(page)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = page.read_text()
+    assert "| layer-norm | 0.004 | 0 | 2000 | 50 | 1 | -50% | 0.9 |" in text and "| layer-norm | 0.004 | 0 | 4000 | 47 | 1 | -6% |" in text
+    assert "- layer-norm seed 0: trained at 2000 steps (to 4000 steps: FD-digits -6%, accuracy +0.005)" in text
+    assert "- none seed 0: still improving at its longest length (to 4000 steps: FD-digits -33%" in text
+    assert "**Not every run has stopped improving** (2 of 3" in text and "1 more run(s) are recorded at one length" in text
+    assert "| derf |" not in text and "](../figures/digits_lengths.png)" in text
+    assert (tmp_path / "figures" / "digits_lengths.png").read_bytes() == (out / "lengths.png").read_bytes()
+    # with LayerNorm alone every compared run is trained: the study's length is its length
+    for name, steps, (fd, acc) in zip("abc", (1000, 2000, 4000), series["layer-norm"]):
+        write_length_record(str(tmp_path / "ln" / name), "layer-norm", 0, steps, fd, acc)
+    ln = subprocess.run([sys.executable, "digits_study.py", "--lengths", *(str(tmp_path / "ln" / n) for n in "abc"),
+                         "--out", str(tmp_path / "out-ln")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "**Every run compared is trained at 2000 steps**" in ln.stdout
+
+
+def test_length_check_compares_the_means_over_the_sample_seeds_both_lengths_have(tmp_path):
+    """With noise records (phase 7) the comparison is paired: seed 0 alone says 50 -> 47 (-6%, trained), the
+    mean over seeds 0 and 1 says 55 -> 43.5 (-21%, still improving); seed 2, drawn at the shorter length only,
+    is left out of the change but shown with its length."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_length_record(a, "layer-norm", 0, 1000, 50, 0.9)
+    write_length_record(b, "layer-norm", 0, 2000, 47, 0.9)
+    for folder, sets in ((a, {"1": 60.0, "2": 10.0}), (b, {"1": 40.0})):
+        with open(os.path.join(folder, "noise-layer-norm-lr0.004-s0.json"), "w") as f:
+            json.dump(dict(sets={k: dict(fd_digits=x, precision=0.9, recall=0.8, accuracy=0.9) for k, x in sets.items()}), f)
+    runs = digits_study.length_records([a, b])[("layer-norm", 4e-3, 0)]
+    assert sorted(runs[1000]["sets"]) == [0, 1, 2]
+    length, changes = digits_study.length_verdict(runs, 0.1, 0.01)
+    assert length is None and changes["sets"] == 2 and changes["fd"] == pytest.approx(43.5 / 55 - 1)
+    args = SimpleNamespace(lengths=[a, b], converged_within=0.1, accuracy_within=0.01)
+    text = "\n".join(digits_study.length_lines(digits_study.length_records([a, b]), args))
+    assert "| layer-norm | 0.004 | 0 | 1000 | 40 | 50 60 10 | - |" in text
+    assert "| layer-norm | 0.004 | 0 | 2000 | 43.5 | 47 40 | -21% (2 paired) |" in text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no final-\\*.json records there"),
+    ("same length", "are both layer-norm seed 0 at 1000 steps; pass one folder per length"),
+    ("one length", "no variant and seed is recorded at two lengths there"),
+])
+def test_length_check_refuses_folders_it_cannot_compare(tmp_path, case, message):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    os.makedirs(a)
+    if case != "empty":
+        write_length_record(a, "layer-norm", 0, 1000, 50, 0.9)
+        write_length_record(b, "layer-norm" if case == "same length" else "none", 0, 1000, 40, 0.9)
+    args = SimpleNamespace(lengths=[a, b] if case != "empty" else [a], out=str(tmp_path / "out"), record="",
+                           converged_within=0.1, accuracy_within=0.01)
+    with pytest.raises(SystemExit, match=message):
+        digits_study.write_lengths_report(args)
+
+
+def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(tmp_path, monkeypatch):
+    """Phase 7 samples only the (model, seed) sets it has not recorded, keeps them as noise records, adds
+    seed 3 later without redrawing 1 and 2, and with --report (or a run directory gone) samples nothing.
+    The report's within-model and between-seed spreads are checked against a hand computation."""
+    args = SimpleNamespace(records=str(tmp_path / "records"), out=str(tmp_path), steps=8, samples=10, report=False,
+                           noise_seeds=[1, 2], sweep_steps=4, fid_every=2, curve_samples=10, curve_sampling_steps=2,
+                           lr_schedule="cosine", final_fid_every=2, sampling_steps=2)
+    fd = {("run-a", 0): 50.0, ("run-a", 1): 40.0, ("run-a", 2): 45.0, ("run-a", 3): 47.0,
+          ("run-b", 0): 30.0, ("run-b", 1): 20.0, ("run-b", 2): 25.0, ("run-b", 3): 26.0}
+    finals = {("layer-norm", s): dict(lr=4e-3, unguided=dict(fd_digits=fd[(run, 0)], precision=0.9, recall=0.8,
+                                                               accuracy=0.9))
+              for s, run in ((0, "run-a"), (1, "run-b"))}
+    runs = {0: "run-a", 1: "run-b"}
+    drawn = []
+
+    def sample_all(args, items):
+        drawn.extend(items)
+        return {it: (dict(fd_digits=fd[(it[0], it[3])], precision=0.9, recall=0.8, accuracy=0.9), "x.npz") for it in items}
+
+    monkeypatch.setattr(digits_study, "sample_all", sample_all)
+    monkeypatch.setattr(digits_study, "find_run", lambda args, v, lr, s, steps, final: runs[s])
+    monkeypatch.setattr(digits_study, "run_step", lambda run: 8 if run else 0)
+    noise = digits_study.sampling_noise(args, finals)
+    assert sorted(drawn) == [("run-a", 1.0, 10, 1), ("run-a", 1.0, 10, 2), ("run-b", 1.0, 10, 1), ("run-b", 1.0, 10, 2)]
+    assert {k: m["fd_digits"] for k, m in noise[("layer-norm", 0)].items()} == {0: 50.0, 1: 40.0, 2: 45.0}
+    drawn.clear()
+    args.noise_seeds = [1, 2, 3]
+    runs[1] = None  # run-b's directory is gone: it keeps seeds 1 and 2
+    noise = digits_study.sampling_noise(args, finals)
+    assert drawn == [("run-a", 1.0, 10, 3)] and sorted(noise[("layer-norm", 1)]) == [0, 1, 2]
+    drawn.clear()
+    args.report = True
+    assert digits_study.sampling_noise(args, finals) == noise and drawn == []
+    summary = dict(table={"layer-norm": {}}, settings=dict(samples=10),
+                   noise={f"layer-norm s{s}": {str(k): m for k, m in sets.items()} for (_, s), sets in noise.items()})
+    row = [line for line in digits_study.noise_lines(summary) if line.startswith("| layer-norm")][0]
+    means = [(50 + 40 + 45 + 47) / 4, (30 + 20 + 25) / 3]
+    within = ((50 - 40) + (30 - 20)) / 2
+    assert row.startswith(f"| layer-norm | {statistics.fmean(means):.3g} [{min(means):.3g}, {max(means):.3g}] | "
+                          f"{within:.3g} | {means[0] - means[1]:.3g} |")
+    assert "s0: 50 40 45 47 (45.5)" in row
