@@ -130,7 +130,8 @@ def fid_rows(run):
 #################################################################################
 
 def sample_folder(args, run, cfg, num, seed=0):
-    return os.path.join(args.out, "samples", f"{os.path.basename(run)}-cfg{cfg:g}-n{num}" + (f"-seed{seed}" if seed else ""))
+    name = f"{os.path.basename(run)}-cfg{cfg:g}-n{num}" + (f"-seed{seed}" if seed else "")
+    return os.path.join(args.out, "samples", name)
 
 
 def sample_command(args, run, cfg, num, seed=0):
@@ -452,7 +453,8 @@ def run_study(args):
 
 def settings_of(args):
     keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "fid_every", "final_fid_every",
-            "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples", "noise_seeds")
+            "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples",
+            "noise_seeds")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -557,7 +559,8 @@ def final_lines(summary, args):
         lines.append(f"| {v} | {fmt(row['last_quarter_fd_change'], 2)} | {fmt(row['guided']['nn_ratio'], 2)} | "
                      f"{fmt(row['guided']['near_copies'], 2)} | {fmt(row['max_median_ratio'])} | "
                      f"{fmt(row['rms_kurtosis'])} |")
-    return lines + noise_lines(summary) + ["", "![quality over training](curves.png)", "", "![guided samples](grid.png)", ""]
+    return lines + noise_lines(summary) + ["", "![quality over training](curves.png)", "",
+                                           "![guided samples](grid.png)", ""]
 
 
 def noise_lines(summary):
@@ -581,8 +584,8 @@ def noise_lines(summary):
         fds = {key: [m["fd_digits"] for m in sets.values()] for key, sets in runs.items()}
         means = [statistics.fmean(x) for x in fds.values()]
         within = statistics.fmean(max(x) - min(x) for x in fds.values())
-        per_model = "; ".join(f"s{key.rsplit(' s', 1)[1]}: {' '.join(f'{x:.3g}' for x in xs)} ({statistics.fmean(xs):.3g})"
-                              for key, xs in fds.items())
+        per_model = "; ".join(f"s{key.rsplit(' s', 1)[1]}: {' '.join(f'{x:.3g}' for x in xs)} "
+                              f"({statistics.fmean(xs):.3g})" for key, xs in fds.items())
         lines.append(f"| {v} | {fmt(spread(means))} | {within:.3g} | {max(means) - min(means):.3g} | {per_model} |")
     return lines
 
@@ -824,7 +827,7 @@ def plot_lengths(found, path):
 
 def write_lengths_report(args):
     """The length check (--lengths): <out>/lengths.md and lengths.png, and with --record PAGE the page and
-    its figure (docs/figures/<page>_lengths.png). Returns {(variant, lr, seed): (length, changes)}."""
+    its figure (docs/figures/<page>.png: digits_lengths.png). Returns {(variant, lr, seed): (length, changes)}."""
     found = length_records(args.lengths)
     if not compared(found):
         raise SystemExit(f"--lengths {' '.join(args.lengths)}: no variant and seed is recorded at two lengths there; "
