@@ -715,12 +715,14 @@ def length_records(folders):
     return found
 
 
-def paired_means(a, b, key):
-    """Means of metric `key` over the sample seeds that runs a and b both have (a paired comparison: one
-    sample seed draws the same labels and noise for every model), and how many seeds that is."""
+def length_change(a, b):
+    """From run a to run b (the same variant and seed at two lengths): the relative change of unguided
+    FD-digits and the change of accuracy, each of the means over the sample seeds both have (a paired
+    comparison: one sample seed draws the same labels and noise for every model), and how many seeds."""
     seeds = sorted(set(a["sets"]) & set(b["sets"]))
-    return (statistics.fmean(a["sets"][k][key] for k in seeds), statistics.fmean(b["sets"][k][key] for k in seeds),
-            len(seeds))
+    mean = lambda r, key: statistics.fmean(r["sets"][k][key] for k in seeds)  # noqa: E731
+    return dict(fd=mean(b, "fd_digits") / mean(a, "fd_digits") - 1, accuracy=mean(b, "accuracy") - mean(a, "accuracy"),
+                sets=len(seeds))
 
 
 def length_verdict(runs, tolerance, accuracy_tolerance):
@@ -731,9 +733,7 @@ def length_verdict(runs, tolerance, accuracy_tolerance):
     lengths = sorted(runs)
     changes = None
     for a, b in zip(lengths, lengths[1:]):
-        fa, fb, n = paired_means(runs[a], runs[b], "fd_digits")
-        aa, ab, _ = paired_means(runs[a], runs[b], "accuracy")
-        changes = dict(to=b, fd=(fb - fa) / fa, accuracy=ab - aa, sets=n)
+        changes = dict(to=b, **length_change(runs[a], runs[b]))
         if changes["fd"] > -tolerance and changes["accuracy"] < accuracy_tolerance:
             return a, changes
     return None, changes
@@ -769,8 +769,8 @@ def length_lines(found, args):
             g, fds = r["guided"], [m["fd_digits"] for m in r["sets"].values()]
             mean = lambda key: statistics.fmean(m[key] for m in r["sets"].values())  # noqa: E731
             if before:
-                fa, fb, n = paired_means(before, r, "fd_digits")
-                change = f"{(fb - fa) / fa:+.0%}" + (f" ({n} paired)" if n > 1 else "")
+                ch = length_change(before, r)
+                change = f"{ch['fd']:+.0%}" + (f" ({ch['sets']} paired)" if ch["sets"] > 1 else "")
             else:
                 change = "-"
             sets = " ".join(f"{x:.3g}" for x in fds) if len(fds) > 1 else "1"
@@ -827,7 +827,7 @@ def plot_lengths(found, path):
 
 def write_lengths_report(args):
     """The length check (--lengths): <out>/lengths.md and lengths.png, and with --record PAGE the page and
-    its figure (docs/figures/<page>.png: digits_lengths.png). Returns {(variant, lr, seed): (length, changes)}."""
+    its figure (docs/figures/<page>.png: digits_lengths.png). Returns the page's text."""
     found = length_records(args.lengths)
     if not compared(found):
         raise SystemExit(f"--lengths {' '.join(args.lengths)}: no variant and seed is recorded at two lengths there; "
@@ -841,4 +841,4 @@ def write_lengths_report(args):
         prefix = os.path.splitext(os.path.basename(args.record))[0]
         write_page(args.record, text, args.out, {"lengths.png": f"{prefix}.png"})
     print(text)
-    return {k: length_verdict(runs, args.converged_within, args.accuracy_within) for k, runs in compared(found).items()}
+    return text
