@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=COUNT, default=8000, help="training steps of the final runs")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="the final runs' lr schedule (the sweep's is constant): cosine decays to zero at --steps")
+    p.add_argument("--grad-clip", type=POSITIVE, default=None,
+                   help="clip the final runs' global grad norm at this value (default: off, as the sweep and DiT)")
     p.add_argument("--final-fid-every", type=COUNT, default=2000,
                    help="the final runs' curve points and checkpoint interval")
     p.add_argument("--fid-every", type=COUNT, default=1000,

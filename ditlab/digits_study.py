@@ -7,7 +7,7 @@ The phases, each skipped where its output already exists (so an interrupted stud
   2. the best lr of each variant: lowest FD-digits at --sweep-steps;
   3. final runs: every variant at its lr for every seed to --steps with --lr-schedule (cosine by default:
      annealed to zero at --steps; with constant, seed 0's sweep run is extended, the run that would have
-     gone there directly);
+     gone there directly) and --grad-clip (off by default);
   4. guidance: one scale for all, the best FD-digits of the LayerNorm seed-0 model over --cfg-candidates;
   5. sampling (sample_ddp.py, EMA weights) unguided and guided, scored by evaluate.py's digits route;
   6. memorisation (distance of every sample to its nearest training digit) and outliers (as
@@ -56,16 +56,19 @@ def run_key(variant, lr, seed):
 
 
 def run_settings(args, final):
-    """(lr schedule, evaluation and checkpoint interval) of the final runs or of the sweep's (constant lr)."""
-    return (args.lr_schedule, args.final_fid_every) if final else ("constant", args.fid_every)
+    """(lr schedule, evaluation and checkpoint interval, gradient clipping) of the final runs or of the
+    sweep's (constant lr, no clipping)."""
+    if final:
+        return args.lr_schedule, args.final_fid_every, args.grad_clip
+    return "constant", args.fid_every, None
 
 
 def find_run(args, variant, lr, seed, steps, final):
     """The newest run of this variant, lr, seed and lr schedule under <out>/runs (None if there is none
     yet). A constant-lr run of any length matches (seed 0's final run extends its sweep run: the run that
     would have gone there directly); a decaying run belongs to its own length."""
-    schedule, _ = run_settings(args, final)
-    wanted = {"normalization": variant, "lr": lr, "global_seed": seed, "lr_schedule": schedule}
+    schedule, _, clip = run_settings(args, final)
+    wanted = {"normalization": variant, "lr": lr, "global_seed": seed, "lr_schedule": schedule, "grad_clip": clip}
     if schedule != "constant":
         wanted["max_steps"] = steps
     return newest_run(os.path.join(args.out, "runs"), wanted)
@@ -78,7 +81,7 @@ def run_step(run):
 def train_command(args, variant, lr, seed, steps, final):
     """train.py's command for one run: a new demo run, or a resume of the existing one to `steps`."""
     run = find_run(args, variant, lr, seed, steps, final)
-    schedule, every = run_settings(args, final)
+    schedule, every, clip = run_settings(args, final)
     if run:
         return [sys.executable, "train.py", "--resume", run, "--max-steps", str(steps), "--threads", "1",
                 "--ckpt-every", str(every), "--fid-every", str(every)]
@@ -88,7 +91,7 @@ def train_command(args, variant, lr, seed, steps, final):
             "--sample-every", "0", "--ckpt-every", str(every), "--fid-every", str(every),
             "--fid-ref", args.digits_ref, "--fid-features", "digits", "--fid-num-samples", str(args.curve_samples),
             "--fid-sampling-steps", str(args.curve_sampling_steps), "--fid-cfg-scale", "1",
-            "--digits-classifier", args.digits_classifier]
+            "--digits-classifier", args.digits_classifier] + (["--grad-clip", f"{clip:g}"] if clip else [])
 
 
 def train_all(args, runs, final, diverged=None):
@@ -241,7 +244,7 @@ def outliers_of(args, run):
 # --records, so that the study continues across machines and sessions where the run directories (tens of
 # MB each) do not travel: a record is never recomputed, and the report is built from records alone.
 SWEEP_SETTINGS = ("sweep_steps", "fid_every", "curve_samples", "curve_sampling_steps")
-FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "lr_schedule", "final_fid_every", "samples", "sampling_steps")
+FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "lr_schedule", "final_fid_every", "samples", "sampling_steps", "grad_clip")
 GUIDANCE_SETTINGS = (*FINAL_SETTINGS, "cfg_candidates", "cfg_samples")
 
 
@@ -452,7 +455,7 @@ def run_study(args):
 
 
 def settings_of(args):
-    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "fid_every", "final_fid_every",
+    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "grad_clip", "fid_every", "final_fid_every",
             "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples",
             "noise_seeds")
     return {k: getattr(args, k) for k in keys}

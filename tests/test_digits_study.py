@@ -133,18 +133,27 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
         (run / "config.json").write_text(json.dumps(dict(normalization="layer-norm", lr=2e-3, global_seed=0, **config)))
         return str(run)
 
-    sweep = fake_run(0, lr_schedule="constant", max_steps=3000)
-    args = SimpleNamespace(out=str(tmp_path), lr_schedule="cosine", final_fid_every=2000, fid_every=1000,
+    sweep = fake_run(0, lr_schedule="constant", max_steps=3000, grad_clip=None)
+    args = SimpleNamespace(out=str(tmp_path), lr_schedule="cosine", final_fid_every=2000, fid_every=1000, grad_clip=None,
                            digits_ref="d/digits", curve_samples=10, curve_sampling_steps=2, digits_classifier="c.pt")
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) is None
     cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
-    assert "--resume" not in cmd and cmd[cmd.index("--lr-schedule") + 1] == "cosine"
+    assert "--resume" not in cmd and cmd[cmd.index("--lr-schedule") + 1] == "cosine" and "--grad-clip" not in cmd
     assert cmd[cmd.index("--fid-every") + 1] == "2000" and cmd[cmd.index("--max-steps") + 1] == "8000"
-    final = fake_run(1, lr_schedule="cosine", max_steps=8000)
+    final = fake_run(1, lr_schedule="cosine", max_steps=8000, grad_clip=None)
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) == final
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep  # still the sweep's
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 12000, final=True) is None  # another length
+    # clipped finals are runs of their own (an unclipped run of the same length is not continued clipped)
+    args.grad_clip = 0.5
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) is None
+    cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
+    assert "--resume" not in cmd and cmd[cmd.index("--grad-clip") + 1] == "0.5"
+    clipped = fake_run(2, lr_schedule="cosine", max_steps=8000, grad_clip=0.5)
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) == clipped
+    assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep  # the sweep never clips
+    args.grad_clip = None
     # constant-lr finals extend the sweep's run (the run that would have gone there directly)
     args.lr_schedule = "constant"
     cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
@@ -326,7 +335,7 @@ def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(t
     The report's within-model and between-seed spreads are checked against a hand computation."""
     args = SimpleNamespace(records=str(tmp_path / "records"), out=str(tmp_path), steps=8, samples=10, report=False,
                            noise_seeds=[1, 2], sweep_steps=4, fid_every=2, curve_samples=10, curve_sampling_steps=2,
-                           lr_schedule="cosine", final_fid_every=2, sampling_steps=2)
+                           lr_schedule="cosine", final_fid_every=2, sampling_steps=2, grad_clip=None)
     fd = {("run-a", 0): 50.0, ("run-a", 1): 40.0, ("run-a", 2): 45.0, ("run-a", 3): 47.0,
           ("run-b", 0): 30.0, ("run-b", 1): 20.0, ("run-b", 2): 25.0, ("run-b", 3): 26.0}
     finals = {("layer-norm", s): dict(lr=4e-3, unguided=dict(fd_digits=fd[(run, 0)], precision=0.9, recall=0.8,
