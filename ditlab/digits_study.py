@@ -694,8 +694,10 @@ def plot_grid(summary, args, path, per_class=4):
 # scored the same way. L is long enough when 2L is not measurably better.
 
 def length_records(folders):
-    """{(variant, lr, seed): {steps: record}} of the final runs recorded in `folders` (each the study at
-    one --steps); a folder without final records, or two folders at the same length, are refused."""
+    """{(variant, seed): {steps: record}} of the final runs recorded in `folders` (each the study at one
+    --steps). A variant may train at another lr (or --grad-clip) at another length, where its own lr no
+    longer trains stably: the rows say so. A folder without final records, or two folders at the same
+    length, are refused."""
     found = {}
     for folder in folders:
         paths = sorted(glob.glob(os.path.join(folder, "final-*.json")))
@@ -705,7 +707,7 @@ def length_records(folders):
             with open(path) as f:
                 record = json.load(f)
             steps = record["settings"]["steps"]
-            runs = found.setdefault((record["variant"], record["lr"], record["seed"]), {})
+            runs = found.setdefault((record["variant"], record["seed"]), {})
             if steps in runs:
                 raise SystemExit(f"--lengths: {path} and {runs[steps]['path']} are both {record['variant']} seed "
                                  f"{record['seed']} at {steps} steps; pass one folder per length")
@@ -716,6 +718,12 @@ def length_records(folders):
                     sets.update({int(k): m for k, m in json.load(f)["sets"].items()})
             runs[steps] = {**record, "path": path, "sets": sets}
     return found
+
+
+def recipe(record):
+    """A final record's lr, with its gradient clipping where it had one: "0.004", "0.002 clip 1"."""
+    clip = record["settings"].get("grad_clip")
+    return f"{record['lr']:g}" + (f" clip {clip:g}" if clip else "")
 
 
 def length_change(a, b):
@@ -743,7 +751,7 @@ def length_verdict(runs, tolerance, accuracy_tolerance):
 
 
 def variant_order(key):
-    """Sort key of (variant, lr, seed): the variants in VARIANTS order, then lr and seed."""
+    """Sort key of (variant, seed): the variants in VARIANTS order, then the seed."""
     return (VARIANTS.index(key[0]) if key[0] in VARIANTS else len(VARIANTS), key)
 
 
@@ -765,7 +773,7 @@ def length_lines(found, args):
              "FD-digits guided (scale) | nearest-digit ratio | near-copies | max/median |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     verdicts = {}
-    for (v, lr, s), runs in sorted(compared(found).items(), key=lambda kv: variant_order(kv[0])):
+    for (v, s), runs in sorted(compared(found).items(), key=lambda kv: variant_order(kv[0])):
         before = None
         for steps in sorted(runs):
             r = runs[steps]
@@ -777,12 +785,12 @@ def length_lines(found, args):
             else:
                 change = "-"
             sets = " ".join(f"{x:.3g}" for x in fds) if len(fds) > 1 else "1"
-            lines.append(f"| {v} | {lr:g} | {s} | {steps} | {statistics.fmean(fds):.3g} | {sets} | {change} | "
+            lines.append(f"| {v} | {recipe(r)} | {s} | {steps} | {statistics.fmean(fds):.3g} | {sets} | {change} | "
                          f"{mean('accuracy'):.3g} | {mean('recall'):.3g} | {g['fd_digits']:.3g} ({r['cfg_scale']:g}) | "
                          f"{g['memorisation']['ratio']:.2f} | {g['memorisation']['near_copies']:.1%} | "
                          f"{r['outliers']['max_median_ratio']:.3g} |")
             before = r
-        verdicts[(v, lr, s)] = length_verdict(runs, args.converged_within, args.accuracy_within)
+        verdicts[(v, s)] = length_verdict(runs, args.converged_within, args.accuracy_within), runs
     single = len(found) - len(verdicts)
     lines += ["", (f"{single} more run(s) are recorded at one length only and not compared. " if single else "") +
               "FD-digits, accuracy and recall unguided: the mean over the model's sample sets (sample seeds 0 and "
@@ -790,12 +798,14 @@ def length_lines(found, args):
               "mean over the sample seeds both lengths have. Guided and the rest: the sample-seed-0 set. "
               "Nearest-digit ratio and near-copies: of the guided samples, as on the study's page (1 and 5% "
               "for fresh digits); max/median: the worst block's channel-RMS outlier.", "", "## Verdict", ""]
-    for (v, lr, s), (length, ch) in verdicts.items():
+    for (v, s), ((length, ch), runs) in verdicts.items():
         paired = f", mean of {ch['sets']} paired sample sets" if ch["sets"] > 1 else ""
-        step = f"to {ch['to']} steps{paired}: FD-digits {ch['fd']:+.0%}, accuracy {ch['accuracy']:+.3f}"
+        recipes = [recipe(runs[steps]) for steps in sorted(runs)]
+        lrs = f", lr {' -> '.join(recipes)}" if len(set(recipes)) > 1 else ""
+        step = f"to {ch['to']} steps{paired}{lrs}: FD-digits {ch['fd']:+.0%}, accuracy {ch['accuracy']:+.3f}"
         lines.append(f"- {v} seed {s}: " + (f"trained at {length} steps ({step})" if length else
                                             f"still improving at its longest length ({step})"))
-    reached = [length for length, _ in verdicts.values()]
+    reached = [length for (length, _), _ in verdicts.values()]
     if all(reached):
         lines.append(f"- **Every run compared is trained at {max(reached)} steps**: the study's length.")
     else:
@@ -818,7 +828,8 @@ def plot_lengths(found, path):
             axes[0][col].plot([steps], [r["unguided"]["fd_digits"]], marker="x", ms=8, mew=2, color=color)
             axes[1][col].plot(pts[:, 0], pts[:, 2], marker="o", ms=2.5, color=color)
         axes[0][col].set_yscale("log")
-        axes[0][col].set_title(f"{key[0]} seed {key[2]} (lr {key[1]:g})", fontsize=9, color=COLORS.get(key[0]))
+        lrs = " / ".join(dict.fromkeys(recipe(found[key][steps]) for steps in sorted(found[key])))
+        axes[0][col].set_title(f"{key[0]} seed {key[1]} (lr {lrs})", fontsize=9, color=COLORS.get(key[0]))
         axes[0][col].legend(fontsize=7)
         axes[1][col].set_xlabel("training step")
     axes[0][0].set_ylabel("FD-digits (curve: 500 samples; x: 1,000)")

@@ -240,12 +240,12 @@ def test_real_digit_floor_scores_real_digits_as_near_perfect(tmp_path, digits_cl
     assert floor["accuracy"] >= 0.97 and floor["precision"] >= 0.9 and floor["fd_digits"] < 20
 
 
-def write_length_record(folder, variant, seed, steps, fd, accuracy, lr=4e-3):
+def write_length_record(folder, variant, seed, steps, fd, accuracy, lr=4e-3, grad_clip=None):
     """A final-run record as the study writes it, with the fields the length check reads."""
     os.makedirs(folder, exist_ok=True)
     quality = dict(fd_digits=fd, precision=0.9, recall=0.8, accuracy=accuracy)
     memo = dict(ratio=1.1, near_copies=0.01)
-    record = dict(variant=variant, lr=lr, seed=seed, cfg_scale=1.5, settings=dict(steps=steps),
+    record = dict(variant=variant, lr=lr, seed=seed, cfg_scale=1.5, settings=dict(steps=steps, grad_clip=grad_clip),
                   curve=[[steps // 2, 2 * fd, accuracy - 0.1], [steps, 1.2 * fd, accuracy]],
                   unguided=dict(quality, memorisation=memo), guided=dict(quality, fd_digits=fd + 5, memorisation=memo),
                   outliers=dict(max_median_ratio=40.0))
@@ -270,8 +270,8 @@ def test_length_check_finds_the_first_length_whose_doubling_no_longer_helps(tmp_
     assert verdict["none"] == (None, dict(to=4000, fd=pytest.approx(-1 / 3), accuracy=pytest.approx(0.05), sets=1))
     assert verdict["dyt"][0] is None and verdict["derf"] == (None, None)
     # a looser tolerance moves none's length; the accuracy criterion alone keeps dyt improving
-    assert digits_study.length_verdict(found[("none", 4e-3, 0)], 0.5, 0.1)[0] == 1000
-    assert digits_study.length_verdict(found[("dyt", 4e-3, 0)], 0.1, 0.1)[0] == 1000
+    assert digits_study.length_verdict(found[("none", 0)], 0.5, 0.1)[0] == 1000
+    assert digits_study.length_verdict(found[("dyt", 0)], 0.1, 0.1)[0] == 1000
 
     out, page = tmp_path / "out", tmp_path / "results" / "digits_lengths.md"
     cmd = [sys.executable, "digits_study.py", "--lengths", *folders, "--out", str(out), "--record", str(page)]
@@ -302,7 +302,7 @@ def test_length_check_compares_the_means_over_the_sample_seeds_both_lengths_have
     for folder, sets in ((a, {"1": 60.0, "2": 10.0}), (b, {"1": 40.0})):
         with open(os.path.join(folder, "noise-layer-norm-lr0.004-s0.json"), "w") as f:
             json.dump(dict(sets={k: dict(fd_digits=x, precision=0.9, recall=0.8, accuracy=0.9) for k, x in sets.items()}), f)
-    runs = digits_study.length_records([a, b])[("layer-norm", 4e-3, 0)]
+    runs = digits_study.length_records([a, b])[("layer-norm", 0)]
     assert sorted(runs[1000]["sets"]) == [0, 1, 2]
     length, changes = digits_study.length_verdict(runs, 0.1, 0.01)
     assert length is None and changes["sets"] == 2 and changes["fd"] == pytest.approx(43.5 / 55 - 1)
@@ -310,6 +310,21 @@ def test_length_check_compares_the_means_over_the_sample_seeds_both_lengths_have
     text = "\n".join(digits_study.length_lines(digits_study.length_records([a, b]), args))
     assert "| layer-norm | 0.004 | 0 | 1000 | 40 | 50 60 10 | - |" in text
     assert "| layer-norm | 0.004 | 0 | 2000 | 43.5 | 47 40 | -21% (2 paired) |" in text
+
+
+def test_length_check_follows_a_variant_whose_lr_changes_with_the_length(tmp_path):
+    """none at 4e-3 for 1000 steps and at 2e-3 with clipping for 2000 (its 4e-3 diverging there): one run
+    compared across the two lengths, each row with its own recipe and the verdict naming the change."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_length_record(a, "none", 0, 1000, 50, 0.9)
+    write_length_record(b, "none", 0, 2000, 40, 0.9, lr=2e-3, grad_clip=1.0)
+    found = digits_study.length_records([a, b])
+    assert list(found) == [("none", 0)] and sorted(found[("none", 0)]) == [1000, 2000]
+    args = SimpleNamespace(lengths=[a, b], converged_within=0.1, accuracy_within=0.01)
+    text = "\n".join(digits_study.length_lines(found, args))
+    assert "| none | 0.004 | 0 | 1000 | 50 |" in text and "| none | 0.002 clip 1 | 0 | 2000 | 40 | 1 | -20% |" in text
+    assert "- none seed 0: still improving at its longest length (to 2000 steps, lr 0.004 -> 0.002 clip 1: " \
+           "FD-digits -20%, accuracy +0.000)" in text
 
 
 @pytest.mark.parametrize("case, message", [
