@@ -353,7 +353,7 @@ def final_runs(args, lrs):
     if args.report:  # the study spans sessions: report the recorded runs (the report names the rest)
         done = {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
                 for s in args.seeds for v in args.variants if (v, s) not in todo}
-        return done, (read_record(args, "guidance", GUIDANCE_SETTINGS) if done else None)
+        return done, (recorded_guidance(args) if done else None)
     first = ("layer-norm" if "layer-norm" in args.variants else args.variants[0], args.seeds[0])
     todo.sort(key=lambda vs: vs != first)  # the guidance scale is chosen on this one: in the first wave
     train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
@@ -376,12 +376,23 @@ def final_runs(args, lrs):
             for s in args.seeds for v in args.variants}, cfg
 
 
+def recorded_guidance(args):
+    """The guidance record, or None. It is never replaced: another --cfg-scale would leave the recorded final
+    runs guided at the old scale, so it is refused."""
+    record = read_record(args, "guidance", GUIDANCE_SETTINGS)
+    if record is not None and args.cfg_scale not in (None, record["scale"]):
+        raise SystemExit(f"{record_path(args, 'guidance')}: this study guides at {record['scale']:g}, not --cfg-scale "
+                         f"{args.cfg_scale:g} (its final records were guided at it); pass --cfg-scale "
+                         f"{record['scale']:g}, or another --records folder for another scale")
+    return record
+
+
 def guidance(args, lrs):
     """Phase 4, once: the guidance record {"scale", "candidates"} (--cfg-scale, or chosen by choose_cfg on the
     first variant's first-seed final run, which must then be here)."""
     keys = GUIDANCE_SETTINGS
-    record = read_record(args, "guidance", keys)
-    if record is not None and (args.cfg_scale is None or record["scale"] == args.cfg_scale):
+    record = recorded_guidance(args)
+    if record is not None:
         return record
     if args.report:
         raise SystemExit("no guidance record yet; run without --report")

@@ -160,14 +160,20 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
     assert cmd[cmd.index("--resume") + 1] == sweep and cmd[cmd.index("--fid-every") + 1] == "2000"
 
 
+def study_command(digits, classifier, *flags):
+    """The tiny study's command on a digits folder of its own (train.py --demo writes it there) and the
+    session's classifier; later flags win."""
+    return [sys.executable, "digits_study.py", "--digits-ref", digits, "--digits-classifier", classifier,
+            "--variants", "layer-norm", "--lrs", "2e-3",
+            "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2", "--lr-schedule", "constant",
+            "--curve-samples", "10",
+            "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "1",
+            "--noise-seeds", "1", *flags]
+
+
 def run_study(digits, classifier, *flags):
-    """The study on a digits folder of its own (train.py --demo writes it there) and the session's classifier."""
-    cmd = [sys.executable, "digits_study.py", "--digits-ref", digits, "--digits-classifier", classifier,
-           "--variants", "layer-norm", "--lrs", "2e-3",
-           "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2", "--lr-schedule", "constant",
-           "--curve-samples", "10",
-           "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "1",
-           "--noise-seeds", "1", *flags]
+    """The tiny study; its stdout."""
+    cmd = study_command(digits, classifier, *flags)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
@@ -221,12 +227,13 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     assert "**Not yet measured** (1 of 3 final runs" in partial and "): layer-norm s2." in partial
     assert "| layer-norm | 0.002 | 0 1 |" in partial and "[digits] training" not in partial
     # records made with other settings are refused, not silently mixed in
-    bad = subprocess.run([sys.executable, "digits_study.py", "--digits-ref", common[0], "--digits-classifier", common[1],
-                          "--variants", "layer-norm", "--lrs", "2e-3",
-                          "--sweep-steps", "4", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2",
-                          "--out", str(out), "--report"],
+    bad = subprocess.run(study_command(*common, "--out", str(out), "--report", "--sweep-steps", "4"),
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
+    # another guidance scale would leave the recorded runs guided at the old one: refused, the scale named
+    bad = subprocess.run(study_command(*common, "--seeds", "0", "1", "--out", str(out), "--report", "--cfg-scale", "2"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "guides at 1, not --cfg-scale 2" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_real_digit_floor_scores_real_digits_as_near_perfect(tmp_path, digits_classifier):
