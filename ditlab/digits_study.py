@@ -4,7 +4,8 @@ scored guided and unguided against the real-digit floor, with a memorisation che
 
 The phases, each skipped where its output already exists (so an interrupted study continues):
   1. lr sweep: every variant at every --lrs, seed 0, --sweep-steps (FD-digits every --fid-every steps);
-  2. the best lr of each variant: lowest FD-digits at --sweep-steps;
+  2. the best lr of each variant: lowest FD-digits at --sweep-steps (a variant whose final run diverges
+     steps down to the next lower --lrs value, all its seeds);
   3. final runs: every variant at its lr for every seed to --steps with --lr-schedule (cosine by default:
      annealed to zero at --steps; with constant, seed 0's sweep run is extended, the run that would have
      gone there directly) and --grad-clip (off by default);
@@ -342,24 +343,56 @@ def best_lrs(args, sweep):
     return best
 
 
-def final_runs(args, lrs):
+def final_lrs(args, best):
+    """Per variant, the lr of its final runs: the sweep's best (best_lrs), stepped down to the next lower
+    --lrs value for as long as a final run of the variant at that lr has diverged (recorded as such): a short
+    sweep cannot see a divergence that comes later in a long run, and one lr serves all of a variant's seeds.
+    Returns ({variant: lr}, {variant: [the diverged final records it stepped past]})."""
+    lrs, stepped = {}, {}
+    for v, top in best.items():
+        for lr in sorted((x for x in args.lrs if x <= top), reverse=True):
+            bad = [r for r in (read_record(args, "final-" + run_key(v, lr, s), FINAL_SETTINGS) for s in args.seeds)
+                   if r and r.get("diverged")]
+            if not bad:
+                lrs[v] = lr
+                break
+            stepped.setdefault(v, []).extend(bad)
+        else:
+            raise SystemExit(f"{v}: a final run diverged at every lr up to its sweep's best {top:g} "
+                             f"({', '.join(run_key(v, r['lr'], r['seed']) for r in stepped[v])}); pass lower --lrs")
+    return lrs, stepped
+
+
+def final_runs(args, best):
     """Phases 3-6 for every (variant, seed) without a record, --parallel runs at a time (a wave): train,
     choose the guidance scale (once, after the wave holding its model), sample, score, memorisation,
     outliers, and write each run's record before the next wave starts (so a study cut short keeps every
-    finished wave). Returns ({(variant, seed): record}, the guidance record); with --report, trains nothing
-    and returns the recorded runs only (and no guidance record when there are none)."""
-    todo = [(v, s) for s in args.seeds for v in args.variants
-            if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
+    finished wave). A run that diverges is recorded as such and its variant goes on at the next lower lr
+    (final_lrs), all its seeds. Returns ({(variant, seed): record}, the guidance record); with --report,
+    trains nothing and returns the recorded runs only (and no guidance record when there are none)."""
+    def missing(lrs):
+        return [(v, s) for s in args.seeds for v in args.variants
+                if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
+
+    lrs, _ = final_lrs(args, best)
     if args.report:  # the study spans sessions: report the recorded runs (the report names the rest)
         done = {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
-                for s in args.seeds for v in args.variants if (v, s) not in todo}
+                for s in args.seeds for v in args.variants if (v, s) not in missing(lrs)}
         return done, (recorded_guidance(args) if done else None)
     first = ("layer-norm" if "layer-norm" in args.variants else args.variants[0], args.seeds[0])
-    todo.sort(key=lambda vs: vs != first)  # the guidance scale is chosen on this one: in the first wave
     train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
-    for i in range(0, len(todo), args.parallel):
-        wave = todo[i:i + args.parallel]
-        runs = train_all(args, [(v, lrs[v], s, args.steps) for v, s in wave], final=True)
+    while todo := sorted(missing(lrs), key=lambda vs: vs != first):  # guidance is chosen on `first`: its wave first
+        wave, diverged = {vs: lrs[vs[0]] for vs in todo[:args.parallel]}, {}
+        runs = train_all(args, [(v, lr, s, args.steps) for (v, s), lr in wave.items()], final=True, diverged=diverged)
+        for (v, lr, s), why in diverged.items():
+            run = runs[(v, lr, s)]
+            write_record(args, "final-" + run_key(v, lr, s), dict(variant=v, lr=lr, seed=s, diverged=why,
+                         run=run and os.path.basename(run)), FINAL_SETTINGS)
+            print(f"[digits] {run_key(v, lr, s)} diverged ({why}): {v} goes on at a lower lr", flush=True)
+        lrs, _ = final_lrs(args, best)  # a variant with a diverged run: its other seeds of this wave wait for it
+        wave = [(v, s) for (v, s), lr in wave.items() if (v, lr, s) not in diverged and lr == lrs[v]]
+        if first not in wave and recorded_guidance(args) is None and args.cfg_scale is None:
+            continue  # the guidance model diverged: the next wave trains it at its lower lr, then samples these
         cfg = guidance(args, lrs)
         sets = sample_all(args, [(runs[(v, lrs[v], s)], g, args.samples) for v, s in wave for g in (1.0, cfg["scale"])])
         for v, s in wave:
@@ -454,6 +487,9 @@ def run_study(args):
     if args.sweep_only:
         return write_report(args, summary)
     finals, cfg = final_runs(args, lrs)
+    summary["final_lr"], stepped = final_lrs(args, lrs)
+    summary["stepped_down"] = {v: [f"{run_key(v, r['lr'], r['seed'])} {r['diverged']}" for r in bad]
+                               for v, bad in stepped.items()}
     summary["missing"] = [f"{v} s{s}" for s in args.seeds for v in args.variants if (v, s) not in finals]
     if not finals:
         return write_report(args, summary)
@@ -519,7 +555,8 @@ def fmt(d, digits=3):
 def sweep_lines(summary, args):
     lines = ["## 1. Learning rate per variant (seed 0)", "",
              f"FD-digits of {args.curve_samples} unguided EMA samples ({args.curve_sampling_steps} DDPM steps) at "
-             f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs. Diverged: the "
+             f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs (unless one of them "
+             "diverged there: section 2 says). Diverged: the "
              "training loss became non-finite and train.py stopped the run (where, in the run's record).", "",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
              "|---|" + "---:|" * len(args.lrs)]
@@ -545,6 +582,10 @@ def final_lines(summary, args):
         lines += [f"**Not yet measured** ({len(summary['missing'])} of {len(args.variants) * len(args.seeds)} final "
                   "runs; the tables use the recorded ones, the seeds column says which): "
                   f"{', '.join(summary['missing'])}.", ""]
+    if summary.get("stepped_down"):
+        lines += ["**Trained below the sweep's best lr**: a final run diverged there, so every seed of the variant "
+                  "trains at the next lower lr: " + "; ".join(f"{v} at {summary['final_lr'][v]:g} ({', '.join(why)})"
+                                                             for v, why in summary["stepped_down"].items()) + ".", ""]
     if summary["cfg_candidates"]:
         cands = ", ".join(f"{g}: {fd:.3g}" for g, fd in summary["cfg_candidates"].items())
         lines += [f"Guidance scale chosen on {'layer-norm' if 'layer-norm' in args.variants else args.variants[0]} "
@@ -717,6 +758,8 @@ def length_records(folders):
         for path in paths:
             with open(path) as f:
                 record = json.load(f)
+            if record.get("diverged"):  # no model to compare (its variant trained at a lower lr: final_lrs)
+                continue
             steps = record["settings"]["steps"]
             runs = found.setdefault((record["variant"], record["seed"]), {})
             if steps in runs:

@@ -160,6 +160,56 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
     assert cmd[cmd.index("--resume") + 1] == sweep and cmd[cmd.index("--fid-every") + 1] == "2000"
 
 
+def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_lower_lr(tmp_path, monkeypatch):
+    """The sweep (short) cannot see a divergence late in a long run: a final run that diverges is recorded as
+    such, and every seed of its variant, also one already recorded at that lr, trains at the next lower --lrs
+    value; the other variants keep theirs; the report says so; past the lowest lr it is a clear error."""
+    args = SimpleNamespace(variants=["layer-norm", "none"], seeds=[0, 1], lrs=[1e-3, 2e-3, 4e-3], parallel=2,
+                           report=False, records=str(tmp_path / "records"), out=str(tmp_path), steps=8, sweep_steps=4,
+                           fid_every=2, curve_samples=10, curve_sampling_steps=2, lr_schedule="cosine",
+                           final_fid_every=2, samples=10, sampling_steps=2, grad_clip=None, cfg_scale=1.5,
+                           cfg_candidates=[1.5], cfg_samples=10)
+    diverges = {("none", 4e-3, 1)}  # seed 0 at 4e-3 trains fine, seed 1 does not
+    waves = []
+
+    def train_all(args, runs, final, diverged=None):
+        waves.append(sorted((v, lr, s) for v, lr, s, _ in runs))
+        for v, lr, s, _ in runs:
+            if (v, lr, s) in diverges:
+                diverged[(v, lr, s)] = "loss became nan between steps 4 and 6"
+        return {(v, lr, s): f"run-{v}-{lr:g}-{s}" for v, lr, s, _ in runs}
+
+    monkeypatch.setattr(digits_study, "train_all", train_all)
+    monkeypatch.setattr(digits_study, "sample_all", lambda args, items: {it: (dict(fd_digits=1.0, precision=1.0,
+                        recall=1.0, accuracy=1.0), "x.npz") for it in items})
+    for name in ("curve", "training_speed", "outliers_of", "memorisation", "save_grid_images"):
+        monkeypatch.setattr(digits_study, name, lambda *a: None)
+    best = {"layer-norm": 4e-3, "none": 4e-3}
+    finals, cfg = digits_study.final_runs(args, best)
+    assert waves == [[("layer-norm", 4e-3, 0), ("none", 4e-3, 0)], [("layer-norm", 4e-3, 1), ("none", 4e-3, 1)],
+                     [("none", 2e-3, 0), ("none", 2e-3, 1)]]
+    assert {k: r["lr"] for k, r in finals.items()} == {("layer-norm", 0): 4e-3, ("layer-norm", 1): 4e-3,
+                                                        ("none", 0): 2e-3, ("none", 1): 2e-3}
+    assert cfg["scale"] == 1.5 and "diverged" not in finals[("none", 0)]
+    diverged = digits_study.read_record(args, "final-none-lr0.004-s1", digits_study.FINAL_SETTINGS)
+    assert diverged["diverged"] == "loss became nan between steps 4 and 6" and "unguided" not in diverged
+    lrs, stepped = digits_study.final_lrs(args, best)
+    assert lrs == {"layer-norm": 4e-3, "none": 2e-3} and [r["seed"] for r in stepped["none"]] == [1]
+    waves.clear()  # a rerun (a later session) trains nothing
+    assert digits_study.final_runs(args, best)[0] == finals and waves == []
+    summary = dict(table={}, floor=dict(fd_digits=1, precision=1, recall=1, accuracy=1), missing=[], cfg_scale=1.5,
+                   cfg_candidates={}, final_lr=lrs, stepped_down={"none": ["none-lr0.004-s1 loss became nan between "
+                                                                            "steps 4 and 6"]})
+    text = "\n".join(digits_study.final_lines(summary, args))
+    assert "none at 0.002 (none-lr0.004-s1 loss became nan between steps 4 and 6)" in text
+    # every lr down to the lowest diverged: an error naming the runs, not a run at a diverging lr
+    diverges.update({("none", 2e-3, 0), ("none", 1e-3, 1)})
+    for key in ("none-lr0.002-s1", "none-lr0.002-s0"):
+        os.remove(os.path.join(args.records, f"final-{key}.json"))
+    with pytest.raises(SystemExit, match="none: a final run diverged at every lr up to its sweep's best 0.004"):
+        digits_study.final_runs(args, best)
+
+
 def study_command(digits, classifier, *flags):
     """The tiny study's command on a digits folder of its own (train.py --demo writes it there) and the
     session's classifier; later flags win."""
