@@ -43,6 +43,9 @@ def parse_args(argv=None):
                    help="the final runs' lr schedule (the sweep's is constant): cosine decays to zero at --steps")
     p.add_argument("--grad-clip", type=POSITIVE, default=None,
                    help="clip the final runs' global grad norm at this value (default: off, as the sweep and DiT)")
+    p.add_argument("--stop-loss-ratio", type=POSITIVE, default=5.0, metavar="R",
+                   help="a final run whose logged loss exceeds R times its lowest so far is stopped as diverged (a "
+                        "blow-up that stays finite; train.py --stop-loss-ratio); its variant then steps down an lr")
     p.add_argument("--final-fid-every", type=COUNT, default=2000,
                    help="the final runs' curve points and checkpoint interval")
     p.add_argument("--fid-every", type=COUNT, default=1000,

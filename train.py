@@ -89,7 +89,7 @@ SPEC = RunSpec(
         "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
         "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir", "fid_every", "fid_ref",
         "fid_num_samples", "fid_cfg_scale", "fid_sampling_steps", "fid_features", "fid_batch_size", "inception_weights",
-        "digits_classifier", "sample_sampler", "fid_sampler",
+        "digits_classifier", "sample_sampler", "fid_sampler", "stop_loss_ratio",
     ),
     # Flags that only steer this process; never saved in the config.
     runtime_only=("resume", "device", "demo", "no_layernorm", "threads"),
@@ -252,7 +252,7 @@ def main(argv=None):
             trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run.run_dir,
                               logger=logger, config=run.config, lr=args.lr, weight_decay=args.weight_decay,
                               ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
-                              compile=args.compile,
+                              compile=args.compile, stop_loss_ratio=args.stop_loss_ratio,
                               lr_schedule=lr_multiplier(args.lr_schedule, args.warmup_steps, max_steps))
             epoch = position = 0
             if run.resumed:

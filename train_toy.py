@@ -44,7 +44,7 @@ from models import NORM_LAYERS, DiT_models, build_model_from_config
 SPEC = RunSpec(
     script="train_toy.py",
     # What a resumed run takes from the command line (to extend it); everything else comes from its config.
-    resume_overrides=("max_steps", "eval_steps", "ckpt_every", "log_every", "compile"),
+    resume_overrides=("max_steps", "eval_steps", "ckpt_every", "log_every", "compile", "stop_loss_ratio"),
     # Flags that only steer this process; never saved in the config.
     runtime_only=("resume", "threads", "device", "no_layernorm", "eval_every"),
     logs=("metrics.jsonl", "embeddings.jsonl"),
@@ -114,7 +114,7 @@ def main(argv=None):
         trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run.run_dir,
                           logger=logger, config=run.config, lr=args.lr, weight_decay=args.weight_decay,
                           ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
-                          compile=args.compile,
+                          compile=args.compile, stop_loss_ratio=args.stop_loss_ratio,
                           lr_schedule=lr_multiplier(args.lr_schedule, args.warmup_steps, args.max_steps))
         if run.resumed:
             trainer.load(ckpt)

@@ -83,23 +83,25 @@ def train_command(args, variant, lr, seed, steps, final):
     """train.py's command for one run: a new demo run, or a resume of the existing one to `steps`."""
     run = find_run(args, variant, lr, seed, steps, final)
     schedule, every, clip = run_settings(args, final)
+    spike = ["--stop-loss-ratio", f"{args.stop_loss_ratio:g}"] if final and args.stop_loss_ratio else []
     if run:
         return [sys.executable, "train.py", "--resume", run, "--max-steps", str(steps), "--threads", "1",
-                "--ckpt-every", str(every), "--fid-every", str(every)]
+                "--ckpt-every", str(every), "--fid-every", str(every)] + spike
     return [sys.executable, "train.py", "--demo", "--data-path", args.digits_ref, "--normalization", variant, "--lr",
             f"{lr:g}", "--lr-schedule", schedule, "--global-seed",
             str(seed), "--max-steps", str(steps), "--results-dir", os.path.join(args.out, "runs"), "--threads", "1",
             "--sample-every", "0", "--ckpt-every", str(every), "--fid-every", str(every),
             "--fid-ref", args.digits_ref, "--fid-features", "digits", "--fid-num-samples", str(args.curve_samples),
             "--fid-sampling-steps", str(args.curve_sampling_steps), "--fid-cfg-scale", "1",
-            "--digits-classifier", args.digits_classifier] + (["--grad-clip", f"{clip:g}"] if clip else [])
+            "--digits-classifier", args.digits_classifier] + (["--grad-clip", f"{clip:g}"] if clip else []) + spike
 
 
 def train_all(args, runs, final, diverged=None):
     """Train every (variant, lr, seed, steps) not yet at its step count (the final runs, or the sweep's),
     --parallel at a time, the runs with the most steps left first; returns {(variant, lr, seed): run dir}.
     A failed run stops the study (naming its log), except that with a `diverged` dict a run whose loss
-    became non-finite (train.py stops it with exit code DIVERGED_EXIT) is entered there, {(variant, lr,
+    became non-finite or, in a final run, spiked past --stop-loss-ratio (train.py stops it with exit code
+    DIVERGED_EXIT) is entered there, {(variant, lr,
     seed): where, from train.py's message}, and the others go on: a sweep that reaches a too-large lr learns
     that it diverges."""
     todo = [(steps - run_step(find_run(args, v, lr, s, steps, final)), v, lr, s, steps) for v, lr, s, steps in runs]
@@ -113,7 +115,8 @@ def train_all(args, runs, final, diverged=None):
             continue
         if code != DIVERGED_EXIT:
             raise SystemExit(f"{name} failed (exit {code}); its log: {os.path.join(log_dir, name + '.log')}")
-        found = re.findall(r"loss became \S+ between steps \d+ and \d+", read_log(os.path.join(log_dir, f"{name}.log")))
+        found = re.findall(r"loss became \S+ between steps \d+ and \d+(?:, \S+x its lowest logged value [^\s(]+)?",
+                           read_log(os.path.join(log_dir, f"{name}.log")))
         diverged[(v, lr, s)] = found[-1] if found else f"loss became non-finite (exit {code})"
     return {(v, lr, s): find_run(args, v, lr, s, steps, final) for v, lr, s, steps in runs}
 
@@ -502,7 +505,8 @@ def run_study(args):
 
 
 def settings_of(args):
-    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "grad_clip", "fid_every", "final_fid_every",
+    keys = ("variants", "seeds", "lrs", "sweep_steps", "steps", "lr_schedule", "grad_clip", "stop_loss_ratio", "fid_every",
+            "final_fid_every",
             "curve_samples", "curve_sampling_steps", "samples", "sampling_steps", "cfg_candidates", "cfg_samples",
             "noise_seeds")
     return {k: getattr(args, k) for k in keys}
@@ -557,7 +561,8 @@ def sweep_lines(summary, args):
              f"FD-digits of {args.curve_samples} unguided EMA samples ({args.curve_sampling_steps} DDPM steps) at "
              f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs (unless one of them "
              "diverged there: section 2 says). Diverged: the "
-             "training loss became non-finite and train.py stopped the run (where, in the run's record).", "",
+             "training loss became non-finite and train.py stopped the run (where, in the run's record; a final run "
+             "also stops at a finite blow-up, --stop-loss-ratio).", "",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
              "|---|" + "---:|" * len(args.lrs)]
     for v in args.variants:

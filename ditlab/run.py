@@ -261,6 +261,9 @@ def add_optimisation_args(g, **defaults):
     g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")
     g.add_argument("--ema-decay", type=FRACTION, default=defaults.get("ema_decay"))
     g.add_argument("--grad-clip", type=POSITIVE, default=None, help="clip the global grad norm (default: off)")
+    g.add_argument("--stop-loss-ratio", type=POSITIVE, default=None, metavar="R",
+                   help="stop as diverged (exit 3, as for a NaN loss) when a logged mean loss (every --log-every "
+                        "steps) exceeds R times the lowest logged so far (default: off)")
     g.add_argument("--precision", choices=PRECISIONS, default=defaults.get("precision"),
                    help="tf32: fp32 with TF32 matmuls on GPU")
     add_compile_arg(g, defaults.get("compile_help", ""))

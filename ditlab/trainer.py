@@ -127,7 +127,8 @@ class Trainer:
     """
 
     def __init__(self, model, diffusion, *, dist_info, run_dir=None, logger=None, config=None, lr=1e-4, weight_decay=0.0,
-                 ema_decay=0.9999, grad_clip=None, precision="fp32", compile=False, lr_schedule=None):
+                 ema_decay=0.9999, grad_clip=None, precision="fp32", compile=False, lr_schedule=None,
+                 stop_loss_ratio=None):
         if precision not in PRECISIONS:
             raise SystemExit(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.dist = dist_info
@@ -137,6 +138,7 @@ class Trainer:
         self.diffusion = diffusion
         self.ema_decay = ema_decay
         self.grad_clip = grad_clip
+        self.stop_loss_ratio = stop_loss_ratio  # a logged loss this many times the lowest so far: diverged
         self.precision = precision
         self.lr = lr
         self.lr_schedule = lr_schedule  # fn(step) -> multiplier of lr, or None for constant
@@ -269,6 +271,7 @@ class Trainer:
                 if not math.isfinite(avg_loss):
                     raise StopTraining(f"error: loss became {avg_loss} between steps {last_step} and {self.step}; "
                                        f"stopping. {self._last_good_checkpoint()}")
+                self._check_spike(avg_loss, last_step)
                 self.loss_history.append([self.step, avg_loss])
                 now = time.time()
                 rate = n / max(now - last_time, 1e-9)
@@ -302,6 +305,18 @@ class Trainer:
                                  f"--resume {self.run_dir} or --resume auto)")
                 return False
         return True
+
+    def _check_spike(self, loss, last_step):
+        """With stop_loss_ratio, a logged mean loss that many times the lowest logged so far (also before a
+        resume: the history is in the checkpoint) stops the run as diverged: a blow-up that stays finite (the
+        loss jumps 30x or more and may recover slowly) would otherwise train on and be scored as a model."""
+        if not self.stop_loss_ratio or not self.loss_history:
+            return
+        lowest = min(value for _, value in self.loss_history)
+        if loss > self.stop_loss_ratio * lowest:
+            raise StopTraining(f"error: loss became {loss:.4g} between steps {last_step} and {self.step}, "
+                               f"{loss / lowest:.3g}x its lowest logged value {lowest:.4g} (--stop-loss-ratio "
+                               f"{self.stop_loss_ratio:g}); stopping. {self._last_good_checkpoint()}")
 
     def _last_good_checkpoint(self):
         """What a NaN stop leaves to resume from: the newest checkpoint, if one was written."""

@@ -119,6 +119,13 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
     # every lr diverged: a clear error, not a run at a diverging lr
     with pytest.raises(SystemExit, match="every lr of the sweep diverged for none"):
         digits_study.best_lrs(args, {("none", lr): sweep[("none", 8e-3)] for lr in args.lrs})
+    # a finite blow-up (a final run's --stop-loss-ratio) is a divergence too, recorded with its size
+    said[2e-3] = ("print('error: loss became 0.7243 between steps 7500 and 8000, 33.1x its lowest logged value "
+                  f"0.02188 (--stop-loss-ratio 5); stopping.'); raise SystemExit({DIVERGED_EXIT})")
+    diverged = {}
+    digits_study.train_all(args, [("none", 2e-3, 0, 4)], final=True, diverged=diverged)
+    assert diverged == {("none", 2e-3, 0): "loss became 0.7243 between steps 7500 and 8000, 33.1x its lowest "
+                                           "logged value 0.02188"}
     # a failure that is not a divergence stops the study, whatever its log says: the exit code decides
     said[2e-3] = "print('loss became nan between steps 0 and 2'); raise SystemExit(1)"
     with pytest.raises(SystemExit, match="none-lr0.002-s0 failed \\(exit 1\\)"):
@@ -135,12 +142,15 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
 
     sweep = fake_run(0, lr_schedule="constant", max_steps=3000, grad_clip=None)
     args = SimpleNamespace(out=str(tmp_path), lr_schedule="cosine", final_fid_every=2000, fid_every=1000, grad_clip=None,
-                           digits_ref="d/digits", curve_samples=10, curve_sampling_steps=2, digits_classifier="c.pt")
+                           digits_ref="d/digits", curve_samples=10, curve_sampling_steps=2, digits_classifier="c.pt",
+                           stop_loss_ratio=5.0)
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) is None
     cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
     assert "--resume" not in cmd and cmd[cmd.index("--lr-schedule") + 1] == "cosine" and "--grad-clip" not in cmd
     assert cmd[cmd.index("--fid-every") + 1] == "2000" and cmd[cmd.index("--max-steps") + 1] == "8000"
+    assert cmd[cmd.index("--stop-loss-ratio") + 1] == "5"  # final runs stop at a finite blow-up; the sweep's not
+    assert "--stop-loss-ratio" not in digits_study.train_command(args, "layer-norm", 2e-3, 0, 3000, final=False)
     final = fake_run(1, lr_schedule="cosine", max_steps=8000, grad_clip=None)
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) == final
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep  # still the sweep's
@@ -158,6 +168,7 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
     args.lr_schedule = "constant"
     cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
     assert cmd[cmd.index("--resume") + 1] == sweep and cmd[cmd.index("--fid-every") + 1] == "2000"
+    assert cmd[cmd.index("--stop-loss-ratio") + 1] == "5"  # also when a final run is resumed
 
 
 def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_lower_lr(tmp_path, monkeypatch):

@@ -532,6 +532,42 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folde
     assert f"{bad_step:07d}.pt" not in os.listdir(os.path.join(only_run(tmp_path), "checkpoints"))
 
 
+def test_a_finite_loss_spike_stops_as_diverged_with_stop_loss_ratio_also_after_a_resume(tmp_path):
+    """--stop-loss-ratio R: a logged mean loss above R times the lowest logged so far stops the run with
+    DIVERGED_EXIT before the spiking step's checkpoint; the comparison includes the history a resumed run
+    brings from its checkpoint; off by default; a rise under R trains on."""
+    losses = iter([1.0, 1.0, 0.2, 0.3, 0.2, 0.3, 0.39, 0.5, 2.5, 2.5])  # per step; logged every 2 steps
+
+    def scripted(trainer):
+        def step(x, y):
+            trainer.step += 1
+            return torch.tensor(next(losses)), torch.tensor(0.1)
+        return step
+
+    batches = iter(lambda: (torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long)), None)
+    trainer = toy_trainer()
+    trainer.run_dir, trainer.stop_loss_ratio, trainer.train_step = str(tmp_path), 2.0, scripted(trainer)
+    (tmp_path / "checkpoints").mkdir()
+    assert trainer.fit(batches, 6, log_every=2, ckpt_every=2)  # means 1.0, 0.25, 0.25: no spike
+    assert [v for _, v in trainer.loss_history] == [1.0, 0.25, 0.25]
+    resumed = toy_trainer()
+    resumed.load(load_checkpoint(str(tmp_path / "checkpoints" / "latest.pt")))
+    resumed.run_dir, resumed.stop_loss_ratio, resumed.train_step = str(tmp_path), 2.0, scripted(resumed)
+    with pytest.raises(SystemExit) as stop:  # steps 7-8: mean 0.445 < 2 x 0.25 trains on; 9-10: 2.5 / 0.25 = 10x
+        resumed.fit(batches, 12, log_every=2, ckpt_every=2)
+    assert stop.value.code == DIVERGED_EXIT and resumed.step == 10
+    message = str(stop.value)
+    assert "loss became 2.5 between steps 8 and 10, 10x its lowest logged value 0.25" in message
+    assert "last good checkpoint (step 8) is untouched" in message
+    assert "0000010.pt" not in os.listdir(tmp_path / "checkpoints")
+    # off (the default): the same spike is logged and trained through
+    losses = iter([1.0, 1.0, 0.2, 0.2, 5.0, 5.0])
+    quiet = toy_trainer()
+    quiet.run_dir, quiet.train_step = str(tmp_path / "quiet"), scripted(quiet)
+    (tmp_path / "quiet" / "checkpoints").mkdir(parents=True)
+    assert quiet.fit(batches, 6, log_every=2) and quiet.loss_history[-1] == [6, 5.0]
+
+
 #################################################################################
 #                              Errors for bad input                             #
 #################################################################################
