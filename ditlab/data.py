@@ -35,28 +35,44 @@ def to_tensor(arr):
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+# Data sets whose decoded images fit in this many bytes are cached in memory, each loader process its own copy
+# (CIFAR-10's 50,000 32px images take 150 MB; ImageNet at 256px is never cached).
+CACHE_BYTES = 256 * 2 ** 20
+
+
 class FlipImageFolder(ImageFolder):
     """An ImageFolder indexed by (index, flip) keys: returns the ADM-center-cropped image scaled to
     [-1, 1], mirrored left-right when flip is 1, and its class label.
 
     Mirroring the tensor is exactly mirroring the picture (a permutation of pixels), so
-    `dataset[i, 1][0] == dataset[i, 0][0].flip(-1)`.
+    `dataset[i, 1][0] == dataset[i, 0][0].flip(-1)`. A data set of at most `cache_bytes` decoded is
+    kept in memory after its first read (the same values, without decoding every epoch again).
     """
 
-    def __init__(self, root, image_size):
+    def __init__(self, root, image_size, cache_bytes=CACHE_BYTES):
         super().__init__(root)
         self.image_size = image_size
         self.bad_images_file = None  # where unreadable images are reported (set before the workers start)
+        # Kept decoded (uint8) after the first read: a small model's step is short beside decoding its batch
+        # (the digits demo: about a tenth of a step; benchmarks/digits_step.py).
+        self.cache = {} if len(self.samples) * 3 * image_size ** 2 <= cache_bytes else None
 
     def image(self, index):
         """The unflipped (3, H, W) image `index` and its label; an unreadable image is reported and
         replaced by the next readable one (index + 1, + 2, ... wrapping around)."""
+        if self.cache is not None and index in self.cache:
+            arr, label = self.cache[index]
+            return to_tensor(arr), label
         for i in range(index, index + len(self.samples)):
             path, label = self.samples[i % len(self.samples)]
             try:
-                return to_tensor(center_crop_arr(self.loader(path), self.image_size)), label
+                arr = center_crop_arr(self.loader(path), self.image_size)
             except UNREADABLE as e:
                 report_bad_image(self.bad_images_file, path, e)
+                continue
+            if self.cache is not None:
+                self.cache[index] = np.ascontiguousarray(arr), label  # not a view of the resized picture
+            return to_tensor(arr), label
         raise RuntimeError(f"no image in {self.root} can be read")
 
     def __getitem__(self, key):

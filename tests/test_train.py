@@ -137,6 +137,28 @@ def test_flipped_item_is_the_mirrored_image(image_folder):
     assert torch.equal(x1, x0.flip(-1)) and -1 <= x0.min() and x0.max() <= 1
 
 
+def test_small_data_set_is_cached_decoded_and_unchanged(tmp_path, image_folder):
+    root = tmp_path / "images"
+    shutil.copytree(image_folder, root)
+    cached, plain = data.FlipImageFolder(str(root), 16), data.FlipImageFolder(str(root), 16, cache_bytes=0)
+    assert cached.cache == {} and plain.cache is None  # 12 x 3 x 16 x 16 bytes fit; none fit in 0
+    first = [(cached[i, 0], cached[i, 1]) for i in range(NUM_IMAGES)]  # the read that fills the cache
+    for i, ((x, y), (x_flip, y_flip)) in enumerate(first):
+        ref_x, ref_y = plain[i, 0]  # decoded from its file
+        assert y == y_flip == ref_y and torch.equal(x, ref_x) and torch.equal(x_flip, ref_x.flip(-1))
+    assert sorted(cached.cache) == list(range(NUM_IMAGES))
+    shutil.rmtree(root)  # the files are gone: the cache answers, with the values it first read
+    for i, ((x, y), (x_flip, _)) in enumerate(first):
+        (a, b), (a_flip, _) = cached[i, 0], cached[i, 1]
+        assert b == y and torch.equal(a, x) and torch.equal(a_flip, x_flip)
+    cached[0, 0][0].add_(1)  # a returned tensor is the caller's: changing it leaves the cache as it was
+    assert torch.equal(cached[0, 0][0], first[0][0][0])
+    with pytest.raises(RuntimeError, match="no image .* can be read"):  # the uncached one reads the files
+        plain[0, 0]
+    exact = data.FlipImageFolder(image_folder, 16, cache_bytes=NUM_IMAGES * 3 * 16 * 16 - 1)
+    assert exact.cache is None  # one byte short of the data set: not cached
+
+
 #################################################################################
 #                                  Training                                     #
 #################################################################################
