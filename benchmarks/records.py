@@ -57,6 +57,7 @@ def record(path, section):
     if MARKER not in text:
         text = text.rstrip("\n") + "\n\n" + MARKER + "\n"
     head, tail = text.split(MARKER, 1)
-    text = head + MARKER + "\n\n" + section + tail.lstrip("\n")
+    # One blank line between sections, so every heading stays a heading whatever the section ends with.
+    text = head + MARKER + "\n\n" + section.rstrip("\n") + "\n\n" + tail.lstrip("\n")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: f.write(text.encode()))

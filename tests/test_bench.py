@@ -117,6 +117,8 @@ def test_record_puts_newest_first(tmp_path):
     text = open(path).read()
     assert text.startswith("# Benchmarks")
     assert text.index(records.MARKER) < text.index("## second") < text.index("## first")
+    # A blank line separates the sections, even when a section ends with a single newline.
+    assert "## second\n\n## first\n" in text
 
 
 def test_end_to_end_tiny(tmp_path):
