@@ -718,22 +718,30 @@ def plot_curves(summary, args, path):
     plt.close(fig)
 
 
+def tile_by_class(images, labels, per_class, gap=2, fill=96):
+    """The first `per_class` images of each digit 0-9 (N, H, W, C uint8) as one uint8 picture: a column per
+    digit, a row per pick, `gap` pixels of grey `fill` around every cell (so neighbouring digits read as
+    separate images, and a missing pick as an empty cell, not as a black digit)."""
+    _, h, w, c = images.shape
+    canvas = np.full((gap + per_class * (h + gap), gap + 10 * (w + gap), c), fill, np.uint8)
+    for digit in range(10):
+        for row, image in enumerate(images[labels == digit][:per_class]):
+            y, x = gap + row * (h + gap), gap + digit * (w + gap)
+            canvas[y:y + h, x:x + w] = image
+    return canvas
+
+
 def plot_grid(summary, args, path, per_class=4):
     """Guided samples of each variant's first seed: one panel per variant, a column per digit."""
     variants = list(summary["table"])
-    fig, axes = plt.subplots(1, len(variants), figsize=(2.8 * len(variants), 0.6 + 0.28 * per_class),
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 0.8 + 0.36 * per_class),
                              squeeze=False)
     for ax, v in zip(axes[0], variants):
         entry = min((r for r in summary["runs"].values() if r["variant"] == v), key=lambda r: r["seed"])
         with np.load(os.path.join(args.records, f"final-{run_key(v, entry['lr'], entry['seed'])}.grid.npz")) as f:
             images, labels = f["images"], f["labels"]
-        rows = []
-        for c in range(10):
-            picks = images[labels == c][:per_class]
-            picks = np.concatenate([picks, np.zeros((per_class - len(picks), *images.shape[1:]), np.uint8)])
-            rows.append(np.concatenate(list(picks), 0))
-        ax.imshow(np.concatenate(rows, 1), interpolation="nearest")
-        ax.set_title(f"{v} (lr {entry['lr']:g})", fontsize=9)
+        ax.imshow(tile_by_class(images, labels, per_class), interpolation="nearest")
+        ax.set_title(f"{v} (lr {entry['lr']:g}, seed {entry['seed']})", fontsize=9)
         ax.axis("off")
     fig.suptitle(f"Guided samples (scale {summary['cfg_scale']:g}), first seed, one column per digit", fontsize=10)
     fig.tight_layout()

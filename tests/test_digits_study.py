@@ -240,6 +240,21 @@ def run_study(digits, classifier, *flags):
     return out.stdout
 
 
+def test_tile_by_class_puts_each_pick_in_its_digits_column_with_grey_gaps():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (25, 3, 5, 3), dtype=np.uint8)
+    labels = np.array([i % 10 for i in range(25)])  # digits 0-4 three times, 5-9 twice
+    gap, fill, per_class = 1, 96, 3
+    canvas = digits_study.tile_by_class(images, labels, per_class, gap=gap, fill=fill)
+    assert canvas.shape == (gap + 3 * (3 + gap), gap + 10 * (5 + gap), 3)
+    expected = np.full(canvas.shape, fill, np.uint8)
+    for digit in range(10):
+        for row, i in enumerate(np.flatnonzero(labels == digit)[:per_class]):  # brute force: pick by pick
+            expected[1 + 4 * row:4 + 4 * row, 1 + 6 * digit:6 + 6 * digit] = images[i]
+    np.testing.assert_array_equal(canvas, expected)
+    assert (canvas[9:12, 1 + 6 * 7:6 + 6 * 7] == fill).all()  # digit 7 has two picks: its third cell stays grey
+
+
 def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_classifier):
     out = tmp_path / "study"
     common = (str(tmp_path / "digits"), digits_classifier)
