@@ -35,7 +35,7 @@ from ditlab.analysis import DEFAULT_TIMESTEPS, analyze_checkpoint
 from ditlab.checkpoints import load_checkpoint
 from ditlab.data import write_digits_folder
 from ditlab.evaluation import Evaluator
-from ditlab.features import digits_rgb, real_digits, to_gray
+from ditlab.features import classifier_id, digits_rgb, real_digits, to_gray
 from ditlab.files import provenance, write_json, write_page
 from ditlab.jobs import read_log, run_jobs
 from ditlab.run import newest_run
@@ -275,9 +275,12 @@ def read_record(args, name, keys):
 
 
 def write_record(args, name, record, keys):
+    """The record `name` with the settings it was made with, its provenance and the fingerprint of the digits
+    classifier that scored it (None where none exists yet)."""
     os.makedirs(args.records, exist_ok=True)
+    scorer = classifier_id(args.digits_classifier) if os.path.isfile(args.digits_classifier) else None
     write_json(record_path(args, name), {**record, "settings": {k: getattr(args, k) for k in keys},
-                                         "provenance": provenance()})
+                                         "digits_classifier": scorer, "provenance": provenance()})
 
 
 def training_speed(run):
@@ -499,6 +502,8 @@ def run_study(args):
     summary.update(cfg_scale=cfg["scale"], cfg_candidates=cfg["candidates"], floor=real_floor(args),
                    runs={f"{v} s{s}": r for (v, s), r in finals.items()})
     summary["table"] = final_table(summary, args.variants)
+    summary["classifiers"] = {"floor": classifier_id(args.digits_classifier),
+                              **{f"{v} s{s}": r.get("digits_classifier") for (v, s), r in finals.items()}}
     summary["noise"] = {f"{v} s{s}": {str(k): m for k, m in sorted(sets.items())}
                         for (v, s), sets in sampling_noise(args, finals).items() if len(sets) > 1}
     return write_report(args, summary)
@@ -575,6 +580,23 @@ def sweep_lines(summary, args):
     return lines + ["", "![lr sweep](lr_sweep.png)", ""]
 
 
+def classifier_lines(classifiers):
+    """A warning when the floor and the runs were not all scored with one digits classifier (a classifier
+    trained on another CPU is another classifier: FD-digits moves by 1-3%)."""
+    floor = classifiers.get("floor")
+    others = {}
+    for run, scorer in classifiers.items():
+        if run != "floor" and scorer != floor:
+            others.setdefault(scorer, []).append(run)
+    if not others:
+        return []
+    parts = [f"{', '.join(runs)} with {scorer}" if scorer else f"{', '.join(runs)} with one not recorded (written "
+             "before records kept it; the record's provenance names the machine)" for scorer, runs in others.items()]
+    return [f"**Not all scored with one digits classifier**: the floor and the other runs with {floor}; "
+            + "; ".join(parts) + ". A classifier retrained on another CPU moves FD-digits by 1-3%, so differences "
+            "of that size between these runs and the rest are not evidence.", ""]
+
+
 def final_lines(summary, args):
     table, floor = summary["table"], summary["floor"]
     lines = [f"## 2. Trained models: {args.steps} steps ({args.lr_schedule} lr), seeds {args.seeds}", "",
@@ -587,6 +609,7 @@ def final_lines(summary, args):
         lines += [f"**Not yet measured** ({len(summary['missing'])} of {len(args.variants) * len(args.seeds)} final "
                   "runs; the tables use the recorded ones, the seeds column says which): "
                   f"{', '.join(summary['missing'])}.", ""]
+    lines += classifier_lines(summary.get("classifiers") or {})
     if summary.get("stepped_down"):
         lines += ["**Trained below the sweep's best lr**: a final run diverged there, so every seed of the variant "
                   "trains at the next lower lr: " + "; ".join(f"{v} at {summary['final_lr'][v]:g} ({', '.join(why)})"

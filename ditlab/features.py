@@ -2,6 +2,7 @@
 classifier."""
 
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -18,7 +19,11 @@ from ditlab.files import atomic_write
 FEATURES = ("inception", "digits")
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-DIGITS_CLASSIFIER = os.path.join("data", "digits_classifier.pt")
+# The digits classifier that FD-digits is measured with, shipped beside this module (train_digits_classifier,
+# trained on an AMD EPYC core on 2026-12-04). Training is deterministic on one machine but not across CPUs
+# (another matmul kernel, another classifier): scores measured with two classifiers differ by 1-3%, so every
+# machine measures with this one. A --digits-classifier path that does not exist is trained there instead.
+DIGITS_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.pt")
 DIGITS_SIZE = 16  # the digits demo's image size
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 
@@ -38,7 +43,8 @@ def add_network_args(group, features_flag="--features"):
                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: downloaded once "
                             "into torch's hub cache)")
     group.add_argument("--digits-classifier", default=DIGITS_CLASSIFIER, metavar="PATH",
-                       help="the cached digits classifier (trained once, in seconds, when missing)")
+                       help="the digits classifier (default: the one shipped in ditlab/; a path that does not "
+                            "exist gets one trained there, in seconds)")
 
 
 #################################################################################
@@ -202,6 +208,19 @@ def train_digits_classifier(epochs=30, seed=0, held_out=360):
         with torch.no_grad():
             accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
     return model, accuracy
+
+
+def classifier_id(path=DIGITS_CLASSIFIER):
+    """A 12-hex fingerprint of the digits classifier at `path`: sha256 over its tensors' names, dtypes, shapes
+    and bytes, in key order. Stored with every study record, so that scores measured with different
+    classifiers are not compared unawares."""
+    state = read_plain_state_dict(path, "digits classifier")
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def load_digits_classifier(path=DIGITS_CLASSIFIER):

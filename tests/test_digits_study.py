@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from ditlab import digits_study
-from ditlab.features import digits_rgb, to_gray
+from ditlab.features import classifier_id, digits_rgb, to_gray
 from ditlab.trainer import DIVERGED_EXIT
+
+UNSCORED = "no-classifier-here.pt"  # a --digits-classifier that does not exist: the records keep None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +71,7 @@ def test_the_sweep_records_each_wave_before_the_next_trains(tmp_path, monkeypatc
     do not outlive a session), and the next session trains only what has no record."""
     args = SimpleNamespace(variants=["layer-norm", "none", "dyt"], lrs=[1e-3, 2e-3], sweep_steps=4, fid_every=2,
                            curve_samples=10, curve_sampling_steps=2, parallel=2, report=False,
-                           records=str(tmp_path / "records"), out=str(tmp_path))
+                           records=str(tmp_path / "records"), digits_classifier=UNSCORED, out=str(tmp_path))
     waves = []
 
     def train_all(args, runs, final, diverged=None):
@@ -98,7 +100,7 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
     """train.py stops a run whose loss became non-finite (exit DIVERGED_EXIT): in the sweep that is a result
     (the lr is too large), the other runs go on; any other failure still stops the study, naming the log."""
     args = SimpleNamespace(variants=["none"], lrs=[2e-3, 8e-3], sweep_steps=4, fid_every=2, curve_samples=10,
-                           curve_sampling_steps=2, parallel=2, report=False, records=str(tmp_path / "records"),
+                           curve_sampling_steps=2, parallel=2, report=False, records=str(tmp_path / "records"), digits_classifier=UNSCORED,
                            out=str(tmp_path))
     said = {2e-3: "print('step 4/4'); raise SystemExit(0)",
             8e-3: "print('error: loss became nan between steps 0 and 500; stopping.'); "
@@ -176,7 +178,7 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     such, and every seed of its variant, also one already recorded at that lr, trains at the next lower --lrs
     value; the other variants keep theirs; the report says so; past the lowest lr it is a clear error."""
     args = SimpleNamespace(variants=["layer-norm", "none"], seeds=[0, 1], lrs=[1e-3, 2e-3, 4e-3], parallel=2,
-                           report=False, records=str(tmp_path / "records"), out=str(tmp_path), steps=8, sweep_steps=4,
+                           report=False, records=str(tmp_path / "records"), digits_classifier=UNSCORED, out=str(tmp_path), steps=8, sweep_steps=4,
                            fid_every=2, curve_samples=10, curve_sampling_steps=2, lr_schedule="cosine",
                            final_fid_every=2, samples=10, sampling_steps=2, grad_clip=None, cfg_scale=1.5,
                            cfg_candidates=[1.5], cfg_samples=10)
@@ -255,6 +257,15 @@ def test_tile_by_class_puts_each_pick_in_its_digits_column_with_grey_gaps():
     assert (canvas[9:12, 1 + 6 * 7:6 + 6 * 7] == fill).all()  # digit 7 has two picks: its third cell stays grey
 
 
+def test_the_report_names_runs_scored_with_another_or_an_unknown_classifier():
+    same = {"floor": "aaa", "none s0": "aaa", "dyt s0": "aaa"}
+    assert digits_study.classifier_lines(same) == []
+    mixed = {**same, "layer-norm s0": None, "none s1": "bbb", "dyt s1": "bbb"}
+    (line, _), = [digits_study.classifier_lines(mixed)]
+    assert "the other runs with aaa" in line and "none s1, dyt s1 with bbb" in line
+    assert "layer-norm s0 with one not recorded" in line and "none s0" not in line
+
+
 def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_classifier):
     out = tmp_path / "study"
     common = (str(tmp_path / "digits"), digits_classifier)
@@ -270,6 +281,7 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     assert final["curve"] == [[r["step"], r["fd_digits"], r["accuracy"]] for r in rows] and len(rows) == 2
     assert final["guided"]["memorisation"]["median"] > 0
     assert set(final["unguided"]) >= {"fd_digits", "precision", "recall", "accuracy"}
+    assert final["digits_classifier"] == sweep["digits_classifier"] == classifier_id(digits_classifier)
     summary = json.load(open(out / "summary.json"))
     assert summary["best_lr"] == {"layer-norm": 2e-3}
     assert summary["table"]["layer-norm"]["guided"]["accuracy"]["values"] == [final["guided"]["accuracy"]]
@@ -288,6 +300,7 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     assert "lr sweep: 1 of 1 runs recorded, 0 to train" in second and second.count("[digits] training") == 1
     assert "training 1 of 1 runs (4 steps to go)" in second
     again = run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report")
+    assert "Not all scored with one digits classifier" not in again
     table = json.load(open(out / "summary.json"))["table"]["layer-norm"]
     assert table["seeds"] == [0, 1] and "real digits" in again
     assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "curves.png")
@@ -431,7 +444,7 @@ def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(t
     """Phase 7 samples only the (model, seed) sets it has not recorded, keeps them as noise records, adds
     seed 3 later without redrawing 1 and 2, and with --report (or a run directory gone) samples nothing.
     The report's within-model and between-seed spreads are checked against a hand computation."""
-    args = SimpleNamespace(records=str(tmp_path / "records"), out=str(tmp_path), steps=8, samples=10, report=False,
+    args = SimpleNamespace(records=str(tmp_path / "records"), digits_classifier=UNSCORED, out=str(tmp_path), steps=8, samples=10, report=False,
                            noise_seeds=[1, 2], sweep_steps=4, fid_every=2, curve_samples=10, curve_sampling_steps=2,
                            lr_schedule="cosine", final_fid_every=2, sampling_steps=2, grad_clip=None)
     fd = {("run-a", 0): 50.0, ("run-a", 1): 40.0, ("run-a", 2): 45.0, ("run-a", 3): 47.0,

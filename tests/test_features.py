@@ -1,9 +1,13 @@
-"""Tests for ditlab/features.py's real-digit floor (the digits classifier and Inception are tested in
-test_evaluation.py)."""
+"""Tests for ditlab/features.py's real-digit floor and the shipped digits classifier (its training and
+Inception are tested in test_evaluation.py)."""
+
+import os
 
 import numpy as np
+import torch
 
-from ditlab.features import digits_rgb, real_digits
+from ditlab import features
+from ditlab.features import classifier_id, digits_data, digits_rgb, load_digits_classifier, real_digits
 
 
 def test_real_digits_are_balanced_distinct_digits_of_the_data_set():
@@ -21,3 +25,26 @@ def test_real_digits_are_balanced_distinct_digits_of_the_data_set():
     again, _ = real_digits(305, seed=3)
     other, _ = real_digits(305, seed=4)
     assert np.array_equal(again, picked) and not np.array_equal(other, picked)
+
+
+def test_the_shipped_digits_classifier_is_the_default_and_recognises_held_out_digits():
+    assert features.DIGITS_CLASSIFIER == os.path.join(os.path.dirname(features.__file__), "digits_classifier.pt")
+    model = load_digits_classifier()  # the shipped file: never retrained (the test would take its 10 s)
+    images, labels = digits_data()
+    held_out = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))[:360]  # training's split
+    with torch.no_grad():
+        accuracy = (model(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+    assert accuracy >= 0.98
+
+
+def test_classifier_id_follows_the_weights_not_the_file(tmp_path):
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.ones(3)}
+    torch.save(state, tmp_path / "bare.pt")
+    torch.save({"state_dict": state, "held_out_accuracy": 0.5}, tmp_path / "wrapped.pt")
+    first = classifier_id(str(tmp_path / "bare.pt"))
+    assert first == classifier_id(str(tmp_path / "wrapped.pt")) and len(first) == 12
+    changed = {**state, "b.bias": torch.tensor([1.0, 1.0, 1.0 + 2 ** -20])}  # one element, one ulp-sized step
+    torch.save(changed, tmp_path / "changed.pt")
+    assert classifier_id(str(tmp_path / "changed.pt")) != first
+    torch.save({"a.weight": state["a.weight"].reshape(3, 2), "b.bias": state["b.bias"]}, tmp_path / "shape.pt")
+    assert classifier_id(str(tmp_path / "shape.pt")) != first  # same bytes, another shape
