@@ -100,8 +100,8 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
     """train.py stops a run whose loss became non-finite (exit DIVERGED_EXIT): in the sweep that is a result
     (the lr is too large), the other runs go on; any other failure still stops the study, naming the log."""
     args = SimpleNamespace(variants=["none"], lrs=[2e-3, 8e-3], sweep_steps=4, fid_every=2, curve_samples=10,
-                           curve_sampling_steps=2, parallel=2, report=False, records=str(tmp_path / "records"), digits_classifier=UNSCORED,
-                           out=str(tmp_path))
+                           curve_sampling_steps=2, parallel=2, report=False, records=str(tmp_path / "records"),
+                           digits_classifier=UNSCORED, out=str(tmp_path))
     said = {2e-3: "print('step 4/4'); raise SystemExit(0)",
             8e-3: "print('error: loss became nan between steps 0 and 500; stopping.'); "
                   f"raise SystemExit({DIVERGED_EXIT})"}
@@ -178,7 +178,8 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     such, and every seed of its variant, also one already recorded at that lr, trains at the next lower --lrs
     value; the other variants keep theirs; the report says so; past the lowest lr it is a clear error."""
     args = SimpleNamespace(variants=["layer-norm", "none"], seeds=[0, 1], lrs=[1e-3, 2e-3, 4e-3], parallel=2,
-                           report=False, records=str(tmp_path / "records"), digits_classifier=UNSCORED, out=str(tmp_path), steps=8, sweep_steps=4,
+                           report=False, records=str(tmp_path / "records"), digits_classifier=UNSCORED,
+                           out=str(tmp_path), steps=8, sweep_steps=4,
                            fid_every=2, curve_samples=10, curve_sampling_steps=2, lr_schedule="cosine",
                            final_fid_every=2, samples=10, sampling_steps=2, grad_clip=None, cfg_scale=1.5,
                            cfg_candidates=[1.5], cfg_samples=10)
@@ -444,7 +445,8 @@ def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(t
     """Phase 7 samples only the (model, seed) sets it has not recorded, keeps them as noise records, adds
     seed 3 later without redrawing 1 and 2, and with --report (or a run directory gone) samples nothing.
     The report's within-model and between-seed spreads are checked against a hand computation."""
-    args = SimpleNamespace(records=str(tmp_path / "records"), digits_classifier=UNSCORED, out=str(tmp_path), steps=8, samples=10, report=False,
+    args = SimpleNamespace(records=str(tmp_path / "records"), digits_classifier=UNSCORED, out=str(tmp_path), steps=8,
+                           samples=10, report=False,
                            noise_seeds=[1, 2], sweep_steps=4, fid_every=2, curve_samples=10, curve_sampling_steps=2,
                            lr_schedule="cosine", final_fid_every=2, sampling_steps=2, grad_clip=None)
     fd = {("run-a", 0): 50.0, ("run-a", 1): 40.0, ("run-a", 2): 45.0, ("run-a", 3): 47.0,
