@@ -39,6 +39,7 @@ from ditlab.features import classifier_id, digits_rgb, real_digits, to_gray
 from ditlab.files import provenance, write_json, write_page
 from ditlab.jobs import read_log, run_jobs
 from ditlab.run import newest_run
+from ditlab.sampling import image_generators, image_labels
 from ditlab.trainer import DIVERGED_EXIT
 
 VARIANTS = ("layer-norm", "none", "rms-norm", "dyt", "derf")
@@ -500,6 +501,7 @@ def run_study(args):
     if not finals:
         return write_report(args, summary)
     summary.update(cfg_scale=cfg["scale"], cfg_candidates=cfg["candidates"], floor=real_floor(args),
+                   floor_at_labels={str(k): real_floor(args, k) for k in [0, *args.noise_seeds]},
                    runs={f"{v} s{s}": r for (v, s), r in finals.items()})
     summary["table"] = final_table(summary, args.variants)
     summary["classifiers"] = {"floor": classifier_id(args.digits_classifier),
@@ -522,12 +524,22 @@ def curve(run, steps):
     return [(r["step"], r["fd_digits"], r["accuracy"]) for r in fid_rows(run) if r["step"] <= steps]
 
 
-def real_floor(args):
-    """Real digits (features.real_digits, --samples of them) scored against the same reference."""
-    images, labels = real_digits(args.samples, 0)
+def real_floor(args, sample_seed=None):
+    """Real digits (features.real_digits, --samples of them) scored against the same reference: balanced
+    classes, or with sample_seed the class counts of the sets sample_ddp.py draws at that --global-seed
+    (set_labels), the floor a perfect model sampled at those labels reaches."""
+    counts = None if sample_seed is None else np.bincount(set_labels(args.samples, sample_seed), minlength=10)
+    images, labels = real_digits(args.samples, 0, counts)
     evaluator = Evaluator(args.digits_ref, features="digits", digits_classifier=args.digits_classifier, device="cpu",
                           progress=False)
     return {k: float(v) for k, v in evaluator(images, labels).items() if k in QUALITY}
+
+
+def set_labels(num, sample_seed):
+    """The class labels of a set of `num` digits sample_ddp.py draws at --global-seed `sample_seed`: at
+    random, as the reference DiT and ADM's samplers draw them, so every set of one seed has the same labels
+    (whatever the model) and their counts are uneven (81 to 123 per class for seed 0 at 1,000)."""
+    return np.asarray(image_labels(image_generators(sample_seed, range(num)), 10))
 
 
 def final_table(summary, variants):
@@ -604,7 +616,10 @@ def final_lines(summary, args):
              f"guided at scale {summary['cfg_scale']:g}, scored against the 1,797 digits with the digits classifier's "
              "features (FD-digits, precision and recall at k = 3) and its accuracy on the labels the samples were "
              "drawn for; mean [min, max] over seeds. Real digits: the same number of training digits scored the "
-             "same way (the floor a perfect model reaches).", ""]
+             "same way (the floor a perfect model reaches), with balanced classes and with the class counts of the "
+             "sets. The sets' labels are drawn at random (sample_ddp.py, as the reference DiT and ADM do), the same "
+             "labels for every run, so an uneven draw raises every row alike: it does not favour a variant, but a "
+             "perfect model sampled at these labels scores the second floor, not the first.", ""]
     if summary["missing"]:
         lines += [f"**Not yet measured** ({len(summary['missing'])} of {len(args.variants) * len(args.seeds)} final "
                   "runs; the tables use the recorded ones, the seeds column says which): "
@@ -625,8 +640,11 @@ def final_lines(summary, args):
             q = row[name]
             lines.append(f"| {v} | {row['lr']:g} | {' '.join(map(str, row['seeds']))} | {fmt(q['fd_digits'])} | "
                          f"{fmt(q['precision'])} | {fmt(q['recall'])} | {fmt(q['accuracy'])} |")
-        lines += [f"| real digits | - | - | {floor['fd_digits']:.3g} | {floor['precision']:.3g} | {floor['recall']:.3g} | "
-                  f"{floor['accuracy']:.3g} |", ""]
+        floors = [("real digits, balanced", floor)]
+        if "0" in summary.get("floor_at_labels", {}):  # summaries written before it was measured lack it
+            floors.append(("real digits, the sets' labels", summary["floor_at_labels"]["0"]))
+        lines += [f"| {name} | - | - | {f['fd_digits']:.3g} | {f['precision']:.3g} | {f['recall']:.3g} | "
+                  f"{f['accuracy']:.3g} |" for name, f in floors] + [""]
     lines += ["### Converged? Memorisation? Outliers?", "",
               "Last-quarter change: relative change of FD-digits (curve samples) over the last quarter of training "
               "(negative: still improving" + ("; under the cosine schedule the lr is small there, so a small change is "
@@ -647,30 +665,67 @@ def final_lines(summary, args):
 
 
 def noise_lines(summary):
-    """The sampling-noise section: every model's unguided FD-digits over its sample sets, and per variant the
-    spread within one model set against the spread between training seeds (of the per-model means)."""
+    """The sampling-noise section: every model's unguided FD-digits over its sample sets; per variant the
+    spread within one model against the spread between training seeds, both raw and as the excess over the
+    real digits at the set's labels (sets of different seeds have different labels, which alone moves
+    FD-digits); and each variant minus layer-norm at the same sample seeds (same labels: the label effect
+    cancels), the comparison the noise allows."""
     noise = summary.get("noise") or {}
     if not noise:
         return []
     seeds = sorted({int(k) for sets in noise.values() for k in sets})
+    floors = {int(k): f["fd_digits"] for k, f in (summary.get("floor_at_labels") or {}).items()}
     lines = ["", "### Sampling noise: one model, several sample sets", "",
              f"Unguided FD-digits of each final model drawn again at sample seeds {', '.join(map(str, seeds[1:]))} "
              f"(sample_ddp.py --global-seed; seed 0 is the set in the tables above), {summary['settings']['samples']} "
              "samples each. Within: the range of one model's sets (mean over its seeds); between: the range over "
-             "training seeds of the per-model means.", "",
-             "| variant | FD-digits, mean of sets | within one model | between seeds | per model: sets (mean) |",
-             "|---|---|---:|---:|---|"]
+             "training seeds of the per-model means."]
+    by_variant = {}
     for v in summary["table"]:
         runs = {key: sets for key, sets in noise.items() if key.rsplit(" s", 1)[0] == v}
-        if not runs:
-            continue
-        fds = {key: [m["fd_digits"] for m in sets.values()] for key, sets in runs.items()}
-        means = [statistics.fmean(x) for x in fds.values()]
-        within = statistics.fmean(max(x) - min(x) for x in fds.values())
-        per_model = "; ".join(f"s{key.rsplit(' s', 1)[1]}: {' '.join(f'{x:.3g}' for x in xs)} "
-                              f"({statistics.fmean(xs):.3g})" for key, xs in fds.items())
-        lines.append(f"| {v} | {fmt(spread(means))} | {within:.3g} | {max(means) - min(means):.3g} | {per_model} |")
+        if runs:
+            by_variant[v] = {key: {int(k): m["fd_digits"] for k, m in sets.items()} for key, sets in runs.items()}
+    have_floors = all(k in floors for sets in by_variant.values() for fds in sets.values() for k in fds)
+    if have_floors:
+        lines[-1] += (" Each seed draws other labels, and the labels alone move FD-digits: real digits at each "
+                      "seed's class counts score " + ", ".join(f"{floors[k]:.3g} (seed {k})" for k in seeds) +
+                      ". Excess: a set's FD-digits minus the real digits' at its labels (FD is not additive, so "
+                      "this removes the label effect only to first order); minus layer-norm: the variant's mean "
+                      "over training seeds minus layer-norm's at the same sample seed (same labels), mean [min, "
+                      "max] over sample seeds.")
+    header = "| variant | FD-digits, mean of sets | within one model | between seeds |"
+    rule = "|---|---|---:|---:|"
+    if have_floors:
+        header += " excess, mean | excess within | excess between | minus layer-norm |"
+        rule += "---|---:|---:|---|"
+    lines += ["", header + " per model: sets (mean) |", rule + "---|"]
+    base = by_variant.get("layer-norm")
+    for v, runs in by_variant.items():
+        row = [v, *spread_cells(runs)]
+        if have_floors:
+            row += spread_cells({key: {k: fd - floors[k] for k, fd in fds.items()} for key, fds in runs.items()})
+            paired = paired_gaps(runs, base) if base and v != "layer-norm" else []
+            row.append(fmt(spread(paired)) if paired else "-")
+        row.append("; ".join(f"s{key.rsplit(' s', 1)[1]}: {' '.join(f'{x:.3g}' for _, x in sorted(fds.items()))} "
+                             f"({statistics.fmean(fds.values()):.3g})" for key, fds in runs.items()))
+        lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def spread_cells(runs):
+    """(mean of sets as mean [min, max] over models, within-model range, between-model range) of
+    {model: {sample seed: value}}, formatted."""
+    means = [statistics.fmean(x.values()) for x in runs.values()]
+    within = statistics.fmean(max(x.values()) - min(x.values()) for x in runs.values())
+    return [fmt(spread(means)), f"{within:.3g}", f"{max(means) - min(means):.3g}"]
+
+
+def paired_gaps(runs, base):
+    """Per sample seed that every model of both variants was drawn at: the mean over `runs`' models minus
+    the mean over `base`'s ({model: {sample seed: FD}} each); [] when no seed is shared by all."""
+    shared = set.intersection(*(set(x) for x in [*runs.values(), *base.values()]))
+    return [statistics.fmean(x[k] for x in runs.values()) - statistics.fmean(x[k] for x in base.values())
+            for k in sorted(shared)]
 
 
 def write_report(args, summary):

@@ -145,17 +145,23 @@ def digits_rgb():
     return np.stack([center_crop_arr(im.convert("RGB"), DIGITS_SIZE) for im in images]), np.asarray(labels)
 
 
-def real_digits(num, seed=0):
+def real_digits(num, seed=0, counts=None):
     """The real-digit floor's images: `num` of the 1,797 digits as uint8 (num, 16, 16, 3) with their labels,
-    the classes as balanced as `num` allows (num // 10 each, the remainder to the first classes), drawn
-    without replacement within each class (with replacement only for a class asked for more digits than it
-    has). A perfect model's samples score like these; the digits study and benchmarks/samplers.py both use it."""
+    the classes as balanced as `num` allows (num // 10 each, the remainder to the first classes), or `counts[c]`
+    of class c when given (the label counts of a sample set, whose labels are drawn at random: an uneven draw
+    alone raises FD-digits, so a set is fairly compared with real digits of the same counts), drawn without
+    replacement within each class (with replacement only for a class asked for more digits than it has). A
+    perfect model's samples score like these; the digits study and benchmarks/samplers.py both use it."""
     images, labels = digits_rgb()
+    if counts is None:
+        counts = [num // 10 + (c < num % 10) for c in range(10)]
+    if len(counts) != 10 or sum(counts) != num or min(counts) < 0:
+        raise ValueError(f"counts {list(counts)}: 10 non-negative per-class counts summing to num={num} expected")
     rng = np.random.default_rng(seed)
     picks = []
-    for c in range(10):
+    for c, want in enumerate(counts):
         members = np.flatnonzero(labels == c)
-        want = num // 10 + (c < num % 10)
+        want = int(want)
         picks.append(rng.choice(members, want, replace=want > len(members)))
     idx = np.concatenate(picks)
     return images[idx], labels[idx]

@@ -4,6 +4,7 @@ Inception are tested in test_evaluation.py)."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from ditlab import features
@@ -25,6 +26,25 @@ def test_real_digits_are_balanced_distinct_digits_of_the_data_set():
     again, _ = real_digits(305, seed=3)
     other, _ = real_digits(305, seed=4)
     assert np.array_equal(again, picked) and not np.array_equal(other, picked)
+
+
+def test_real_digits_at_given_class_counts_match_them_without_replacement():
+    """counts (a sample set's label counts) replace the balanced split: each class exactly as often, still
+    distinct digits; counts that do not add up to num, or not ten of them, are refused with the reason."""
+    images, labels = digits_rgb()
+    counts = [0, 3, 17, 1, 9, 0, 40, 2, 5, 23]
+    picked, picked_labels = real_digits(100, seed=1, counts=counts)
+    assert np.bincount(picked_labels, minlength=10).tolist() == counts
+    flat = images.reshape(len(images), -1)
+    rows = {tuple(np.flatnonzero((flat == im).all(axis=1) & (labels == lab)))
+            for im, lab in zip(picked.reshape(len(picked), -1), picked_labels)}
+    assert len(rows) == 100
+    balanced, _ = real_digits(305, seed=3)
+    given, _ = real_digits(305, seed=3, counts=[31] * 5 + [30] * 5)  # the balanced counts: the same draw
+    assert np.array_equal(balanced, given)
+    for bad in ([10] * 9, [11] * 10, [-1, 11] + [10] * 8):
+        with pytest.raises(ValueError, match="summing to num=100"):
+            real_digits(100, counts=bad)
 
 
 def test_the_shipped_digits_classifier_is_the_default_and_recognises_held_out_digits():
