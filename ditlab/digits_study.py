@@ -13,7 +13,8 @@ The phases, each skipped where its output already exists (so an interrupted stud
   5. sampling (sample_ddp.py, EMA weights) unguided and guided, scored by evaluate.py's digits route;
   6. memorisation (distance of every sample to its nearest training digit) and outliers (as
      analyze_embeddings.py on the real digits);
-  7. sampling noise: every final model's unguided set drawn again at --noise-seeds, then the report.
+  7. sampling noise: every final model's unguided set drawn again at --noise-seeds (after each wave, while
+     its run directories exist; again before the report for any model still short of them), then the report.
 The length check (--lengths) compares the final runs of studies at several --steps.
 """
 
@@ -411,6 +412,9 @@ def final_runs(args, best):
                 record[name] = dict({k: metrics[k] for k in QUALITY}, memorisation=memorisation(npz, train))
             save_grid_images(args, "final-" + run_key(v, lrs[v], s), sets[(run, cfg["scale"], args.samples)][1])
             write_record(args, "final-" + run_key(v, lrs[v], s), record, FINAL_SETTINGS)
+        # phase 7 for this wave now, while its run directories are here (they may not last to the study's end)
+        sampling_noise(args, {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
+                              for v, s in wave})
     cfg = guidance(args, lrs)
     return {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
             for s in args.seeds for v in args.variants}, cfg

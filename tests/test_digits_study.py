@@ -183,9 +183,12 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
                            out=str(tmp_path), steps=8, sweep_steps=4,
                            fid_every=2, curve_samples=10, curve_sampling_steps=2, lr_schedule="cosine",
                            final_fid_every=2, samples=10, sampling_steps=2, grad_clip=None, cfg_scale=1.5,
-                           cfg_candidates=[1.5], cfg_samples=10)
+                           cfg_candidates=[1.5], cfg_samples=10, noise_seeds=[1])
     diverges = {("none", 4e-3, 1)}  # seed 0 at 4e-3 trains fine, seed 1 does not
-    waves = []
+    waves, noised = [], []
+    # phase 7 follows each wave, for the runs it recorded (not the diverged one), while their directories exist
+    monkeypatch.setattr(digits_study, "sampling_noise",
+                        lambda args, finals: noised.append(sorted((v, s, r["lr"]) for (v, s), r in finals.items())))
 
     def train_all(args, runs, final, diverged=None):
         waves.append(sorted((v, lr, s) for v, lr, s, _ in runs))
@@ -206,6 +209,8 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     assert {k: r["lr"] for k, r in finals.items()} == {("layer-norm", 0): 4e-3, ("layer-norm", 1): 4e-3,
                                                         ("none", 0): 2e-3, ("none", 1): 2e-3}
     assert cfg["scale"] == 1.5 and "diverged" not in finals[("none", 0)]
+    assert noised == [[("layer-norm", 0, 4e-3), ("none", 0, 4e-3)], [("layer-norm", 1, 4e-3)],
+                      [("none", 0, 2e-3), ("none", 1, 2e-3)]]
     diverged = digits_study.read_record(args, "final-none-lr0.004-s1", digits_study.FINAL_SETTINGS)
     assert diverged["diverged"] == "loss became nan between steps 4 and 6" and "unguided" not in diverged
     lrs, stepped = digits_study.final_lrs(args, best)
