@@ -387,6 +387,12 @@ def final_runs(args, best):
         done = {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
                 for s in args.seeds for v in args.variants if (v, s) not in missing(lrs)}
         return done, (recorded_guidance(args) if done else None)
+    # phase 7 first for the models recorded earlier whose run directories are here (a study begun before
+    # phase 7 followed each wave, or one cut off between a wave's records and its noise sets)
+    recorded = {(v, s): r for s in args.seeds for v in args.variants
+                if (r := read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)) and "unguided" in r}
+    if recorded:
+        sampling_noise(args, recorded)
     first = ("layer-norm" if "layer-norm" in args.variants else args.variants[0], args.seeds[0])
     train = to_gray(torch.from_numpy(digits_rgb()[0]).permute(0, 3, 1, 2))
     while todo := sorted(missing(lrs), key=lambda vs: vs != first):  # guidance is chosen on `first`: its wave first

@@ -215,8 +215,9 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     assert diverged["diverged"] == "loss became nan between steps 4 and 6" and "unguided" not in diverged
     lrs, stepped = digits_study.final_lrs(args, best)
     assert lrs == {"layer-norm": 4e-3, "none": 2e-3} and [r["seed"] for r in stepped["none"]] == [1]
-    waves.clear()  # a rerun (a later session) trains nothing
+    waves.clear()  # a rerun (a later session) trains nothing, but first tops up every recorded model's noise sets
     assert digits_study.final_runs(args, best)[0] == finals and waves == []
+    assert noised[-1] == [("layer-norm", 0, 4e-3), ("layer-norm", 1, 4e-3), ("none", 0, 2e-3), ("none", 1, 2e-3)]
     summary = dict(table={}, floor=dict(fd_digits=1, precision=1, recall=1, accuracy=1), missing=[], cfg_scale=1.5,
                    cfg_candidates={}, final_lr=lrs, stepped_down={"none": ["none-lr0.004-s1 loss became nan between "
                                                                             "steps 4 and 6"]})
