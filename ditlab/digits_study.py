@@ -375,7 +375,8 @@ def final_runs(args, best):
     """Phases 3-6 for every (variant, seed) without a record, --parallel runs at a time (a wave): train,
     choose the guidance scale (once, after the wave holding its model), sample, score, memorisation,
     outliers, and write each run's record before the next wave starts (so a study cut short keeps every
-    finished wave). A run that diverges is recorded as such and its variant goes on at the next lower lr
+    finished wave); phase 7 (sampling_noise) for each wave after its records, and once before the first
+    wave for every model recorded earlier whose run directory is here. A run that diverges is recorded as such and its variant goes on at the next lower lr
     (final_lrs), all its seeds. Returns ({(variant, seed): record}, the guidance record); with --report,
     trains nothing and returns the recorded runs only (and no guidance record when there are none)."""
     def missing(lrs):
@@ -511,13 +512,14 @@ def run_study(args):
     if not finals:
         return write_report(args, summary)
     summary.update(cfg_scale=cfg["scale"], cfg_candidates=cfg["candidates"], floor=real_floor(args),
-                   floor_at_labels={str(k): real_floor(args, k) for k in [0, *args.noise_seeds]},
                    runs={f"{v} s{s}": r for (v, s), r in finals.items()})
     summary["table"] = final_table(summary, args.variants)
     summary["classifiers"] = {"floor": classifier_id(args.digits_classifier),
                               **{f"{v} s{s}": r.get("digits_classifier") for (v, s), r in finals.items()}}
     summary["noise"] = {f"{v} s{s}": {str(k): m for k, m in sorted(sets.items())}
                         for (v, s), sets in sampling_noise(args, finals).items() if len(sets) > 1}
+    sample_seeds = {0} | {int(k) for sets in summary["noise"].values() for k in sets}  # also seeds kept from before
+    summary["floor_at_labels"] = {str(k): real_floor(args, k) for k in sorted(sample_seeds)}
     return write_report(args, summary)
 
 
@@ -628,7 +630,8 @@ def final_lines(summary, args):
              "drawn for; mean [min, max] over seeds. Real digits: the same number of training digits scored the "
              "same way (the floor a perfect model reaches), with balanced classes and with the class counts of the "
              "sets. The sets' labels are drawn at random (sample_ddp.py, as the reference DiT and ADM do), the same "
-             "labels for every run, so an uneven draw raises every row alike: it does not favour a variant, but a "
+             "labels for every run, so an uneven draw raises every row by about as much: it does not favour a "
+             "variant, but a "
              "perfect model sampled at these labels scores the second floor, not the first.", ""]
     if summary["missing"]:
         lines += [f"**Not yet measured** ({len(summary['missing'])} of {len(args.variants) * len(args.seeds)} final "
@@ -700,22 +703,22 @@ def noise_lines(summary):
         lines[-1] += (" Each seed draws other labels, and the labels alone move FD-digits: real digits at each "
                       "seed's class counts score " + ", ".join(f"{floors[k]:.3g} (seed {k})" for k in seeds) +
                       ". Excess: a set's FD-digits minus the real digits' at its labels (FD is not additive, so "
-                      "this removes the label effect only to first order); minus layer-norm: the variant's mean "
-                      "over training seeds minus layer-norm's at the same sample seed (same labels), mean [min, "
-                      "max] over sample seeds.")
+                      "this removes the label effect only to first order).")
+    lines[-1] += (" Minus layer-norm: the variant's mean over training seeds minus layer-norm's at the same sample "
+                  "seed (same labels, so the label effect cancels), mean [min, max] over sample seeds.")
     header = "| variant | FD-digits, mean of sets | within one model | between seeds |"
     rule = "|---|---|---:|---:|"
     if have_floors:
-        header += " excess, mean | excess within | excess between | minus layer-norm |"
-        rule += "---|---:|---:|---|"
-    lines += ["", header + " per model: sets (mean) |", rule + "---|"]
+        header += " excess, mean | excess within | excess between |"
+        rule += "---|---:|---:|"
+    lines += ["", header + " minus layer-norm | per model: sets (mean) |", rule + "---|---|"]
     base = by_variant.get("layer-norm")
     for v, runs in by_variant.items():
         row = [v, *spread_cells(runs)]
         if have_floors:
             row += spread_cells({key: {k: fd - floors[k] for k, fd in fds.items()} for key, fds in runs.items()})
-            paired = paired_gaps(runs, base) if base and v != "layer-norm" else []
-            row.append(fmt(spread(paired)) if paired else "-")
+        paired = paired_gaps(runs, base) if base and v != "layer-norm" else []  # needs no floor: same labels
+        row.append(fmt(spread(paired)) if paired else "-")
         row.append("; ".join(f"s{key.rsplit(' s', 1)[1]}: {' '.join(f'{x:.3g}' for _, x in sorted(fds.items()))} "
                              f"({statistics.fmean(fds.values()):.3g})" for key, fds in runs.items()))
         lines.append("| " + " | ".join(row) + " |")

@@ -379,12 +379,16 @@ def test_noise_report_removes_the_label_effect_and_pairs_variants_at_the_same_sa
     ln_excess = [statistics.fmean([22 - 8, 17 - 5, 16 - 6]), statistics.fmean([20 - 8, 15 - 5])]
     assert cells["layer-norm"][4] == f"{statistics.fmean(ln_excess):.3g} [{min(ln_excess):.3g}, {max(ln_excess):.3g}]"
     assert cells["layer-norm"][5] == f"{statistics.fmean([(22 - 8) - (16 - 6), (20 - 8) - (15 - 5)]):.3g}"
+    assert cells["layer-norm"][6] == f"{max(ln_excess) - min(ln_excess):.3g}"
     assert cells["layer-norm"][7] == "-"
     gaps = [19 - (22 + 20) / 2, 15 - (17 + 15) / 2]  # seeds 0 and 1: seed 2 is missing for layer-norm s1
     assert cells["none"][7] == f"{statistics.fmean(gaps):.3g} [{min(gaps):.3g}, {max(gaps):.3g}]"
-    # without floors (summaries from before they were measured) the section keeps its raw columns only
+    # without floors (summaries from before they were measured) the excess goes, the paired gaps stay
     del summary["floor_at_labels"]
-    assert all("excess" not in line for line in digits_study.noise_lines(summary))
+    lines = digits_study.noise_lines(summary)
+    assert all("excess" not in line for line in lines)
+    none = [line.split(" | ") for line in lines if line.startswith("| none")][0]
+    assert none[4] == f"{statistics.fmean(gaps):.3g} [{min(gaps):.3g}, {max(gaps):.3g}]"
 
 
 def write_length_record(folder, variant, seed, steps, fd, accuracy, lr=4e-3, grad_clip=None):

@@ -36,9 +36,9 @@ def test_real_digits_at_given_class_counts_match_them_without_replacement():
     picked, picked_labels = real_digits(100, seed=1, counts=counts)
     assert np.bincount(picked_labels, minlength=10).tolist() == counts
     flat = images.reshape(len(images), -1)
-    rows = {tuple(np.flatnonzero((flat == im).all(axis=1) & (labels == lab)))
-            for im, lab in zip(picked.reshape(len(picked), -1), picked_labels)}
-    assert len(rows) == 100
+    rows = [tuple(np.flatnonzero((flat == im).all(axis=1) & (labels == lab)))
+            for im, lab in zip(picked.reshape(len(picked), -1), picked_labels)]
+    assert all(rows) and len(set(rows)) == 100  # each a digit of the data set, of its class, none twice
     balanced, _ = real_digits(305, seed=3)
     given, _ = real_digits(305, seed=3, counts=[31] * 5 + [30] * 5)  # the balanced counts: the same draw
     assert np.array_equal(balanced, given)
