@@ -376,9 +376,10 @@ def final_runs(args, best):
     choose the guidance scale (once, after the wave holding its model), sample, score, memorisation,
     outliers, and write each run's record before the next wave starts (so a study cut short keeps every
     finished wave); phase 7 (sampling_noise) for each wave after its records, and once before the first
-    wave for every model recorded earlier whose run directory is here. A run that diverges is recorded as such and its variant goes on at the next lower lr
-    (final_lrs), all its seeds. Returns ({(variant, seed): record}, the guidance record); with --report,
-    trains nothing and returns the recorded runs only (and no guidance record when there are none)."""
+    wave for every model recorded earlier whose run directory is here. A run that diverges is recorded as
+    such and its variant goes on at the next lower lr (final_lrs), all its seeds. Returns ({(variant, seed):
+    record}, the guidance record); with --report, trains nothing and returns the recorded runs only (and no
+    guidance record when there are none)."""
     def missing(lrs):
         return [(v, s) for s in args.seeds for v in args.variants
                 if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
