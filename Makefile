@@ -41,7 +41,8 @@ ablation: setup
 
 # Does a normalization variant change trained image quality? Every variant of the digits demo at its own best
 # lr, 3 seeds, guided and unguided, memorisation and outliers -> results/digits/ (hours on 2 cores; resumable,
-# finished runs kept as records: docs/results/digits.md says what the measured study cost). DIGITS_ARGS for more.
+# finished runs kept as records: docs/results/digits.md says what the measured study cost). The headline study
+# (docs/digits.md, about 12 hours of 2 cores): make digits DIGITS_ARGS='--steps 32000 --cfg-scale 1.5'.
 DIGITS_ARGS ?=
 digits: setup
 	$(PYTHON) digits_study.py $(DIGITS_ARGS)
