@@ -974,27 +974,41 @@ def length_lines(found, args):
 
 
 def plot_lengths(found, path):
-    """FD-digits (curve samples) and accuracy over training, one column per variant and seed, one line per
-    length; the 1,000-sample unguided FD-digits at each run's end as a cross."""
+    """FD-digits (curve samples) and accuracy over training, one line per length; one row per variant and
+    a pair of panels (FD-digits, accuracy) per seed, so that 15 runs stay readable; the 1,000-sample
+    unguided FD-digits at each run's end as a cross."""
     found = compared(found)
-    keys = sorted(found, key=variant_order)
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.4), sharex="col", squeeze=False)
-    for col, key in enumerate(keys):
-        for i, steps in enumerate(sorted(found[key])):
-            r, color = found[key][steps], plt.cm.viridis(i / max(1, len(found[key]) - 1) * 0.85)
-            pts = np.array(r["curve"])
-            axes[0][col].plot(pts[:, 0], pts[:, 1], marker="o", ms=2.5, color=color, label=f"{steps} steps")
-            axes[0][col].plot([steps], [r["unguided"]["fd_digits"]], marker="x", ms=8, mew=2, color=color)
-            axes[1][col].plot(pts[:, 0], pts[:, 2], marker="o", ms=2.5, color=color)
-        axes[0][col].set_yscale("log")
-        lrs = " / ".join(dict.fromkeys(recipe(found[key][steps]) for steps in sorted(found[key])))
-        axes[0][col].set_title(f"{key[0]} seed {key[1]} (lr {lrs})", fontsize=9, color=COLORS.get(key[0]))
-        axes[0][col].legend(fontsize=7)
-        axes[1][col].set_xlabel("training step")
-    axes[0][0].set_ylabel("FD-digits (curve: 500 samples; x: 1,000)")
-    axes[1][0].set_ylabel("accuracy on the intended labels")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    variants = list(dict.fromkeys(key[0] for key in sorted(found, key=variant_order)))
+    seeds = sorted({key[1] for key in found})
+    fig, axes = plt.subplots(len(variants), 2 * len(seeds), figsize=(3.6 * 2 * len(seeds), 3.0 * len(variants)),
+                             squeeze=False)
+    for row, variant in enumerate(variants):
+        for j, seed in enumerate(seeds):
+            ax_fd, ax_acc = axes[row][2 * j], axes[row][2 * j + 1]
+            if (variant, seed) not in found:
+                ax_fd.axis("off")
+                ax_acc.axis("off")
+                continue
+            runs = found[(variant, seed)]
+            for i, steps in enumerate(sorted(runs)):
+                r, color = runs[steps], plt.cm.viridis(i / max(1, len(runs) - 1) * 0.85)
+                pts = np.array(r["curve"])
+                ax_fd.plot(pts[:, 0], pts[:, 1], marker="o", ms=2, color=color, label=f"{steps} steps")
+                ax_fd.plot([steps], [r["unguided"]["fd_digits"]], marker="x", ms=7, mew=2, color=color)
+                ax_acc.plot(pts[:, 0], pts[:, 2], marker="o", ms=2, color=color)
+            ax_fd.set_yscale("log")
+            lrs = " / ".join(dict.fromkeys(recipe(runs[steps]) for steps in sorted(runs)))
+            ax_fd.set_title(f"{variant} seed {seed}: FD-digits (lr {lrs})", fontsize=8, color=COLORS.get(variant))
+            ax_acc.set_title(f"{variant} seed {seed}: accuracy", fontsize=8, color=COLORS.get(variant))
+            ax_acc.set_ylim(0, 1.02)
+            ax_fd.legend(fontsize=6)
+            if row == len(variants) - 1:
+                ax_fd.set_xlabel("training step")
+                ax_acc.set_xlabel("training step")
+    fig.suptitle("FD-digits (line: 500 curve samples; x: 1,000 samples at the run's end) and accuracy on the "
+                 "intended labels, one line per training length", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
