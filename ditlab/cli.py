@@ -1,7 +1,12 @@
-"""Command-line value checks shared by every script: each numeric flag is validated at parse time."""
+"""What every command shares: numeric flag types checked at parse time, and the wrapper that turns a library
+error into its one-line message and exit code."""
 
 import argparse
+import functools
 import math
+import sys
+
+from ditlab.errors import DitlabError
 
 
 def at_least(low):
@@ -52,3 +57,21 @@ POSITIVE = number(0, low_open=True)  # learning rates, clip norms, scales
 NON_NEGATIVE = number(0)  # weight decay, guidance scale
 FRACTION = number(0, 1)  # EMA decay
 DROPOUT = number(0, 1, high_open=True)  # label dropout probability
+
+
+def command(main):
+    """Wrap a command's `main(argv=None)` so that a library error ends it with its one-line message and its
+    exit code (1, or 75 for pre-emption, 3 for divergence) instead of a traceback. Other exceptions, bugs,
+    keep their traceback."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except DitlabError as e:
+            if e.exit_code == 1:
+                raise SystemExit(f"error: {e}") from None
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
+
+    return wrapped
