@@ -4,7 +4,7 @@ For every checkpoint (a train_toy.py run or checkpoint file; EMA weights unless 
 place (each block's output and each normalization layer's input, or --places), the channel the probe calls
 the outlier there is replaced by its mean over tokens, probe draws and timesteps ("mean"), by zero ("zero")
 and by its mean per timestep ("per-t"), and the per-timestep eps error of the probe and the error of
-samples from fixed noise are measured again (ditlab/toy/intervene.py says exactly how). Run it on a
+samples from fixed noise are measured again (ditlab/toy/edits.py says exactly how). Run it on a
 LayerNorm model and, as the control, on a no-LayerNorm one (whose loudest channel is edited the same way).
 
     python intervene.py --ckpt results/toy/000-DiT-XS-1-layer-norm results/toy/001-DiT-XS-1-none
@@ -25,7 +25,7 @@ from ditlab.analysis import load_for_analysis, model_labels
 from ditlab.cli import COUNT, INDEX
 from ditlab.files import provenance, write_json
 from ditlab.run import configure_threads
-from ditlab.toy.intervene import EDITS, channel_statistics, intervene, markdown, places
+from ditlab.toy.edits import EDITS, channel_statistics, intervene, markdown, places
 
 
 def parse_args(argv=None):

@@ -57,7 +57,7 @@ from ditlab.data import (
 )
 from ditlab.distributed import barrier, check_global_batch, cleanup_distributed, setup_distributed
 from ditlab.features import add_network_args
-from ditlab.hooks import make_fid_hook, make_sample_hook
+from ditlab.monitoring import make_fid_hook, make_sample_hook
 from ditlab.preemption import PREEMPTED_EXIT, ignore_stop_signals
 from ditlab.run import (
     RunSpec, add_model_args, add_optimisation_args, add_run_args, configure_threads, find_resume, finish_parse,

@@ -36,7 +36,7 @@ from ditlab.run import (
     log_failures, lr_multiplier, open_run, parse_with_explicit, run_config, seed_ranks,
 )
 from ditlab.sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps
-from ditlab.toy.hooks import evaluate
+from ditlab.toy.evals import evaluate
 from ditlab.toy.task import PRESETS, TOY_IMAGE_SIZE, TOY_MODEL, zero_batches
 from ditlab.trainer import Trainer
 from models import NORM_LAYERS, DiT_models, build_model_from_config

@@ -14,7 +14,7 @@ import train_toy
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_checkpoint, load_model
 from ditlab.preemption import PREEMPTED_EXIT
-from ditlab.toy.hooks import draw_samples
+from ditlab.toy.evals import draw_samples
 from ditlab.toy.probe import TIMESTEP_GRID, probe
 from ditlab.toy.readers import last_probe, load_config, load_embeddings, load_metrics, load_samples
 from ditlab.toy.report import log_correlations, summarize

@@ -6,7 +6,7 @@ Cells, each a train_toy.py configuration on the CPU preset, several seeds:
   stress    AdamW weight decay 0.01 / 0.1 and dropout 0.1, for LayerNorm and for no LayerNorm.
 Every finished run is kept as a small JSON record (final per-t probe error, sampled error, outlier and
 signal/outlier statistics at the last probe and, for the runs named in INTERVENE_CELLS, the interventions of
-ditlab/toy/intervene.py), so the study continues across sessions; the report reads only records.
+ditlab/toy/edits.py), so the study continues across sessions; the report reads only records.
 """
 
 import json
@@ -26,7 +26,7 @@ from ditlab.checkpoints import load_model
 from ditlab.files import provenance, write_json, write_page
 from ditlab.jobs import run_jobs
 from ditlab.run import newest_run
-from ditlab.toy.intervene import channel_statistics, intervene
+from ditlab.toy.edits import channel_statistics, intervene
 from ditlab.toy.plots import plot_localise_lengths, plot_mechanism_study
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
 from models import RestoringLayerNorm
@@ -403,7 +403,7 @@ def write_report(args, records):
         lines += long_lines(records, n, args.long_cells)
     lines += ["## 2. Ablate: what does the outlier carry?", "",
               "The loudest channel at each place replaced by its mean (over tokens, probe draws and timesteps), its "
-              "per-timestep mean, or zero (ditlab/toy/intervene.py); sampled RMS and eps error relative to the "
+              "per-timestep mean, or zero (ditlab/toy/edits.py); sampled RMS and eps error relative to the "
               "unedited model (1 = no change). The final layer sees the last block's output only through its norm, "
               "so an edit at final.norm's input and at the last block's output are the same edit (equal rows).", ""]
     for cell in INTERVENE_CELLS:

@@ -8,7 +8,7 @@ input, which only that norm sees) one channel is replaced, for every token, by
   per-t  its mean over tokens and probe draws at the current timestep (keeps what it says about t,
          drops what it says about the particular input);
 and the model is measured again: the per-timestep eps error of the probe (ditlab.toy.probe) and the
-error of samples drawn from fixed noise (ditlab.toy.hooks.draw_samples). The channel is the one the
+error of samples drawn from fixed noise (ditlab.toy.evals.draw_samples). The channel is the one the
 probe calls the outlier at that place: the largest RMS over tokens and probe timesteps of the
 draw-averaged input (probe.signal_and_outlier's outlier_channel, pooled over t).
 """
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ditlab.toy.hooks import draw_samples
+from ditlab.toy.evals import draw_samples
 from ditlab.toy.probe import PROBE_SEED, TIMESTEP_GRID, norm_layers, timestep_batch, timestep_errors
 from ditlab.toy.task import sample_error
 

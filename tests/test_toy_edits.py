@@ -1,4 +1,4 @@
-"""Interventions on one channel (ditlab/toy/intervene.py, intervene.py) on models built so that the
+"""Interventions on one channel (ditlab/toy/edits.py, intervene.py) on models built so that the
 answer is known."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import torch
 
 from diffusion import create_diffusion
-from ditlab.toy.intervene import channel_statistics, edit_fn, intervene, places
+from ditlab.toy.edits import channel_statistics, edit_fn, intervene, places
 from ditlab.toy.task import TOY_MODEL
 from models import DiT
 
