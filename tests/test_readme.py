@@ -147,3 +147,34 @@ def test_the_readme_digits_table_quotes_the_results_page():
         assert any(f"| {float(lr):g} |" in line for line in mine), (variant, lr)
         for cell in (c.strip() for c in cells.split("|")):
             assert any(f"| {cell} |" in line for line in mine), f"{variant}: {cell} is not on the results page"
+
+
+def results_text():
+    """Every results page (docs/results/*.md), the pages that code writes, as one text."""
+    folder = os.path.join(ROOT, "docs", "results")
+    return "\n".join(open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder)) if f.endswith(".md"))
+
+
+NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
+
+
+def test_every_spread_the_readme_quotes_is_on_a_results_page():
+    """Every "mean [min, max]" of the README is quoted from a results page, never retyped or rounded again."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    pages = results_text()
+    quoted = re.findall(rf"(?<![\w.]){NUMBER} \[{NUMBER}, {NUMBER}\]", readme)
+    assert len(quoted) > 20, "the README should show its evidence with spreads"
+    missing = [q for q in quoted if q not in pages]
+    assert not missing, "not on any docs/results page: " + ", ".join(missing)
+
+
+def test_every_decimal_of_the_findings_table_is_on_a_results_page():
+    """The findings table at the top of the README (finding, evidence, command, page): every number with a
+    decimal point in it appears on a results page, so a rounding or a typo fails here."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = re.search(r"^\| finding \| evidence.*?(?=\n\n)", readme, flags=re.M | re.S)
+    assert table, "the README opens with a findings table"
+    numbers = set(re.findall(r"`[^`]*`|(?<![\w.])(-?\d+\.\d+)(?![\w.]*\.\w)", table.group(0))) - {""}
+    on_pages = set(re.findall(r"(?<![\w.])-?\d+\.\d+", results_text()))
+    on_pages |= {n.lstrip("-") for n in on_pages} | {"-" + n for n in on_pages}
+    assert numbers and not numbers - on_pages, "not on any docs/results page: " + ", ".join(sorted(numbers - on_pages))
