@@ -1,4 +1,5 @@
-# One entry point for the common jobs. `make toy` is the main job; `make test` runs the suite.
+# One entry point for the common jobs. `make toy` is the main job; `make test` runs the suite. Every study
+# target is `python study.py NAME` (python study.py --help lists them; add --cluster slurm for SLURM).
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -24,20 +25,20 @@ test: setup
 
 # The main job: the toy identity study, both variants, CPU preset -> results/toy/.
 toy: setup
-	$(PYTHON) toy_study.py --seeds $(SEEDS) $(TOY_ARGS)
+	$(PYTHON) study.py toy --seeds $(SEEDS) $(TOY_ARGS)
 
 # Where is the LayerNorm gap large? LayerNorm vs none, one factor at a time around the CPU preset, 2 seeds per
 # cell -> results/sweep/ (about 80 min on 2 idle cores; a rerun skips finished runs). SWEEP_ARGS="--steps-scale 0.05"
 # for a quick end-to-end check.
 SWEEP_ARGS ?=
 sweep: setup
-	$(PYTHON) sweep.py $(SWEEP_ARGS)
+	$(PYTHON) study.py sweep $(SWEEP_ARGS)
 
 # Every normalization variant on the toy study, 3 seeds by default (about 75 minutes on 2 cores)
 # -> results/ablation/summary.md. ABLATION_SEEDS="0" for one seed. On images: `make digits`.
 ABLATION_SEEDS ?= 0 1 2
 ablation: setup
-	$(PYTHON) ablation.py --seeds $(ABLATION_SEEDS)
+	$(PYTHON) study.py ablation --seeds $(ABLATION_SEEDS)
 
 # Does a normalization variant change trained image quality? Every variant of the digits demo at its own best
 # lr, 3 seeds, guided and unguided, memorisation and outliers -> results/digits/ (hours on 2 cores; resumable,
@@ -45,13 +46,13 @@ ablation: setup
 # (docs/digits.md, about 12 hours of 2 cores): make digits DIGITS_ARGS='--steps 32000 --cfg-scale 1.5'.
 DIGITS_ARGS ?=
 digits: setup
-	$(PYTHON) digits_study.py $(DIGITS_ARGS)
+	$(PYTHON) study.py digits $(DIGITS_ARGS)
 
 # Why does LayerNorm cost the toy its precision? Localise / ablate / restore / stress cells, 3 seeds each
 # -> results/mechanism/ (resumable, finished runs kept as records). MECHANISM_ARGS for more.
 MECHANISM_ARGS ?=
 mechanism: setup
-	$(PYTHON) mechanism.py $(MECHANISM_ARGS)
+	$(PYTHON) study.py mechanism $(MECHANISM_ARGS)
 
 # Speed: our DiT vs diffusers' DiTTransformer2DModel (CPU: DiT-S/2, batch 8, fp32; GPU: DiT-XL/2, batch 32)
 # -> printed and added to docs/benchmarks.md. More flags via BENCH_ARGS, e.g. BENCH_ARGS="--settings bf16+compile".

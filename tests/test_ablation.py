@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import ablation
+from ditlab.studies import ablation
 import train_toy
 from ditlab.toy.readers import final_loss, load_config, load_metrics
 

@@ -12,7 +12,7 @@ import train_toy
 from ditlab.checkpoints import load_checkpoint
 from ditlab.preemption import PREEMPTED_EXIT
 from ditlab.toy.readers import last_probe, load_config, load_metrics
-from ditlab.toy.sweep import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, sweep_jobs
+from ditlab.studies.sweep import DEFAULT_SWEEP_CELLS, SWEEP_CELLS, sweep_jobs
 from ditlab.trainer import Trainer
 
 SCALE = "0.0007"  # 12000 x 0.0007 = 8 steps per run

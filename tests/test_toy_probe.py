@@ -8,7 +8,7 @@ from scipy import stats as scipy_stats
 
 from diffusion import create_diffusion
 from ditlab.toy.probe import TIMESTEP_GRID, probe, signal_and_outlier, timestep_batch, timestep_errors
-from ditlab.toy.report import log_correlations
+from ditlab.studies.toy_report import log_correlations
 from ditlab.toy.task import TOY_MODEL
 from models import build_model
 

@@ -17,8 +17,8 @@ from ditlab.preemption import PREEMPTED_EXIT
 from ditlab.toy.evals import draw_samples
 from ditlab.toy.probe import TIMESTEP_GRID, probe
 from ditlab.toy.readers import last_probe, load_config, load_embeddings, load_metrics, load_samples
-from ditlab.toy.report import log_correlations, summarize
-from ditlab.toy.study import write_report
+from ditlab.studies.toy_report import log_correlations, summarize
+from ditlab.studies.toy import write_report
 from ditlab.toy.task import sample_error
 from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config

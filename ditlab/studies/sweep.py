@@ -1,35 +1,50 @@
-"""The sweep (make sweep): LayerNorm vs none, one factor at a time around the CPU preset."""
+"""The sweep (`python study.py sweep`, `make sweep`): where is the LayerNorm gap large?
+
+LayerNorm vs no LayerNorm, one factor at a time around the CPU preset of the toy study (SWEEP_CELLS below):
+the preset itself, constant lr 1e-4 (the study's) and constant lr 1e-3 beside the cosine schedule, width
+128, batch 1024 and twice the training steps, two seeds per cell (and, asked for by name, steps4x: four
+times the steps, near the study's 50k). Every run is train_toy.py (through the studies' runner, one thread each, --parallel at a time) with `--resume auto`: a rerun skips finished runs and continues interrupted ones. Writes to --out: summary.md (final sample RMS, per-t eps error and the probe error
+over training: LayerNorm / no-LayerNorm ratio per cell with the spread over seeds), summary.json, ratios.png
+and trajectories.png.
+
+    python study.py sweep                              # every cell, seeds 0 1 (about 80 min on 2 idle cores)
+    python study.py sweep --steps-scale 0.05           # a quick end-to-end check (600-step runs)
+    python study.py sweep --cells preset width128 --seeds 0 1 2
+    python study.py sweep --cells preset steps2x steps4x   # the training-length axis (adds 48k-step runs)
+    python study.py sweep --report                     # only rewrite the report from the finished runs
+
+The report covers the cells asked for at --seeds, plus any other seed whose runs of a cell have all
+finished (so a third seed run for some cells appears beside the others' two).
+
+Any other flag is passed to train_toy.py (e.g. --num-eval-samples 50).
+"""
 
 
 import json
 import os
-import statistics
 import sys
+import time
 
+import matplotlib.pyplot as plt
+
+from ditlab.cli import INDEX, POSITIVE
+from ditlab.errors import InputError, UsageError
 from ditlab.files import provenance
-from ditlab.jobs import run_jobs
+from ditlab.studies.runner import dispatch_of, run_jobs, study_parser
+from ditlab.studies.stats import ratio_spread, spread
+from ditlab.studies.variants import TOY_VARIANTS, label
 from ditlab.run import newest_run
-from ditlab.toy.plots import plot_sweep, plot_trajectories
-from ditlab.toy.readers import LABELS, final_sample_errors, load_config, load_metrics, probe_trajectory
-from ditlab.toy.report import _spread, timestep_summary
+from ditlab.studies.toy_plots import plot_sweep, plot_trajectories
+from ditlab.toy.readers import final_sample_errors, load_config, load_metrics, probe_trajectory
+from ditlab.studies.toy_report import timestep_summary
 from ditlab.toy.task import PRESETS
-
-
-def train_runs(jobs, parallel, results_dir, log_dir):
-    """Train train_toy.py for each (normalization, seed, extra flags) through the job runner, progress
-    lines echoed with a "[variant sN]" tag; returns the run directories, sorted by (seed, normalization)."""
-    commands = [[sys.executable, "train_toy.py", "--normalization", norm, "--global-seed", str(seed),
-                 "--results-dir", results_dir, "--threads", "1", *extra] for norm, seed, extra in jobs]
-    run_jobs(commands, parallel, log_dir, tags=[f"{LABELS.get(norm, norm)} s{seed}" for norm, seed, _ in jobs])
-    runs = [newest_run(results_dir, {"normalization": norm, "global_seed": seed}) for norm, seed, _ in jobs]
-    return sorted(runs, key=lambda r: (load_config(r)["global_seed"], load_config(r)["normalization"]))
 
 
 #################################################################################
 #                 The sweep (`make sweep`): where is the LayerNorm gap large?   #
 #################################################################################
 
-SWEEP_VARIANTS = ("layer-norm", "none")
+SWEEP_VARIANTS = TOY_VARIANTS
 # One factor at a time around the CPU preset: name -> (what changes, train_toy.py flags, step factor).
 SWEEP_CELLS = {
     "preset": ("the CPU preset (lr 1e-3 cosine, width 64, batch 256)", [], 1),
@@ -55,7 +70,7 @@ def sweep_jobs(cells, seeds, out, steps_scale=1.0, extra=()):
     jobs = []
     for cell in cells:
         if cell not in SWEEP_CELLS:
-            raise SystemExit(f"unknown sweep cell {cell!r}; choose from {', '.join(SWEEP_CELLS)}")
+            raise UsageError(f"unknown sweep cell {cell!r}; choose from {', '.join(SWEEP_CELLS)}")
         _, flags, factor = SWEEP_CELLS[cell]
         steps = max(4, round(preset["max_steps"] * factor * steps_scale))
         results_dir = os.path.join(out, "runs", f"{cell}-{steps}")
@@ -100,21 +115,23 @@ def report_jobs(cells, seeds, out, steps_scale=1.0, extra=()):
     return jobs
 
 
-def run_sweep(jobs, parallel, log_dir, train=True):
-    """Run the jobs that have not finished (ditlab/jobs.py, a "[cell variant sN]" tag per job; none when not
-    `train`); returns {cell: [run directories]} of all jobs."""
+def run_sweep(jobs, dispatch, log_dir, train=True):
+    """Run the jobs that have not finished (the studies' runner, a "[cell variant sN]" tag per job; none when
+    not `train`); returns {cell: [run directories]} of all jobs."""
+    dispatch = dict(dispatch)
+    parallel = dispatch.pop("parallel", 2)
     todo = [job for job in jobs if finished_job_run(job) is None] if train else []
     if train:
         print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already finished (skipped), {len(todo)} to run, "
               f"{parallel} at a time", flush=True)
     run_jobs([job["argv"] for job in todo], parallel, log_dir,
-             tags=[f"{job['cell']} {LABELS.get(job['normalization'], job['normalization'])} s{job['seed']}" for job in todo])
+             tags=[f"{job['cell']} {label(job['normalization'])} s{job['seed']}" for job in todo], **dispatch)
     runs = {}
     for job in sorted(jobs, key=lambda j: list(SWEEP_CELLS).index(j["cell"])):  # cells in table order
         run = finished_job_run(job)
         if run is None:
-            raise SystemExit(f"sweep: {job['cell']} {job['normalization']} seed {job['seed']} has not finished in "
-                             f"{job['results_dir']}: run sweep.py with the same flags (without --report) to finish it")
+            raise InputError(f"sweep: {job['cell']} {job['normalization']} seed {job['seed']} has not finished in "
+                             f"{job['results_dir']}: run `python study.py sweep` with the same flags (without --report) to finish it")
         runs.setdefault(job["cell"], []).append(run)
     return runs
 
@@ -132,10 +149,7 @@ def sweep_cell_summary(runs):
                 num_eval_samples=cfg["num_eval_samples"], sampling_steps=cfg["sampling_steps"])
     for weights in ("ema", "raw"):
         ln, none = values.get((weights, "layer-norm"), {}), values.get((weights, "none"), {})
-        paired = [ln[s] / none[s] for s in sorted(set(ln) & set(none))]
-        cell[weights] = dict(layer_norm=_spread(list(ln.values())), none=_spread(list(none.values())),
-                             ratio=statistics.fmean(ln.values()) / statistics.fmean(none.values()),
-                             ratio_min=min(paired), ratio_max=max(paired), per_seed_ratios=paired)
+        cell[weights] = dict(layer_norm=spread(ln.values()), none=spread(none.values()), **ratio_spread(ln, none))
     cell["timesteps"] = timestep_summary(runs, "ema")["rows"]
     cell["trajectory"] = {weights: trajectory_summary(runs, weights) for weights in ("ema", "raw")}
     return cell
@@ -161,13 +175,11 @@ def trajectory_summary(runs, weights="ema", t_min=10):
     half = min(steps, key=lambda s: abs(s - steps[-1] / 2))
     at = lambda curve, step: dict(curve)[step]
     for name, step in (("half", half), ("end", steps[-1])):
-        paired = [at(ln[s], step) / at(none[s], step) for s in seeds]
-        out[name] = dict(step=step, layer_norm=_spread([at(ln[s], step) for s in seeds]),
-                         none=_spread([at(none[s], step) for s in seeds]),
-                         ratio=statistics.fmean(at(ln[s], step) for s in seeds)
-                         / statistics.fmean(at(none[s], step) for s in seeds),
-                         ratio_min=min(paired), ratio_max=max(paired))
-    out["drop"] = {norm: _spread([at(c[s], half) / at(c[s], steps[-1]) for s in seeds])
+        a, b = {s: at(ln[s], step) for s in seeds}, {s: at(none[s], step) for s in seeds}
+        ratios = ratio_spread(a, b)
+        del ratios["per_seed_ratios"]
+        out[name] = dict(step=step, layer_norm=spread(a.values()), none=spread(b.values()), **ratios)
+    out["drop"] = {norm: spread([at(c[s], half) / at(c[s], steps[-1]) for s in seeds])
                    for norm, c in (("layer-norm", ln), ("none", none))}
     return out
 
@@ -242,3 +254,31 @@ def write_sweep_report(runs_by_cell, out):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return text
+
+
+def parser():
+    """The sweep's flags (any other flag goes to train_toy.py, e.g. --num-eval-samples 50)."""
+    p = study_parser("sweep", __doc__)
+    p.add_argument("--cells", nargs="+", default=list(DEFAULT_SWEEP_CELLS), choices=list(SWEEP_CELLS),
+                   help=f"default: {' '.join(DEFAULT_SWEEP_CELLS)}; also steps4x (48k steps, about 30 minutes more)")
+    p.add_argument("--seeds", type=INDEX, nargs="+", default=[0, 1])
+    p.add_argument("--steps-scale", type=POSITIVE, default=1.0,
+                   help="multiply every cell's training (and warm-up) steps, e.g. 0.05 for a quick check")
+    p.add_argument("--out", default="results/sweep")
+    p.add_argument("--report", action="store_true", help="only write the report (every run must have finished)")
+    return p
+
+
+def run(args, extra=()):
+    """Train what has not finished (unless --report), then report; returns {cell: [run directories]}."""
+    plt.switch_backend("Agg")
+    start = time.time()
+    log_dir = os.path.join(args.out, "logs")
+    if not args.report:
+        run_sweep(sweep_jobs(args.cells, args.seeds, args.out, args.steps_scale, extra), dispatch_of(args), log_dir)
+    # the report: these cells at --seeds, and any other seed whose runs of a cell have finished
+    runs = run_sweep(report_jobs(args.cells, args.seeds, args.out, args.steps_scale, extra), dispatch_of(args),
+                     log_dir, train=False)
+    print(write_sweep_report(runs, args.out))
+    print(f"wrote {args.out}/summary.md, summary.json, ratios.png, trajectories.png ({(time.time() - start) / 60:.1f} min)")
+    return runs

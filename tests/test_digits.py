@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditlab import digits_study
+from ditlab.studies import digits as digits_study
 from ditlab.features import classifier_id, digits_rgb, to_gray
 from ditlab.trainer import DIVERGED_EXIT
 

@@ -1,4 +1,4 @@
-"""The mechanism study (mechanism.py): why does LayerNorm cost the toy denoiser its precision?
+"""The mechanism study (`python study.py mechanism`, `make mechanism`): why does LayerNorm cost the toy denoiser its precision?
 
 Cells, each a train_toy.py configuration on the CPU preset, several seeds:
   localise  LayerNorm everywhere, nowhere, in the blocks only (final norm identity), in the final layer only;
@@ -7,27 +7,30 @@ Cells, each a train_toy.py configuration on the CPU preset, several seeds:
 Every finished run is kept as a small JSON record (final per-t probe error, sampled error, outlier and
 signal/outlier statistics at the last probe and, for the runs named in INTERVENE_CELLS, the interventions of
 ditlab/toy/edits.py), so the study continues across sessions; the report reads only records.
+
+    python study.py mechanism                                   # every cell, seeds 0 1 2, 12k steps
+    python study.py mechanism --cells layer-norm none ln-blocks ln-final --long-steps 24000
+    python study.py mechanism --report --record docs/results/mechanism.md
+    python study.py mechanism --steps 200 --seeds 0 --cells layer-norm none --out results/mechanism-quick   # a quick check
 """
 
-import json
-import math
 import os
-import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
-from multiprocessing import get_context
 
 from scipy.stats import spearmanr
 
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_model
+from ditlab.cli import COUNT, INDEX
+from ditlab.errors import JobError
 from ditlab.files import provenance, write_json, write_page
-from ditlab.jobs import run_jobs
+from ditlab.studies.runner import dispatch_of, map_calls, read_record, run_jobs, study_parser, write_record
+from ditlab.studies.stats import fmt_spread
 from ditlab.run import newest_run
 from ditlab.toy.edits import channel_statistics, intervene
-from ditlab.toy.plots import plot_localise_lengths, plot_mechanism_study
+from ditlab.studies.toy_plots import plot_localise_lengths, plot_mechanism_study
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
 from models import RestoringLayerNorm
 
@@ -83,20 +86,9 @@ def train_command(args, cell, seed, steps):
             os.path.join(args.out, "runs", f"{cell}-{steps}"), "--threads", "1", "--resume", "auto"]
 
 
-def record_path(args, name):
-    return os.path.join(args.records, f"{name}.json")
-
-
-def read_record(args, name):
-    path = record_path(args, name)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        record = json.load(f)
-    differ = [k for k in ("probe_samples", "num_eval_samples") if record["settings"].get(k) != getattr(args, k)]
-    if differ:
-        raise SystemExit(f"{path} was made with other {', '.join(differ)}; pass another --records folder")
-    return record
+def recorded(args, name):
+    """The record of a run, or None; one made with another --probe-samples or --num-eval-samples is refused."""
+    return read_record(args.records, name, {k: getattr(args, k) for k in ("probe_samples", "num_eval_samples")})
 
 
 def run_seconds(run):
@@ -162,10 +154,10 @@ def run_cells(args):
     --parallel at a time, then record each; returns {(cell, seed, steps): record}. With --report, trains
     nothing and returns the recorded runs only."""
     wanted = wanted_runs(args)
-    todo = [w for w in wanted if read_record(args, job_name(*w)) is None]
+    todo = [w for w in wanted if recorded(args, job_name(*w)) is None]
     if args.report:  # the study spans sessions: report what is recorded; the report lists what is not
         print(f"[mechanism] --report: {len(wanted) - len(todo)} of {len(wanted)} runs recorded", flush=True)
-        return {w: read_record(args, job_name(*w)) for w in wanted if w not in todo}
+        return {w: recorded(args, job_name(*w)) for w in wanted if w not in todo}
     train = [w for w in todo if not finished(run_of(args, *w), w[2])]
     train.sort(key=lambda w: -w[2])  # the long runs first, so that the two slots stay busy
     print(f"[mechanism] {len(wanted)} runs, {len(wanted) - len(todo)} recorded, {len(train)} to train", flush=True)
@@ -173,48 +165,43 @@ def run_cells(args):
     for i in range(0, len(train), args.parallel):
         wave = train[i:i + args.parallel]
         run_jobs([train_command(args, *w) for w in wave], args.parallel, os.path.join(args.out, "logs"),
-                 names=[job_name(*w) for w in wave], tags=[job_name(*w) for w in wave], append=True)
+                 names=[job_name(*w) for w in wave], tags=[job_name(*w) for w in wave], append=True,
+                 **_dispatch(args))
         keep(args, wave)
     keep(args, [w for w in todo if w not in train])
-    return {w: read_record(args, job_name(*w)) for w in wanted}
+    return {w: recorded(args, job_name(*w)) for w in wanted}
 
 
-def _one_thread():
+def _dispatch(args):
+    """Where the jobs run (the runner's flags), without --parallel, which the waves pass themselves."""
+    return {k: v for k, v in dispatch_of(args).items() if k != "parallel"}
+
+
+def summarise_one_thread(*call):
+    """summarise_run in a job of its own, on one thread like the training jobs."""
     import torch
+
     torch.set_num_threads(1)
+    return summarise_run(*call)
 
 
 def keep(args, runs):
     """Write the record of every finished run in `runs`; the summaries (the interventions take minutes per
-    run) run --parallel at a time in fresh processes of one thread each, like the training jobs."""
+    run) are jobs of the runner, --parallel at a time, one thread each, like the training jobs."""
     for cell, seed, steps in runs:
         if not finished(run_of(args, cell, seed, steps), steps):
-            raise SystemExit(f"{job_name(cell, seed, steps)} did not finish; see {args.out}/logs")
-    if not runs:
-        return
-    work = [(args, cell, seed, steps, run_of(args, cell, seed, steps)) for cell, seed, steps in runs]
-    with ProcessPoolExecutor(min(args.parallel, len(work)), mp_context=get_context("spawn"),
-                             initializer=_one_thread) as pool:
-        records = list(pool.map(summarise_run, *zip(*work)))
-    os.makedirs(args.records, exist_ok=True)
+            raise JobError(f"{job_name(cell, seed, steps)} did not finish; see {args.out}/logs")
+    calls = [(args, cell, seed, steps, run_of(args, cell, seed, steps)) for cell, seed, steps in runs]
+    records = map_calls(summarise_one_thread, calls, args.parallel, os.path.join(args.out, "logs"),
+                        labels=[f"summary of {job_name(*w)}" for w in runs], **_dispatch(args))
     for (cell, seed, steps), record in zip(runs, records):
-        write_json(record_path(args, job_name(cell, seed, steps)),
-                   {**record, "settings": {k: getattr(args, k) for k in RECORD_SETTINGS}, "provenance": provenance()})
+        write_record(args.records, job_name(cell, seed, steps), record,
+                     {k: getattr(args, k) for k in RECORD_SETTINGS})
 
 
 #################################################################################
 #                                    Report                                     #
 #################################################################################
-
-def geomean(values):
-    values = list(values)
-    return math.exp(statistics.fmean(math.log(v) for v in values))
-
-
-def spread(values):
-    values = list(values)
-    return f"{statistics.fmean(values):.3g} [{min(values):.3g}, {max(values):.3g}]"
-
 
 def ratio_rows(records, cells, steps, base, timesteps=REPORT_T):
     """Markdown rows: per cell, the per-t eps error and the sampled RMS relative to `base`'s, per seed
@@ -227,9 +214,9 @@ def ratio_rows(records, cells, steps, base, timesteps=REPORT_T):
         cells_t = []
         for t in timesteps:
             r = [records[(cell, s, steps)]["eps"][str(t)] / records[(base, s, steps)]["eps"][str(t)] for s in seeds]
-            cells_t.append(spread(r))
+            cells_t.append(fmt_spread(r))
         sampled = [records[(cell, s, steps)]["sample_rms"] / records[(base, s, steps)]["sample_rms"] for s in seeds]
-        lines.append(f"| {cell} | {len(seeds)} | " + " | ".join(cells_t) + f" | {spread(sampled)} |")
+        lines.append(f"| {cell} | {len(seeds)} | " + " | ".join(cells_t) + f" | {fmt_spread(sampled)} |")
     return lines
 
 
@@ -238,9 +225,9 @@ def error_rows(records, cells, steps, timesteps=REPORT_T):
     for cell in cells:
         recs = [r for (c, s, n), r in records.items() if c == cell and n == steps]
         if recs:
-            lines.append(f"| {cell} | {len(recs)} | " + " | ".join(spread(r["eps"][str(t)] for r in recs)
+            lines.append(f"| {cell} | {len(recs)} | " + " | ".join(fmt_spread(r["eps"][str(t)] for r in recs)
                                                                   for t in timesteps)
-                         + f" | {spread(r['sample_rms'] for r in recs)} |")
+                         + f" | {fmt_spread(r['sample_rms'] for r in recs)} |")
     return lines
 
 
@@ -256,7 +243,7 @@ def outlier_rows(records, cells, steps):
         fin = [r["norm_inputs"].get("final.norm", {}) for r in recs]
         s0 = [f["0"]["signal_to_outlier"] for f in fin if "0" in f]
         s100 = [f["100"]["signal_to_outlier"] for f in fin if "100" in f]
-        lines.append(f"| {cell} | {spread(mm)} | {spread(s0) if s0 else '-'} | {spread(s100) if s100 else '-'} |")
+        lines.append(f"| {cell} | {fmt_spread(mm)} | {fmt_spread(s0) if s0 else '-'} | {fmt_spread(s100) if s100 else '-'} |")
     return lines
 
 
@@ -269,8 +256,8 @@ def intervention_rows(records, cell, steps, timesteps=(0, 10, 100, 999)):
     for place in recs[0]["interventions"]["places"]:
         for edit in ("mean", "per-t", "zero"):
             got = [r["interventions"]["places"][place][edit] for r in recs]
-            cells_t = " | ".join(spread(g["ratio_per_t"][str(t)] for g in got) for t in timesteps)
-            lines.append(f"| {place} | {edit} | {spread(g['sample_ratio'] for g in got)} | {cells_t} |")
+            cells_t = " | ".join(fmt_spread(g["ratio_per_t"][str(t)] for g in got) for t in timesteps)
+            lines.append(f"| {place} | {edit} | {fmt_spread(g['sample_ratio'] for g in got)} | {cells_t} |")
     return lines
 
 
@@ -291,7 +278,7 @@ def final_norm_test(records, cell, twin, steps):
              for t in timesteps] for s in seeds}
     gap = {s: [records[(cell, s, steps)]["eps"][str(t)] / records[(twin, s, steps)]["eps"][str(t)]
                for t in timesteps] for s in seeds}
-    rows = [f"| {t} | {spread(q[s][i] for s in seeds)} | {spread(gap[s][i] for s in seeds)} |"
+    rows = [f"| {t} | {fmt_spread(q[s][i] for s in seeds)} | {fmt_spread(gap[s][i] for s in seeds)} |"
             for i, t in enumerate(timesteps)]
     rhos = [float(spearmanr(q[s], gap[s]).statistic) for s in seeds]
     return rows, rhos
@@ -306,7 +293,7 @@ def cost_rows(records, cells, steps):
         train = [r["run_seconds"] / 60 for r in recs if r.get("run_seconds")]
         edit = [r["intervene_seconds"] / 60 for r in recs if r.get("intervene_seconds")]
         if recs:
-            lines.append(f"| {cell} | {len(recs)} | {spread(train) if train else '-'} | {spread(edit) if edit else '-'} |")
+            lines.append(f"| {cell} | {len(recs)} | {fmt_spread(train) if train else '-'} | {fmt_spread(edit) if edit else '-'} |")
     return lines
 
 
@@ -318,7 +305,7 @@ def restore_lines(records, steps, cell="restore"):
     a = [max(w["scale"] for w in r["restoring_weights"].values()) for r in recs]
     b = [max(w["mean"] for w in r["restoring_weights"].values()) for r in recs]
     return [f"The trained restoring weights (zero at the start; the layer adds a log(sigma) + b mu to LayerNorm's "
-            f"unit-RMS output), largest over the model's norms, {len(recs)} seeds: |a| {spread(a)}, |b| {spread(b)}.", ""]
+            f"unit-RMS output), largest over the model's norms, {len(recs)} seeds: |a| {fmt_spread(a)}, |b| {fmt_spread(b)}.", ""]
 
 
 def missing_lines(args, records):
@@ -438,3 +425,35 @@ def write_report(args, records):
         write_page(args.record, text, args.out, drawn)
     print(text)
     return text
+
+
+def parser():
+    """The mechanism study's flags."""
+    p = study_parser("mechanism", __doc__)
+    p.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    p.add_argument("--seeds", type=INDEX, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=COUNT, default=12_000, help="training steps of every cell (the CPU preset's 12k)")
+    p.add_argument("--long-steps", type=COUNT, nargs="*", default=[],
+                   help="also train the localise cells (--long-cells) at these lengths, e.g. 24000")
+    p.add_argument("--long-cells", nargs="+", default=list(GROUPS["localise"]), choices=list(CELLS))
+    p.add_argument("--probe-samples", type=COUNT, default=256)
+    p.add_argument("--num-eval-samples", type=COUNT, default=100)
+    p.add_argument("--stats-samples", type=COUNT, default=64, help="probe draws per timestep for the channel means")
+    p.add_argument("--intervene-sampling-steps", type=COUNT, default=1000)
+    p.add_argument("--out", default="results/mechanism")
+    p.add_argument("--records", default=None, help="default: <out>/records (the measured study's: "
+                   "docs/results/mechanism_runs/)")
+    p.add_argument("--report", action="store_true", help="only rewrite the report from the records (those "
+                   "recorded so far: the report names the runs still to measure)")
+    p.add_argument("--record", default="", metavar="PAGE", help="also write the report to PAGE")
+    return p
+
+
+def run(args, extra=()):
+    """Train and record what is missing (unless --report), then write the report; returns the records."""
+    args.records = args.records or os.path.join(args.out, "records")
+    start = time.time()
+    records = run_cells(args)
+    write_report(args, records)
+    print(f"[mechanism] wrote {args.out}/summary.md ({(time.time() - start) / 60:.1f} min)")
+    return records

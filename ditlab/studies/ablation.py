@@ -1,39 +1,37 @@
-"""The normalization ablation on the toy (`make ablation`): train_toy.py for every variant and seed (the
-same CPU preset and seeds as `make toy`), and the sample errors at the last evaluated step.
+"""The normalization ablation on the toy (`python study.py ablation`, `make ablation`): train_toy.py for every
+variant and seed (the same CPU preset and seeds as `make toy`), and the sample errors at the last evaluated step.
 
 Writes to --out (results/ablation/): summary.md (the table), summary.json and toy_errors.png (toy error
 against training step per variant). A finished run is reused by a rerun; any flag not listed here goes
 to train_toy.py. The same question on images, trained to convergence with a learning rate per variant,
-is the digits study (digits_study.py, `make digits`).
+is the digits study (`python study.py digits`, `make digits`).
 
-    python ablation.py                                   # all variants, seed 0
-    python ablation.py --variants layer-norm dyt --seeds 0 1 2
+    python study.py ablation                                   # all variants, seed 0
+    python study.py ablation --variants layer-norm dyt --seeds 0 1 2
 """
 
-import argparse
 import json
 import os
-import statistics
 import time
 
 import matplotlib.pyplot as plt
 
-from ditlab.cli import COUNT, INDEX
+from ditlab.cli import INDEX
 from ditlab.files import provenance
+from ditlab.studies.runner import study_parser, dispatch_of
+from ditlab.studies.stats import spread
+from ditlab.studies.toy import train_runs
+from ditlab.studies.toy_report import summarize
+from ditlab.studies.variants import ABLATION_VARIANTS, color
 from ditlab.toy.readers import load_config, load_metrics
-from ditlab.toy.report import summarize
-from ditlab.toy.sweep import train_runs
 from models import NORM_LAYERS
 
-VARIANTS = ["layer-norm", "none", "rms-norm", "dyt"]
-COLORS = {"layer-norm": "tab:red", "none": "tab:blue", "rms-norm": "tab:green", "dyt": "tab:purple", "derf": "tab:orange"}
 
-
-def run_toy(variants, seeds, parallel, results_dir, extra):
-    """train_toy.py for every (variant, seed), --parallel at a time, finished runs reused; returns the runs."""
-    jobs = [(v, s, extra) for s in seeds for v in variants]
+def run_toy(variants, seeds, dispatch, results_dir, extra):
+    """train_toy.py for every (variant, seed), --parallel at a time; returns the runs."""
+    jobs = [(v, s, list(extra)) for s in seeds for v in variants]
     print(f"[ablation] toy study: {len(jobs)} runs", flush=True)
-    return train_runs(jobs, parallel, results_dir, os.path.join(results_dir, "logs"))
+    return train_runs(jobs, results_dir, os.path.join(results_dir, "logs"), dispatch)
 
 
 def toy_table(runs):
@@ -51,8 +49,7 @@ def toy_table(runs):
     for (norm, weights), rows in last.items():
         table.setdefault(norm, {"step": rows[0]["step"], "seeds": len(rows), "final_loss": losses.get(norm, {}).get("mean")})
         for e in ("rms", "max_abs"):
-            values = [r[e] for r in rows]
-            table[norm][f"{weights}_{e}"] = dict(mean=statistics.fmean(values), min=min(values), max=max(values))
+            table[norm][f"{weights}_{e}"] = spread(r[e] for r in rows)
     return table
 
 
@@ -63,7 +60,7 @@ def plot_toy(runs, path):
     for run in runs:
         norm = load_config(run)["normalization"]
         pts = sorted((r["step"], r["rms"]) for r in load_metrics(run) if r["weights"] == "ema")
-        ax.plot(*zip(*pts), marker="o", color=COLORS.get(norm), label=None if norm in seen else norm)
+        ax.plot(*zip(*pts), marker="o", color=color(norm), label=None if norm in seen else norm)
         seen.add(norm)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
@@ -110,22 +107,23 @@ def toy_lines(toy, args):
     return lines + ["", "![toy error per variant](toy_errors.png)", ""]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=sorted(NORM_LAYERS))
+def parser():
+    """The ablation's flags (any other flag goes to train_toy.py)."""
+    p = study_parser("ablation", __doc__)
+    p.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=sorted(NORM_LAYERS))
     p.add_argument("--seeds", type=INDEX, nargs="+", default=[0])
-    p.add_argument("--parallel", type=COUNT, default=2)
     p.add_argument("--out", default="results/ablation")
-    args, toy_extra = p.parse_known_args(argv)  # anything else goes to train_toy.py
+    return p
+
+
+def run(args, extra=()):
+    """Train every variant and seed, then write the table and figure; returns the table."""
     plt.switch_backend("Agg")
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    runs = run_toy(args.variants, args.seeds, args.parallel, os.path.join(args.out, "toy-runs"), toy_extra)
+    runs = run_toy(args.variants, args.seeds, dispatch_of(args), os.path.join(args.out, "toy-runs"), extra)
     toy = toy_table(runs)
     plot_toy(runs, os.path.join(args.out, "toy_errors.png"))
     print(write_summary(args.out, toy, args))
     print(f"[ablation] wrote {args.out}/summary.md ({(time.time() - start) / 60:.1f} min)")
-
-
-if __name__ == "__main__":
-    main()
+    return toy

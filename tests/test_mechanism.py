@@ -3,8 +3,8 @@
 import os
 from types import SimpleNamespace
 
-from ditlab.toy import mechanism
-from ditlab.toy.mechanism import REPORT_T
+from ditlab.studies import mechanism
+from ditlab.studies.mechanism import REPORT_T
 
 
 def record(cell, seed, eps_scale, rms):
