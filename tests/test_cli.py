@@ -2,21 +2,28 @@
 allowed range, before any work starts."""
 
 import argparse
+import importlib
 import re
 
 import pytest
 
-import ablation
 import analyze_embeddings
 import extract_latents
 import sample
 import sample_ddp
-import sweep
-import toy_study
 import train
 import train_toy
 from benchmarks import bench
 from ditlab.cli import at_least, number
+
+
+def study_args(name):
+    """A study's flag parser, as `python study.py NAME` uses it."""
+    def parse(argv):
+        return importlib.import_module(f"ditlab.studies.{name}").parser().parse_args(argv)
+
+    parse.__module__ = f"study.{name}"
+    return parse
 
 
 def test_at_least():
@@ -55,17 +62,17 @@ CASES = [  # (parse, flag, bad value, what the message says)
     (train_toy.parse_args, "--grad-clip", "0", "a number > 0"),
     (train_toy.parse_args, "--probe-every", "-1", "an integer >= 0"),
     (train_toy.parse_args, "--probe-samples", "0", "an integer >= 1"),
-    (sweep.main, "--steps-scale", "0", "a number > 0"),
-    (sweep.main, "--seeds", "-1", "an integer >= 0"),
-    (sweep.main, "--parallel", "0", "an integer >= 1"),
+    (study_args("sweep"), "--steps-scale", "0", "a number > 0"),
+    (study_args("sweep"), "--seeds", "-1", "an integer >= 0"),
+    (study_args("sweep"), "--parallel", "0", "an integer >= 1"),
     (sample.parse_args, "--num-sampling-steps", "0", "an integer >= 1"),
     (sample.parse_args, "--cfg-scale", "-2", "a number >= 0"),
     (sample_ddp.parse_args, "--per-proc-batch-size", "0", "an integer >= 1"),
     (sample_ddp.parse_args, "--num-fid-samples", "-5", "an integer >= 1"),
     (extract_latents.parse_args, "--shard-size", "0", "an integer >= 1"),
     (analyze_embeddings.parse_args, "--timesteps", "-1", "an integer >= 0"),
-    (toy_study.main, "--parallel", "0", "an integer >= 1"),
-    (ablation.main, "--seeds", "-1", "an integer >= 0"),
+    (study_args("toy"), "--parallel", "0", "an integer >= 1"),
+    (study_args("ablation"), "--seeds", "-1", "an integer >= 0"),
     (bench.parse_args, "--rounds", "0", "an integer >= 1"),
 ]
 

@@ -1,4 +1,4 @@
-"""The digits study (ditlab/digits_study.py, digits_study.py): memorisation against brute force, the lr
+"""The digits study (ditlab/studies/digits*.py, ditlab/memorisation.py, python study.py digits): memorisation against brute force, the lr
 choice, and a tiny end-to-end study that resumes from its records alone (as in a later session)."""
 
 import glob
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from ditlab import memorisation
 from ditlab.studies import digits as digits_study
+from ditlab.studies import digits_lengths, digits_report, digits_runs
 from ditlab.features import classifier_id, digits_rgb, to_gray
 from ditlab.trainer import DIVERGED_EXIT
 
@@ -23,11 +25,18 @@ UNSCORED = "no-classifier-here.pt"  # a --digits-classifier that does not exist:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+
+def patch(monkeypatch, name, value):
+    """Replace `name` in every module of the study that looks it up (the phases import the run helpers)."""
+    for module in (digits_study, digits_runs, digits_report):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
+
 def test_nearest_distances_match_brute_force_numpy():
     rng = np.random.default_rng(0)
     samples, train = rng.normal(size=(7, 2, 3, 3)), rng.normal(size=(11, 2, 3, 3))
     samples[3] = train[5]  # an exact copy
-    to_train, train_nn = digits_study.nearest_distances(samples, train, chunk=4)
+    to_train, train_nn = memorisation.nearest_distances(samples, train, chunk=4)
     flat_s, flat_t = samples.reshape(7, -1), train.reshape(11, -1)
     want_s = [min(np.sqrt(((a - b) ** 2).sum()) for b in flat_t) for a in flat_s]
     want_t = [min(np.sqrt(((flat_t[i] - flat_t[j]) ** 2).sum()) for j in range(11) if j != i) for i in range(11)]
@@ -44,9 +53,9 @@ def test_memorisation_flags_copies_and_not_fresh_noise(tmp_path):
     np.savez(copies, arr_0=images[:50], arr_1=np.zeros(50, int))
     np.savez(shifted, arr_0=np.roll(images[:50], 1, axis=2), arr_1=np.zeros(50, int))
     train = to_gray(torch.from_numpy(images).permute(0, 3, 1, 2))
-    m = digits_study.memorisation(str(copies), train)
+    m = memorisation.memorisation(str(copies), train)
     assert m["median"] == 0 and m["near_copies"] == 1.0 and m["ratio"] == 0
-    s = digits_study.memorisation(str(shifted), train)
+    s = memorisation.memorisation(str(shifted), train)
     assert s["median"] > 0 and s["near_copies"] < 1.0
     # the training digits' own nearest-neighbour median, recomputed by brute force on the flattened pixels
     flat = train.double().flatten(1).numpy()
@@ -81,17 +90,17 @@ def test_the_sweep_records_each_wave_before_the_next_trains(tmp_path, monkeypatc
             raise SystemExit("cut short")
         return {(v, lr, s): f"run-{v}-{lr:g}" for v, lr, s, _ in runs}
 
-    monkeypatch.setattr(digits_study, "train_all", train_all)
-    monkeypatch.setattr(digits_study, "find_run", lambda *a, **k: None)  # this session's run dirs: none finished
-    monkeypatch.setattr(digits_study, "curve", lambda run, steps: [[steps, 100.0, 0.5]])
-    monkeypatch.setattr(digits_study, "training_speed", lambda run: 5.0)
+    patch(monkeypatch, "train_all", train_all)
+    patch(monkeypatch, "find_run", lambda *a, **k: None)  # this session's run dirs: none finished
+    patch(monkeypatch, "curve", lambda run, steps: [[steps, 100.0, 0.5]])
+    patch(monkeypatch, "training_speed", lambda run: 5.0)
     with pytest.raises(SystemExit, match="cut short"):
         digits_study.lr_sweep(args)
     assert [len(w) for w in waves] == [2, 2, 2]
     kept = sorted(os.listdir(args.records))
-    assert kept == sorted(f"sweep-{digits_study.run_key(v, lr, 0)}.json" for w in waves[:2] for v, lr in w)
+    assert kept == sorted(f"sweep-{digits_runs.run_key(v, lr, 0)}.json" for w in waves[:2] for v, lr in w)
     waves.clear()
-    monkeypatch.setattr(digits_study, "train_all", lambda args, runs, final, diverged: waves.append(runs) or
+    patch(monkeypatch, "train_all", lambda args, runs, final, diverged: waves.append(runs) or
                         {(v, lr, s): f"run-{v}-{lr:g}" for v, lr, s, _ in runs})
     sweep = digits_study.lr_sweep(args)
     assert len(waves) == 1 and len(waves[0]) == 2 and len(sweep) == 6 and all(sweep.values())
@@ -106,17 +115,17 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
     said = {2e-3: "print('step 4/4'); raise SystemExit(0)",
             8e-3: "print('error: loss became nan between steps 0 and 500; stopping.'); "
                   f"raise SystemExit({DIVERGED_EXIT})"}
-    monkeypatch.setattr(digits_study, "train_command", lambda args, v, lr, s, steps, final: [sys.executable, "-c", said[lr]])
+    patch(monkeypatch, "train_command", lambda args, v, lr, s, steps, final: [sys.executable, "-c", said[lr]])
     # the diverged run made no checkpoint (train.py checks the loss before the first one), so there is no run
-    monkeypatch.setattr(digits_study, "find_run", lambda args, v, lr, *a, **k: None if lr == 8e-3 else "runs/000-x")
-    monkeypatch.setattr(digits_study, "run_step", lambda run: 0)
-    monkeypatch.setattr(digits_study, "curve", lambda run, steps: [[steps, 100.0, 0.5]])
-    monkeypatch.setattr(digits_study, "training_speed", lambda run: 5.0)
+    patch(monkeypatch, "find_run", lambda args, v, lr, *a, **k: None if lr == 8e-3 else "runs/000-x")
+    patch(monkeypatch, "run_step", lambda run: 0)
+    patch(monkeypatch, "curve", lambda run, steps: [[steps, 100.0, 0.5]])
+    patch(monkeypatch, "training_speed", lambda run: 5.0)
     sweep = digits_study.lr_sweep(args)
     assert sweep[("none", 8e-3)]["diverged"] == "loss became nan between steps 0 and 500"
     assert sweep[("none", 8e-3)]["curve"] == [] and sweep[("none", 2e-3)]["curve"] == [[4, 100.0, 0.5]]
     assert digits_study.best_lrs(args, sweep) == {"none": 2e-3}
-    lines = digits_study.sweep_lines({"sweep": {digits_study.run_key("none", lr, 0): sweep[("none", lr)] for lr in args.lrs},
+    lines = digits_report.sweep_lines({"sweep": {digits_runs.run_key("none", lr, 0): sweep[("none", lr)] for lr in args.lrs},
                                       "best_lr": {"none": 2e-3}}, args)
     assert "| none | **100** | diverged |" in lines
     # every lr diverged: a clear error, not a run at a diverging lr
@@ -126,13 +135,13 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
     said[2e-3] = ("print('error: loss became 0.7243 between steps 7500 and 8000, 33.1x its lowest logged value "
                   f"0.02188 (--stop-loss-ratio 5); stopping.'); raise SystemExit({DIVERGED_EXIT})")
     diverged = {}
-    digits_study.train_all(args, [("none", 2e-3, 0, 4)], final=True, diverged=diverged)
+    digits_runs.train_all(args, [("none", 2e-3, 0, 4)], final=True, diverged=diverged)
     assert diverged == {("none", 2e-3, 0): "loss became 0.7243 between steps 7500 and 8000, 33.1x its lowest "
                                            "logged value 0.02188"}
     # a failure that is not a divergence stops the study, whatever its log says: the exit code decides
     said[2e-3] = "print('loss became nan between steps 0 and 2'); raise SystemExit(1)"
     with pytest.raises(SystemExit, match="none-lr0.002-s0 failed \\(exit 1\\)"):
-        digits_study.train_all(args, [("none", 2e-3, 0, 4)], final=False, diverged={})
+        digits_runs.train_all(args, [("none", 2e-3, 0, 4)], final=False, diverged={})
 
 
 def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(tmp_path):
@@ -149,11 +158,11 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
                            stop_loss_ratio=5.0)
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) is None
-    cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
+    cmd = digits_runs.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
     assert "--resume" not in cmd and cmd[cmd.index("--lr-schedule") + 1] == "cosine" and "--grad-clip" not in cmd
     assert cmd[cmd.index("--fid-every") + 1] == "2000" and cmd[cmd.index("--max-steps") + 1] == "8000"
     assert cmd[cmd.index("--stop-loss-ratio") + 1] == "5"  # final runs stop at a finite blow-up; the sweep's not
-    assert "--stop-loss-ratio" not in digits_study.train_command(args, "layer-norm", 2e-3, 0, 3000, final=False)
+    assert "--stop-loss-ratio" not in digits_runs.train_command(args, "layer-norm", 2e-3, 0, 3000, final=False)
     final = fake_run(1, lr_schedule="cosine", max_steps=8000, grad_clip=None)
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) == final
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 3000, final=False) == sweep  # still the sweep's
@@ -161,7 +170,7 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
     # clipped finals are runs of their own (an unclipped run of the same length is not continued clipped)
     args.grad_clip = 0.5
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) is None
-    cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
+    cmd = digits_runs.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
     assert "--resume" not in cmd and cmd[cmd.index("--grad-clip") + 1] == "0.5"
     clipped = fake_run(2, lr_schedule="cosine", max_steps=8000, grad_clip=0.5)
     assert digits_study.find_run(args, "layer-norm", 2e-3, 0, 8000, final=True) == clipped
@@ -169,7 +178,7 @@ def test_final_runs_with_a_decaying_lr_never_extend_the_sweeps_constant_lr_run(t
     args.grad_clip = None
     # constant-lr finals extend the sweep's run (the run that would have gone there directly)
     args.lr_schedule = "constant"
-    cmd = digits_study.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
+    cmd = digits_runs.train_command(args, "layer-norm", 2e-3, 0, 8000, final=True)
     assert cmd[cmd.index("--resume") + 1] == sweep and cmd[cmd.index("--fid-every") + 1] == "2000"
     assert cmd[cmd.index("--stop-loss-ratio") + 1] == "5"  # also when a final run is resumed
 
@@ -187,7 +196,7 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     diverges = {("none", 4e-3, 1)}  # seed 0 at 4e-3 trains fine, seed 1 does not
     waves, noised = [], []
     # phase 7 follows each wave, for the runs it recorded (not the diverged one), while their directories exist
-    monkeypatch.setattr(digits_study, "sampling_noise",
+    patch(monkeypatch, "sampling_noise",
                         lambda args, finals: noised.append(sorted((v, s, r["lr"]) for (v, s), r in finals.items())))
 
     def train_all(args, runs, final, diverged=None):
@@ -197,11 +206,11 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
                 diverged[(v, lr, s)] = "loss became nan between steps 4 and 6"
         return {(v, lr, s): f"run-{v}-{lr:g}-{s}" for v, lr, s, _ in runs}
 
-    monkeypatch.setattr(digits_study, "train_all", train_all)
-    monkeypatch.setattr(digits_study, "sample_all", lambda args, items: {it: (dict(fd_digits=1.0, precision=1.0,
+    patch(monkeypatch, "train_all", train_all)
+    patch(monkeypatch, "sample_all", lambda args, items: {it: (dict(fd_digits=1.0, precision=1.0,
                         recall=1.0, accuracy=1.0), "x.npz") for it in items})
     for name in ("curve", "training_speed", "outliers_of", "memorisation", "save_grid_images"):
-        monkeypatch.setattr(digits_study, name, lambda *a: None)
+        patch(monkeypatch, name, lambda *a: None)
     best = {"layer-norm": 4e-3, "none": 4e-3}
     finals, cfg = digits_study.final_runs(args, best)
     assert waves == [[("layer-norm", 4e-3, 0), ("none", 4e-3, 0)], [("layer-norm", 4e-3, 1), ("none", 4e-3, 1)],
@@ -221,7 +230,7 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     summary = dict(table={}, floor=dict(fd_digits=1, precision=1, recall=1, accuracy=1), missing=[], cfg_scale=1.5,
                    cfg_candidates={}, final_lr=lrs, stepped_down={"none": ["none-lr0.004-s1 loss became nan between "
                                                                             "steps 4 and 6"]})
-    text = "\n".join(digits_study.final_lines(summary, args))
+    text = "\n".join(digits_report.final_lines(summary, args))
     assert "none at 0.002 (none-lr0.004-s1 loss became nan between steps 4 and 6)" in text
     # every lr down to the lowest diverged: an error naming the runs, not a run at a diverging lr
     diverges.update({("none", 2e-3, 0), ("none", 1e-3, 1)})
@@ -234,7 +243,7 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
 def study_command(digits, classifier, *flags):
     """The tiny study's command on a digits folder of its own (train.py --demo writes it there) and the
     session's classifier; later flags win."""
-    return [sys.executable, "digits_study.py", "--digits-ref", digits, "--digits-classifier", classifier,
+    return [sys.executable, "study.py", "digits", "--digits-ref", digits, "--digits-classifier", classifier,
             "--variants", "layer-norm", "--lrs", "2e-3",
             "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2", "--lr-schedule", "constant",
             "--curve-samples", "10",
@@ -255,7 +264,7 @@ def test_tile_by_class_puts_each_pick_in_its_digits_column_with_grey_gaps():
     images = rng.integers(0, 256, (25, 3, 5, 3), dtype=np.uint8)
     labels = np.array([i % 10 for i in range(25)])  # digits 0-4 three times, 5-9 twice
     gap, fill, per_class = 1, 96, 3
-    canvas = digits_study.tile_by_class(images, labels, per_class, gap=gap, fill=fill)
+    canvas = digits_report.tile_by_class(images, labels, per_class, gap=gap, fill=fill)
     assert canvas.shape == (gap + 3 * (3 + gap), gap + 10 * (5 + gap), 3)
     expected = np.full(canvas.shape, fill, np.uint8)
     for digit in range(10):
@@ -267,9 +276,9 @@ def test_tile_by_class_puts_each_pick_in_its_digits_column_with_grey_gaps():
 
 def test_the_report_names_runs_scored_with_another_or_an_unknown_classifier():
     same = {"floor": "aaa", "none s0": "aaa", "dyt s0": "aaa"}
-    assert digits_study.classifier_lines(same) == []
+    assert digits_report.classifier_lines(same) == []
     mixed = {**same, "layer-norm s0": None, "none s1": "bbb", "dyt s1": "bbb"}
-    (line, _), = [digits_study.classifier_lines(mixed)]
+    (line, _), = [digits_report.classifier_lines(mixed)]
     assert "the other runs with aaa" in line and "none s1, dyt s1 with bbb" in line
     assert "layer-norm s0 with one not recorded" in line and "none s0" not in line
 
@@ -303,7 +312,7 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     # the floor at the sets' labels assumes sample_ddp.py's labels: set_labels must be them, seed by seed
     for folder, seed in ((f"{final['run']}-cfg1-n20", 0), (f"{final['run']}-cfg1-n20-seed1", 1)):
         (npz,) = glob.glob(str(out / "samples" / folder / "*.npz"))
-        assert np.load(npz)["arr_1"].tolist() == digits_study.set_labels(20, seed).tolist()
+        assert np.load(npz)["arr_1"].tolist() == digits_report.set_labels(20, seed).tolist()
     assert sorted(summary["floor_at_labels"]) == ["0", "1"] and "| real digits, the sets' labels |" in first
 
     # a later session: no run directories, only the records; adding seed 1 trains only seed 1
@@ -344,8 +353,8 @@ def test_real_digit_floor_scores_real_digits_as_near_perfect(tmp_path, digits_cl
     from ditlab import data
 
     ref = data.write_digits_folder(str(tmp_path / "digits"))
-    floor = digits_study.real_floor(SimpleNamespace(samples=300, digits_ref=ref, digits_classifier=digits_classifier))
-    assert set(floor) == set(digits_study.QUALITY)
+    floor = digits_report.real_floor(SimpleNamespace(samples=300, digits_ref=ref, digits_classifier=digits_classifier))
+    assert set(floor) == set(digits_runs.QUALITY)
     assert floor["accuracy"] >= 0.97 and floor["precision"] >= 0.9 and floor["fd_digits"] < 20
 
 
@@ -355,12 +364,12 @@ def test_the_floor_at_an_uneven_label_draw_is_higher_than_the_balanced_floor(tmp
     the reason the report gives both floors (measured at 1,000: 8.6 against 3.3)."""
     from ditlab import data
 
-    labels = digits_study.set_labels(1000, 0)
+    labels = digits_report.set_labels(1000, 0)
     counts = np.bincount(labels, minlength=10)
     assert counts.min() == 81 and counts.max() == 123  # the docstring's and the docs' figures
     args = SimpleNamespace(samples=1000, digits_ref=data.write_digits_folder(str(tmp_path / "digits")),
                            digits_classifier=digits_classifier)
-    balanced, uneven = digits_study.real_floor(args), digits_study.real_floor(args, 0)
+    balanced, uneven = digits_report.real_floor(args), digits_report.real_floor(args, 0)
     assert uneven["accuracy"] >= 0.97 and uneven["fd_digits"] > 2 * balanced["fd_digits"]
 
 
@@ -372,7 +381,7 @@ def test_noise_report_removes_the_label_effect_and_pairs_variants_at_the_same_sa
              "none s0": {"0": dict(fd_digits=19.0), "1": dict(fd_digits=15.0), "2": dict(fd_digits=14.0)}}
     floors = {"0": dict(fd_digits=8.0), "1": dict(fd_digits=5.0), "2": dict(fd_digits=6.0)}
     summary = dict(table={"layer-norm": {}, "none": {}}, settings=dict(samples=10), noise=noise, floor_at_labels=floors)
-    lines = digits_study.noise_lines(summary)
+    lines = digits_report.noise_lines(summary)
     assert "8 (seed 0), 5 (seed 1), 6 (seed 2)" in " ".join(lines)
     cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| layer-norm") or
              line.startswith("| none")}
@@ -385,7 +394,7 @@ def test_noise_report_removes_the_label_effect_and_pairs_variants_at_the_same_sa
     assert cells["none"][7] == f"{statistics.fmean(gaps):.3g} [{min(gaps):.3g}, {max(gaps):.3g}]"
     # without floors (summaries from before they were measured) the excess goes, the paired gaps stay
     del summary["floor_at_labels"]
-    lines = digits_study.noise_lines(summary)
+    lines = digits_report.noise_lines(summary)
     assert all("excess" not in line for line in lines)
     none = [line.split(" | ") for line in lines if line.startswith("| none")][0]
     assert none[4] == f"{statistics.fmean(gaps):.3g} [{min(gaps):.3g}, {max(gaps):.3g}]"
@@ -400,7 +409,7 @@ def write_length_record(folder, variant, seed, steps, fd, accuracy, lr=4e-3, gra
                   curve=[[steps // 2, 2 * fd, accuracy - 0.1], [steps, 1.2 * fd, accuracy]],
                   unguided=dict(quality, memorisation=memo), guided=dict(quality, fd_digits=fd + 5, memorisation=memo),
                   outliers=dict(max_median_ratio=40.0))
-    with open(os.path.join(folder, f"final-{digits_study.run_key(variant, lr, seed)}.json"), "w") as f:
+    with open(os.path.join(folder, f"final-{digits_runs.run_key(variant, lr, seed)}.json"), "w") as f:
         json.dump(record, f)
 
 
@@ -415,17 +424,17 @@ def test_length_check_finds_the_first_length_whose_doubling_no_longer_helps(tmp_
         for folder, steps, (fd, acc) in zip(folders, (1000, 2000, 4000), points):
             write_length_record(folder, v, 0, steps, fd, acc)
     write_length_record(folders[0], "derf", 1, 1000, 80, 0.8)
-    found = digits_study.length_records(folders)
-    verdict = {k[0]: v for k, v in {k: digits_study.length_verdict(r, 0.1, 0.01) for k, r in found.items()}.items()}
+    found = digits_lengths.length_records(folders)
+    verdict = {k[0]: v for k, v in {k: digits_lengths.length_verdict(r, 0.1, 0.01) for k, r in found.items()}.items()}
     assert verdict["layer-norm"][0] == 2000 and verdict["layer-norm"][1]["fd"] == pytest.approx(-0.06)
     assert verdict["none"] == (None, dict(to=4000, fd=pytest.approx(-1 / 3), accuracy=pytest.approx(0.05), sets=1))
     assert verdict["dyt"][0] is None and verdict["derf"] == (None, None)
     # a looser tolerance moves none's length; the accuracy criterion alone keeps dyt improving
-    assert digits_study.length_verdict(found[("none", 0)], 0.5, 0.1)[0] == 1000
-    assert digits_study.length_verdict(found[("dyt", 0)], 0.1, 0.1)[0] == 1000
+    assert digits_lengths.length_verdict(found[("none", 0)], 0.5, 0.1)[0] == 1000
+    assert digits_lengths.length_verdict(found[("dyt", 0)], 0.1, 0.1)[0] == 1000
 
     out, page = tmp_path / "out", tmp_path / "results" / "digits_lengths.md"
-    cmd = [sys.executable, "digits_study.py", "--lengths", *folders, "--out", str(out), "--record", str(page)]
+    cmd = [sys.executable, "study.py", "digits", "--lengths", *folders, "--out", str(out), "--record", str(page)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     text = page.read_text()
@@ -439,7 +448,7 @@ def test_length_check_finds_the_first_length_whose_doubling_no_longer_helps(tmp_
     for name, steps, (fd, acc) in zip("abc", (1000, 2000, 4000), series["layer-norm"]):
         write_length_record(str(tmp_path / "ln" / name), "layer-norm", 0, steps, fd, acc)
     args = SimpleNamespace(lengths=[str(tmp_path / "ln" / n) for n in "abc"], converged_within=0.1, accuracy_within=0.01)
-    text = "\n".join(digits_study.length_lines(digits_study.length_records(args.lengths), args))
+    text = "\n".join(digits_lengths.length_lines(digits_lengths.length_records(args.lengths), args))
     assert "**Every run compared is trained at 2000 steps**" in text
 
 
@@ -453,12 +462,12 @@ def test_length_check_compares_the_means_over_the_sample_seeds_both_lengths_have
     for folder, sets in ((a, {"1": 60.0, "2": 10.0}), (b, {"1": 40.0})):
         with open(os.path.join(folder, "noise-layer-norm-lr0.004-s0.json"), "w") as f:
             json.dump(dict(sets={k: dict(fd_digits=x, precision=0.9, recall=0.8, accuracy=0.9) for k, x in sets.items()}), f)
-    runs = digits_study.length_records([a, b])[("layer-norm", 0)]
+    runs = digits_lengths.length_records([a, b])[("layer-norm", 0)]
     assert sorted(runs[1000]["sets"]) == [0, 1, 2]
-    length, changes = digits_study.length_verdict(runs, 0.1, 0.01)
+    length, changes = digits_lengths.length_verdict(runs, 0.1, 0.01)
     assert length is None and changes["sets"] == 2 and changes["fd"] == pytest.approx(43.5 / 55 - 1)
     args = SimpleNamespace(lengths=[a, b], converged_within=0.1, accuracy_within=0.01)
-    text = "\n".join(digits_study.length_lines(digits_study.length_records([a, b]), args))
+    text = "\n".join(digits_lengths.length_lines(digits_lengths.length_records([a, b]), args))
     assert "| layer-norm | 0.004 | 0 | 1000 | 40 | 50 60 10 | - |" in text
     assert "| layer-norm | 0.004 | 0 | 2000 | 43.5 | 47 40 | -21% (2 paired) |" in text
 
@@ -469,10 +478,10 @@ def test_length_check_follows_a_variant_whose_lr_changes_with_the_length(tmp_pat
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_length_record(a, "none", 0, 1000, 50, 0.9)
     write_length_record(b, "none", 0, 2000, 40, 0.9, lr=2e-3, grad_clip=1.0)
-    found = digits_study.length_records([a, b])
+    found = digits_lengths.length_records([a, b])
     assert list(found) == [("none", 0)] and sorted(found[("none", 0)]) == [1000, 2000]
     args = SimpleNamespace(lengths=[a, b], converged_within=0.1, accuracy_within=0.01)
-    text = "\n".join(digits_study.length_lines(found, args))
+    text = "\n".join(digits_lengths.length_lines(found, args))
     assert "| none | 0.004 | 0 | 1000 | 50 |" in text and "| none | 0.002 clip 1 | 0 | 2000 | 40 | 1 | -20% |" in text
     assert "- none seed 0: still improving at its longest length (to 2000 steps, lr 0.004 -> 0.002 clip 1: " \
            "FD-digits -20%, accuracy +0.000)" in text
@@ -492,7 +501,7 @@ def test_length_check_refuses_folders_it_cannot_compare(tmp_path, case, message)
     args = SimpleNamespace(lengths=[a, b] if case != "empty" else [a], out=str(tmp_path / "out"), record="",
                            converged_within=0.1, accuracy_within=0.01)
     with pytest.raises(SystemExit, match=message):
-        digits_study.write_lengths_report(args)
+        digits_lengths.write_lengths_report(args)
 
 
 def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(tmp_path, monkeypatch):
@@ -515,9 +524,9 @@ def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(t
         drawn.extend(items)
         return {it: (dict(fd_digits=fd[(it[0], it[3])], precision=0.9, recall=0.8, accuracy=0.9), "x.npz") for it in items}
 
-    monkeypatch.setattr(digits_study, "sample_all", sample_all)
-    monkeypatch.setattr(digits_study, "find_run", lambda args, v, lr, s, steps, final: runs[s])
-    monkeypatch.setattr(digits_study, "run_step", lambda run: 8 if run else 0)
+    patch(monkeypatch, "sample_all", sample_all)
+    patch(monkeypatch, "find_run", lambda args, v, lr, s, steps, final: runs[s])
+    patch(monkeypatch, "run_step", lambda run: 8 if run else 0)
     noise = digits_study.sampling_noise(args, finals)
     assert sorted(drawn) == [("run-a", 1.0, 10, 1), ("run-a", 1.0, 10, 2), ("run-b", 1.0, 10, 1), ("run-b", 1.0, 10, 2)]
     assert {k: m["fd_digits"] for k, m in noise[("layer-norm", 0)].items()} == {0: 50.0, 1: 40.0, 2: 45.0}
@@ -531,7 +540,7 @@ def test_sampling_noise_draws_each_model_again_tops_up_and_reports_the_spreads(t
     assert digits_study.sampling_noise(args, finals) == noise and drawn == []
     summary = dict(table={"layer-norm": {}}, settings=dict(samples=10),
                    noise={f"layer-norm s{s}": {str(k): m for k, m in sets.items()} for (_, s), sets in noise.items()})
-    row = [line for line in digits_study.noise_lines(summary) if line.startswith("| layer-norm")][0]
+    row = [line for line in digits_report.noise_lines(summary) if line.startswith("| layer-norm")][0]
     means = [(50 + 40 + 45 + 47) / 4, (30 + 20 + 25) / 3]
     within = ((50 - 40) + (30 - 20)) / 2
     assert row.startswith(f"| layer-norm | {statistics.fmean(means):.3g} [{min(means):.3g}, {max(means):.3g}] | "

@@ -1,10 +1,11 @@
-"""The mechanism study's report (ditlab/toy/mechanism.py) from records whose ratios are known."""
+"""The mechanism study's report (ditlab/studies/mechanism.py) from records whose ratios are known."""
 
 import os
 from types import SimpleNamespace
 
 from ditlab.studies import mechanism
 from ditlab.studies.mechanism import REPORT_T
+from ditlab.studies.runner import write_record
 
 
 def record(cell, seed, eps_scale, rms):
@@ -78,15 +79,14 @@ def test_report_without_records_writes_no_figure(tmp_path):
 
 
 def test_report_while_the_study_is_under_way_uses_the_recorded_runs_and_names_the_rest(tmp_path):
-    import mechanism as command
-
-    args = command.parse_args(["--cells", "layer-norm", "none", "--seeds", "0", "1", "--long-steps", "30",
-                               "--long-cells", "layer-norm", "--steps", "10", "--out", str(tmp_path), "--report"])
-    os.makedirs(args.records)
+    args = mechanism.parser().parse_args(["--cells", "layer-norm", "none", "--seeds", "0", "1", "--long-steps", "30",
+                                          "--long-cells", "layer-norm", "--steps", "10", "--out", str(tmp_path),
+                                          "--report"])
+    args.records = os.path.join(args.out, "records")
     for cell, seed in (("layer-norm", 0), ("layer-norm", 1), ("none", 0)):  # none s1 and both long runs missing
-        mechanism.write_json(mechanism.record_path(args, mechanism.job_name(cell, seed, 10)),
-                             {**record(cell, seed, 2.0 if cell == "layer-norm" else 1.0, 1.0),
-                              "settings": {k: getattr(args, k) for k in mechanism.RECORD_SETTINGS}})
+        write_record(args.records, mechanism.job_name(cell, seed, 10),
+                     record(cell, seed, 2.0 if cell == "layer-norm" else 1.0, 1.0),
+                     {k: getattr(args, k) for k in mechanism.RECORD_SETTINGS})
     records = mechanism.run_cells(args)  # trains nothing, refuses nothing
     assert set(records) == {("layer-norm", 0, 10), ("layer-norm", 1, 10), ("none", 0, 10)}
     text = mechanism.write_report(args, records)
@@ -113,12 +113,12 @@ def test_every_cell_is_a_valid_train_toy_command_with_its_settings():
 
 
 def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_nothing(tmp_path, capsys):
-    import mechanism as command
+    import study
 
-    argv = ["--cells", "layer-norm", "ln-final", "--seeds", "0", "--steps", "20", "--probe-samples", "4",
+    argv = ["mechanism", "--cells", "layer-norm", "ln-final", "--seeds", "0", "--steps", "20", "--probe-samples", "4",
             "--num-eval-samples", "4", "--stats-samples", "2", "--intervene-sampling-steps", "3",
             "--out", str(tmp_path / "study")]
-    records = command.main(argv)
+    records = study.main(argv)
     assert set(records) == {("layer-norm", 0, 20), ("ln-final", 0, 20)}
     ln = records[("layer-norm", 0, 20)]
     # the intervened cell: every place, every edit; the other cell has none
@@ -131,7 +131,7 @@ def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_noth
     folder = tmp_path / "study" / "records"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     capsys.readouterr()
-    command.main(argv)
+    study.main(argv)
     assert "2 runs, 2 recorded, 0 to train" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 

@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 
-import sweep
+import study
 import train_toy
 from ditlab.checkpoints import load_checkpoint
 from ditlab.preemption import PREEMPTED_EXIT
@@ -21,7 +21,7 @@ TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-bat
 
 
 def run_sweep(out, *flags):
-    return sweep.main(["--seeds", "0", "1", "--steps-scale", SCALE, "--out", str(out), *flags, *TINY])
+    return study.main(["sweep", "--seeds", "0", "1", "--steps-scale", SCALE, "--out", str(out), *flags, *TINY])
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +130,11 @@ def test_report_adds_the_other_finished_seeds_of_a_cell(tmp_path):
     """A seed run for some cells only appears in the report beside the asked ones once both of its
     variants have finished; a seed with one finished variant stays out."""
     flags = ["--steps-scale", SCALE, "--out", str(tmp_path), "--cells", "preset", *TINY]
-    sweep.main(["--seeds", "3", *flags])
-    sweep.main(["--seeds", "5", *flags])
+    study.main(["sweep", "--seeds", "3", *flags])
+    study.main(["sweep", "--seeds", "5", *flags])
     (half,) = [j for j in sweep_jobs(["preset"], [7], str(tmp_path), float(SCALE), TINY)
                if j["normalization"] == "layer-norm"]
     train_toy.main(half["argv"][2:])
-    runs = sweep.main(["--seeds", "3", "--report", *flags])
+    runs = study.main(["sweep", "--seeds", "3", "--report", *flags])
     assert sorted(load_config(r)["global_seed"] for r in runs["preset"]) == [3, 3, 5, 5]
     assert json.load(open(tmp_path / "summary.json"))["cells"]["preset"]["seeds"] == [3, 5]

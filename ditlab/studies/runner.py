@@ -90,19 +90,29 @@ def dispatch_of(args):
                 gpus_per_job=getattr(args, "gpus_per_job", 0))
 
 
-def make_executor(folder, cluster="local", partition=None, time=None, gpus_per_job=0, name="study", **_):
-    """A submitit executor for the jobs: its own files (pickled jobs, submitit's logs) go to `folder`."""
-    import submitit  # imported here: only a study that runs jobs needs it
-
+def executor_parameters(cluster="local", partition=None, time=None, gpus_per_job=0, name="study", **_):
+    """submitit's parameters for one job: a name, a time limit (none locally unless given), GPUs, one task of
+    one CPU, and on SLURM the partition (what sbatch is given as --partition, --time, --gpus-per-node)."""
     if cluster not in CLUSTERS:
         raise UsageError(f"--cluster {cluster}: choose one of {', '.join(CLUSTERS)}")
     if cluster == "slurm" and not partition:
         raise UsageError("--cluster slurm needs --partition NAME (and usually --time MINUTES)")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params = dict(name=name, timeout_min=int(time or UNLIMITED_MINUTES), gpus_per_node=int(gpus_per_job),
                   tasks_per_node=1, nodes=1, cpus_per_task=1)
     if cluster == "slurm":
         params.update(slurm_partition=partition)
+    return params
+
+
+def make_executor(folder, cluster="local", **settings):
+    """A submitit executor for the jobs: its own files (pickled jobs, submitit's logs) go to `folder`."""
+    import submitit  # imported here: only a study that runs jobs needs it
+
+    params = executor_parameters(cluster, **settings)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as e:  # SLURM asked for where there is none
+        raise UsageError(f"--cluster {cluster}: {e}") from None
     executor.update_parameters(**params)
     return executor
 
