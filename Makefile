@@ -35,10 +35,11 @@ sweep: setup
 	$(PYTHON) study.py sweep $(SWEEP_ARGS)
 
 # Every normalization variant on the toy study, 3 seeds by default (about 75 minutes on 2 cores)
-# -> results/ablation/summary.md. ABLATION_SEEDS="0" for one seed. On images: `make digits`.
+# -> results/ablation/summary.md. ABLATION_SEEDS="0" for one seed; more flags via ABLATION_ARGS. On images: `make digits`.
 ABLATION_SEEDS ?= 0 1 2
+ABLATION_ARGS ?=
 ablation: setup
-	$(PYTHON) study.py ablation --seeds $(ABLATION_SEEDS)
+	$(PYTHON) study.py ablation --seeds $(ABLATION_SEEDS) $(ABLATION_ARGS)
 
 # Does a normalization variant change trained image quality? Every variant of the digits demo at its own best
 # lr, 3 seeds, guided and unguided, memorisation and outliers -> results/digits/ (hours on 2 cores; resumable,

@@ -46,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 from benchmarks.records import device_name, git_commit, record, versions
-from ditlab.jobs import read_log, run_jobs
+from benchmarks.deadline import read_log, run_jobs
 
 PARTS = ("tests", "train", "xl-train", "xl-sample", "toy")
 

@@ -1,13 +1,19 @@
-"""The one job runner: command lines as subprocesses, at most `parallel` at a time, each with its own log,
-optionally under one time limit (then each job runs in its own process group, killed whole at the deadline).
-The studies (toy_study.py, sweep.py, ablation.py) train their runs through it; benchmarks/gpu_check.py runs
-its parts through it."""
+"""The GPU check's job runner: command lines as subprocesses, at most `parallel` at a time, each with its own
+log, all under ONE deadline in seconds (each job in its own process group, killed whole when the deadline
+passes, compile workers included), so the check fits the minutes a lent GPU machine gives it.
+
+The studies dispatch through submitit instead (ditlab/studies/runner.py). submitit cannot serve this use:
+its time limit is per job and in whole minutes, and its local executor signals a job before killing it
+only after a fixed delay; the check needs one budget in seconds shared by its parts, and the leftovers of
+a killed part (torch.compile workers) killed with it."""
 
 import os
 import subprocess
 import sys
 import threading
 import time
+
+from ditlab.errors import JobError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: jobs run from there
 
@@ -63,7 +69,7 @@ def run_jobs(commands, parallel, log_dir, tags=None, **options):
 
     Options: env (the environment), names, append (add to existing logs), timeout (seconds for all jobs
     together; a job still running then is killed with its process group and reported as "timeout"),
-    check (default True: raise SystemExit naming the first job that fails, stopping the others; False:
+    check (default True: raise JobError naming the first job that fails, stopping the others; False:
     return every job's exit code, in order)."""
     options = {"env": None, "names": None, "append": False, "timeout": None, "check": True, **options}
     os.makedirs(log_dir, exist_ok=True)
@@ -93,7 +99,7 @@ def run_jobs(commands, parallel, log_dir, tags=None, **options):
                 pump.join()
                 running.remove(item)
                 if codes[i] and options["check"]:
-                    raise SystemExit(f"job failed (exit {codes[i]}): {' '.join(commands[i])}\n"
+                    raise JobError(f"job failed (exit {codes[i]}): {' '.join(commands[i])}\n"
                                      f"last lines of {log_path}:\n{log_tail(log_path)}")
             time.sleep(0.05)
     finally:
