@@ -29,7 +29,8 @@ def main(argv=None):
         raise SystemExit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in STUDIES:
-        raise SystemExit(f"study.py: unknown study {name!r}; choose one of {', '.join(STUDIES)} (python study.py --help)")
+        raise SystemExit(f"study.py: unknown study {name!r}; choose one of {', '.join(STUDIES)} "
+                         "(python study.py --help)")
     module = importlib.import_module(f"ditlab.studies.{STUDIES[name]}")
     parser = module.parser()
     if name in PASSES_ON:

@@ -1,4 +1,5 @@
-"""The mechanism study (`python study.py mechanism`, `make mechanism`): why does LayerNorm cost the toy denoiser its precision?
+"""The mechanism study (`python study.py mechanism`, `make mechanism`): why does LayerNorm cost the toy
+denoiser its precision?
 
 Cells, each a train_toy.py configuration on the CPU preset, several seeds:
   localise  LayerNorm everywhere, nowhere, in the blocks only (final norm identity), in the final layer only;

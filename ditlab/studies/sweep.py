@@ -3,9 +3,11 @@
 LayerNorm vs no LayerNorm, one factor at a time around the CPU preset of the toy study (SWEEP_CELLS below):
 the preset itself, constant lr 1e-4 (the study's) and constant lr 1e-3 beside the cosine schedule, width
 128, batch 1024 and twice the training steps, two seeds per cell (and, asked for by name, steps4x: four
-times the steps, near the study's 50k). Every run is train_toy.py (through the studies' runner, one thread each, --parallel at a time) with `--resume auto`: a rerun skips finished runs and continues interrupted ones. Writes to --out: summary.md (final sample RMS, per-t eps error and the probe error
-over training: LayerNorm / no-LayerNorm ratio per cell with the spread over seeds), summary.json, ratios.png
-and trajectories.png.
+times the steps, near the study's 50k). Every run is train_toy.py (through the studies' runner, one thread
+each, --parallel at a time) with `--resume auto`: a rerun skips finished runs and continues interrupted ones;
+each finished run is also recorded in <out>/records. Writes to --out: summary.md (final sample RMS, per-t eps
+error and the probe error over training: LayerNorm / no-LayerNorm ratio per cell with the spread over seeds),
+summary.json, ratios.png and trajectories.png.
 
     python study.py sweep                              # every cell, seeds 0 1 (about 80 min on 2 idle cores)
     python study.py sweep --steps-scale 0.05           # a quick end-to-end check (600-step runs)
@@ -30,7 +32,7 @@ import matplotlib.pyplot as plt
 from ditlab.cli import INDEX, POSITIVE
 from ditlab.errors import InputError, UsageError
 from ditlab.files import provenance
-from ditlab.studies.runner import dispatch_of, run_jobs, study_parser
+from ditlab.studies.runner import dispatch_of, read_record, run_jobs, study_parser, write_record
 from ditlab.studies.stats import ratio_spread, spread
 from ditlab.studies.variants import TOY_VARIANTS, label
 from ditlab.run import newest_run
@@ -129,11 +131,24 @@ def run_sweep(jobs, dispatch, log_dir, train=True):
     runs = {}
     for job in sorted(jobs, key=lambda j: list(SWEEP_CELLS).index(j["cell"])):  # cells in table order
         run = finished_job_run(job)
+        if run is not None and train:
+            keep_record(job, run)
         if run is None:
             raise InputError(f"sweep: {job['cell']} {job['normalization']} seed {job['seed']} has not finished in "
                              f"{job['results_dir']}: run `python study.py sweep` with the same flags (without --report) to finish it")
         runs.setdefault(job["cell"], []).append(run)
     return runs
+
+
+def keep_record(job, run):
+    """The record of one finished sweep run (<out>/records/<cell>-<steps>-<variant>-s<seed>.json): where it
+    is and its final sample errors, written once."""
+    records = os.path.join(os.path.dirname(os.path.dirname(job["results_dir"])), "records")
+    name = f"{os.path.basename(job['results_dir'])}-{job['normalization']}-s{job['seed']}"
+    if read_record(records, name) is None:
+        write_record(records, name, dict(cell=job["cell"], variant=job["normalization"], seed=job["seed"], run=run,
+                                         steps=job["steps"], ema_rms=final_sample_errors(run, "ema"),
+                                         raw_rms=final_sample_errors(run, "raw")), {"argv": job["argv"][1:]})
 
 
 def sweep_cell_summary(runs):

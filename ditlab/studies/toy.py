@@ -1,7 +1,9 @@
 """The toy study (`python study.py toy`, `make toy`): LayerNorm against no LayerNorm on the toy identity task.
 
 Trains every variant (LayerNorm and no-LayerNorm by default) for every seed with train_toy.py, --parallel
-runs at a time (one CPU thread each, through the studies' runner), then writes to --out:
+runs at a time (one CPU thread each, through the studies' runner), then writes to --out. Each finished run
+is recorded in <results-dir>/records; a rerun with the same flags reuses it while its directory is here.
+
 
   compare.png    channel 0 vs channel 1 of every sampled pixel, all variants on one axis, a panel per
                  evaluated step (the study's scatter plot); the target is the origin
@@ -34,7 +36,7 @@ from ditlab.cli import INDEX
 from ditlab.errors import InputError
 from ditlab.files import provenance
 from ditlab.run import newest_run
-from ditlab.studies.runner import dispatch_of, run_jobs, study_parser
+from ditlab.studies.runner import dispatch_of, read_record, run_jobs, study_parser, write_record
 from ditlab.studies.variants import TOY_VARIANTS, label
 from ditlab.studies.toy_plots import (
     plot_compare,
@@ -43,11 +45,7 @@ from ditlab.studies.toy_plots import (
     plot_outlier_growth,
     plot_timestep_errors,
 )
-from ditlab.toy.readers import (
-    first_seed_runs,
-    last_probe,
-    load_config,
-)
+from ditlab.toy.readers import final_loss, final_sample_errors, first_seed_runs, last_probe, load_config
 from ditlab.studies.toy_report import (
     format_markdown,
     growth_markdown,
@@ -59,16 +57,50 @@ from ditlab.studies.toy_report import (
 )
 
 
-def train_runs(jobs, results_dir, log_dir, dispatch=None):
+def run_name(norm, seed):
+    """A toy run's name in the study's records and logs, e.g. layer-norm-s0."""
+    return f"{norm}-s{seed}"
+
+
+def recorded_run(records, norm, seed, extra):
+    """The run directory the record of (norm, seed) points to, if that run was made with the same train_toy.py
+    flags and its directory is still here (the figures plot its samples and curves); else None."""
+    record = read_record(records, run_name(norm, seed), {"train_toy_flags": list(extra)})
+    if record and os.path.isfile(os.path.join(record["run"], "metrics.jsonl")):
+        return record["run"]
+    return None
+
+
+def record_run(records, run, extra):
+    """The record of one finished toy run: where it is and its final sample errors and loss."""
+    cfg = load_config(run)
+    write_record(records, run_name(cfg["normalization"], cfg["global_seed"]),
+                 dict(variant=cfg["normalization"], seed=cfg["global_seed"], run=run, steps=cfg["max_steps"],
+                      ema_rms=final_sample_errors(run, "ema"), raw_rms=final_sample_errors(run, "raw"),
+                      final_loss=final_loss(run)),
+                 {"train_toy_flags": list(extra)})
+
+
+def train_runs(jobs, results_dir, log_dir, dispatch=None, records=None):
     """Train train_toy.py for each (normalization, seed, extra flags) through the studies' runner, progress
-    lines echoed with a "[variant sN]" tag; returns the run directories, sorted by (seed, normalization)."""
+    lines echoed with a "[variant sN]" tag, and record each finished run in `records` (default
+    <results_dir>/records). A run recorded with the same flags whose directory is still here is not trained
+    again. Returns the run directories, sorted by (seed, normalization)."""
+    records = records or os.path.join(results_dir, "records")
+    done = {(norm, seed): recorded_run(records, norm, seed, extra) for norm, seed, extra in jobs}
+    todo = [(norm, seed, extra) for norm, seed, extra in jobs if done[(norm, seed)] is None]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already recorded with these flags (reused; "
+              f"records in {records})", flush=True)
     commands = [[sys.executable, "train_toy.py", "--normalization", norm, "--global-seed", str(seed),
-                 "--results-dir", results_dir, "--threads", "1", *extra] for norm, seed, extra in jobs]
+                 "--results-dir", results_dir, "--threads", "1", *extra] for norm, seed, extra in todo]
     dispatch = dict(dispatch or {})
-    run_jobs(commands, dispatch.pop("parallel", 2), log_dir, tags=[f"{label(norm)} s{seed}" for norm, seed, _ in jobs],
-             **dispatch)
-    runs = [newest_run(results_dir, {"normalization": norm, "global_seed": seed}) for norm, seed, _ in jobs]
-    return sorted(runs, key=lambda r: (load_config(r)["global_seed"], load_config(r)["normalization"]))
+    run_jobs(commands, dispatch.pop("parallel", 2), log_dir, names=[run_name(n, s) for n, s, _ in todo],
+             tags=[f"{label(norm)} s{seed}" for norm, seed, _ in todo], **dispatch)
+    for norm, seed, extra in todo:
+        done[(norm, seed)] = newest_run(results_dir, {"normalization": norm, "global_seed": seed})
+        record_run(records, done[(norm, seed)], extra)
+    return sorted(done.values(), key=lambda r: (load_config(r)["global_seed"], load_config(r)["normalization"]))
 
 
 def outlier_lines(stats_path):
