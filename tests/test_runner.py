@@ -86,3 +86,12 @@ def test_a_record_remembers_its_settings_and_refuses_others(tmp_path):
     assert "provenance" in record and read_record(str(tmp_path), "run-b") is None
     with pytest.raises(UsageError, match="steps: 10 there, 20 now"):
         read_record(str(tmp_path), "run-a", {"steps": 20})
+
+
+def test_a_job_gets_changes_to_its_own_environment_not_a_copy_of_the_submitters(tmp_path, monkeypatch):
+    """On a cluster a job runs elsewhere: it gets OMP_NUM_THREADS=1 and the changes asked for on top of the
+    environment where it runs. Locally, with no GPUs asked for, it sees the GPUs this process sees."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    show = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ.get('EXTRA'), os.environ.get('CUDA_VISIBLE_DEVICES'))"
+    run_jobs([[sys.executable, "-c", show]], 1, str(tmp_path), env={"EXTRA": "x"})
+    assert (tmp_path / "job0.log").read_text() == "1 x 3\n"

@@ -146,7 +146,7 @@ def scored(folder):
 
 
 def sample_all(args, items):
-    """Sample and score every (run, cfg, num[, seed]) not yet scored (with args.report: none, and a SystemExit
+    """Sample and score every (run, cfg, num[, seed]) not yet scored (with args.report: none, and a UsageError
     if one is missing); returns {item: (metrics, npz)}. The seed is sample_ddp.py's --global-seed (0 unless
     given: the study's sets; others measure the sampling noise)."""
     items = list(dict.fromkeys(items))  # guidance 1 is the unguided set: sampled once

@@ -34,8 +34,10 @@ UNLIMITED_MINUTES = 60 * 24 * 365  # submitit's local executor kills a job after
 
 def run_command(argv, log_path, env=None, append=False):
     """The body of every job, run where submitit puts it: `argv` from the repository root, its output into
-    `log_path`; returns the exit code. A stop signal (SLURM's pre-emption, a cancel) is passed on to the
-    command, so a training run saves its checkpoint and exits 75 as it would under torchrun."""
+    `log_path`; returns the exit code. `env` holds changes to the environment of the machine the job runs on
+    (None: unset), not a copy of the submitting one's. A stop signal (SLURM's pre-emption, a cancel) is passed
+    on to the command, so a training run saves its checkpoint and exits 75 as it would under torchrun."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "a" if append else "w") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -181,15 +183,18 @@ def map_calls(fn, calls, parallel=2, folder="logs", labels=None, watch=None, on_
 
 def run_jobs(commands, parallel=2, log_dir="logs", names=None, tags=None, append=False, check=True, env=None,
              **dispatch):
-    """Run every command (an argv list, from the repository root, OMP_NUM_THREADS=1 unless `env` says
-    otherwise) through map_calls, at most `parallel` at a time. Job i logs to <log_dir>/<names[i]>.log
+    """Run every command (an argv list, from the repository root, with OMP_NUM_THREADS=1 and the changes in
+    `env` to the environment where it runs) through map_calls, at most `parallel` at a time. Job i logs to <log_dir>/<names[i]>.log
     (default job<i>); with `tags`, its lines are echoed as "[tag] line" while it runs. `dispatch`: cluster,
     partition, time, gpus_per_job (add_dispatch_args). check=True raises JobError naming the first job that
     fails (the others are cancelled); check=False returns every job's exit code, in order."""
     if not commands:
         return []
     os.makedirs(log_dir, exist_ok=True)
-    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    if dispatch.get("cluster", "local") != "slurm" and not dispatch.get("gpus_per_job"):
+        # submitit's local executor hides every GPU from a job that asks for none: keep this process's view
+        env.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
     names = names or [f"job{i}" for i in range(len(commands))]
     logs = [os.path.join(log_dir, f"{name}.log") for name in names]
     for path in logs if not append else []:
