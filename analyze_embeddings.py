@@ -1,4 +1,4 @@
-"""Measure the token-embedding outliers of one or several DiTs and plot them (issue 6).
+"""Measure the token-embedding outliers of one or several DiTs and plot them.
 
     # the official model on real images (latents from the SD VAE, ADM center crop):
     python analyze_embeddings.py --ckpt DiT-XL-2-256x256.pt --data-path /imagenet/val --out results/viz
@@ -31,7 +31,8 @@ import torch
 
 from diffusion import create_diffusion
 from ditlab.analysis import DEFAULT_TIMESTEPS, analyze_checkpoint, model_labels, print_summary, write_report
-from ditlab.cli import COUNT, INDEX
+from ditlab.cli import COUNT, INDEX, command
+from ditlab.errors import InputError
 
 
 def parse_args(argv=None):
@@ -64,10 +65,12 @@ def parse_args(argv=None):
     return args
 
 
+@command
 def main(argv=None):
+    """Analyse every --ckpt, print a summary per model and write the report to --out; returns the results."""
     args = parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the analysis, not after it
-        raise SystemExit(f"--out {args.out} is a file; give a folder (it is created if missing)")
+        raise InputError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     diffusion = create_diffusion(timestep_respacing="")
     cache, loaded = {}, []

@@ -12,9 +12,12 @@ when complete, and then loaded with weights_only=True to check that it is a plai
 import argparse
 
 from ditlab.checkpoints import PRETRAINED_MODELS, download_model, find_model
+from ditlab.cli import command
 
 
+@command
 def main(argv=None):
+    """Download the named official files (default: all) and check that each is a plain state dict."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="NAME",
                    help=f"official file names (default: all of {', '.join(PRETRAINED_MODELS)})")
@@ -24,11 +27,8 @@ def main(argv=None):
         p.error(f"not an official file: {', '.join(unknown)}; choose from {', '.join(PRETRAINED_MODELS)}")
     args.models = args.models or list(PRETRAINED_MODELS)
     for name in args.models:
-        try:
-            path = download_model(name)
-            find_model(name)  # refuses anything that is not a plain state dict
-        except (RuntimeError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+        path = download_model(name)
+        find_model(name)  # refuses anything that is not a plain state dict
         print(f"{name}: {path}")
 
 

@@ -18,9 +18,12 @@ import os
 import sys
 import time
 
-from ditlab.cli import COUNT
+import torch
+
+from ditlab.cli import COUNT, command
+from ditlab.errors import InputError
 from ditlab.evaluation import Evaluator, summary_line
-from ditlab.features import EvaluationError, add_network_args
+from ditlab.features import add_network_args
 from ditlab.files import check_output_file, write_json
 
 
@@ -37,33 +40,29 @@ def parse_args(argv=None):
     p.add_argument("--save-stats", default=None, metavar="PATH",
                    help="write REF's images and statistics as an .npz in the layout of ADM's reference batches")
     args = p.parse_args(argv)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            p.error("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return args
 
 
+@command
 def main(argv=None):
+    """Score SAMPLES against REF, print the summary line and write --out / --save-stats; returns the metrics."""
     args = parse_args(argv)
     if args.features == "digits" and not os.path.exists(args.ref):
-        raise SystemExit(f"error: {args.ref}: no such file or folder; the digits demo's reference folder "
+        raise InputError(f"{args.ref}: no such file or folder; the digits demo's reference folder "
                          f"data/digits is written by `python train.py` (the demo) on its first run")
     if args.out:
         check_output_file(args.out, "--out")  # before the features, not after them
     if args.save_stats:
         check_output_file(args.save_stats, "--save-stats", (".npz",))
     start = time.time()
-    try:
-        evaluator = Evaluator(args.ref, features=args.features, inception_weights=args.inception_weights,
-                              digits_classifier=args.digits_classifier, batch_size=args.batch_size,
-                              device=args.device, image_size=args.image_size)
-        if args.save_stats:
-            print(f"saved reference statistics to {evaluator.save_stats(args.save_stats)}", file=sys.stderr)
-        metrics = evaluator(args.samples)
-    except EvaluationError as e:
-        raise SystemExit(f"error: {e}")
+    evaluator = Evaluator(args.ref, features=args.features, inception_weights=args.inception_weights,
+                          digits_classifier=args.digits_classifier, batch_size=args.batch_size,
+                          device=args.device, image_size=args.image_size)
+    if args.save_stats:
+        print(f"saved reference statistics to {evaluator.save_stats(args.save_stats)}", file=sys.stderr)
+    metrics = evaluator(args.samples)
     metrics.update(samples=os.path.abspath(args.samples), reference=os.path.abspath(args.ref),
                    seconds=round(time.time() - start, 2))
     print(summary_line(metrics))

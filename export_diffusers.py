@@ -27,7 +27,7 @@ import argparse
 import sys
 
 from ditlab.checkpoints import WEIGHTS, load_model
-from ditlab.cli import COUNT
+from ditlab.cli import COUNT, command
 from ditlab.diffusers_interop import build_transformer, check_export_folder, export_pipeline, measure_difference
 from models import DiT_models
 
@@ -49,21 +49,20 @@ def parse_args(argv=None):
     return args
 
 
+@command
 def main(argv=None):
+    """Export --ckpt to --out (unless --check-only) and measure the diffusers copy against ours; returns --out."""
     args = parse_args(argv)
     if not args.check_only:
         check_export_folder(args.out)
-    try:
-        model, config = load_model(args.ckpt, args.weights, must_match=("model", "image_size"), bare_model="DiT-XL/2",
-                                   model=args.model, image_size=args.image_size)
-        if args.check_only:
-            written = dict(transformer=build_transformer(model))
-        else:
-            written = export_pipeline(model, config, args.out, args.weights, source=args.ckpt)
-            print(f"wrote {args.out}: {config['model']} ({args.weights} weights), vae {written['vae']}, "
-                  f"id2label {'written' if written['id2label'] else 'unknown'}", file=sys.stderr)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+    model, config = load_model(args.ckpt, args.weights, must_match=("model", "image_size"), bare_model="DiT-XL/2",
+                               model=args.model, image_size=args.image_size)
+    if args.check_only:
+        written = dict(transformer=build_transformer(model))
+    else:
+        written = export_pipeline(model, config, args.out, args.weights, source=args.ckpt)
+        print(f"wrote {args.out}: {config['model']} ({args.weights} weights), vae {written['vae']}, "
+              f"id2label {'written' if written['id2label'] else 'unknown'}", file=sys.stderr)
     if not args.no_check:
         for mode, diff in measure_difference(model, written["transformer"], n=args.check_samples).items():
             print(f"exported vs ours ({mode}): max |diff| {diff['max_abs']:.3e} (max |ours| {diff['max_ours']:.3g}), "

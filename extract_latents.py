@@ -27,11 +27,11 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ditlab.checkpoints import save_checkpoint
-from ditlab.cli import COUNT, INDEX, POSITIVE
+from ditlab.checkpoint_io import save_checkpoint
+from ditlab.cli import COUNT, INDEX, POSITIVE, command
+from ditlab.constants import LATENT_SCALE
 from ditlab.data import (
     INDEX_FILE,
-    LATENT_SCALE,
     LATENTS_FORMAT,
     VAE_HELP,
     BadImages,
@@ -41,8 +41,9 @@ from ditlab.data import (
     vae_geometry,
 )
 from ditlab.distributed import barrier, cleanup_distributed, setup_distributed
+from ditlab.errors import PREEMPTED_EXIT, InputError, Preempted, UsageError
 from ditlab.files import write_json
-from ditlab.preemption import PREEMPTED_EXIT, StopFlag, ignore_stop_signals
+from ditlab.preemption import StopFlag, ignore_stop_signals
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS_FILE = "settings.json"
@@ -137,23 +138,26 @@ def encode_my_shards(vae, folder, shards, args, d, *, stop=(), t0=None, check_ba
 
 
 def check_settings(path, settings):
-    """A rerun must have the same settings as the shards already there (then they are kept)."""
+    """A rerun must have the same settings as the shards already there (then they are kept); UsageError
+    naming the settings that differ otherwise."""
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
         if old != settings:
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise SystemExit(f"{os.path.dirname(path)} holds latents made with other settings ({', '.join(changed)} "
+            raise UsageError(f"{os.path.dirname(path)} holds latents made with other settings ({', '.join(changed)} "
                              f"differ); use a new --latents-dir or delete that one")
 
 
+@command
 def main(argv=None):
+    """Encode the shards of --data-path this rank owns, then (rank 0) write the index."""
     args = parse_args(argv)
     factor, channels = vae_geometry(args.vae) if args.vae != "none" else (None, None)
     if factor is None:
-        raise SystemExit("--vae none: there is nothing to extract (train.py --vae none trains on pixels)")
+        raise UsageError("--vae none: there is nothing to extract (train.py --vae none trains on pixels)")
     if args.image_size <= 0 or args.image_size % factor:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {factor}")
+        raise UsageError(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {factor}")
     d = setup_distributed(args.device)
     try:
         folder = open_image_folder(args.data_path, args.image_size, args.num_classes)
@@ -171,7 +175,7 @@ def main(argv=None):
             write_json(settings_path, settings)
         vae = load_vae(args.vae, d.device)
         if vae.config.latent_channels != channels:
-            raise SystemExit(f"the VAE {args.vae} config says {channels} latent channels, the model has "
+            raise InputError(f"the VAE {args.vae} config says {channels} latent channels, the model has "
                              f"{vae.config.latent_channels}")
         if d.is_main:
             print(f"encoding {n:,} images ({len(folder.classes)} classes) at {args.image_size}px, both flips, with "
@@ -183,15 +187,15 @@ def main(argv=None):
         bad = BadImages(folder.bad_images_file, args.max_bad_images, print)
         with StopFlag() as stop:
             finished = encode_my_shards(vae, folder, shards, args, d, stop=stop, t0=t0, check_bad_images=bad.check)
-        if not finished:
+        if not finished:  # said in the progress log (stdout) too, beside the shards it wrote
             print(f"[rank {d.rank}] {stop.name} received: stopped between batches; the shards written so far are "
                   f"kept, rerun the same command to finish (exit code {PREEMPTED_EXIT})", flush=True)
-            raise SystemExit(PREEMPTED_EXIT)
+            raise Preempted(f"stopped by {stop.name}; rerun the same command to finish the extraction")
         barrier()
         if d.is_main:
             missing = [s["file"] for s in shards if not os.path.isfile(os.path.join(args.latents_dir, s["file"]))]
             if missing:
-                raise SystemExit(f"shards missing after extraction: {missing[:5]}")
+                raise InputError(f"shards missing after extraction: {missing[:5]}")
             write_json(os.path.join(args.latents_dir, INDEX_FILE), {**settings, "shards": shards})
             print(f"done: {n:,} images in {time.time() - t0:.0f}s; train with --latents-dir {args.latents_dir}")
         barrier()

@@ -22,7 +22,8 @@ import torch
 
 from diffusion import create_diffusion
 from ditlab.analysis import load_for_analysis, model_labels
-from ditlab.cli import COUNT, INDEX
+from ditlab.cli import COUNT, INDEX, command
+from ditlab.errors import InputError, UsageError
 from ditlab.files import provenance, write_json
 from ditlab.run import configure_threads
 from ditlab.toy.edits import EDITS, channel_statistics, intervene, markdown, places
@@ -45,10 +46,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None):
+    """Edit the outlier channel of every --ckpt, measure the errors again and write the tables to --out."""
     args = parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out} is a file; give a folder (it is created if missing)")
+        raise InputError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     os.makedirs(args.out, exist_ok=True)
     configure_threads(args.threads, num_params=0)
     diffusion = create_diffusion(timestep_respacing="")
@@ -60,7 +63,7 @@ def main(argv=None):
         known = [name for name, _, _ in places(model)]
         unknown = sorted(set(args.places or []) - set(known))
         if unknown:
-            raise SystemExit(f"--places {' '.join(unknown)}: not a place of {ckpt}; choose from {' '.join(known)}")
+            raise UsageError(f"--places {' '.join(unknown)}: not a place of {ckpt}; choose from {' '.join(known)}")
         model.eval()
         stats = channel_statistics(model, diffusion, num=args.stats_samples)
         result = intervene(model, diffusion, sampler, args.places, args.edits, args.probe_samples, args.num_samples,

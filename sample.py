@@ -21,10 +21,13 @@ import os
 import sys
 
 import torch
+from torchvision.utils import save_image
 
 from diffusion import create_diffusion
-from ditlab.cli import INDEX, NON_NEGATIVE
-from ditlab.data import LATENT_SCALE, load_vae
+from ditlab.cli import INDEX, NON_NEGATIVE, command
+from ditlab.constants import LATENT_SCALE
+from ditlab.data import load_vae
+from ditlab.errors import UsageError
 from ditlab.files import atomic_write, check_output_file
 from ditlab.sampling import (
     add_model_args,
@@ -54,7 +57,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None):
+    """Sample the grid the flags describe and write it to --out; returns the images."""
     args = parse_args(argv)
     check_output_file(args.out, "--out", IMAGE_EXTENSIONS)  # before sampling, not after it
     device = pick_device(args.device)
@@ -68,7 +73,7 @@ def main(argv=None):
         labels = args.class_labels
         bad = [c for c in labels if not 0 <= c < model.num_classes]
         if bad:
-            raise SystemExit(f"--class-labels {bad} out of range: this model has {model.num_classes} classes (0 to "
+            raise UsageError(f"--class-labels {bad} out of range: this model has {model.num_classes} classes (0 to "
                              f"{model.num_classes - 1})")
     cfg_scale = prepare_guidance(model, args.cfg_scale, args.cfg_channels)
     vae = load_vae(config["vae"], device)
@@ -81,8 +86,6 @@ def main(argv=None):
     samples = sample_images(model, diffusion, y, image_generators(args.seed, range(len(labels))), cfg_scale,
                             args.cfg_channels, args.sampler, clip_denoised=vae is None, progress=True)
     images = to_rgb(decode(vae, samples, config.get("latent_scale", LATENT_SCALE)).float().cpu())
-    from torchvision.utils import save_image
-
     fmt = os.path.splitext(args.out)[1].lstrip(".").lower().replace("jpg", "jpeg")
     atomic_write(args.out, lambda f: save_image(images, f, format=fmt, nrow=4, normalize=True, value_range=(-1, 1)))
     print(f"saved {args.out}", file=sys.stderr)

@@ -40,13 +40,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusion import create_diffusion
-from ditlab.cli import COUNT, INDEX, NON_NEGATIVE
-from ditlab.data import LATENT_SCALE, load_vae
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, command
+from ditlab.constants import LATENT_SCALE
+from ditlab.data import load_vae
 from ditlab.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from ditlab.errors import PREEMPTED_EXIT, InputError, Preempted
 from ditlab.evaluation import Evaluator, summary_line
 from ditlab.features import EvaluationError, add_network_args
 from ditlab.files import atomic_write, check_output_dir, write_json
-from ditlab.preemption import PREEMPTED_EXIT, StopFlag
+from ditlab.preemption import StopFlag
 from ditlab.sampling import (
     add_model_args,
     check_vae,
@@ -132,7 +134,8 @@ def save_png(path, array):
 
 def create_npz(folder, num, path, labels=None):
     """Stream PNGs 0..num-1 into `path` as an .npz with the uint8 array `arr_0` (num, H, W, 3), without
-    holding them all in memory, and `labels` (int64, num) as `arr_1` when given; written atomically."""
+    holding them all in memory, and `labels` (int64, num) as `arr_1` when given; written atomically.
+    InputError naming a PNG that cannot be read or is of another size (delete it and rerun to redraw it)."""
 
     def write(f):
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -143,14 +146,14 @@ def create_npz(folder, num, path, labels=None):
                         with Image.open(png_path(folder, i)) as im:
                             array = np.asarray(im.convert("RGB"), dtype=np.uint8)
                     except Exception as e:
-                        raise SystemExit(f"cannot read {png_path(folder, i)} ({e}): delete it and rerun to redraw it")
+                        raise InputError(f"cannot read {png_path(folder, i)} ({e}): delete it and rerun to redraw it")
                     if shape is None:
                         shape = array.shape
                         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                                   "shape": (num, *shape)}
                         np.lib.format.write_array_header_1_0(out, header)
                     elif array.shape != shape:
-                        raise SystemExit(f"{png_path(folder, i)} is {array.shape}, expected {shape}: delete it and rerun")
+                        raise InputError(f"{png_path(folder, i)} is {array.shape}, expected {shape}: delete it and rerun")
                     out.write(array.tobytes())
             if labels is not None:
                 with zf.open("arr_1.npy", "w") as out:
@@ -162,7 +165,9 @@ def create_npz(folder, num, path, labels=None):
 
 def draw_batches(mine, todo, folder, sampler, args):
     """Draw this process's batches and save the images still missing (`todo`); `sampler` holds the model,
-    its diffusion, VAE, config, guidance scale and the process's DistInfo. Returns how many images were written. A stop signal ends it after the batch in progress, its images saved, with PREEMPTED_EXIT."""
+    its diffusion, VAE, config, guidance scale and the process's DistInfo. Returns how many images were
+    written. A stop signal ends it after the batch in progress, its images saved: Preempted (exit code
+    PREEMPTED_EXIT)."""
     written, d = 0, sampler.dist
     with StopFlag() as stop:
         for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
@@ -174,14 +179,14 @@ def draw_batches(mine, todo, folder, sampler, args):
                     save_png(png_path(folder, index), image)
                     written += 1
             if stop:
-                print(f"[rank {d.rank}] {stop.name} received: stopped after {written} new images, all saved; rerun "
-                      f"the same command to draw the rest (exit code {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
-                raise SystemExit(PREEMPTED_EXIT)
+                raise Preempted(f"[rank {d.rank}] {stop.name} received: stopped after {written} new images, all "
+                                f"saved; rerun the same command to draw the rest (exit code {PREEMPTED_EXIT})")
     return written
 
 
 def evaluate_npz(path, out, args, device):
-    """Score the .npz against --eval-ref and write the metrics as JSON to `out`."""
+    """Score the .npz against --eval-ref and write the metrics as JSON to `out`. EvaluationError saying
+    that the samples are kept and how to score them once the problem is fixed."""
     start = time.time()
     try:
         evaluator = Evaluator(args.eval_ref, features=args.eval_features, inception_weights=args.inception_weights,
@@ -189,8 +194,8 @@ def evaluate_npz(path, out, args, device):
                               device=device)
         metrics = evaluator(path)
     except EvaluationError as e:
-        raise SystemExit(f"error: the samples are saved in {path}, but scoring them failed: {e}\n"
-                         f"fix that and score them with: python evaluate.py {path} {args.eval_ref}")
+        raise EvaluationError(f"the samples are saved in {path}, but scoring them failed: {e}\n"
+                              f"fix that and score them with: python evaluate.py {path} {args.eval_ref}") from None
     metrics.update(samples=os.path.abspath(path), reference=os.path.abspath(args.eval_ref),
                    seconds=round(time.time() - start, 2))
     write_json(out, metrics)
@@ -198,7 +203,9 @@ def evaluate_npz(path, out, args, device):
     return metrics
 
 
+@command
 def main(argv=None):
+    """Draw the missing images of the folder the flags name, build its .npz and score it; returns the folder."""
     args = parse_args(argv)
     check_output_dir(args.sample_dir, "--sample-dir")  # before the model loads
     d = setup_distributed(args.device)

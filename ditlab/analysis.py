@@ -1,4 +1,9 @@
-"""The embedding analysis of trained DiTs (analyze_embeddings.py and the TokenEmbeddingsViz notebook): load\neach checkpoint, build a clean batch (images through the VAE, or Gaussian latents), capture every layer's\ntoken embeddings at chosen timesteps, and write stats.json and the figures."""
+"""The embedding analysis of trained DiTs (analyze_embeddings.py and the TokenEmbeddingsViz notebook): load
+each checkpoint, build a clean batch (images through the VAE, or Gaussian latents), capture every layer's
+token embeddings at chosen timesteps, and write stats.json and the figures.
+
+Layer: above checkpoints, data and outliers; below the studies and the commands. Failures raise the
+errors of ditlab.errors, their message naming the flag to change."""
 
 import json
 import os
@@ -10,7 +15,9 @@ from PIL import Image
 
 from ditlab import outliers
 from ditlab.checkpoints import load_model
-from ditlab.data import LATENT_SCALE, center_crop_arr, load_vae
+from ditlab.constants import LATENT_SCALE
+from ditlab.data import center_crop_arr, load_vae
+from ditlab.errors import DitlabError, InputError, UsageError
 
 DEFAULT_TIMESTEPS = (50, 250, 500, 750, 999)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -25,11 +32,12 @@ VAE_DOWNSAMPLE = 8
 def load_for_analysis(ckpt, weights="ema", vae=None):
     """(model, config) for one --ckpt, with vae/latent_scale/image_size always filled in.
 
-    A failure to find, read or build the checkpoint becomes a SystemExit naming the --ckpt."""
+    A failure to find, read or build the checkpoint raises load_model's error (same class), its message
+    starting with the --ckpt."""
     try:
         model, config = load_model(ckpt, weights=weights)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise SystemExit(f"--ckpt {ckpt}: {e}") from e
+    except DitlabError as e:
+        raise type(e)(f"--ckpt {ckpt}: {e}") from e
     config = dict(config)
     if vae is not None:
         config["vae"] = vae
@@ -71,7 +79,7 @@ def slug(label):
 
 def list_images(data_path):
     """Sorted (path, class folder) pairs of every image under data_path; class folder is "" for images
-    lying directly in data_path. SystemExit when there are none."""
+    lying directly in data_path. InputError when there are none."""
     found = []
     for root, dirs, files in os.walk(data_path):
         dirs.sort()
@@ -79,7 +87,7 @@ def list_images(data_path):
         folder = "" if rel == "." else rel.split(os.sep)[0]
         found += [(os.path.join(root, f), folder) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not found:
-        raise SystemExit(f"--data-path {data_path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"--data-path {data_path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
     return found
 
 
@@ -97,7 +105,7 @@ def load_images(data_path, image_size, batch_size, seed):
             with Image.open(path) as im:
                 arrays.append(center_crop_arr(im.convert("RGB"), image_size))
         except OSError as e:
-            raise SystemExit(f"--data-path {data_path}: cannot read image {path}: {e}") from e
+            raise InputError(f"--data-path {data_path}: cannot read image {path}: {e}") from e
         classes.append(folders.index(folder) if folder else None)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, (None if None in classes else torch.tensor(classes)), len(folders)
@@ -114,7 +122,8 @@ def encode(vae, x, latent_scale, seed, chunk=8):
 
 def clean_batch(model, config, args, device, cache):
     """The clean batch x0 for one model and a description of it; images/latents are cached in `cache`
-    by their preprocessing so checkpoints that share it see exactly the same x0."""
+    by their preprocessing so checkpoints that share it see exactly the same x0. UsageError when the
+    images or their latents do not fit the model's input."""
     shape = (args.batch_size, model.in_channels, model.input_size, model.input_size)
     if args.data_path is None:
         x0 = torch.zeros(shape) if args.zero_data else torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
@@ -126,7 +135,7 @@ def clean_batch(model, config, args, device, cache):
     x, classes, num_folders = cache[key]
     if vae == "none":
         if x.shape[1:] != shape[1:]:
-            raise SystemExit(f"a pixel-space model (vae 'none') expecting {shape[1:]} cannot take RGB images of "
+            raise UsageError(f"a pixel-space model (vae 'none') expecting {shape[1:]} cannot take RGB images of "
                              f"{tuple(x.shape[1:])}; drop --data-path to use Gaussian inputs")
         return x, (classes if num_folders == model.num_classes else None), f"pixels of {args.data_path}"
     latent_key = ("latents", size, vae, float(config["latent_scale"]))
@@ -134,18 +143,18 @@ def clean_batch(model, config, args, device, cache):
         cache[latent_key] = encode(load_vae(vae, device), x, float(config["latent_scale"]), args.seed).cpu()
     x0 = cache[latent_key]
     if x0.shape[1:] != shape[1:]:
-        raise SystemExit(f"latents of shape {tuple(x0.shape[1:])} from vae {vae!r} do not fit the model's input "
+        raise UsageError(f"latents of shape {tuple(x0.shape[1:])} from vae {vae!r} do not fit the model's input "
                          f"{shape[1:]}; check the checkpoint's image_size and --vae")
     return x0, (classes if num_folders == model.num_classes else None), f"{vae} latents of {args.data_path}"
 
 
 def class_labels(model, n, given, folder_classes, seed):
     """Labels for n inputs: --class-labels repeated to n, else the image folders' classes, else random
-    classes from `seed`. SystemExit for a label outside the model's classes."""
+    classes from `seed`. UsageError for a label outside the model's classes."""
     if given:
         labels = torch.tensor([given[i % len(given)] for i in range(n)])
         if labels.min() < 0 or labels.max() >= model.num_classes:
-            raise SystemExit(f"--class-labels must lie in [0, {model.num_classes - 1}]; got {given}")
+            raise UsageError(f"--class-labels must lie in [0, {model.num_classes - 1}]; got {given}")
         return labels
     if folder_classes is not None:
         return folder_classes

@@ -27,24 +27,31 @@ folders and the Hub.
     strictly and return the model in eval mode on the CPU with the config it was built from. Keys in
     must_match are checked against a file's own config instead of overriding it.
 
-Everything is loaded with torch.load(weights_only=True) (safetensors for diffusers folders): a file that
-pickles anything beyond tensors and plain Python types (argparse.Namespace allowed) is refused, never
-executed. Every failure (missing file, corrupt or truncated file, wrong architecture or normalization,
-failed download) raises an error that says what was expected.
+Everything is loaded with torch.load(weights_only=True) (ditlab.checkpoint_io; safetensors for diffusers
+folders): a file that pickles anything beyond tensors and plain Python types (argparse.Namespace allowed)
+is refused, never executed. Every failure says what was expected: CheckpointError for a missing, corrupt,
+truncated or unsafe file and for weights that do not fit the model; UsageError for arguments that cannot
+work (weights="raw" of a bare state dict, a flag that contradicts the checkpoint); InputError for a failed
+download.
+
+Layer: above diffusers_interop (which converts diffusers folders) and checkpoint_io (which reads the files);
+below sampling, analysis and the commands.
 """
 
 import argparse
-import contextlib
 import os
-import pickle
-import re
 import sys
 import urllib.request
-import zipfile
 
 import torch
+from tqdm import tqdm
 
-from ditlab.data import LATENT_SCALE
+from ditlab import diffusers_interop
+from ditlab.checkpoint_io import CHECKPOINT_HINT, checkpoint_file, load_checkpoint, missing_checkpoint
+# Moved to ditlab.checkpoint_io, still importable from here: link_latest, save_checkpoint.
+from ditlab.checkpoint_io import link_latest, save_checkpoint  # noqa: F401
+from ditlab.constants import LATENT_SCALE
+from ditlab.errors import CheckpointError, InputError, UsageError
 from ditlab.files import atomic_write
 from models import build_model_from_config, stored_final_normalization, stored_normalization
 
@@ -67,23 +74,15 @@ def _copy_url(url, f, chunk_size=1 << 20):
     with urllib.request.urlopen(url, timeout=60) as response:
         expected = response.headers.get("Content-Length")
         expected = int(expected) if expected is not None else None
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(url), file=sys.stderr)
-        except ImportError:  # progress bars are a nicety
-            bar = None
         received = 0
-        while True:
-            chunk = response.read(chunk_size)
-            if not chunk:
-                break
-            f.write(chunk)
-            received += len(chunk)
-            if bar is not None:
+        with tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(url), file=sys.stderr) as bar:
+            while True:
+                chunk = response.read(chunk_size)
+                if not chunk:
+                    break
+                f.write(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
     if expected is not None and received != expected:
         raise OSError(f"download truncated: got {received} of {expected} bytes")
 
@@ -92,10 +91,11 @@ def download_model(model_name):
     """Path of the official file `model_name` in PRETRAINED_DIR, downloading it first if needed.
 
     The download goes to a temporary file that is renamed only when complete, so an interrupted
-    download never leaves a partial file under the final name (the next call starts over).
+    download never leaves a partial file under the final name (the next call starts over). UsageError
+    for a name that is not official, InputError when the download fails.
     """
     if model_name not in PRETRAINED_MODELS:
-        raise ValueError(f"{model_name!r} is not an official DiT file; choose one of {list(PRETRAINED_MODELS)}")
+        raise UsageError(f"{model_name!r} is not an official DiT file; choose one of {list(PRETRAINED_MODELS)}")
     path = os.path.join(PRETRAINED_DIR, model_name)
     if os.path.isfile(path):
         return path
@@ -107,7 +107,7 @@ def download_model(model_name):
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        raise RuntimeError(
+        raise InputError(
             f"could not download {url} ({e}); nothing was written to {path}. Without internet access, "
             f"copy the file there by hand, or pass --ckpt with a local checkpoint; the Hub's copy of the "
             f"official weights is --ckpt hf:facebook/DiT-XL-2-{PRETRAINED_MODELS[model_name]}"
@@ -138,26 +138,29 @@ def config_from_reference_args(args):
 
 
 def _is_state_dict(obj):
+    """Whether `obj` is a bare state dict: a non-empty dict of tensors."""
     return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
 def split_checkpoint(ckpt, weights="ema", source="checkpoint"):
     """(state_dict, config_or_None) from a loaded file: a training checkpoint (ours or the reference's)
-    or a bare state dict (only valid for weights="ema": the official files are EMA weights)."""
+    or a bare state dict (only valid for weights="ema": the official files are EMA weights).
+    CheckpointError when it is neither; UsageError when the asked-for weights are not in it."""
     if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        raise UsageError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if _is_state_dict(ckpt):
         if weights == "raw":
-            raise ValueError(f"{source} is a bare state dict (EMA weights only); it has no raw weights: use weights='ema'")
+            raise UsageError(f"{source} is a bare state dict (EMA weights only); it has no raw weights: use "
+                             f"weights='ema'")
         name = os.path.basename(str(source))
         return ckpt, (official_config(PRETRAINED_MODELS[name]) if name in PRETRAINED_MODELS else None)
     if not isinstance(ckpt, dict) or not ("ema" in ckpt or "model" in ckpt):
         keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{source} is not a DiT checkpoint: expected a state dict or a dict with 'ema'/'model' "
-                         f"entries (a training checkpoint), got {keys}")
+        raise CheckpointError(f"{source} is not a DiT checkpoint: expected a state dict or a dict with 'ema'/'model' "
+                              f"entries (a training checkpoint), got {keys}")
     key = "ema" if weights == "ema" else "model"
     if key not in ckpt:
-        raise ValueError(f"{source} has no {key!r} entry (it has {sorted(ckpt)}); try weights="
+        raise UsageError(f"{source} has no {key!r} entry (it has {sorted(ckpt)}); try weights="
                          f"{'raw' if key == 'ema' else 'ema'!r}")
     state_dict = ckpt[key]
     if isinstance(ckpt.get("config"), dict):
@@ -178,10 +181,9 @@ def find_model(name_or_path, weights="ema"):
     An official name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) is downloaded into PRETRAINED_DIR
     the first time; anything else is a local checkpoint file or run directory.
     """
-    from ditlab import diffusers_interop  # lazily: diffusers is slow to import, and it imports this module
     if name_or_path in PRETRAINED_MODELS:
         if weights != "ema":
-            raise ValueError(f"{name_or_path} holds EMA weights only; use weights='ema'")
+            raise UsageError(f"{name_or_path} holds EMA weights only; use weights='ema'")
         path = download_model(name_or_path)
     elif str(name_or_path).startswith(HUB_PREFIX):
         path = diffusers_interop.snapshot(str(name_or_path)[len(HUB_PREFIX):])
@@ -189,17 +191,16 @@ def find_model(name_or_path, weights="ema"):
         path = str(name_or_path)
     if os.path.isdir(path) and not os.path.isfile(checkpoint_file(path)):
         if diffusers_interop.transformer_dir(path) is None:  # (a diffusers folder of something else raises here)
-            raise FileNotFoundError(f"{path!r} is neither a run directory (no checkpoints/latest.pt) nor a diffusers "
-                                    f"DiT folder (no model_index.json or transformer config.json)")
+            raise CheckpointError(f"{path!r} is neither a run directory (no checkpoints/latest.pt) nor a diffusers "
+                                  f"DiT folder (no model_index.json or transformer config.json)")
         return diffusers_interop.load_folder(path, weights)
-    try:
-        ckpt = load_checkpoint(path, mmap=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (or an official name: {', '.join(PRETRAINED_MODELS)})") from None
-    return split_checkpoint(ckpt, weights, source=path)
+    if not os.path.isfile(checkpoint_file(path)):
+        raise missing_checkpoint(path, f"{CHECKPOINT_HINT} (or an official name: {', '.join(PRETRAINED_MODELS)})")
+    return split_checkpoint(load_checkpoint(path, mmap=True), weights, source=path)
 
 
 def _describe(config):
+    """The model a config describes, with the sizes that decide whether weights fit it."""
     keys = ("input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma", "normalization",
             "depth", "hidden_size", "num_heads")
     parts = [f"{k}={config[k]}" for k in keys if config.get(k) is not None]
@@ -208,31 +209,32 @@ def _describe(config):
 
 def build_and_load(state_dict, config, source="checkpoint"):
     """Build the DiT `config` describes and load `state_dict` strictly into it; a mismatch (other
-    architecture, image size, class count or normalization) raises a ValueError naming both sides."""
+    architecture, image size, class count or normalization) raises a CheckpointError naming both sides."""
     try:
         model = build_model_from_config(config)
     except (ValueError, TypeError, KeyError) as e:
         hint = describe_flags(state_dict)
-        raise ValueError(f"cannot build the model for {source} from config {_describe(config)}: {e}"
-                         f"{'; ' + hint if hint else ''}") from e
+        raise CheckpointError(f"cannot build the model for {source} from config {_describe(config)}: {e}"
+                              f"{'; ' + hint if hint else ''}") from e
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, ValueError) as e:
         lines = str(e).splitlines()
         detail = "\n".join(lines[:6]) + ("\n..." if len(lines) > 6 else "")
         hint = describe_flags(state_dict)
-        raise ValueError(f"{source} does not fit the expected model {_describe(config)}"
-                         f"{'; ' + hint if hint else ''}:\n{detail}") from None
+        raise CheckpointError(f"{source} does not fit the expected model {_describe(config)}"
+                              f"{'; ' + hint if hint else ''}:\n{detail}") from None
     return model.eval()
 
 
 def bare_config(state_dict, overrides, source, bare_model=None):
     """The config of a bare state dict, from the overrides (which must name the model, unless
     `bare_model` gives a default) on top of the reference's defaults: 256 px, 1000 classes, the mse VAE
-    (vae="none": a pixel-space model with 3 channels); the normalizations are read from the state dict."""
+    (vae="none": a pixel-space model with 3 channels); the normalizations are read from the state dict.
+    UsageError when nothing names the model."""
     overrides = {"model": bare_model, **overrides} if bare_model else overrides
     if "model" not in overrides:
-        raise ValueError(f"{source} is a bare state dict with no config: say which model it is, e.g. "
+        raise UsageError(f"{source} is a bare state dict with no config: say which model it is, e.g. "
                          f"load_model(path, model='DiT-XL/2', image_size=256) (sample.py: --model and --image-size)")
     size = overrides.get("image_size", 256)
     config = official_config(size)
@@ -289,7 +291,7 @@ def load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **ov
     overrides (None values ignored) update the config before the model is built: e.g. normalization or
     vae, or for a bare state dict (see bare_config) model="DiT-S/2", image_size=64, num_classes=10.
     For a file that has its own config, the keys named in `must_match` are checked against it instead
-    (a conflict is a ValueError): a flag cannot turn a checkpoint into another model. `bare_model` is
+    (a conflict is a UsageError): a flag cannot turn a checkpoint into another model. `bare_model` is
     the model a bare state dict is taken to be when no model= is given (sample.py: DiT-XL/2).
     """
     state_dict, config = find_model(name_or_path, weights)
@@ -300,61 +302,8 @@ def load_model(name_or_path, weights="ema", must_match=(), bare_model=None, **ov
         config.setdefault("image_size", config.get("input_size", 32) * (1 if config.get("vae") == "none" else 8))
         for key in must_match:
             if key in overrides and overrides[key] != config.get(key):
-                raise ValueError(f"--{key.replace('_', '-')} {overrides[key]} conflicts with the checkpoint "
+                raise UsageError(f"--{key.replace('_', '-')} {overrides[key]} conflicts with the checkpoint "
                                  f"({key}={config.get(key)!r}); drop the flag, the checkpoint says what it is")
         config = {**config, **{k: v for k, v in overrides.items() if k not in must_match}}
     return build_and_load(state_dict, config, source=str(name_or_path)), config
 
-
-def save_checkpoint(obj, path):
-    """torch.save `obj` (tensors and plain Python types only) atomically to `path`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def link_latest(path, latest):
-    """Point `latest` at the checkpoint `path` atomically (hard link, or a copy where links fail)."""
-    tmp = latest + ".tmp-link"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    try:
-        os.link(path, tmp)
-        os.replace(tmp, latest)
-    except OSError:
-        with open(path, "rb") as src:
-            atomic_write(latest, lambda f: f.write(src.read()))
-
-
-def checkpoint_file(path):
-    """A run directory means its checkpoints/latest.pt; anything else is the file itself."""
-    return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path
-
-
-def load_checkpoint(path, map_location="cpu", mmap=False):
-    """The one function that opens checkpoint files (resume, sampling, analysis, the toy report, the
-    benchmarks): torch.load(weights_only=True), with argparse.Namespace allowed (the reference repo's
-    training checkpoints hold their args). A run directory means its checkpoints/latest.pt. `mmap`
-    memory-maps a zip-format file, so entries nobody uses (optimizer states) are never read.
-
-    FileNotFoundError for a missing file; ValueError naming the file for a corrupt, truncated or unsafe
-    one (a file that pickles code is refused, never executed)."""
-    path = checkpoint_file(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}; pass a .pt checkpoint file or a run directory "
-                                f"containing checkpoints/latest.pt")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True,
-                              mmap=mmap and zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            # Only the name of what it pickles: torch's own text advises retrying with weights_only=False,
-            # which on a file like this one would run its code.
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            detail = f" (it references {found.group(1)})" if found else ""
-            raise ValueError(f"refusing to load {path!r}: it pickles objects other than tensors and plain Python "
-                             f"types, which could run arbitrary code{detail}. Only weights_only checkpoints are "
-                             f"loaded; re-save trusted weights as a plain state dict.") from None
-        raise ValueError(f"could not load {path!r}: not a PyTorch checkpoint, or corrupt ({e})") from e
-    except Exception as e:  # truncated zip, garbage
-        raise ValueError(f"could not load {path!r}: the file is corrupt, truncated or not a PyTorch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -1,5 +1,8 @@
 """Training data: ImageFolder images with the ADM crop, flips, unreadable-image handling, latent shards, the
-VAE, the digits demo data set, and the batch stream a run reads from."""
+VAE, the digits demo data set, and the batch stream a run reads from.
+
+Layer: above checkpoint_io (latent shards are read through load_checkpoint); below everything that loads
+models. A bad flag or unusable data raises UsageError or InputError with the line to show the user."""
 
 import bisect
 import json
@@ -12,6 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
+
+from ditlab.checkpoint_io import load_checkpoint
+from ditlab.constants import LATENT_SCALE  # noqa: F401  (moved to ditlab.constants; still importable from here)
+from ditlab.errors import InputError, UsageError
 
 #################################################################################
 #                               Images                                          #
@@ -73,7 +80,7 @@ class FlipImageFolder(ImageFolder):
             if self.cache is not None:
                 self.cache[index] = np.ascontiguousarray(arr), label  # not a view of the resized picture
             return to_tensor(arr), label
-        raise RuntimeError(f"no image in {self.root} can be read")
+        raise InputError(f"no image in {self.root} can be read")
 
     def __getitem__(self, key):
         index, flip = key
@@ -113,6 +120,8 @@ class BadImages:
         self.check(quiet=True)
 
     def check(self, quiet=False):
+        """Read the reports added since the last call, log each new image (unless `quiet`) and raise
+        InputError once more than `limit` distinct images are unreadable."""
         try:
             if os.path.getsize(self.report_file) == self._offset:
                 return
@@ -131,28 +140,30 @@ class BadImages:
                     self.log(f"unreadable image skipped (replaced by the next readable one): {path} ({reason})")
         if len(self.seen) > self.limit:
             n = len(self.seen)
-            raise SystemExit(f"{n} unreadable image{'s' * (n != 1)}, more than {self.flag} {self.limit} (list in "
+            raise InputError(f"{n} unreadable image{'s' * (n != 1)}, more than {self.flag} {self.limit} (list in "
                              f"{self.report_file}): repair or remove them, or raise {self.flag}")
 
 
 def open_image_folder(path, image_size, num_classes):
-    """FlipImageFolder at `path`, with clear errors for a missing/empty folder and too many classes."""
+    """FlipImageFolder at `path`; UsageError when no path is given or it holds too many classes, InputError
+    for a missing folder or one that is not an ImageFolder tree."""
     if not path:
-        raise SystemExit("no data: pass --data-path DIR (an ImageFolder tree: DIR/<class>/<image>) or --latents-dir, "
+        raise UsageError("no data: pass --data-path DIR (an ImageFolder tree: DIR/<class>/<image>) or --latents-dir, "
                          "or --demo for the built-in digits demo (what `python train.py` with no flags runs)")
     if not os.path.isdir(path):
-        raise SystemExit(f"--data-path {path}: no such directory (expected an ImageFolder tree DIR/<class>/<image>)")
+        raise InputError(f"--data-path {path}: no such directory (expected an ImageFolder tree DIR/<class>/<image>)")
     try:
         dataset = FlipImageFolder(path, image_size)
     except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
-        raise SystemExit(f"--data-path {path}: not a usable ImageFolder tree (DIR/<class>/<image>): {e}")
+        raise InputError(f"--data-path {path}: not a usable ImageFolder tree (DIR/<class>/<image>): {e}")
     check_num_classes(len(dataset.classes), num_classes, f"--data-path {path}")
     return dataset
 
 
 def check_num_classes(found, num_classes, where):
+    """UsageError when the data at `where` has more classes than the model's label table holds."""
     if found > num_classes:
-        raise SystemExit(f"{where} has {found} classes but --num-classes is {num_classes}; "
+        raise UsageError(f"{where} has {found} classes but --num-classes is {num_classes}; "
                          f"pass --num-classes {found} (or more)")
 
 
@@ -204,15 +215,15 @@ LATENTS_FORMAT = 1
 
 
 def read_latents_index(latents_dir):
-    """The index.json extract_latents.py writes, with a clear error when there is none."""
+    """The index.json extract_latents.py writes; InputError when there is none or its format is another."""
     path = os.path.join(latents_dir, INDEX_FILE)
     if not os.path.isfile(path):
-        raise SystemExit(f"--latents-dir {latents_dir}: no {INDEX_FILE} (make one with extract_latents.py, "
+        raise InputError(f"--latents-dir {latents_dir}: no {INDEX_FILE} (make one with extract_latents.py, "
                          f"and let it finish: the index is written last)")
     with open(path) as f:
         index = json.load(f)
     if index.get("format") != LATENTS_FORMAT:
-        raise SystemExit(f"{path}: latents format {index.get('format')!r}, this code reads {LATENTS_FORMAT}")
+        raise InputError(f"{path}: latents format {index.get('format')!r}, this code reads {LATENTS_FORMAT}")
     return index
 
 
@@ -235,10 +246,9 @@ class LatentShards(Dataset):
         return self.index["num_images"]
 
     def shard(self, k):
+        """Shard k's {"latents", "labels", "start"}, memory-mapped on first use."""
         if k not in self._open:
             path = os.path.join(self.dir, self.shards[k]["file"])
-            from ditlab.checkpoints import load_checkpoint  # (checkpoints imports this module)
-
             self._open[k] = load_checkpoint(path, mmap=True)
         return self._open[k]
 
@@ -258,9 +268,6 @@ class LatentShards(Dataset):
 #################################################################################
 
 VAE_HELP = "ema | mse (stabilityai/sd-vae-ft-<ema|mse>) | none (pixel space) | PATH (a local AutoencoderKL folder)"
-# Latents of the Stable Diffusion VAE are multiplied by this before the DiT sees them (the reference's
-# constant); a run's config records the value it used as latent_scale.
-LATENT_SCALE = 0.18215
 
 
 def vae_source(vae):
@@ -269,7 +276,7 @@ def vae_source(vae):
         return f"stabilityai/sd-vae-ft-{vae}"
     if os.path.isdir(vae):
         return vae
-    raise SystemExit(f"--vae {vae!r}: expected {VAE_HELP}; {vae!r} is not a directory")
+    raise InputError(f"--vae {vae!r}: expected {VAE_HELP}; {vae!r} is not a directory")
 
 
 def vae_geometry(vae):
@@ -282,7 +289,7 @@ def vae_geometry(vae):
         return 8, 4
     config_path = os.path.join(source, "config.json")
     if not os.path.isfile(config_path):
-        raise SystemExit(f"--vae {vae}: no config.json there (save the VAE with AutoencoderKL.save_pretrained)")
+        raise InputError(f"--vae {vae}: no config.json there (save the VAE with AutoencoderKL.save_pretrained)")
     with open(config_path) as f:
         config = json.load(f)
     return 2 ** (len(config["block_out_channels"]) - 1), config["latent_channels"]
@@ -290,16 +297,17 @@ def vae_geometry(vae):
 
 def load_vae(vae, device):
     """The frozen diffusers AutoencoderKL for a --vae value, in eval mode on `device` (training, latent
-    extraction, sampling and analysis all load it here); None for "none" (a pixel-space model)."""
+    extraction, sampling and analysis all load it here); None for "none" (a pixel-space model). InputError
+    when it cannot be loaded (offline and not cached, a folder of something else)."""
     if vae == "none":
         return None
-    from diffusers.models import AutoencoderKL  # imported here: diffusers takes seconds to import
+    from diffusers.models import AutoencoderKL  # lazily: diffusers takes seconds to import
 
     source = vae_source(vae)
     try:
         model = AutoencoderKL.from_pretrained(source)
     except Exception as e:  # offline hub, missing files, a folder of something else
-        raise SystemExit(f"could not load the VAE {source!r}: {e}\n"
+        raise InputError(f"could not load the VAE {source!r}: {e}\n"
                          f"Offline? Pass --vae PATH to a local copy (AutoencoderKL.save_pretrained), or use a "
                          f"Hugging Face cache with HF_HUB_OFFLINE=1")
     model.requires_grad_(False)
@@ -314,7 +322,7 @@ def load_vae(vae, device):
 def digits_images(size=32):
     """(PIL images, labels): scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as grayscale
     images upscaled (bicubic) to size x size, values 0..16 mapped to 0..255."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazily: only the digits demo needs scikit-learn
 
     digits = load_digits()
     images = [Image.fromarray((image * (255.0 / 16.0)).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)

@@ -1,4 +1,10 @@
-"""diffusers interop: our DiT <-> diffusers' DiTTransformer2DModel, pipelines, solver schedulers."""
+"""diffusers interop: our DiT <-> diffusers' DiTTransformer2DModel, pipelines, solver schedulers.
+
+Layer: above data (the VAE) and checkpoint_io (.bin weights are read weights_only); below checkpoints,
+whose find_model loads diffusers folders through load_folder. diffusers itself is imported inside the
+functions that need it: it takes seconds to import. Failures raise CheckpointError (a folder that is not
+a DiT, or weights that cannot be converted), UsageError (a model diffusers cannot hold, the other set of
+weights) or InputError (an export folder that cannot be used, a failed Hub download)."""
 
 import json
 import os
@@ -6,8 +12,10 @@ import os
 import torch
 
 from diffusion import create_diffusion
-from ditlab.checkpoints import load_checkpoint
-from ditlab.data import LATENT_SCALE, load_vae, vae_source
+from ditlab.checkpoint_io import load_checkpoint
+from ditlab.constants import LATENT_SCALE
+from ditlab.data import INDEX_FILE, load_vae, vae_source
+from ditlab.errors import CheckpointError, InputError, UsageError
 from ditlab.files import share_like_open
 from models import DIT_SIZES, DiT_models, get_2d_sincos_pos_embed
 
@@ -34,8 +42,8 @@ def solver_scheduler(sampler, betas, clip_denoised=False):
     """The diffusers multistep ODE solver for "dpm-solver++" (DPMSolverMultistepScheduler, 2M, algorithm
     dpmsolver++) or "unipc" (UniPCMultistepScheduler, order 2, bh2) on the training betas (`trained_betas`;
     diffusers keeps them in float32), epsilon prediction. clip_denoised: thresholding with sample_max_value 1,
-    which clips the predicted x0 to [-1, 1]."""
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # slow import: only when used
+    which clips the predicted x0 to [-1, 1]. UsageError for any other sampler."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # lazily: a slow import
 
     common = dict(num_train_timesteps=len(betas), trained_betas=[float(b) for b in betas],
                   prediction_type="epsilon", thresholding=clip_denoised, sample_max_value=1.0, solver_order=2)
@@ -43,7 +51,7 @@ def solver_scheduler(sampler, betas, clip_denoised=False):
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_type="midpoint")
     if sampler == "unipc":
         return UniPCMultistepScheduler(**common, predict_x0=True, solver_type="bh2")
-    raise ValueError(f"{sampler!r} is not a diffusers solver; those are dpm-solver++ and unipc")
+    raise UsageError(f"{sampler!r} is not a diffusers solver; those are dpm-solver++ and unipc")
 
 
 #################################################################################
@@ -52,13 +60,13 @@ def solver_scheduler(sampler, betas, clip_denoised=False):
 
 
 def transformer_config(model):
-    """DiTTransformer2DModel's config for one of our models (ValueError for what diffusers cannot hold)."""
+    """DiTTransformer2DModel's config for one of our models (UsageError for what diffusers cannot hold)."""
     c = model.config
     if c["normalization"] != "layer-norm":
-        raise ValueError(f"this model uses normalization={c['normalization']!r}; diffusers' DiTTransformer2DModel has "
+        raise UsageError(f"this model uses normalization={c['normalization']!r}; diffusers' DiTTransformer2DModel has "
                          f"a LayerNorm in every block, so only layer-norm models can be exported")
     if c["mlp_ratio"] != 4:
-        raise ValueError(f"diffusers' DiT has MLP ratio 4; this model has {c['mlp_ratio']}")
+        raise UsageError(f"diffusers' DiT has MLP ratio 4; this model has {c['mlp_ratio']}")
     return dict(num_attention_heads=c["num_heads"], attention_head_dim=c["hidden_size"] // c["num_heads"],
                 in_channels=c["in_channels"], out_channels=model.out_channels, num_layers=c["depth"],
                 sample_size=c["input_size"], patch_size=c["patch_size"], num_embeds_ada_norm=c["num_classes"],
@@ -89,7 +97,7 @@ def to_diffusers(state_dict, depth):
 
 def build_transformer(model):
     """A DiTTransformer2DModel holding `model`'s weights (loaded strictly: every key must map)."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # lazily: a slow import
 
     config = transformer_config(model)
     transformer = DiTTransformer2DModel(**config)
@@ -117,6 +125,7 @@ NUMERICS = {"diffusers defaults (norm_eps 1e-5, freq shift 1)": (1e-5, 1),
 
 
 def set_numerics(transformer, norm_eps, freq_shift):
+    """Set the eps of every block's LayerNorm before the MLP and the timestep frequency shift (NUMERICS)."""
     for block in transformer.transformer_blocks:
         block.norm3.eps = norm_eps
         block.norm1.emb.time_proj.downscale_freq_shift = freq_shift
@@ -150,7 +159,7 @@ def class_names(config):
     if folder and os.path.isdir(folder) and not config.get("latents_dir"):
         names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     else:
-        index = os.path.join(config.get("latents_dir") or "", "index.json")
+        index = os.path.join(config.get("latents_dir") or "", INDEX_FILE)
         if not config.get("latents_dir") or not os.path.isfile(index):
             return None
         with open(index) as f:
@@ -160,14 +169,15 @@ def class_names(config):
 
 def export_vae(config, out):
     """Write the run's VAE into out/vae with scaling_factor = the run's latent scale; returns what was done.
-    A Hub VAE that cannot be loaded here (offline) is named instead, for from_pretrained(..., vae=...)."""
+    A Hub VAE that cannot be loaded here (offline) is named instead, for from_pretrained(..., vae=...).
+    UsageError for a pixel-space model, which DiTPipeline cannot run."""
     name = config.get("vae", "mse")
     if name == "none":
-        raise ValueError("this is a pixel-space model (vae none): DiTPipeline always decodes with a VAE, so it "
+        raise UsageError("this is a pixel-space model (vae none): DiTPipeline always decodes with a VAE, so it "
                          "cannot run it; sample it with this repo's sample.py")
     try:
         vae = load_vae(name, "cpu")
-    except SystemExit:  # offline and not cached: name it
+    except InputError:  # offline and not cached: name it
         source = vae_source(name)
         return (f"not copied ({source} could not be loaded here): load the pipeline with DiTPipeline.from_pretrained("
                 f"DIR, vae=AutoencoderKL.from_pretrained({source!r}))")
@@ -181,7 +191,7 @@ def export_pipeline(model, config, out, weights="ema", source=None):
     (DPM-Solver++ 2M on the training betas), vae/ (a copy, with the latent scale as scaling_factor),
     model_index.json (with id2label where the class names are known) and dit_config.json. Returns a dict
     saying what was written."""
-    from diffusers import DiTPipeline, __version__
+    from diffusers import DiTPipeline, __version__  # lazily: a slow import
 
     transformer = build_transformer(model)
     os.makedirs(out, exist_ok=True)
@@ -207,12 +217,13 @@ def export_pipeline(model, config, out, weights="ema", source=None):
 
 def check_export_folder(out):
     """Before any work: `out` must be a new or empty folder, or an earlier export (model_index.json or
-    META_FILE in it), never a file or an unrelated folder whose files would be mixed with the export's."""
+    META_FILE in it), never a file or an unrelated folder whose files would be mixed with the export's
+    (InputError)."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--out {out} is a file; give a folder for the export (it is created if missing)")
+        raise InputError(f"--out {out} is a file; give a folder for the export (it is created if missing)")
     if os.path.isdir(out) and os.listdir(out) and not any(
             os.path.isfile(os.path.join(out, name)) for name in ("model_index.json", META_FILE)):
-        raise SystemExit(f"--out {out} is not empty and not an export (no model_index.json); give a new or "
+        raise InputError(f"--out {out} is not empty and not an export (no model_index.json); give a new or "
                          "empty folder")
 
 
@@ -223,36 +234,46 @@ def check_export_folder(out):
 
 def transformer_dir(path):
     """The folder holding a DiT transformer's config.json inside `path` (a pipeline folder or a bare
-    transformer folder); None when `path` is no diffusers folder at all; ValueError when it is one of
-    something other than a DiT."""
+    transformer folder); None when `path` is no diffusers folder at all; CheckpointError when it is one
+    of something other than a DiT."""
     index = os.path.join(path, "model_index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            spec = json.load(f)
+        spec = read_json(index)
         kind = (spec.get("transformer") or [None, None])[1]
         if kind not in TRANSFORMER_CLASSES:
-            raise ValueError(f"{path} is a diffusers {spec.get('_class_name')} folder, not a DiT: expected a "
-                             f"DiTPipeline with a transformer of class {' or '.join(TRANSFORMER_CLASSES)}")
+            raise CheckpointError(f"{path} is a diffusers {spec.get('_class_name')} folder, not a DiT: expected a "
+                                  f"DiTPipeline with a transformer of class {' or '.join(TRANSFORMER_CLASSES)}")
         path = os.path.join(path, "transformer")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         if os.path.isfile(index):
-            raise ValueError(f"{path} has no config.json: an incomplete DiT pipeline folder")
+            raise CheckpointError(f"{path} has no config.json: an incomplete DiT pipeline folder")
         return None
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path)
     name = config.get("_class_name")
     if name not in TRANSFORMER_CLASSES or config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" \
             or not config.get("patch_size"):
-        raise ValueError(f"{path} holds a diffusers {name} (norm_type {config.get('norm_type')}), not a DiT: expected "
-                         f"a DiTTransformer2DModel (or a Transformer2DModel with norm_type ada_norm_zero)")
+        raise CheckpointError(f"{path} holds a diffusers {name} (norm_type {config.get('norm_type')}), not a DiT: "
+                              f"expected a DiTTransformer2DModel (or a Transformer2DModel with norm_type ada_norm_zero)")
     return path
+
+
+def read_json(path):
+    """The JSON object in `path`, a diffusers config or index; CheckpointError when it is not one."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_weights(folder):
     """The state dict in a diffusers model folder: safetensors (never unpickles) or .bin through the
-    repo's weights_only loader; sharded files through their index."""
-    from safetensors.torch import load_file
+    repo's weights_only loader; sharded files through their index. CheckpointError when there are none."""
+    from safetensors.torch import load_file  # lazily: only diffusers folders are safetensors
 
     for ext, load in ((".safetensors", load_file), (".bin", load_checkpoint)):
         single = os.path.join(folder, WEIGHT_NAME + ext)
@@ -260,13 +281,12 @@ def read_weights(folder):
             return load(single)
         sharded = single + ".index.json"
         if os.path.isfile(sharded):
-            with open(sharded) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = sorted(set(read_json(sharded).get("weight_map", {}).values()))
             state_dict = {}
             for name in files:
                 state_dict.update(load(os.path.join(folder, name)))
             return state_dict
-    raise FileNotFoundError(f"{folder} has no {WEIGHT_NAME}.safetensors or .bin (nor a sharded index)")
+    raise CheckpointError(f"{folder} has no {WEIGHT_NAME}.safetensors or .bin (nor a sharded index)")
 
 
 def shared_embedders(sd, depth):
@@ -276,8 +296,9 @@ def shared_embedders(sd, depth):
         for p in ("weight", "bias") if ours != "y_embedder.embedding_table" else ("weight",):
             copies = [sd[f"transformer_blocks.{i}.{theirs}.{p}"] for i in range(depth)]
             if any(not torch.equal(c, copies[0]) for c in copies[1:]):
-                raise ValueError(f"the blocks of this diffusers DiT hold different {theirs}.{p}; this repo's DiT (like "
-                                 f"the original) shares one timestep and label embedding, so it cannot be converted")
+                raise CheckpointError(f"the blocks of this diffusers DiT hold different {theirs}.{p}; this repo's DiT "
+                                      f"(like the original) shares one timestep and label embedding, so it cannot be "
+                                      f"converted")
             out[f"{ours}.{p}"] = copies[0]
     return out
 
@@ -308,7 +329,7 @@ def model_name(depth, hidden_size, num_heads, patch_size):
     for name in DiT_models:
         if name.endswith(f"/{patch_size}"):
             return name
-    raise ValueError(f"no DiT of patch size {patch_size} in this repo ({', '.join(DiT_models)})")
+    raise CheckpointError(f"no DiT of patch size {patch_size} in this repo ({', '.join(DiT_models)})")
 
 
 def folder_config(tc, folder):
@@ -325,8 +346,7 @@ def folder_config(tc, folder):
     vae_config = os.path.join(os.path.dirname(os.path.abspath(folder)), "vae", "config.json")
     factor = 8
     if os.path.isfile(vae_config):
-        with open(vae_config) as f:
-            vc = json.load(f)
+        vc = read_json(vae_config)
         config.update(vae=os.path.dirname(vae_config), latent_scale=vc.get("scaling_factor", LATENT_SCALE))
         factor = 2 ** (len(vc.get("block_out_channels", [0] * 4)) - 1)
     config["image_size"] = tc["sample_size"] * factor
@@ -335,20 +355,16 @@ def folder_config(tc, folder):
 
 def load_folder(path, weights="ema"):
     """(state_dict, config) of a diffusers DiT folder (ours or the Hub's), in this repo's layout; see the
-    module docstring. weights: the folder holds one set; asking for the other is a ValueError."""
+    ditlab.checkpoints docstring. weights: the folder holds one set; asking for the other is a UsageError."""
     folder = transformer_dir(path)
     if folder is None:
-        raise ValueError(f"{path} is not a diffusers folder (no model_index.json or config.json)")
-    with open(os.path.join(folder, "config.json")) as f:
-        tc = json.load(f)
+        raise CheckpointError(f"{path} is not a diffusers folder (no model_index.json or config.json)")
+    tc = read_json(os.path.join(folder, "config.json"))
     meta_path = os.path.join(path, META_FILE)
-    meta = None
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+    meta = read_json(meta_path) if os.path.isfile(meta_path) else None
     stored = meta["weights"] if meta else "ema"
     if weights != stored:
-        raise ValueError(f"{path} holds the {stored} weights only (a diffusers folder keeps one set); use weights="
+        raise UsageError(f"{path} holds the {stored} weights only (a diffusers folder keeps one set); use weights="
                          f"{stored!r} (--weights {stored})")
     if meta:
         config = dict(meta["config"])
@@ -363,6 +379,7 @@ def load_folder(path, weights="ema"):
 
 
 def _has_weights(folder):
+    """Whether a downloaded model folder holds any weights file."""
     return os.path.isdir(folder) and any(name.startswith(WEIGHT_NAME) for name in os.listdir(folder))
 
 
@@ -373,8 +390,9 @@ def _weight_patterns(sub, ext):
 
 def snapshot(repo_id):
     """A local copy of a Hub DiT pipeline (huggingface_hub.snapshot_download: cached after the first call),
-    safetensors weights where the repository has them, else .bin (loaded weights_only)."""
-    from huggingface_hub import snapshot_download
+    safetensors weights where the repository has them, else .bin (loaded weights_only). InputError when
+    the download fails."""
+    from huggingface_hub import snapshot_download  # lazily: only the Hub needs it
 
     patterns = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/*",
                 *_weight_patterns("transformer", ".safetensors"), *_weight_patterns("vae", ".safetensors")]
@@ -386,6 +404,6 @@ def snapshot(repo_id):
         if missing:  # an older repository: .bin only (loaded weights_only)
             path = snapshot_download(repo_id, allow_patterns=patterns + missing)
     except Exception as e:
-        raise RuntimeError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline? "
-                           f"Set HF_HUB_OFFLINE=1 to use a cached copy, or pass the downloaded folder itself") from e
+        raise InputError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline? "
+                         f"Set HF_HUB_OFFLINE=1 to use a cached copy, or pass the downloaded folder itself") from e
     return path

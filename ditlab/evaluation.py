@@ -1,5 +1,8 @@
 """Evaluation: ADM's metrics (FID, sFID, IS, precision, recall) and FD-digits on images from .npz
-files, folders or arrays."""
+files, folders or arrays.
+
+Layer: above features (the networks) and data (the ADM crop); below monitoring, the studies and the
+commands. Bad input raises EvaluationError naming the file and what to do."""
 
 import glob
 import math
@@ -10,6 +13,7 @@ import zipfile
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ditlab.data import center_crop_arr
@@ -20,7 +24,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IS_SPLIT = 5000  # ADM's split size for the Inception Score
 PR_K = 3  # ADM's neighbourhood size for precision and recall
 STAT_SIZES = {"inception": {"mu": 2048, "mu_s": SPATIAL_CHANNELS * 17 * 17}, "digits": {"mu": 128}}
-
 
 
 #################################################################################
@@ -141,8 +144,6 @@ class FolderImages:
         self.files, self.num = files, len(files)
 
     def _load(self, file):
-        from PIL import Image
-
         try:
             with Image.open(file) as im:
                 im = im.convert("RGB")
@@ -205,7 +206,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """ADM's Frechet distance |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), with scipy's sqrtm; when
     that is not finite, eps is added to both diagonals; a negligible imaginary part is dropped (an error
     when the diagonal's imaginary part exceeds 1e-3)."""
-    from scipy import linalg
+    from scipy import linalg  # lazily: scipy is slow to import and only the distance needs it
 
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)

@@ -1,5 +1,8 @@
 """Feature networks of the evaluation: the TF-compatible InceptionV3 (torch-fidelity) and the digits
-classifier."""
+classifier.
+
+Layer: above checkpoint_io (weights are read weights_only) and data (the digits and the ADM crop); below
+evaluation. Failures raise EvaluationError."""
 
 import contextlib
 import hashlib
@@ -11,9 +14,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
-from ditlab.checkpoints import load_checkpoint
+from ditlab.checkpoint_io import load_checkpoint
 from ditlab.data import center_crop_arr, digits_images
+from ditlab.errors import CheckpointError, DitlabError, UsageError
 from ditlab.files import atomic_write
 
 FEATURES = ("inception", "digits")
@@ -28,8 +33,7 @@ DIGITS_SIZE = 16  # the digits demo's image size
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 
 
-
-class EvaluationError(ValueError):
+class EvaluationError(DitlabError):
     """Bad input to the evaluator; the message names the file and says what to do."""
 
 
@@ -56,7 +60,7 @@ def read_plain_state_dict(path, what):
     """A {name: tensor} dict from `path`, opened with weights_only=True; anything else is refused."""
     try:
         obj = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
+    except CheckpointError as e:
         raise EvaluationError(f"{what} {path}: {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -88,7 +92,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path=None):
         super().__init__()
-        import torch_fidelity.feature_extractor_inceptionv3 as tfi
+        import torch_fidelity.feature_extractor_inceptionv3 as tfi  # lazily: only the Inception route needs it
 
         path = inception_weights_file(weights_path)
         state = read_plain_state_dict(path, "Inception weights")
@@ -129,6 +133,7 @@ class DigitsClassifier(nn.Module):
         self.head = nn.Linear(features, 10)
 
     def features(self, x):
+        """The 128-d penultimate features of (N, 1, 16, 16) digits."""
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         x = F.relu(self.conv3(x))
@@ -156,7 +161,7 @@ def real_digits(num, seed=0, counts=None):
     if counts is None:
         counts = [num // 10 + (c < num % 10) for c in range(10)]
     if len(counts) != 10 or sum(counts) != num or min(counts) < 0:
-        raise ValueError(f"counts {list(counts)}: 10 non-negative per-class counts summing to num={num} expected")
+        raise UsageError(f"counts {list(counts)}: 10 non-negative per-class counts summing to num={num} expected")
     rng = np.random.default_rng(seed)
     picks = []
     for c, want in enumerate(counts):
@@ -180,6 +185,7 @@ def to_gray(images):
 
 @contextlib.contextmanager
 def _one_thread():
+    """Run the block on one torch thread (deterministic training), restoring the count afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -259,8 +265,6 @@ class DigitsFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images):
         if images.shape[-2:] != (DIGITS_SIZE, DIGITS_SIZE):
-            from PIL import Image
-
             arrays = [center_crop_arr(Image.fromarray(a), DIGITS_SIZE) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
             images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(images.device)
         feats = self.net.features(to_gray(images))

@@ -1,4 +1,7 @@
-"""Files: atomic writes, JSON and JSON-lines helpers, and the provenance line of study reports."""
+"""Files: atomic writes, JSON and JSON-lines helpers, output paths checked before the work, and the
+provenance line of study reports.
+
+This module is at the bottom of the package: it imports only ditlab.errors."""
 
 import contextlib
 import datetime
@@ -10,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from ditlab.errors import InputError, UsageError
 
 
 def truncate_jsonl(paths, step):
@@ -23,15 +28,16 @@ def truncate_jsonl(paths, step):
 
 
 def write_json(path, obj):
+    """Write `obj` as indented, key-sorted JSON to `path`, atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 #################################################################################
-#                              Checkpoint I/O                                   #
+#                              Writing files safely                             #
 #################################################################################
 
 
-class NotARegularFile(OSError):
+class NotARegularFile(InputError):
     """An output path names something that is not a regular file (a directory, a device, a pipe)."""
 
 
@@ -47,35 +53,35 @@ def output_target(path):
 
 
 def check_output_file(path, flag, extensions=None):
-    """Before any work: `path` (given as `flag`) can be written. SystemExit saying what to do when its name
-    lacks one of `extensions`, when it is a directory, a device or a pipe, or when its folder (created
-    here if missing) is not writable. Returns path."""
+    """Before any work: `path` (given as `flag`) can be written. UsageError when its name lacks one of
+    `extensions`; InputError when it is a directory, a device or a pipe, or when its folder (created here
+    if missing) is not writable. Returns path."""
     if extensions and not path.lower().endswith(tuple(extensions)):
-        raise SystemExit(f"{flag} {path}: give a file name ending in {' or '.join(extensions)}")
+        raise UsageError(f"{flag} {path}: give a file name ending in {' or '.join(extensions)}")
     try:
         target = output_target(path)
     except NotARegularFile as e:
-        raise SystemExit(f"{flag}: {e}") from None
+        raise NotARegularFile(f"{flag}: {e}") from None
     writable_folder(os.path.dirname(target), f"{flag} {path}: its folder")
     return path
 
 
 def check_output_dir(path, flag):
-    """Before any work: `path` is a folder that exists (created here) and is writable; SystemExit otherwise."""
+    """Before any work: `path` is a folder that exists (created here) and is writable; InputError otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"{flag} {path} is a file; give a folder (it is created if missing)")
+        raise InputError(f"{flag} {path} is a file; give a folder (it is created if missing)")
     writable_folder(path, f"{flag}")
     return path
 
 
 def writable_folder(folder, what):
-    """Create `folder` if missing; SystemExit starting with `what` when that fails or it is not writable."""
+    """Create `folder` if missing; InputError starting with `what` when that fails or it is not writable."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"{what} {folder} cannot be created: {e.strerror}") from None
+        raise InputError(f"{what} {folder} cannot be created: {e.strerror}") from None
     if not os.access(folder, os.W_OK):
-        raise SystemExit(f"{what} {folder} is not writable")
+        raise InputError(f"{what} {folder} is not writable")
 
 
 def umask_mode():

@@ -1,15 +1,21 @@
-"""Sampling: load a model for sampling, draw images from it with any sampler, classifier-free guidance."""
+"""Sampling: load a model for sampling, draw images from it with any sampler, classifier-free guidance.
+
+Layer: above checkpoints (loading) and diffusers_interop (the ODE solvers); below evaluation's callers,
+monitoring and the commands. Flags that cannot work raise UsageError before any work."""
 
 import contextlib
 import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ditlab.checkpoints import PRETRAINED_MODELS, WEIGHTS, load_model
 from ditlab.cli import COUNT
-from ditlab.data import LATENT_SCALE, VAE_HELP
+from ditlab.constants import LATENT_SCALE
+from ditlab.data import VAE_HELP
 from ditlab.diffusers_interop import solver_scheduler
+from ditlab.errors import UsageError
 from models import NORM_LAYERS, DiT_models
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
@@ -53,32 +59,29 @@ def add_model_args(p):
 def load_for_sampling(args):
     """(model, config) for the flags: --ckpt (its config wins; conflicting --model / --image-size /
     --num-classes are an error) or the official DiT-XL-2-<image size> file. The model is on the CPU in
-    eval mode."""
+    eval mode. What cannot be loaded raises load_model's errors (CheckpointError, UsageError, InputError)."""
     check_solver_steps(args.sampler, args.num_sampling_steps, "--num-sampling-steps")
     if args.ckpt is None:
         size = args.image_size or 256
         name = f"DiT-XL-2-{size}x{size}.pt"
         if name not in PRETRAINED_MODELS or args.model not in (None, "DiT-XL/2"):
-            raise SystemExit(f"official weights exist only for DiT-XL/2 at 256 and 512 pixels "
+            raise UsageError(f"official weights exist only for DiT-XL/2 at 256 and 512 pixels "
                              f"({', '.join(PRETRAINED_MODELS)}); pass --ckpt for anything else")
     else:
         name = args.ckpt
-    try:
-        model, config = load_model(name, args.weights,
-                                   must_match=("model", "image_size", "num_classes", "depth", "hidden_size", "num_heads"),
-                                   bare_model="DiT-XL/2", model=args.model, image_size=args.image_size,
-                                   num_classes=args.num_classes, normalization=args.normalization, vae=args.vae,
-                                   depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+    model, config = load_model(name, args.weights,
+                               must_match=("model", "image_size", "num_classes", "depth", "hidden_size", "num_heads"),
+                               bare_model="DiT-XL/2", model=args.model, image_size=args.image_size,
+                               num_classes=args.num_classes, normalization=args.normalization, vae=args.vae,
+                               depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
     config.setdefault("vae", "mse")  # the reference sample.py's VAE
     return model, config
 
 
 def check_vae(vae, model, config):
-    """Refuse a VAE whose latents do not match the model's input channels."""
+    """Refuse a VAE whose latents do not match the model's input channels (UsageError)."""
     if vae is not None and vae.config.latent_channels != model.in_channels:
-        raise SystemExit(f"the VAE {config['vae']!r} has {vae.config.latent_channels} latent channels but the "
+        raise UsageError(f"the VAE {config['vae']!r} has {vae.config.latent_channels} latent channels but the "
                          f"model expects {model.in_channels} input channels; pick the VAE it was trained with")
 
 
@@ -138,19 +141,19 @@ def has_null_class(model):
 
 def check_solver_steps(sampler, steps, flag):
     """Before any work: no sampler takes more steps than the diffusion's 1000, and diffusers' solvers at
-    most 999 of them (SystemExit naming `flag`)."""
+    most 999 of them (UsageError naming `flag`)."""
     if steps > 1000:
-        raise SystemExit(f"{flag} {steps}: the diffusion has 1000 steps, so a sampler takes at most 1000 "
+        raise UsageError(f"{flag} {steps}: the diffusion has 1000 steps, so a sampler takes at most 1000 "
                          "(250 is the DiT default)")
     if sampler in SOLVERS and steps >= 1000:
-        raise SystemExit(f"--sampler {sampler} takes at most 999 steps, got {flag} {steps} (diffusers' spacing "
+        raise UsageError(f"--sampler {sampler} takes at most 999 steps, got {flag} {steps} (diffusers' spacing "
                          f"repeats timesteps at 1000); it needs far fewer, 10-100")
 
 
 def check_sampler(name):
-    """ValueError naming the choices for an unknown sampler."""
+    """UsageError naming the choices for an unknown sampler."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="linspace"):
@@ -158,9 +161,10 @@ def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="l
     from the diffusion's full (un-respaced) betas, with timesteps set for `diffusion.num_timesteps` steps:
     spacing "linspace" is diffusers' default (999 down to about 1000 / N, then to sigma 0; what DiTPipeline
     does); "respaced" takes the diffusion's own kept timesteps (999 down to 0, as ddpm / ddim; DPM-Solver++
-    only: diffusers' UniPC takes no custom timesteps)."""
+    only: diffusers' UniPC takes no custom timesteps). UsageError for a diffusion or step count it cannot
+    drive."""
     if diffusion.model_mean_type.name != "EPSILON":
-        raise ValueError(f"--sampler {sampler} drives a noise-predicting model; this diffusion predicts "
+        raise UsageError(f"--sampler {sampler} drives a noise-predicting model; this diffusion predicts "
                          f"{diffusion.model_mean_type.name}")
     betas = getattr(diffusion, "original_betas", diffusion.betas)
     scheduler = solver_scheduler(sampler, betas, clip_denoised)
@@ -170,18 +174,18 @@ def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="l
     elif spacing == "linspace":
         scheduler.set_timesteps(diffusion.num_timesteps, device=device)
     else:
-        raise ValueError(f"spacing {spacing!r} is not available for {sampler}: use 'linspace'"
+        raise UsageError(f"spacing {spacing!r} is not available for {sampler}: use 'linspace'"
                          + (" or 'respaced'" if sampler == "dpm-solver++" else ""))
     if len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):  # then a zero step size gives NaN
-        raise ValueError(f"{diffusion.num_timesteps} steps of {sampler} repeat timesteps (diffusers' linspace spacing "
+        raise UsageError(f"{diffusion.num_timesteps} steps of {sampler} repeat timesteps (diffusers' linspace spacing "
                          f"over {len(betas)} training steps); use at most {len(betas) - 1} steps")
     return scheduler
 
 
 def _steps(steps, progress):
+    """`steps`, wrapped in a progress bar on stderr when `progress`."""
     if not progress:
         return steps
-    from tqdm import tqdm
 
     return tqdm(steps, desc="sampling", file=sys.stderr)
 
@@ -268,17 +272,19 @@ def draw_images(model, diffusion, indices, seed, vae=None, latent_scale=LATENT_S
 
 def prepare_guidance(model, cfg_scale, cfg_channels):
     """Validate the guidance flags against the model; returns the cfg scale to use (1.0 when the model
-    has no null class: it cannot be guided, so it samples unguided, with a message)."""
+    has no null class: it cannot be guided, so it samples unguided, with a message). UsageError for
+    --cfg-channels outside the model's channels."""
     if cfg_scale > 1.0 and not has_null_class(model):
         print(f"note: this model has no null class (trained without label dropout): sampling unguided "
               f"instead of --cfg-scale {cfg_scale}", file=sys.stderr)
         return 1.0
     if cfg_channels is not None and not 1 <= cfg_channels <= model.in_channels:
-        raise SystemExit(f"--cfg-channels must lie in [1, {model.in_channels}] for this model, got {cfg_channels}")
+        raise UsageError(f"--cfg-channels must lie in [1, {model.in_channels}] for this model, got {cfg_channels}")
     return cfg_scale
 
 
 def pick_device(name):
+    """The torch device for --device (default: cuda when available); UsageError for cuda without one."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -19,6 +19,7 @@ import sample_ddp
 from diffusion import create_diffusion
 from ditlab import checkpoints, diffusers_interop, sampling
 from ditlab.analysis import load_for_analysis
+from ditlab.errors import CheckpointError, InputError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_round_trip_is_bitwise(tmp_path, vae_dir, class_dropout_prob, capsys):
     # Raw weights: exported on request, and the folder then refuses to pass them off as EMA.
     raw_folder = export(tmp_path, path, "--weights", "raw", "--no-check", out="raw")
     assert same_weights(checkpoints.load_model(raw_folder, weights="raw")[0], raw)
-    with pytest.raises(ValueError, match="holds the raw weights only"):
+    with pytest.raises(UsageError, match="holds the raw weights only"):
         checkpoints.load_model(raw_folder)
 
 
@@ -168,7 +169,7 @@ def test_bin_weights_are_never_unpickled(tmp_path, vae_dir):
 
     weights = os.path.join(folder, "transformer", "diffusion_pytorch_model.bin")
     torch.save({"pos_embed.proj.weight": torch.zeros(1), "evil": RunsCode()}, weights)
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="refusing to load"):
         checkpoints.load_model(folder)
     assert not marker.exists()
 
@@ -188,17 +189,17 @@ def test_clear_errors(tmp_path, vae_dir, capsys):
     # Folders that are not a DiT.
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a run directory .* nor a diffusers DiT folder"):
+    with pytest.raises(CheckpointError, match="neither a run directory .* nor a diffusers DiT folder"):
         checkpoints.load_model(str(empty))
     with pytest.raises(SystemExit, match="nor a diffusers DiT folder"):
         sample.main(["--ckpt", str(empty), "--out", str(tmp_path / "x.png")])
-    with pytest.raises(ValueError, match="diffusers AutoencoderKL .*not a DiT"):
+    with pytest.raises(CheckpointError, match="diffusers AutoencoderKL .*not a DiT"):
         checkpoints.load_model(vae_dir)
     sd_pipe = tmp_path / "sd"
     sd_pipe.mkdir()
     json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]},
               open(sd_pipe / "model_index.json", "w"))
-    with pytest.raises(ValueError, match="StableDiffusionPipeline folder, not a DiT"):
+    with pytest.raises(CheckpointError, match="StableDiffusionPipeline folder, not a DiT"):
         checkpoints.load_model(str(sd_pipe))
 
 
@@ -213,7 +214,7 @@ def test_different_per_block_embedders_are_refused(tmp_path, vae_dir):
     sd = load_file(weights)
     sd["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1e-3
     save_file(sd, weights)
-    with pytest.raises(ValueError, match="different norm1.emb.timestep_embedder.linear_1.bias"):
+    with pytest.raises(CheckpointError, match="different norm1.emb.timestep_embedder.linear_1.bias"):
         checkpoints.load_model(folder)
 
 
@@ -223,7 +224,7 @@ def test_failed_official_download_points_to_the_hub_copy(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoints, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
     monkeypatch.setattr(checkpoints, "_copy_url", offline)
-    with pytest.raises(RuntimeError, match="--ckpt hf:facebook/DiT-XL-2-512"):
+    with pytest.raises(InputError, match="--ckpt hf:facebook/DiT-XL-2-512"):
         checkpoints.find_model("DiT-XL-2-512x512.pt")
 
 
@@ -232,7 +233,7 @@ def test_hub_vae_that_cannot_be_loaded_is_named(tmp_path, vae_dir, monkeypatch, 
     path, _, _, ema = latent_checkpoint(tmp_path, vae_dir, vae="ema")
 
     def offline(vae, device):
-        raise SystemExit("could not load the VAE")
+        raise InputError("could not load the VAE")
 
     monkeypatch.setattr(diffusers_interop, "load_vae", offline)
     folder = export(tmp_path, path, "--no-check")
@@ -243,7 +244,7 @@ def test_hub_vae_that_cannot_be_loaded_is_named(tmp_path, vae_dir, monkeypatch, 
 
 
 def test_export_files_are_readable_by_others_and_an_unrelated_folder_is_refused(tmp_path, vae_dir):
-    """Issue 24.2/24.6: every exported file gets the umask's mode (0644 under 022, as open() gives), and
+    """Every exported file gets the umask's mode (0644 under 022, as open() gives), and
     --out into a non-empty folder that is not an export is refused before anything is written; an
     earlier export is overwritten."""
     path, _, _, _ = latent_checkpoint(tmp_path, vae_dir)

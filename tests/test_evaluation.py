@@ -389,7 +389,7 @@ def test_reference_statistics_are_used_as_given(tmp_path, digits_classifier):
 
 
 def test_evaluate_out_is_checked_before_the_features(tmp_path, monkeypatch):
-    """Issue 24.3: --out onto a folder fails before any feature is computed; a missing folder is created."""
+    """--out onto a folder fails before any feature is computed; a missing folder is created."""
     class NoEvaluator:
         def __init__(self, *args, **kwargs):
             raise AssertionError("features were computed before --out was checked")

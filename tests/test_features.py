@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ditlab import features
+from ditlab.errors import UsageError
 from ditlab.features import classifier_id, digits_data, digits_rgb, load_digits_classifier, real_digits
 
 
@@ -43,7 +44,7 @@ def test_real_digits_at_given_class_counts_match_them_without_replacement():
     given, _ = real_digits(305, seed=3, counts=[31] * 5 + [30] * 5)  # the balanced counts: the same draw
     assert np.array_equal(balanced, given)
     for bad in ([10] * 9, [11] * 10, [-1, 11] + [10] * 8):
-        with pytest.raises(ValueError, match="summing to num=100"):
+        with pytest.raises(UsageError, match="summing to num=100"):
             real_digits(100, counts=bad)
 
 

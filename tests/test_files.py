@@ -1,5 +1,5 @@
 """ditlab/files.py: atomic writes honour the umask, write through symlinks, never replace what is not a
-regular file (issue 24.2)."""
+regular file."""
 
 import contextlib
 import os

@@ -18,6 +18,7 @@ import sample
 import sample_ddp
 from diffusion import create_diffusion
 from ditlab import checkpoints, sampling
+from ditlab.errors import CheckpointError, InputError, UsageError
 from models import build_model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,9 +127,9 @@ def test_refuses_checkpoints_that_pickle_code(tmp_path, payload):
     obj = Payload() if payload == "class" else RunsCode(marker)
     path = str(tmp_path / "evil.pt")
     torch.save({"model": {"w": torch.ones(1)}, "ema": {"w": torch.ones(1)}, "extra": obj}, path)
-    with pytest.raises(ValueError, match="refusing to load") as refused:
+    with pytest.raises(CheckpointError, match="refusing to load") as refused:
         checkpoints.find_model(path)
-    # the refusal names what the file references and never advises the unsafe retry (issue 24.8)
+    # the refusal names what the file references and never advises the unsafe retry
     assert "weights_only=False" not in str(refused.value) and "set to `False`" not in str(refused.value)
     assert ("posix.system" in str(refused.value)) if payload == "os.system" else ("Payload" in str(refused.value))
     with pytest.raises(SystemExit, match="refusing to load"):
@@ -138,30 +139,30 @@ def test_refuses_checkpoints_that_pickle_code(tmp_path, payload):
 
 def test_errors_name_what_was_expected(tmp_path, ckpt):
     path, config, _, _ = ckpt
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*or an official name: DiT-XL-2-256x256.pt"):
         checkpoints.find_model(str(tmp_path / "missing.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint" * 50)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         checkpoints.find_model(str(garbage))
     data = open(path, "rb").read()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt, truncated"):
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
         checkpoints.find_model(str(truncated))
     # Another architecture: the message names the model it expected.
-    with pytest.raises(ValueError, match=r"does not fit the expected model DiT-B/2 .*hidden_size=64"):
+    with pytest.raises(CheckpointError, match=r"does not fit the expected model DiT-B/2 .*hidden_size=64"):
         checkpoints.load_model(path, model="DiT-B/2", hidden_size=64)
-    with pytest.raises(ValueError, match=r"input_size=16"):
+    with pytest.raises(CheckpointError, match=r"input_size=16"):
         checkpoints.load_model(path, input_size=16)
     # Another normalization.
-    with pytest.raises(ValueError, match="normalization='layer-norm'.*normalization='none'"):
+    with pytest.raises(CheckpointError, match="normalization='layer-norm'.*normalization='none'"):
         checkpoints.load_model(path, normalization="none")
     # Not a DiT checkpoint at all, and weights that are not there.
     torch.save({"step": 3}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a DiT checkpoint"):
+    with pytest.raises(CheckpointError, match="not a DiT checkpoint"):
         checkpoints.find_model(str(tmp_path / "other.pt"))
-    with pytest.raises(ValueError, match="weights must be one of"):
+    with pytest.raises(UsageError, match="weights must be one of"):
         checkpoints.find_model(path, weights="best")
 
 
@@ -172,9 +173,9 @@ def test_bare_state_dict(tmp_path):
     torch.save(model.state_dict(), path)
     state_dict, found = checkpoints.find_model(path)
     assert found is None
-    with pytest.raises(ValueError, match="no config"):
+    with pytest.raises(UsageError, match="no config"):
         checkpoints.load_model(path)
-    with pytest.raises(ValueError, match="no raw weights"):
+    with pytest.raises(UsageError, match="no raw weights"):
         checkpoints.find_model(path, weights="raw")
     overrides = {k: config[k] for k in ("model", "input_size", "in_channels", "num_classes", "depth", "hidden_size",
                                         "num_heads")}
@@ -193,7 +194,7 @@ def test_load_model_describes_a_bare_pixel_model_and_checks_flags_against_a_conf
     loaded, built = checkpoints.load_model(path, bare_model=config["model"], image_size=8, vae="none", **small)
     assert same_weights(loaded, model)
     assert (built["model"], built["input_size"], built["in_channels"], built["vae"]) == (config["model"], 8, 3, "none")
-    with pytest.raises(ValueError, match="--num-classes 7 conflicts with the checkpoint"):
+    with pytest.raises(UsageError, match="--num-classes 7 conflicts with the checkpoint"):
         checkpoints.load_model(ckpt[0], must_match=("num_classes",), num_classes=7)
     _, kept = checkpoints.load_model(ckpt[0], must_match=("num_classes",), num_classes=ckpt[1]["num_classes"])
     assert kept["num_classes"] == ckpt[1]["num_classes"]
@@ -229,11 +230,11 @@ def test_official_name_downloads_once(fake_server):
     assert same_weights(loaded, model)
     # The same file as a local path is recognised as official too.
     assert checkpoints.find_model(local)[1]["image_size"] == 256
-    with pytest.raises(ValueError, match="EMA weights only"):
+    with pytest.raises(UsageError, match="EMA weights only"):
         checkpoints.find_model("DiT-XL-2-256x256.pt", weights="raw")
-    with pytest.raises(ValueError, match=r"normalization='layer-norm'"):
+    with pytest.raises(CheckpointError, match=r"normalization='layer-norm'"):
         checkpoints.load_model("DiT-XL-2-256x256.pt", normalization="none", **SMALL_XL)
-    with pytest.raises(RuntimeError, match="could not download"):  # not on the server
+    with pytest.raises(InputError, match="could not download"):  # not on the server
         checkpoints.find_model("DiT-XL-2-512x512.pt")
     assert not os.path.exists(os.path.join(checkpoints.PRETRAINED_DIR, "DiT-XL-2-512x512.pt"))
 
@@ -275,7 +276,7 @@ def test_interrupted_download_leaves_no_file(fake_server, monkeypatch, fail):
     data = (server / "DiT-XL-2-256x256.pt").read_bytes()
     monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=None: FailingResponse(data[: len(data) // 3], len(data), fail))
-    with pytest.raises(RuntimeError, match="could not download .*nothing was written"):
+    with pytest.raises(InputError, match="could not download .*nothing was written"):
         checkpoints.find_model("DiT-XL-2-256x256.pt")
     assert os.listdir(checkpoints.PRETRAINED_DIR) == []  # no partial file under any name
 
@@ -284,7 +285,7 @@ def test_download_after_interruption_succeeds(fake_server, monkeypatch):
     server, model = fake_server
     real = urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FailingResponse(b"xx", 100, True))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError):
         checkpoints.find_model("DiT-XL-2-256x256.pt")
     monkeypatch.setattr(urllib.request, "urlopen", real)
     state_dict, _ = checkpoints.find_model("DiT-XL-2-256x256.pt")
@@ -524,7 +525,7 @@ def test_sample_ddp_stop_signal_keeps_the_batch_then_finishes_identically(tmp_pa
 
 
 #################################################################################
-#          Output paths and step counts checked before the work (issue 24)      #
+#            Output paths and step counts checked before the work               #
 #################################################################################
 
 
@@ -547,7 +548,7 @@ def test_sample_out_folder_is_created_and_steps_above_1000_refused(tmp_path, mon
     with pytest.raises(AssertionError, match="model was loaded"):  # the path is fine: it gets to the model
         sample.main(["--ckpt", "x.pt", "--out", str(tmp_path / "new" / "deeper" / "grid.png")])
     assert os.path.isdir(tmp_path / "new" / "deeper")
-    with pytest.raises(SystemExit, match="--num-sampling-steps 5000: the diffusion has 1000 steps"):
+    with pytest.raises(UsageError, match="--num-sampling-steps 5000: the diffusion has 1000 steps"):
         sampling.load_for_sampling(sample.parse_args(["--num-sampling-steps", "5000"]))
 
 
@@ -560,7 +561,7 @@ def test_sample_ddp_sample_dir_that_is_a_file_is_refused_before_loading(tmp_path
 
 
 def test_a_bare_state_dict_of_a_non_standard_size_samples_and_mismatches_say_what_to_pass(tmp_path):
-    """Issue 24.7: the demo's DiT (depth 4, width 128, 4 heads, 16 px pixels, 10 classes) saved as a bare
+    """The demo's DiT (depth 4, width 128, 4 heads, 16 px pixels, 10 classes) saved as a bare
     state dict: its depth and width are read from the weights, --num-heads and the rest come from flags,
     and a wrong description names the flags its shapes call for."""
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import train
 import train_toy
 from diffusion import create_diffusion
 from ditlab import sampling
+from ditlab.errors import UsageError
 from ditlab.toy.readers import load_metrics
 
 MU, S = 0.3, 0.5  # the data: every value ~ N(MU, S^2), independently
@@ -90,7 +91,7 @@ def test_clip_denoised_clips_the_solvers_x0():
 
 
 def test_unknown_sampler_and_too_many_solver_steps_are_clear_errors(tmp_path, capsys):
-    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of ddpm, ddim, dpm-solver"):
+    with pytest.raises(UsageError, match="unknown sampler 'euler'; choose one of ddpm, ddim, dpm-solver"):
         sampling.denoise(GaussianDenoiser(), create_diffusion("5"), torch.zeros(1, *SHAPE), torch.zeros(1).long(),
                          "euler")
     with pytest.raises(SystemExit):
@@ -101,11 +102,11 @@ def test_unknown_sampler_and_too_many_solver_steps_are_clear_errors(tmp_path, ca
     assert "invalid choice: 'heun'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="at most 999 steps"):
         sample.main(["--sampler", "unipc", "--num-sampling-steps", "1000", "--out", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit, match="at most 999 steps, got --sampling-steps 1000"):
+    with pytest.raises(UsageError, match="at most 999 steps, got --sampling-steps 1000"):
         train_toy.parse_args(["--sampler", "dpm-solver++"])  # the toy's default is 1000 steps: refused at once
-    with pytest.raises(SystemExit, match="at most 999 steps, got --sample-steps 1000"):
+    with pytest.raises(UsageError, match="at most 999 steps, got --sample-steps 1000"):
         train.parse_args(["--sample-sampler", "unipc", "--sample-steps", "1000"])
-    with pytest.raises(ValueError, match="use at most 999 steps"):
+    with pytest.raises(UsageError, match="use at most 999 steps"):
         sampling.make_solver("dpm-solver++", create_diffusion("1000"))
 
 
