@@ -1,4 +1,4 @@
-"""Tests for ablation.py: the toy table, summary and plot it builds from finished runs."""
+"""Tests for the ablation (ditlab/studies/ablation.py): the toy table, summary and plot it builds from finished runs."""
 
 import argparse
 import json

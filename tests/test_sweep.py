@@ -1,4 +1,4 @@
-"""Tests for sweep.py (and the ditlab/toy/sweep.py): the table on tiny runs, and resuming a sweep."""
+"""Tests for sweep.py (and the ditlab/studies/sweep.py): the table on tiny runs, and resuming a sweep."""
 
 import json
 import os

@@ -287,7 +287,7 @@ def plot_localise_lengths(records, lengths, path):
 
 
 def plot_mechanism_study(records, steps, path, stress_pairs, intervene_cells, place="final.norm"):
-    """The mechanism study (ditlab/toy/mechanism.py) in three panels, from its records {(cell, seed, steps):
+    """The mechanism study (ditlab/studies/mechanism.py) in three panels, from its records {(cell, seed, steps):
     record}. Left: per-t eps error ratio to no normalization for the localise and restore cells (mean over
     seeds, shaded min-max). Middle: sampled error ratio of each LayerNorm cell to its no-LayerNorm twin, a
     dot per seed and a bar at the mean. Right: the interventions at `place`: sampled error of the edited
