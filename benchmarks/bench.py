@@ -44,6 +44,7 @@ from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
 from ditlab.distributed import DistInfo
 from ditlab.files import atomic_write
 from ditlab.sampling import denoise
+from ditlab.toy.task import PRESETS, TOY_MODEL, zero_batches
 from ditlab.trainer import COMPILE_MODES, PRECISIONS, Trainer
 from models import DIT_SIZES, DiT, DiT_models, build_model
 
@@ -98,7 +99,7 @@ class PeerDiT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from diffusers import DiTTransformer2DModel
+        from diffusers import DiTTransformer2DModel  # lazily: the peer is optional and slow to import
 
         d, heads = config["hidden_size"], config["num_heads"]
         self.in_channels, self.num_classes = config["in_channels"], config["num_classes"]
@@ -395,8 +396,6 @@ def toy_setting(args):
 
 def bench_toy(args, device):
     """Training steps/s of the toy study's preset (paper on a GPU, cpu otherwise), both variants."""
-    from ditlab.toy.task import PRESETS, TOY_MODEL, zero_batches
-
     name = args.toy_preset or ("paper" if device.type == "cuda" else "cpu")
     preset = PRESETS[name]
     sizes = {k: preset[k] for k in ("depth", "hidden_size", "num_heads") if preset[k] is not None}
@@ -518,7 +517,7 @@ def parse_args(argv=None):
                         + " (default when bare)")
     p.add_argument("--toy-variants", nargs="+", choices=["layer-norm", "none"], default=["layer-norm", "none"],
                    help="toy variants to time in this process (gpu_check.py runs one per process, concurrently, "
-                        "as toy_study.py trains them)")
+                        "as make toy trains them)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "toy"], help="parts to leave out")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: CUDA when available")
     p.add_argument("--threads", type=COUNT, help="torch CPU threads (torch.set_num_threads)")

@@ -32,6 +32,8 @@ import torch.nn as nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.records import device_name, git_commit, record, versions
+from ditlab import evaluation
+from ditlab.features import INCEPTION_URL
 
 
 def peak_rss_mib():
@@ -41,8 +43,6 @@ def peak_rss_mib():
 
 def child_eval(args):
     """In a fresh process: what evaluate.py does (ditlab.evaluation.Evaluator), the .npz against itself."""
-    from ditlab import evaluation
-
     start_rss, t0 = peak_rss_mib(), time.time()
     metrics = evaluation.evaluate(args.npz, args.npz, inception_weights=args.weights, batch_size=args.batch_size,
                                   device=args.device)
@@ -52,8 +52,6 @@ def child_eval(args):
 
 def child_stats(args):
     """In a fresh process: the metrics from synthetic features of ADM's sizes."""
-    from ditlab import evaluation
-
     start_rss = peak_rss_mib()
     rng = np.random.default_rng(0)
 
@@ -94,8 +92,6 @@ def main(argv=None):
         return child_eval(args)
     if args.child == "stats":
         return child_stats(args)
-
-    from ditlab.features import INCEPTION_URL
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
@@ -139,7 +135,7 @@ def write_random_inception_weights(path, seed=0):
     machines without the real weights. Same network and cost; its scores mean nothing."""
     from unittest import mock
 
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi  # lazily: only the Inception route needs it
 
     with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
             mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \

@@ -171,7 +171,7 @@ GRID_ROWS = (("ddpm", 250), ("ddim", 10), ("dpm-solver++", 5), ("dpm-solver++", 
 def digits_grid(model, args, path):
     """One image per class for each GRID_ROWS setting, from the same starting noise (image i's generator of
     seed 0), as a labelled PNG: what the numbers above look like."""
-    import matplotlib
+    import matplotlib  # lazily: only the figures need it, and the Agg backend must be set first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -217,7 +217,7 @@ def plot(panels, path):
     """panels: [(summary, title, ylabel, log_y, reference, floor)]; one line per sampler, min-max band over
     seeds, the reference (DDPM-250) dashed and, where given (not None), the real digits' floor dotted; the
     legend in the first panel."""
-    import matplotlib
+    import matplotlib  # lazily: only the figures need it, and the Agg backend must be set first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,7 +286,7 @@ def digits_section(args, d):
 
 def record(args, results, path):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    import diffusers
+    import diffusers  # lazily: a slow import, only for its version here
 
     lines = [f"# Samplers: quality against steps ({time.strftime('%Y-%m-%d')})", "",
              f"Command: `python -m benchmarks.samplers {' '.join(sys.argv[1:])}`  ",
