@@ -31,7 +31,9 @@ def readme_commands():
             if not words:
                 continue
             if words[0] in ("python", "python3"):
-                if words[1:2] == ["-m"]:
+                if words[1:2] == ["study.py"] and len(words) > 2 and not words[2].startswith("-"):
+                    commands.append(("study", words[2], words[3:]))
+                elif words[1:2] == ["-m"]:
                     commands.append(("module", words[2], words[3:]))
                 elif len(words) > 1 and words[1].endswith(".py"):
                     commands.append(("script", words[1], words[2:]))
@@ -57,11 +59,13 @@ _COLLECT = """
 import contextlib, io, json, runpy, sys
 out = {}
 for kind, target in json.loads(sys.argv[1]):
-    sys.argv = [target, "--help"]
+    sys.argv = ["study.py", target, "--help"] if kind == "study" else [target, "--help"]
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            if kind == "script":
+            if kind == "study":
+                runpy.run_path("study.py", run_name="__main__")
+            elif kind == "script":
                 runpy.run_path(target, run_name="__main__")
             else:
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -76,7 +80,7 @@ _HELP = {}
 
 def help_text(kind, target):
     if not _HELP:
-        wanted = sorted({(k, t) for k, t, _ in COMMANDS if k != "make"})
+        wanted = sorted({(k, t) for k, t, _ in COMMANDS if k != "make"} | {("study", new) for _, new in moved()})
         out = subprocess.run([sys.executable, "-c", _COLLECT, json.dumps(wanted)], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -94,6 +98,27 @@ def test_readme_command_flags_exist(kind, target, argv):
     text = help_text(kind, target)
     for flag in [a.split("=")[0] for a in argv if a.startswith("--")]:
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{target} has no flag {flag}"
+
+
+def moved():
+    """(old script, study name) of docs/studies.md's table of the commands that moved."""
+    text = open(os.path.join(ROOT, "docs", "studies.md")).read()
+    return re.findall(r"^\| `python (\w+\.py) \.\.\.` \| `python study\.py (\w+) \.\.\.` \|$", text, flags=re.M)
+
+
+def test_every_old_study_script_has_a_documented_replacement_that_runs():
+    """The five study scripts that became `python study.py NAME`: each is named in docs/studies.md's table,
+    is gone from the root, and its replacement answers --help with the old script's main flags."""
+    table = dict(moved())
+    assert set(table) == {"toy_study.py", "sweep.py", "ablation.py", "digits_study.py", "mechanism.py"}
+    kept_flags = {"toy": ["--seeds", "--report", "--no-outliers"], "sweep": ["--cells", "--steps-scale", "--report"],
+                  "ablation": ["--variants", "--seeds"], "digits": ["--lengths", "--report", "--record", "--records"],
+                  "mechanism": ["--cells", "--long-steps", "--report", "--record"]}
+    for old, new in table.items():
+        assert not os.path.exists(os.path.join(ROOT, old)), f"{old} is back at the root"
+        text = help_text("study", new)
+        for flag in kept_flags[new] + ["--parallel", "--out"]:
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"study.py {new} has no flag {flag}"
 
 
 def test_readme_make_targets_exist():
