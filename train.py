@@ -39,32 +39,35 @@ Pre-emption: SIGTERM, SIGINT or SIGUSR1, sent to the process, to its whole proce
 `timeout` do) or to torchrun, saves a checkpoint at the next step boundary on every rank and exits with
 code 75; `--resume auto` continues the newest run with the same settings, so a requeued job script needs
 no change (README, "Running on a cluster"). Sample scripts rebuild the model from a checkpoint's config alone.
+
+Settings: the flags, the demo's settings and a resumed run's config resolve into one TrainConfig
+(ditlab.config); its fields marked resumable are what a resume may change. `--dry-run` prints it and exits.
 """
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion import create_diffusion
-from ditlab.cli import COUNT, DROPOUT, INDEX, NON_NEGATIVE, POSITIVE
+from ditlab.cli import COUNT, DROPOUT, INDEX, NON_NEGATIVE, POSITIVE, command
+from ditlab.config import RunConfig, RunSpec, parse_flags, resolve, resumable, runtime
 from ditlab.data import (
     LATENT_SCALE, VAE_HELP, BadImages, BatchStream, FlipSampler, LatentShards, check_num_classes, load_vae,
     open_image_folder, read_latents_index, vae_encoder, vae_geometry, write_digits_folder,
 )
 from ditlab.distributed import barrier, check_global_batch, cleanup_distributed, setup_distributed
+from ditlab.errors import InputError, UsageError
 from ditlab.features import add_network_args
 from ditlab.monitoring import make_fid_hook, make_sample_hook
-from ditlab.preemption import PREEMPTED_EXIT, ignore_stop_signals
+from ditlab.preemption import ignore_stop_signals
 from ditlab.run import (
-    RunSpec, add_model_args, add_optimisation_args, add_run_args, configure_threads, find_resume, finish_parse,
-    log_failures, lr_multiplier, open_run, parse_with_explicit, run_config, seed_ranks,
+    add_model_args, add_optimisation_args, add_run_args, build_trainer, configure_threads, log_failures, open_run,
+    seed_ranks,
 )
 from ditlab.sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps
-from ditlab.trainer import Trainer, compile_mode
+from ditlab.trainer import compile_mode
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 
 DEFAULT_IMAGE_SIZE, DEFAULT_VAE = 256, "ema"
@@ -80,20 +83,52 @@ DEMO = dict(
     sample_images=40, cfg_scale=4.0, num_workers=1, precision="fp32",
 )
 
-SPEC = RunSpec(
-    script="train.py",
-    # Flags a resumed run may change (to extend it, move its data, or tune the step); every other flag
-    # comes from the checkpoint's config and may not contradict it.
-    resume_overrides=(
-        "max_steps", "epochs", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_images", "cfg_scale",
-        "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
-        "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir", "fid_every", "fid_ref",
-        "fid_num_samples", "fid_cfg_scale", "fid_sampling_steps", "fid_features", "fid_batch_size", "inception_weights",
-        "digits_classifier", "sample_sampler", "fid_sampler", "stop_loss_ratio",
-    ),
-    # Flags that only steer this process; never saved in the config.
-    runtime_only=("resume", "device", "demo", "no_layernorm", "threads"),
-)
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """A train.py run's settings: the shared ones plus data, sample grids and FID. A resume may extend the
+    run, move its data, tune the step and change what happens between steps; the model and data are fixed."""
+
+    # data
+    data_path: str | None = resumable()
+    latents_dir: str | None = resumable()
+    image_size: int | None
+    num_classes: int
+    vae: str | None
+    latent_scale: float | None
+    no_flip: bool
+    num_workers: int = resumable()
+    max_bad_images: int = resumable()
+    # model
+    class_dropout_prob: float
+    # optimisation: a resume may tune the step
+    epochs: int = resumable()
+    grad_checkpointing: bool = resumable()
+    lr: float = resumable()
+    weight_decay: float = resumable()
+    ema_decay: float = resumable()
+    grad_clip: float | None = resumable()
+    precision: str = resumable()
+    # run
+    results_dir: str = resumable()
+    sample_every: int = resumable()
+    sample_steps: int = resumable()
+    sample_sampler: str = resumable()
+    sample_images: int = resumable()
+    cfg_scale: float = resumable()
+    tensorboard: bool = resumable()
+    demo: bool = runtime()
+    # FID during training
+    fid_every: int = resumable()
+    fid_ref: str | None = resumable()
+    fid_num_samples: int = resumable()
+    fid_cfg_scale: float = resumable()
+    fid_sampling_steps: int = resumable()
+    fid_sampler: str = resumable()
+    fid_batch_size: int = resumable()
+    fid_features: str = resumable()
+    inception_weights: str | None = resumable()
+    digits_classifier: str = resumable()
 
 
 def add_fid_args(p):
@@ -111,6 +146,7 @@ def add_fid_args(p):
 
 
 def build_parser():
+    """train.py's flags, with the reference recipe's defaults (the demo's replace those not given)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="ImageFolder tree: DIR/<class>/<image>")
@@ -147,16 +183,11 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """(args, explicit): the parsed flags (the demo's settings filled in where asked for) and the
-    names of the flags given on the command line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args, explicit = parse_with_explicit(build_parser(), argv)
-    if not argv:
+def demo_preset(args, explicit):
+    """DEMO when asked for with --demo, or when no flag but --dry-run is given (`python train.py` alone)."""
+    if not explicit - {"dry_run"}:
         args.demo = True
-    finish_parse(args, explicit, DEMO if args.demo else None)
-    check_sampling_flags(args)
-    return args, explicit
+    return DEMO if args.demo else None
 
 
 def check_sampling_flags(args):
@@ -164,12 +195,42 @@ def check_sampling_flags(args):
     their step counts (checked again after a resume merges the run's flags: a resume with --fid-every
     alone keeps the run's --fid-ref)."""
     if args.fid_every and not args.fid_ref and not args.resume:
-        raise SystemExit("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
+        raise UsageError("--fid-every needs --fid-ref REF (an ADM reference batch .npz or a folder of images)")
     demo_writes_it = args.demo and args.fid_ref and os.path.normpath(args.fid_ref) == os.path.normpath(args.data_path)
     if args.fid_ref and not os.path.exists(args.fid_ref) and not demo_writes_it:  # the demo's digits come first
-        raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
+        raise InputError(f"--fid-ref {args.fid_ref}: no such file or folder")
     check_solver_steps(args.sample_sampler, args.sample_steps, "--sample-steps")
     check_solver_steps(args.fid_sampler, args.fid_sampling_steps, "--fid-sampling-steps")
+
+
+def complete_data(args):
+    """Fill in image size, VAE and latent scale: from the latents' index when training from latents (a flag
+    that contradicts it is an error; an explicit --vae says where to load it from), else the defaults. Then
+    the sizes are checked (data_geometry), before any work."""
+    if args.latents_dir:
+        index = read_latents_index(args.latents_dir)
+        for key in ("image_size", "latent_scale", "vae"):
+            flag = getattr(args, key)
+            if key != "vae" and flag is not None and flag != index[key]:
+                raise UsageError(f"--{key.replace('_', '-')} {flag} contradicts the latents in {args.latents_dir} "
+                                 f"({key}={index[key]}); drop the flag")
+            if flag is None:
+                setattr(args, key, index[key])
+        check_num_classes(len(index["classes"]), args.num_classes, f"--latents-dir {args.latents_dir}")
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
+    args.vae = args.vae or DEFAULT_VAE
+    args.latent_scale = args.latent_scale or LATENT_SCALE
+    data_geometry(args)
+
+
+SPEC = RunSpec(script="train.py", settings=TrainConfig, parser=build_parser, preset=demo_preset,
+               check=check_sampling_flags, complete=complete_data)
+
+
+def parse_args(argv=None):
+    """(args, explicit): the flags with the demo's settings filled in where asked for, checked, and the names
+    of the flags given on the command line (the first stage of resolve, before any resume)."""
+    return parse_flags(SPEC, argv)
 
 
 @dataclass
@@ -181,44 +242,30 @@ class Geometry:
     input_size: int
 
 
-def new_config(args, geometry, steps_per_epoch):
-    """A new run's config (plain types): every training flag plus what build_model_from_config reads
-    and what sample scripts need (image_size, vae, latent_scale)."""
-    return {**run_config(args, SPEC), "input_size": geometry.input_size, "in_channels": geometry.channels,
-            "learn_sigma": True, "steps_per_epoch": steps_per_epoch}
-
-
-def resolve_data(args):
-    """Fill in image size, VAE and latent scale (from the latents' index when training from latents;
-    a flag that contradicts it is an error) and check the sizes before any work. Returns the Geometry
-    of the model's input."""
-    index = None
-    if args.latents_dir:
-        index = read_latents_index(args.latents_dir)
-        for key in ("image_size", "latent_scale", "vae"):  # an explicit --vae says where to load it from
-            flag = getattr(args, key)
-            if key != "vae" and flag is not None and flag != index[key]:
-                raise SystemExit(f"--{key.replace('_', '-')} {flag} contradicts the latents in {args.latents_dir} "
-                                 f"({key}={index[key]}); drop the flag")
-            if flag is None:
-                setattr(args, key, index[key])
-        check_num_classes(len(index["classes"]), args.num_classes, f"--latents-dir {args.latents_dir}")
-    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
-    args.vae = args.vae or DEFAULT_VAE
-    args.latent_scale = args.latent_scale or LATENT_SCALE
-    if index is not None and args.vae == "none":
-        raise SystemExit("--vae none cannot be used with --latents-dir (latents come from a VAE)")
-    if index is not None:  # the VAE is not needed to train (only to decode sample grids)
-        factor, channels = args.image_size // index["latent_size"], index["latent_channels"]
+def data_geometry(config):
+    """The Geometry of the model's input, read from the latents' index or the VAE's config (no weights
+    loaded); UsageError when the image size does not divide into patches."""
+    if config.latents_dir:
+        if config.vae == "none":
+            raise UsageError("--vae none cannot be used with --latents-dir (latents come from a VAE)")
+        index = read_latents_index(config.latents_dir)  # the VAE is not needed to train (only to decode grids)
+        factor, channels = config.image_size // index["latent_size"], index["latent_channels"]
     else:
-        factor, channels = vae_geometry(args.vae)
-    patch = int(args.model.split("/")[1])
-    if args.image_size <= 0 or args.image_size % (factor * patch):
-        what = (f"the patch size {patch} of {args.model}" if factor == 1 else
-                f"{factor * patch} (VAE downsampling {factor} x patch size {patch} of {args.model})")
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of {what}; "
-                         f"pick e.g. {max(1, round(args.image_size / (factor * patch))) * factor * patch}")
-    return Geometry(factor, channels, args.image_size // factor)
+        factor, channels = vae_geometry(config.vae)
+    patch = int(config.model.split("/")[1])
+    if config.image_size <= 0 or config.image_size % (factor * patch):
+        what = (f"the patch size {patch} of {config.model}" if factor == 1 else
+                f"{factor * patch} (VAE downsampling {factor} x patch size {patch} of {config.model})")
+        raise UsageError(f"--image-size {config.image_size} is not a multiple of {what}; "
+                         f"pick e.g. {max(1, round(config.image_size / (factor * patch))) * factor * patch}")
+    return Geometry(factor, channels, config.image_size // factor)
+
+
+def new_record(config, geometry, steps_per_epoch):
+    """A new run's config.json: every saved setting plus what build_model_from_config reads and what
+    sample scripts need (image_size, vae, latent_scale)."""
+    return {**config.saved(), "input_size": geometry.input_size, "in_channels": geometry.channels,
+            "learn_sigma": True, "steps_per_epoch": steps_per_epoch}
 
 
 #################################################################################
@@ -226,80 +273,71 @@ def resolve_data(args):
 #################################################################################
 
 
+@command
 def main(argv=None):
-    args, explicit = parse_args(argv)
-    args, ckpt, run_dir = find_resume(args, explicit, SPEC)  # a resumed run takes its checkpoint's settings
-    check_sampling_flags(args)
-    local_batch = check_global_batch(args.global_batch_size, int(os.environ.get("WORLD_SIZE", 1)))  # before work
-    geometry = resolve_data(args)
-    d = setup_distributed(args.device)
+    """Train one run (or, with --dry-run, print its settings); returns its run directory."""
+    # Setup: the settings (flags, demo preset, resumed config), checked before any work; the processes.
+    config, ckpt, run_dir = resolve(SPEC, argv)
+    if config.dry_run:
+        print(config.describe())
+        return None
+    d = setup_distributed(config.device)
     try:
-        # Data, and the VAE (before the run directory: a VAE that fails to load leaves no run behind).
-        dataset, loader, steps_per_epoch = make_loader(args, d, local_batch)
-        vae = make_vae(args, d, geometry)
-        run = open_run(args, d, SPEC, new_config(args, geometry, steps_per_epoch), ckpt, run_dir)
+        # Data: images or latents, and the VAE (before the run directory: a failure here leaves no run behind).
+        local_batch = check_global_batch(config.global_batch_size, d.world_size)
+        geometry = data_geometry(config)
+        dataset, loader, steps_per_epoch = make_loader(config, d, local_batch)
+        vae = make_vae(config, d, geometry)
+        run = open_run(config, d, SPEC, new_record(config, geometry, steps_per_epoch), ckpt, run_dir)
         logger = run.logger
         with log_failures(logger):
             # Model: the same initial weights on every rank, then one RNG stream per rank.
-            torch.manual_seed(args.global_seed)
-            model = build_model_from_config(run.config)
+            torch.manual_seed(config.global_seed)
+            model = build_model_from_config(run.record)
             model.check_labels = False  # labels are < num_classes: checked on the data set
-            model.grad_checkpointing = args.grad_checkpointing
-            seed_ranks(args.global_seed, d)
-            max_steps = args.epochs * steps_per_epoch
-            if args.max_steps is not None:
-                max_steps = min(max_steps, args.max_steps)
-            trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run.run_dir,
-                              logger=logger, config=run.config, lr=args.lr, weight_decay=args.weight_decay,
-                              ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
-                              compile=args.compile, stop_loss_ratio=args.stop_loss_ratio,
-                              lr_schedule=lr_multiplier(args.lr_schedule, args.warmup_steps, max_steps))
-            epoch = position = 0
-            if run.resumed:
-                trainer.load(ckpt)
-                for group in trainer.opt.param_groups:  # --lr / --weight-decay may change on resume
-                    group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-                epoch, position = ckpt.get("epoch", 0), ckpt.get("position", 0)
-                if position >= steps_per_epoch:
-                    epoch, position = epoch + 1, 0
-                logger.info(f"resumed {run.run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
+            model.grad_checkpointing = config.grad_checkpointing
+            seed_ranks(config.global_seed, d)
+
+            # Optimiser: AdamW, EMA and precision (the Trainer), continued from the checkpoint on resume.
+            max_steps = config.epochs * steps_per_epoch
+            if config.max_steps is not None:
+                max_steps = min(max_steps, config.max_steps)
+            trainer = build_trainer(run, model, d, max_steps)
+            epoch, position = data_position(run, trainer, steps_per_epoch)
             log_start(run, d, model, dataset, steps_per_epoch)
-            logger.info(f"training to step {max_steps}")
 
             # Batches: images through the VAE on the fly, or pre-extracted latents, from (epoch, position).
-            encode = vae_encoder(vae, args.latent_scale) if vae is not None and not args.latents_dir else None
+            encode = vae_encoder(vae, config.latent_scale) if vae is not None and not config.latents_dir else None
             check = None
-            if not args.latents_dir:  # unreadable images: reported by the loader workers, logged and counted here
+            if not config.latents_dir:  # unreadable images: reported by the loader workers, logged and counted here
                 dataset.bad_images_file = os.path.join(run.run_dir, "bad_images.txt")
-                check = BadImages(dataset.bad_images_file, args.max_bad_images, logger.warning).check
+                check = BadImages(dataset.bad_images_file, config.max_bad_images, logger.warning).check
             stream = BatchStream(loader, steps_per_epoch, d.device, encode, epoch, position, check)
 
-            # Between steps: EMA sample grids, FID of the EMA model (both leave the training RNG untouched).
-            tensorboard = None
-            if args.tensorboard and d.is_main:
-                from torch.utils.tensorboard import SummaryWriter
+            # Monitoring between steps: EMA sample grids, FID of the EMA model (the training RNG untouched).
+            tensorboard = open_tensorboard(run, d)
+            hooks = make_hooks(trainer, config, vae, tensorboard)
 
-                tensorboard = SummaryWriter(os.path.join(run.run_dir, "tensorboard"))
-            hooks = []
-            if args.sample_every > 0:
-                hooks.append((args.sample_every, make_sample_hook(trainer, args, vae, tensorboard)))
-            if args.fid_every > 0:
-                hooks.append((args.fid_every, make_fid_hook(trainer, args, vae, tensorboard)))
-
-            # Train.
+            # Training loop: a stop signal saves at the next step boundary and raises Preempted (exit 75).
+            logger.info(f"training to step {max_steps}")
+            trainer.start(max_steps, log_every=config.log_every, ckpt_every=config.ckpt_every, hooks=hooks,
+                          tensorboard=tensorboard, extra_state=stream.state)
             try:
-                finished = trainer.fit(stream, max_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                                       hooks=hooks, tensorboard=tensorboard, extra_state=stream.state)
+                with trainer.stop:
+                    while trainer.step < max_steps:
+                        x, y = next(stream)
+                        loss, grad_norm = trainer.train_step(x, y)
+                        trainer.end_step(loss, grad_norm, len(x))  # log, hooks, checkpoint
             finally:
                 stream.close()
                 if tensorboard is not None:
                     tensorboard.close()
-            if not finished:
-                raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
+
+            # Done: where the run's checkpoint and last grid are.
             if d.is_main:
                 logger.info(f"done: step {trainer.step}, checkpoint "
                             f"{os.path.join(run.run_dir, 'checkpoints', 'latest.pt')}")
-                if args.sample_every > 0 and hooks[0][1].last_path:
+                if config.sample_every > 0 and hooks[0][1].last_path:
                     logger.info(f"EMA sample grid: {hooks[0][1].last_path}")
             return run.run_dir
     finally:
@@ -311,71 +349,104 @@ def main(argv=None):
 #################################################################################
 
 
-def make_loader(args, d, local_batch):
+def make_loader(config, d, local_batch):
     """(data set, loader, steps per epoch). Images or their pre-extracted latents, read through the
     same (index, flip) keys of a FlipSampler; the demo writes its digits folder first (rank 0)."""
-    if args.demo and not args.latents_dir and not os.path.isdir(args.data_path):
+    if config.demo and not config.latents_dir and not os.path.isdir(config.data_path):
         # Written only into a folder named like the demo's own (data/digits, or .../digits elsewhere): a
         # mistyped path to one's own images must not silently become the digits.
-        if os.path.basename(os.path.normpath(args.data_path)) != os.path.basename(DEMO["data_path"]):
-            raise SystemExit(f"--data-path {args.data_path}: no such folder; the demo writes its digits only into "
+        if os.path.basename(os.path.normpath(config.data_path)) != os.path.basename(DEMO["data_path"]):
+            raise InputError(f"--data-path {config.data_path}: no such folder; the demo writes its digits only into "
                              f"a folder named 'digits' (drop --data-path for {DEMO['data_path']}, or give an existing "
                              f"image folder)")
         if d.is_main:
-            print(f"writing the digits demo data set to {args.data_path}/ (once)")
-            write_digits_folder(args.data_path)
+            print(f"writing the digits demo data set to {config.data_path}/ (once)")
+            write_digits_folder(config.data_path)
         barrier()
-    if args.latents_dir:
-        dataset = LatentShards(args.latents_dir)
+    if config.latents_dir:
+        dataset = LatentShards(config.latents_dir)
     else:
-        dataset = open_image_folder(args.data_path, args.image_size, args.num_classes)
-    sampler = FlipSampler(dataset, num_replicas=d.world_size, rank=d.rank, seed=args.global_seed, flip=not args.no_flip)
+        dataset = open_image_folder(config.data_path, config.image_size, config.num_classes)
+    sampler = FlipSampler(dataset, num_replicas=d.world_size, rank=d.rank, seed=config.global_seed,
+                          flip=not config.no_flip)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"the data set has {len(dataset)} images, fewer than one global batch of "
-                         f"{args.global_batch_size}; lower --global-batch-size")
+        raise UsageError(f"the data set has {len(dataset)} images, fewer than one global batch of "
+                         f"{config.global_batch_size}; lower --global-batch-size")
     # The loader's own generator: creating its iterators must not draw from the global RNG.
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=config.num_workers,
                         pin_memory=d.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-                        persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(0))
+                        persistent_workers=config.num_workers > 0, generator=torch.Generator().manual_seed(0))
     return dataset, loader, steps_per_epoch
 
 
-def make_vae(args, d, geometry):
+def make_vae(config, d, geometry):
     """The VAE that encodes batches on the fly, or (training from latents) only decodes the sample
     grids on rank 0; None when there is nothing for it to do."""
-    decodes = (args.sample_every > 0 and d.is_main) or args.fid_every > 0  # grids on rank 0, FID on every rank
-    if args.vae == "none" or (args.latents_dir and not decodes):
+    decodes = (config.sample_every > 0 and d.is_main) or config.fid_every > 0  # grids on rank 0, FID on every rank
+    if config.vae == "none" or (config.latents_dir and not decodes):
         return None
     try:
-        vae = load_vae(args.vae, d.device)
-    except SystemExit as e:
-        if not args.latents_dir:
+        vae = load_vae(config.vae, d.device)
+    except InputError as e:
+        if not config.latents_dir:
             raise
-        raise SystemExit(f"{e}\nTraining from latents needs the VAE only to decode the sample grids and FID "
-                         f"samples: pass --vae PATH (a local copy), or --sample-every 0 and --fid-every 0")
+        raise InputError(f"{e}\nTraining from latents needs the VAE only to decode the sample grids and FID "
+                         f"samples: pass --vae PATH (a local copy), or --sample-every 0 and --fid-every 0") from None
     if vae.config.latent_channels != geometry.channels:
-        raise SystemExit(f"the VAE {args.vae} has {vae.config.latent_channels} latent channels; "
+        raise InputError(f"the VAE {config.vae} has {vae.config.latent_channels} latent channels; "
                          f"the latents have {geometry.channels}")
     return vae
 
 
+def data_position(run, trainer, steps_per_epoch):
+    """(epoch, batch) at which the data resumes: (0, 0) for a new run, else the checkpoint's (the next
+    epoch's start after its last batch); a resumed run logs where it continues."""
+    if not run.resumed:
+        return 0, 0
+    epoch, position = run.ckpt.get("epoch", 0), run.ckpt.get("position", 0)
+    if position >= steps_per_epoch:
+        epoch, position = epoch + 1, 0
+    run.logger.info(f"resumed {run.run_dir} at step {trainer.step} (epoch {epoch}, batch {position})")
+    return epoch, position
+
+
+def open_tensorboard(run, d):
+    """A TensorBoard writer into <run>/tensorboard on rank 0 with --tensorboard, else None."""
+    if not (run.config.tensorboard and d.is_main):
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # lazily: it imports TensorBoard, seconds
+
+    return SummaryWriter(os.path.join(run.run_dir, "tensorboard"))
+
+
+def make_hooks(trainer, config, vae, tensorboard):
+    """The Trainer's hooks: the EMA sample grid every --sample-every steps (first, when on), the FID every
+    --fid-every steps."""
+    hooks = []
+    if config.sample_every > 0:
+        hooks.append((config.sample_every, make_sample_hook(trainer, config, vae, tensorboard)))
+    if config.fid_every > 0:
+        hooks.append((config.fid_every, make_fid_hook(trainer, config, vae, tensorboard)))
+    return hooks
+
+
 def log_start(run, d, model, dataset, steps_per_epoch):
     """The run's opening lines: threads, model, data and schedule."""
-    args, config = run.args, run.config
+    config, record = run.config, run.record
     params = sum(p.numel() for p in model.parameters())
-    run.logger.info(configure_threads(args.threads, params))
-    source = f"latents {args.latents_dir}" if args.latents_dir else f"images {args.data_path}"
-    run.logger.info(f"run {run.run_dir}: {args.model} ({params:,} parameters, depth {len(model.blocks)}, width "
-                    f"{model.pos_embed.shape[-1]}, normalization {args.normalization}), {source}: {len(dataset):,} "
-                    f"images, {len(dataset.classes)} classes, {args.image_size}px, vae {args.vae}, input "
-                    f"{config['in_channels']}x{config['input_size']}x{config['input_size']}")
-    run.logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {args.global_batch_size}, "
-                    f"{steps_per_epoch} steps per epoch, lr {args.lr} ({args.lr_schedule}"
-                    + (f", {args.warmup_steps} warm-up steps" if args.warmup_steps else "")
-                    + f"), precision {args.precision}"
-                    + (f", compiled ({compile_mode(args.compile)})" if compile_mode(args.compile) else "")
-                    + (", grad checkpointing" if args.grad_checkpointing else ""))
+    run.logger.info(configure_threads(config.threads, params))
+    source = f"latents {config.latents_dir}" if config.latents_dir else f"images {config.data_path}"
+    run.logger.info(f"run {run.run_dir}: {config.model} ({params:,} parameters, depth {len(model.blocks)}, width "
+                    f"{model.pos_embed.shape[-1]}, normalization {config.normalization}), {source}: "
+                    f"{len(dataset):,} images, {len(dataset.classes)} classes, {config.image_size}px, vae "
+                    f"{config.vae}, input {record['in_channels']}x{record['input_size']}x{record['input_size']}")
+    run.logger.info(f"{d.world_size} process(es) on {d.device.type}, global batch {config.global_batch_size}, "
+                    f"{steps_per_epoch} steps per epoch, lr {config.lr} ({config.lr_schedule}"
+                    + (f", {config.warmup_steps} warm-up steps" if config.warmup_steps else "")
+                    + f"), precision {config.precision}"
+                    + (f", compiled ({compile_mode(config.compile)})" if compile_mode(config.compile) else "")
+                    + (", grad checkpointing" if config.grad_checkpointing else ""))
 
 
 if __name__ == "__main__":

@@ -17,42 +17,51 @@ and embeddings.jsonl.
 Presets: "paper" (DiT-XS/1, batch 2048, lr 1e-4, 50k steps, evaluations at 10k and 50k; for a GPU) and
 "cpu" (the small, fast setting `make toy` uses). Every value of a preset can be overridden by its flag.
 
-Runs share train.py's skeleton (ditlab.run): the same optimisation and run flags (--max-steps, alias
---steps; --lr-schedule, --warmup-steps; --resume PATH|auto; --ckpt-every, --log-every; --threads), run
-directories, what a resume may change (TOY_RESUME_OVERRIDES), per-rank seeding and exact resume (Trainer).
+Runs share train.py's skeleton (ditlab.run, ditlab.config): the same optimisation and run flags
+(--max-steps, alias --steps; --lr-schedule, --warmup-steps; --resume PATH|auto; --ckpt-every, --log-every;
+--threads; --dry-run), run directories, per-rank seeding and exact resume (Trainer). The settings resolve
+into one ToyConfig, whose fields marked resumable are what a resume may change.
 """
 
-
 import argparse
+from dataclasses import dataclass
 
 import torch
 
 from diffusion import create_diffusion
-from ditlab.cli import COUNT, INDEX
+from ditlab.cli import COUNT, INDEX, command
+from ditlab.config import RunConfig, RunSpec, parse_flags, resolve, resumable, runtime
 from ditlab.distributed import check_global_batch, cleanup_distributed, setup_distributed
-from ditlab.preemption import PREEMPTED_EXIT
+from ditlab.errors import UsageError
 from ditlab.run import (
-    RunSpec, add_model_args, add_optimisation_args, add_run_args, configure_threads, finish_parse, find_resume,
-    log_failures, lr_multiplier, open_run, parse_with_explicit, run_config, seed_ranks,
+    add_model_args, add_optimisation_args, add_run_args, build_trainer, configure_threads, log_failures, open_run,
+    seed_ranks,
 )
 from ditlab.sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps
 from ditlab.toy.evals import evaluate
 from ditlab.toy.task import PRESETS, TOY_IMAGE_SIZE, TOY_MODEL, zero_batches
-from ditlab.trainer import Trainer
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 
-SPEC = RunSpec(
-    script="train_toy.py",
-    # What a resumed run takes from the command line (to extend it); everything else comes from its config.
-    resume_overrides=("max_steps", "eval_steps", "ckpt_every", "log_every", "compile", "stop_loss_ratio"),
-    # Flags that only steer this process; never saved in the config.
-    runtime_only=("resume", "threads", "device", "no_layernorm", "eval_every"),
-    logs=("metrics.jsonl", "embeddings.jsonl"),
-)
+MAX_EVAL_SAMPLES = 100_000
 
 
-def parse_args(argv=None):
-    """(args, explicit): the flags with the preset filled in, and the names given on the command line."""
+@dataclass(frozen=True)
+class ToyConfig(RunConfig):
+    """A toy run's settings: the shared ones plus the preset and the evaluation. A resume may extend the run
+    (--max-steps, --eval-steps) and change its intervals; its optimisation is fixed."""
+
+    preset: str
+    eval_steps: list | None = resumable()
+    eval_every: int | None = runtime()  # turned into eval_steps
+    probe_every: int | None
+    probe_samples: int
+    num_eval_samples: int
+    sampling_steps: int
+    sampler: str
+
+
+def build_parser():
+    """The toy's flags; a preset's values replace the defaults of those not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="'auto' = paper on a GPU, cpu otherwise; flags below override the preset")
@@ -70,21 +79,27 @@ def parse_args(argv=None):
     g.add_argument("--sampling-steps", type=COUNT, default=1000, help="sampling steps for evaluation (1000 = full)")
     g.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=f"evaluation sampler; {SAMPLER_HELP}")
     add_run_args(p.add_argument_group("run"), results_dir="results/toy-runs")
-    args, explicit = parse_with_explicit(p, argv)
+    return p
+
+
+def toy_preset(args, explicit):
+    """The values of --preset ('auto': paper on a GPU, cpu otherwise); --eval-every counts as giving
+    --eval-steps, so that it replaces the preset's and a resumed run's evaluation steps."""
     if args.eval_every:
         explicit.add("eval_steps")
     if args.preset == "auto":
         args.preset = "paper" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    finish_parse(args, explicit, PRESETS[args.preset])
+    return PRESETS[args.preset]
+
+
+def check_toy_flags(args):
+    """The evaluation sampler can take its steps, and the probe and the evaluation fit one batch each (more
+    would only fail to allocate, after training)."""
     check_solver_steps(args.sampler, args.sampling_steps, "--sampling-steps")
     for flag, value in (("--probe-samples", args.probe_samples), ("--num-eval-samples", args.num_eval_samples)):
-        if value > MAX_EVAL_SAMPLES:  # one batch each: more would only fail to allocate, after training
-            p.error(f"{flag} {value}: at most {MAX_EVAL_SAMPLES:,} (the error of 256-1,000 draws is already "
-                    f"within a few percent)")
-    return args, explicit
-
-
-MAX_EVAL_SAMPLES = 100_000
+        if value > MAX_EVAL_SAMPLES:
+            raise UsageError(f"{flag} {value}: at most {MAX_EVAL_SAMPLES:,} (the error of 256-1,000 draws is already "
+                             f"within a few percent)")
 
 
 def finalize_eval_steps(args):
@@ -92,50 +107,63 @@ def finalize_eval_steps(args):
     if args.eval_every:
         args.eval_steps = list(range(args.eval_every, args.max_steps + 1, args.eval_every))
     args.eval_steps = sorted({s for s in args.eval_steps if 0 < s <= args.max_steps} | {args.max_steps})
-    return args
 
 
+SPEC = RunSpec(script="train_toy.py", settings=ToyConfig, parser=build_parser, preset=toy_preset,
+               check=check_toy_flags, complete=finalize_eval_steps, logs=("metrics.jsonl", "embeddings.jsonl"))
+
+
+def parse_args(argv=None):
+    """(args, explicit): the flags with the preset filled in, checked, and the names given on the command
+    line (the first stage of resolve, before any resume)."""
+    return parse_flags(SPEC, argv)
+
+
+@command
 def main(argv=None):
-    args, explicit = parse_args(argv)
-    d = setup_distributed(args.device)
-    check_global_batch(args.global_batch_size, d.world_size)  # before any work (re-checked on resume)
-    args, ckpt, run_dir = find_resume(args, explicit, SPEC)
-    args = finalize_eval_steps(args)
-    check_solver_steps(args.sampler, args.sampling_steps, "--sampling-steps")  # the merged flags
-    local_batch = check_global_batch(args.global_batch_size, d.world_size)
-    # The model description every script reads back (models.build_model_from_config).
-    new_config = {**run_config(args, SPEC), "image_size": TOY_IMAGE_SIZE, "vae": "none", **TOY_MODEL}
-    run = open_run(args, d, SPEC, new_config, ckpt, run_dir)
-    logger = run.logger
-    with log_failures(logger):
-        torch.manual_seed(args.global_seed)  # the same initial weights on every rank, for any world size,
-        model = build_model_from_config(run.config)  # so every rank's EMA starts from the weights DDP broadcasts
-        seed_ranks(args.global_seed, d)
-        trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run.run_dir,
-                          logger=logger, config=run.config, lr=args.lr, weight_decay=args.weight_decay,
-                          ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
-                          compile=args.compile, stop_loss_ratio=args.stop_loss_ratio,
-                          lr_schedule=lr_multiplier(args.lr_schedule, args.warmup_steps, args.max_steps))
-        if run.resumed:
-            trainer.load(ckpt)
-            logger.info(f"resumed {run.run_dir} at step {trainer.step}")
-        params = sum(p.numel() for p in model.parameters())
-        logger.info(configure_threads(args.threads, params))
-        logger.info(f"toy run {run.run_dir}: {args.model} depth {len(model.blocks)} width {model.pos_embed.shape[-1]} "
-                    f"({params:,} params), normalization={args.normalization}, preset={args.preset}, "
-                    f"batch {args.global_batch_size}, lr {args.lr} ({args.lr_schedule}), {args.max_steps} steps, "
-                    f"evaluations at {args.eval_steps}"
-                    + (f", compiled ({trainer.compile_mode})" if trainer.compile_mode else ""))
-        sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
-        hooks = [(1, lambda step: evaluate(trainer, sampler, args, step))]
-        try:
-            finished = trainer.fit(zero_batches(local_batch, d.device), args.max_steps, log_every=args.log_every,
-                                   ckpt_every=args.ckpt_every, hooks=hooks)
-        finally:
-            cleanup_distributed()
-        if not finished:
-            raise SystemExit(PREEMPTED_EXIT)  # stopped by a signal after saving: a requeue script continues it
-        return run.run_dir
+    """Train one toy run (or, with --dry-run, print its settings); returns its run directory."""
+    # Setup: the settings (flags, preset, resumed config), the processes, the run directory.
+    config, ckpt, run_dir = resolve(SPEC, argv)
+    if config.dry_run:
+        print(config.describe())
+        return None
+    d = setup_distributed(config.device)
+    try:
+        local_batch = check_global_batch(config.global_batch_size, d.world_size)
+        # The model description every script reads back (models.build_model_from_config).
+        record = {**config.saved(), "image_size": TOY_IMAGE_SIZE, "vae": "none", **TOY_MODEL}
+        run = open_run(config, d, SPEC, record, ckpt, run_dir)
+        with log_failures(run.logger):
+            trainer = toy_trainer(run, d)
+            # Training loop, with the probe and evaluations between steps. A stop signal saves and raises
+            # Preempted (exit 75): a requeue script continues the run.
+            sampler = create_diffusion(timestep_respacing=str(config.sampling_steps))
+            hooks = [(1, lambda step: evaluate(trainer, sampler, config, step))]
+            trainer.fit(zero_batches(local_batch, d.device), config.max_steps, log_every=config.log_every,
+                        ckpt_every=config.ckpt_every, hooks=hooks)
+            return run.run_dir
+    finally:
+        cleanup_distributed()
+
+
+def toy_trainer(run, d):
+    """The model (the same initial weights on every rank, for any world size, so every rank's EMA starts
+    from the weights DDP broadcasts) and its Trainer, resumed where asked; logs what the run is."""
+    config, logger = run.config, run.logger
+    torch.manual_seed(config.global_seed)
+    model = build_model_from_config(run.record)
+    seed_ranks(config.global_seed, d)
+    trainer = build_trainer(run, model, d, config.max_steps)
+    if run.resumed:
+        logger.info(f"resumed {run.run_dir} at step {trainer.step}")
+    params = sum(p.numel() for p in model.parameters())
+    logger.info(configure_threads(config.threads, params))
+    logger.info(f"toy run {run.run_dir}: {config.model} depth {len(model.blocks)} width "
+                f"{model.pos_embed.shape[-1]} ({params:,} params), normalization={config.normalization}, "
+                f"preset={config.preset}, batch {config.global_batch_size}, lr {config.lr} "
+                f"({config.lr_schedule}), {config.max_steps} steps, evaluations at {config.eval_steps}"
+                + (f", compiled ({trainer.compile_mode})" if trainer.compile_mode else ""))
+    return trainer
 
 
 if __name__ == "__main__":

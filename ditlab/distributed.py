@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ditlab.errors import UsageError
+
 #################################################################################
 #                              Distributed set-up                               #
 #################################################################################
@@ -35,8 +37,7 @@ def setup_distributed(device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
@@ -44,9 +45,14 @@ def setup_distributed(device=None):
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if world_size() > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return DistInfo(rank, world_size, local_rank, dev)
+    return DistInfo(rank, world_size(), local_rank, dev)
+
+
+def world_size():
+    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun; readable before joining."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def cleanup_distributed():
@@ -78,9 +84,10 @@ def gather_objects(obj):
 
 
 def check_global_batch(global_batch_size, world_size):
-    """The global batch is split evenly over the processes; refuse a split that is not exact."""
+    """The local batch: the global batch split evenly over the processes; UsageError for a split that is
+    not exact."""
     if global_batch_size % world_size:
-        raise SystemExit(
+        raise UsageError(
             f"--global-batch-size {global_batch_size} is not divisible by the world size {world_size}; "
             f"use a multiple of {world_size}"
         )

@@ -2,12 +2,15 @@
 
 import contextlib
 import signal
+import threading
+
+# The exit code after such a stop (EX_TEMPFAIL in sysexits.h: "try again later"; a requeue script tests for
+# it) is ditlab.errors' Preempted's, importable from here too.
+from ditlab.errors import PREEMPTED_EXIT  # noqa: F401
 
 # Signals that stop training at the next step boundary with a checkpoint: SLURM and `timeout` send
 # SIGTERM (to the whole process group), Ctrl-C sends SIGINT, `sbatch --signal=USR1@120` sends SIGUSR1.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
-# Exit code after such a stop (EX_TEMPFAIL in sysexits.h: "try again later"); a requeue script tests for it.
-PREEMPTED_EXIT = 75
 
 
 def ignore_stop_signals(worker_id=None):
@@ -61,6 +64,4 @@ class StopFlag:
 
 
 def _in_main_thread():
-    import threading
-
     return threading.current_thread() is threading.main_thread()

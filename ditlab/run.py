@@ -1,7 +1,7 @@
-"""The run skeleton shared by train.py and train_toy.py: flags and presets, run directories, logging,
-resume (explicit and auto), seeding, threads and the lr schedule."""
+"""The run skeleton shared by train.py and train_toy.py: the shared flags, run directories, logging, the
+newest run with given settings, seeding, threads, the lr schedule and the Trainer built from a run's settings.
+The settings themselves are resolved by ditlab.config."""
 
-import argparse
 import contextlib
 import json
 import logging
@@ -13,12 +13,14 @@ from glob import glob
 
 import torch
 
-from ditlab.checkpoints import checkpoint_file, load_checkpoint
+from diffusion import create_diffusion
+from ditlab.checkpoints import checkpoint_file
 from ditlab.cli import COUNT, DROPOUT, FRACTION, INDEX, NON_NEGATIVE, POSITIVE
 from ditlab.distributed import broadcast_object
+from ditlab.errors import DitlabError, Preempted, UsageError
 from ditlab.files import truncate_jsonl, write_json
-from ditlab.preemption import PREEMPTED_EXIT
-from ditlab.trainer import PRECISIONS, add_compile_arg
+from ditlab.trainer import PRECISIONS, Trainer, add_compile_arg
+from models import build_model_from_config
 
 #################################################################################
 #                         Run directories and logging                           #
@@ -71,70 +73,6 @@ def create_logger(run_dir, is_main):
     return logger
 
 
-def parse_with_explicit(parser, argv):
-    """(args, explicit): the parsed flags, and the names of those given on the command line (a second
-    parse with every default suppressed). The parser is spent afterwards."""
-    args = parser.parse_args(argv)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return args, set(vars(parser.parse_args(argv)))
-
-
-def apply_preset(args, preset, explicit):
-    """A preset's values (the digits demo, the toy's paper/cpu presets) for every flag not given."""
-    for key, value in preset.items():
-        if key not in explicit:
-            setattr(args, key, value)
-
-
-def merge_resume_config(args, explicit, config, overrides):
-    """A resumed run takes its settings from its checkpoint's config; explicit flags may change only
-    `overrides` (to extend a run, move its data, tune the step); any other explicit flag that contradicts
-    the config is an error. Returns the merged flags."""
-    merged = argparse.Namespace(**vars(args))
-    for key, value in config.items():
-        if not hasattr(merged, key):
-            continue
-        if key in explicit and getattr(args, key) != value:
-            if key not in overrides:
-                raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the run being resumed "
-                                 f"({key}={value!r}); drop the flag (a resumed run keeps its settings)")
-            continue
-        setattr(merged, key, value)
-    return merged
-
-
-# The config keys that decide what a checkpoint's weights are: a run's checkpoints must all agree on them.
-MODEL_KEYS = ("model", "depth", "hidden_size", "num_heads", "normalization", "input_size", "in_channels",
-              "num_classes", "learn_sigma", "image_size", "vae")
-
-
-def check_checkpoint_belongs(run_dir, ckpt_path, ckpt_config):
-    """Refuse to resume a run directory from a checkpoint of another model (one copied in by hand, say):
-    its config must agree with the run's config.json on MODEL_KEYS."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            run_config = json.load(f)
-    except (OSError, ValueError):
-        return  # no config.json (a bare checkpoint file): nothing to compare with
-    differ = [k for k in MODEL_KEYS if k in run_config and k in ckpt_config and run_config[k] != ckpt_config[k]]
-    if differ:
-        detail = ", ".join(f"{k} {ckpt_config[k]!r} (run: {run_config[k]!r})" for k in differ)
-        raise SystemExit(f"{ckpt_path} does not belong to the run {run_dir}: it has {detail}. Resume from the "
-                         f"checkpoint's own run directory, or remove it from this one")
-
-
-def auto_resume(args, exclude):
-    """`--resume auto`: the newest run in --results-dir whose config agrees with the flags (those in
-    `exclude`, which a resumed run may change or which steer only this process, aside), or None for a
-    new run; says which."""
-    wanted = {k: v for k, v in vars(args).items() if v is not None and k not in exclude}
-    run_dir = newest_run(args.results_dir, wanted)
-    print(f"--resume auto: continuing {run_dir}" if run_dir else
-          f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
-    return run_dir
-
-
 def newest_run(results_dir, wanted):
     """The newest run directory in `results_dir` that has a checkpoint and whose config.json agrees with
     `wanted` on every key both hold, or None. `--resume auto` passes the command line's settings (so one
@@ -152,16 +90,6 @@ def newest_run(results_dir, wanted):
     return None
 
 
-def resolve_resume(path):
-    """`--resume` takes a run directory (its latest checkpoint) or a checkpoint file; returns
-    (run_dir, checkpoint_file)."""
-    ckpt = checkpoint_file(path)
-    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if not os.path.isfile(ckpt):
-        raise SystemExit(f"--resume {path}: no checkpoint found at {ckpt}")
-    return run_dir, ckpt
-
-
 def configure_threads(requested=None, num_params=None, small=10_000_000):
     """Set torch's CPU thread count and return a line for the log saying how many and why.
 
@@ -172,7 +100,7 @@ def configure_threads(requested=None, num_params=None, small=10_000_000):
     if requested:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if requested > cores:
-            raise SystemExit(f"--threads {requested} is more than the {cores} cores this process may use; "
+            raise UsageError(f"--threads {requested} is more than the {cores} cores this process may use; "
                              f"oversubscribed threads run far slower (give at most {cores})")
         torch.set_num_threads(requested)
         why = "--threads"
@@ -188,14 +116,19 @@ def configure_threads(requested=None, num_params=None, small=10_000_000):
 
 @contextlib.contextmanager
 def log_failures(logger):
-    """Write why a run stopped into its log.txt (the console shows it too): the message of a SystemExit,
-    an interrupt, or an exception's type and message (its traceback still reaches the console). A stop
-    by signal logs itself and exits PREEMPTED_EXIT; that and success add nothing."""
+    """Write why a run stopped into its log.txt (the console shows it too): the message of a library error
+    or a SystemExit, an interrupt, or an exception's type and message (its traceback still reaches the
+    console). A stop by signal (Preempted) has logged itself; that and success add nothing."""
     try:
         yield
+    except Preempted:
+        raise
+    except DitlabError as e:
+        logger.error(f"run stopped: {e}")  # a divergence's too (Diverged: exit code 3)
+        raise
     except SystemExit as e:
-        if e.code not in (None, 0, PREEMPTED_EXIT):
-            logger.error(f"run stopped: {e}")  # the message (StopTraining's too: its code is DIVERGED_EXIT)
+        if e.code not in (None, 0):
+            logger.error(f"run stopped: {e}")
         raise
     except KeyboardInterrupt:
         logger.error("run stopped: interrupted")
@@ -203,7 +136,6 @@ def log_failures(logger):
     except Exception as e:
         logger.error(f"run failed: {type(e).__name__}: {e}")
         raise
-
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -214,7 +146,7 @@ def lr_multiplier(schedule, warmup_steps, total_steps):
     zero at `total_steps`. None when there is nothing to schedule (constant, no warm-up), so the
     optimiser's lr is left exactly as set."""
     if schedule not in LR_SCHEDULES:
-        raise SystemExit(f"unknown --lr-schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        raise UsageError(f"unknown --lr-schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if schedule == "constant" and not warmup_steps:
         return None
 
@@ -270,7 +202,7 @@ def add_optimisation_args(g, **defaults):
 
 
 def add_run_args(g, results_dir, log_every=None, ckpt_every=None):
-    """Where runs go, resuming, logging and checkpoint intervals, device and threads."""
+    """Where runs go, resuming, logging and checkpoint intervals, device, threads and --dry-run."""
     g.add_argument("--results-dir", default=results_dir)
     g.add_argument("--resume", default=None,
                    help="run directory (its latest checkpoint) or checkpoint file; 'auto': the newest run in "
@@ -281,39 +213,19 @@ def add_run_args(g, results_dir, log_every=None, ckpt_every=None):
     g.add_argument("--threads", type=COUNT, default=None,
                    help="torch CPU threads per process (default: OMP_NUM_THREADS, else 1 for models under 10M "
                         "parameters, else all cores)")
-
-
-def finish_parse(args, explicit, preset=None):
-    """What both trainers do after parsing: --no-layernorm -> --normalization none, then the preset's
-    values for every flag not given (a resume then takes the checkpoint's config over them)."""
-    if args.no_layernorm:
-        args.normalization = "none"
-        explicit.add("normalization")
-    if preset is not None:
-        apply_preset(args, preset, explicit)
-    return args
-
-
-@dataclass
-class RunSpec:
-    """What a training script tells the run skeleton: its name (recorded in config.json as "script"),
-    the flags a resumed run may change, the flags that never enter the config, and the JSON-lines logs
-    whose rows newer than a resumed checkpoint are dropped (they are redone identically)."""
-
-    script: str
-    resume_overrides: tuple
-    runtime_only: tuple
-    logs: tuple = ("metrics.jsonl",)
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved settings (flags, preset, resumed config) and exit, creating nothing")
 
 
 @dataclass
 class Run:
-    """An opened run: its settings (flags merged with a resumed config), directory, config as written to
-    config.json, logger, and the checkpoint it resumes from (None for a new run)."""
+    """An opened run: its settings, directory, record (config.json's contents: the saved settings, the model's
+    input and the script's name; what checkpoints store as "config"), logger, and the checkpoint it resumes
+    from (None for a new run)."""
 
-    args: argparse.Namespace
+    config: object
     run_dir: str
-    config: dict
+    record: dict
     logger: logging.Logger
     ckpt: dict = None
 
@@ -330,69 +242,53 @@ def upgrade_config(config):
     return config
 
 
-def find_resume(args, explicit, spec):
-    """(args, checkpoint, run_dir) for --resume (a run directory, a checkpoint file or 'auto'), or
-    (args, None, None) for a new run. The checkpoint must come from this script and belong to its run;
-    the returned flags are the checkpoint's config with the explicit flags that a resume may change."""
-    if args.resume == "auto":
-        args.resume = auto_resume(args, (*spec.resume_overrides, *spec.runtime_only))
-    if not args.resume:
-        return args, None, None
-    run_dir, ckpt_path = resolve_resume(args.resume)
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except ValueError as e:
-        raise SystemExit(f"--resume {args.resume}: {e}")
-    ckpt["config"] = upgrade_config(ckpt["config"])
-    script = ckpt["config"].get("script", spec.script)
-    if script != spec.script:
-        raise SystemExit(f"--resume {args.resume}: that run was written by {script}; resume it with "
-                         f"`python {script} --resume {args.resume}`")
-    check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
-    merged = merge_resume_config(args, explicit, ckpt["config"], spec.resume_overrides)
-    if merged.max_steps is not None and ckpt["step"] >= merged.max_steps:  # before anything is rewritten
-        raise SystemExit(f"--resume {args.resume}: the run has reached step {ckpt['step']} and --max-steps is "
-                         f"{merged.max_steps}: nothing to do; pass a larger --max-steps to continue it")
-    return merged, ckpt, run_dir
-
-
-def check_model_config(config):
-    """Before a run directory is made: the config builds a model (on the meta device: no memory, no
-    time). SystemExit with the model's own message (e.g. heads that do not divide the width) otherwise."""
-    from models import build_model_from_config
-
+def check_model_config(record):
+    """Before a run directory is made: the record builds a model (on the meta device: no memory, no
+    time). UsageError with the model's own message (e.g. heads that do not divide the width) otherwise."""
     try:
         with torch.device("meta"):
-            build_model_from_config(config)
+            build_model_from_config(record)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UsageError(str(e)) from None
 
 
-def open_run(args, d, spec, new_config, ckpt=None, run_dir=None):
+def open_run(config, d, spec, record, ckpt=None, run_dir=None):
     """The run directory and its config.json: a new `<results-dir>/<index>-<model>-<normalization>/` with
-    `new_config` (claimed on rank 0, its name broadcast), or the resumed run's, its config updated with the
-    flags a resume may change (config.json rewritten to say what the run does now) and its logs cut back
+    `record` (claimed on rank 0, its name broadcast), or the resumed run's, its record updated with the
+    settings a resume may change (config.json rewritten to say what the run does now) and its logs cut back
     to the checkpoint's step. Returns a Run with the rank's logger."""
     if ckpt is None:
-        check_model_config(new_config)
-        norm = args.normalization
-        if getattr(args, "final_normalization", None) not in (None, norm):
-            norm += f"-final-{args.final_normalization}"
-        run_dir = new_run_dir(args.results_dir, args.model, norm) if d.is_main else None
+        check_model_config(record)
+        norm = config.normalization
+        if config.final_normalization not in (None, norm):
+            norm += f"-final-{config.final_normalization}"
+        run_dir = new_run_dir(config.results_dir, config.model, norm) if d.is_main else None
         run_dir = broadcast_object(run_dir)
-        config = {**new_config, "script": spec.script}
+        record = {**record, "script": spec.script}
     else:
-        config = {**ckpt["config"], **{k: getattr(args, k) for k in spec.resume_overrides}}
+        record = {**ckpt["config"], **config.resumable_values()}
         if d.is_main:
             truncate_jsonl([os.path.join(run_dir, name) for name in spec.logs], ckpt["step"])
     if d.is_main:
-        write_json(os.path.join(run_dir, "config.json"), config)
-    return Run(args=args, run_dir=run_dir, config=config, logger=create_logger(run_dir, d.is_main), ckpt=ckpt)
+        write_json(os.path.join(run_dir, "config.json"), record)
+    return Run(config=config, run_dir=run_dir, record=record, logger=create_logger(run_dir, d.is_main), ckpt=ckpt)
 
 
-def run_config(args, spec):
-    """The flags of a new run as its config (plain types), without those that steer only this process."""
-    return {k: v for k, v in vars(args).items() if k not in spec.runtime_only}
+def build_trainer(run, model, d, max_steps):
+    """The Trainer of a run, from its settings (one place for both trainers): AdamW, EMA, precision,
+    compiling, the lr schedule to `max_steps`. A resumed run's trainer continues from its checkpoint, with
+    the lr and weight decay of its settings (a resume may change them)."""
+    config = run.config
+    trainer = Trainer(model, create_diffusion(timestep_respacing=""), dist_info=d, run_dir=run.run_dir,
+                      logger=run.logger, config=run.record, lr=config.lr, weight_decay=config.weight_decay,
+                      ema_decay=config.ema_decay, grad_clip=config.grad_clip, precision=config.precision,
+                      compile=config.compile, stop_loss_ratio=config.stop_loss_ratio,
+                      lr_schedule=lr_multiplier(config.lr_schedule, config.warmup_steps, max_steps))
+    if run.resumed:
+        trainer.load(run.ckpt)
+        for group in trainer.opt.param_groups:
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+    return trainer
 
 
 def seed_ranks(seed, d):

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from copy import deepcopy
+from dataclasses import dataclass
 from glob import glob
 
 import torch
@@ -14,7 +15,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ditlab.checkpoints import link_latest, save_checkpoint
 from ditlab.distributed import barrier
-from ditlab.preemption import PREEMPTED_EXIT, StopFlag
+# DIVERGED_EXIT (a sweep tells a diverged run, a result, from a crash by it) is importable from here too.
+from ditlab.errors import DIVERGED_EXIT, PREEMPTED_EXIT, Diverged, Preempted, UsageError  # noqa: F401
+from ditlab.preemption import StopFlag
 
 #################################################################################
 #                                  EMA, RNG                                     #
@@ -83,7 +86,7 @@ def compile_mode(value):
     if value is True:
         return "default"
     if value not in COMPILE_MODES:
-        raise SystemExit(f"unknown compile mode {value!r}; choose one of {', '.join(COMPILE_MODES)}")
+        raise UsageError(f"unknown compile mode {value!r}; choose one of {', '.join(COMPILE_MODES)}")
     return value
 
 
@@ -101,25 +104,34 @@ def format_duration(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-# Exit code of a run stopped by a non-finite loss, so that a sweep tells a diverged run (a result: the lr is
-# too large) from a crash without reading its log.
-DIVERGED_EXIT = 3
+@dataclass
+class Loop:
+    """One training loop: its plan (to max_steps; log, checkpoint and hook intervals; where the log lines and
+    the checkpoints' extra state go) and its running state: the loss and grad-norm sums since the last log
+    line (device tensors: no host sync between log lines) and the clocks of steps/s and ETA."""
 
+    max_steps: int
+    log_every: int = 100
+    ckpt_every: int = None
+    hooks: tuple = ()
+    tensorboard: object = None
+    extra_state: object = None  # fn() -> a dict saved in every checkpoint (the data position)
+    start_step: int = 0
+    start_time: float = 0.0
+    last_step: int = 0
+    last_time: float = 0.0
+    running_loss: torch.Tensor = None
+    running_norm: torch.Tensor = None
 
-class StopTraining(SystemExit):
-    """Raised on a NaN/inf loss: the run stops without writing a checkpoint of the bad weights and the
-    process exits with DIVERGED_EXIT; str() is the message (log_failures writes it to log.txt)."""
-
-    def __init__(self, message):
-        super().__init__(DIVERGED_EXIT)
-        self.message = message
-
-    def __str__(self):
-        return self.message
+    def pause(self, seconds):
+        """Leave time spent in hooks and checkpoints out of steps/s and the ETA."""
+        self.start_time += seconds
+        self.last_time += seconds
 
 
 class Trainer:
-    """Owns the model (DDP-wrapped when distributed), its EMA, the AdamW optimizer and the loop.
+    """Owns the model (DDP-wrapped when distributed), its EMA, the AdamW optimizer and the loop: `fit`, or
+    `start`, then `train_step` and `end_step` per batch inside `with trainer.stop:` (train.py's main).
 
     hooks: list of (every, fn) called as fn(step) after steps that are multiples of `every` (and at the
     last step); used for evaluations and sample grids. A hook must not consume the global RNG
@@ -130,7 +142,7 @@ class Trainer:
                  ema_decay=0.9999, grad_clip=None, precision="fp32", compile=False, lr_schedule=None,
                  stop_loss_ratio=None):
         if precision not in PRECISIONS:
-            raise SystemExit(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+            raise UsageError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.dist = dist_info
         self.run_dir = run_dir
         self.logger = logger or logging.getLogger("ditlab.trainer")
@@ -160,7 +172,8 @@ class Trainer:
             [p for p in self.raw.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=cuda or None
         )
         self.step = 0
-        self.stop = StopFlag()  # set by a stop signal while fit() runs
+        self.stop = StopFlag()  # set by a stop signal inside `with self.stop:` (fit, train.py's loop)
+        self.loop = None  # the running loop's plan and state (start)
         self.loss_history = []  # [step, mean loss since the previous log line], saved in checkpoints
 
     # ----------------------------------------------------------------------------------------------
@@ -238,73 +251,82 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def fit(self, batches, max_steps, *, log_every=100, ckpt_every=None, hooks=(), tensorboard=None, extra_state=None):
-        """Train from self.step to max_steps on `batches` (an iterator of (x, y) on the device,
-        already positioned at self.step). Checkpoints every `ckpt_every` steps and at the end."""
+        """Train from self.step to max_steps on `batches` (an iterator of (x, y) on the device, already
+        positioned at self.step): the loop train.py writes out in its main. Returns the step reached;
+        Preempted after a stop signal (its checkpoint saved), Diverged on a bad loss (see end_step)."""
+        self.start(max_steps, log_every=log_every, ckpt_every=ckpt_every, hooks=hooks, tensorboard=tensorboard,
+                   extra_state=extra_state)
         with self.stop:
-            return self._fit(batches, max_steps, dict(log_every=log_every, ckpt_every=ckpt_every, hooks=hooks,
-                                                      tensorboard=tensorboard, extra_state=extra_state))
+            while self.step < max_steps:
+                x, y = next(batches)
+                loss, grad_norm = self.train_step(x, y)
+                self.end_step(loss, grad_norm, len(x))
+        return self.step
 
-    def _fit(self, batches, max_steps, options):
-        """The loop of `fit` (its keyword arguments in `options`); returns True when max_steps was reached,
-        False after a stop signal."""
-        log_every, ckpt_every, hooks = options["log_every"], options["ckpt_every"], options["hooks"]
-        tensorboard, extra_state = options["tensorboard"], options["extra_state"]
-        start_step, start_time = self.step, time.time()
-        last_step, last_time = self.step, start_time
-        running_loss = torch.zeros((), device=self.dist.device)
-        running_norm = torch.zeros((), device=self.dist.device)
-        samples_per_step = None
+    def start(self, max_steps, *, log_every=100, ckpt_every=None, hooks=(), tensorboard=None, extra_state=None):
+        """Begin a loop to `max_steps` (end_step follows its plan): checkpoints every `ckpt_every` steps and
+        at the end, log lines every `log_every` steps, `hooks` as in the class docstring."""
+        now = time.time()
+        zero = torch.zeros((), device=self.dist.device)
+        self.loop = Loop(max_steps, log_every, ckpt_every, tuple(hooks), tensorboard, extra_state, self.step, now,
+                         self.step, now, zero, zero.clone())
         if self.dist.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        while self.step < max_steps:
-            x, y = next(batches)
-            samples_per_step = x.shape[0] * self.dist.world_size
-            loss, grad_norm = self.train_step(x, y)
-            running_loss += loss
-            running_norm += grad_norm
-            at_ckpt = bool(ckpt_every) and self.step % ckpt_every == 0
-            final = self.step == max_steps
-            stop = self._stop_everywhere()  # the same answer on every rank
-            if self.step % log_every == 0 or at_ckpt or final or stop:
-                n = self.step - last_step
-                avg_loss = self._mean_over_ranks(running_loss / n)
-                if not math.isfinite(avg_loss):
-                    raise StopTraining(f"error: loss became {avg_loss} between steps {last_step} and {self.step}; "
-                                       f"stopping. {self._last_good_checkpoint()}")
-                self._check_spike(avg_loss, last_step)
-                self.loss_history.append([self.step, avg_loss])
-                now = time.time()
-                rate = n / max(now - last_time, 1e-9)
-                eta = (max_steps - self.step) / max((self.step - start_step) / (now - start_time), 1e-9)
-                msg = (f"step {self.step:7d}/{max_steps} | loss {avg_loss:.4g} | grad norm "
-                       f"{running_norm.item() / n:.3g} | {rate:.2f} steps/s | {rate * samples_per_step:.1f} img/s | "
-                       f"ETA {format_duration(eta)}")
-                if self.dist.device.type == "cuda":
-                    msg += f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-                self.logger.info(msg)
-                if tensorboard is not None:
-                    tensorboard.add_scalar("train/loss", avg_loss, self.step)
-                    tensorboard.add_scalar("train/grad_norm", running_norm.item() / n, self.step)
-                    tensorboard.add_scalar("train/steps_per_sec", rate, self.step)
-                running_loss.zero_()
-                running_norm.zero_()
-                last_step, last_time = self.step, now
-            pause = time.time()  # time in hooks and checkpoints is left out of steps/s and ETA
-            for every, fn in hooks:
-                if (every and self.step % every == 0) or final:
-                    fn(self.step)
-            if at_ckpt or final or stop:
-                self.save(extra_state() if extra_state else None)
-            pause = time.time() - pause
-            last_time += pause
-            start_time += pause
-            if stop and not final:
-                signal_name = self.stop.name or "a stop signal (sent to another rank)"
-                self.logger.info(f"{signal_name} received: saved a "
-                                 f"checkpoint at step {self.step}; exiting with code {PREEMPTED_EXIT} (continue with "
-                                 f"--resume {self.run_dir} or --resume auto)")
-                return False
-        return True
+
+    def end_step(self, loss, grad_norm, batch_size):
+        """After a train_step (on a local batch of `batch_size`): a log line at log and checkpoint steps,
+        the last step and a stop; the hooks; a checkpoint at checkpoint steps, the last step and a stop.
+        Raises Diverged on a non-finite loss or a spike (before saving: the last good checkpoint stays), and
+        Preempted after a stop signal, its checkpoint saved (every rank stops at the same step)."""
+        loop = self.loop
+        loop.running_loss += loss
+        loop.running_norm += grad_norm
+        at_ckpt = bool(loop.ckpt_every) and self.step % loop.ckpt_every == 0
+        final = self.step == loop.max_steps
+        stop = self._stop_everywhere()  # the same answer on every rank
+        if self.step % loop.log_every == 0 or at_ckpt or final or stop:
+            self._log(batch_size * self.dist.world_size)
+        pause = time.time()
+        for every, fn in loop.hooks:
+            if (every and self.step % every == 0) or final:
+                fn(self.step)
+        if at_ckpt or final or stop:
+            self.save(loop.extra_state() if loop.extra_state else None)
+        loop.pause(time.time() - pause)
+        if stop and not final:
+            signal_name = self.stop.name or "a stop signal (sent to another rank)"
+            message = (f"{signal_name} received: saved a checkpoint at step {self.step}; exiting with code "
+                       f"{PREEMPTED_EXIT} (continue with --resume {self.run_dir} or --resume auto)")
+            self.logger.info(message)
+            raise Preempted(message)
+
+    def _log(self, samples_per_step):
+        """The log line of the steps since the last one (mean loss and grad norm over them and the ranks,
+        speed, ETA), after checking the mean loss; the loss joins loss_history."""
+        loop = self.loop
+        n = self.step - loop.last_step
+        avg_loss = self._mean_over_ranks(loop.running_loss / n)
+        if not math.isfinite(avg_loss):
+            raise Diverged(f"loss became {avg_loss} between steps {loop.last_step} and {self.step}; "
+                           f"stopping. {self._last_good_checkpoint()}")
+        self._check_spike(avg_loss, loop.last_step)
+        self.loss_history.append([self.step, avg_loss])
+        now = time.time()
+        rate = n / max(now - loop.last_time, 1e-9)
+        eta = (loop.max_steps - self.step) / max((self.step - loop.start_step) / (now - loop.start_time), 1e-9)
+        grad_norm = loop.running_norm.item() / n
+        msg = (f"step {self.step:7d}/{loop.max_steps} | loss {avg_loss:.4g} | grad norm {grad_norm:.3g} | "
+               f"{rate:.2f} steps/s | {rate * samples_per_step:.1f} img/s | ETA {format_duration(eta)}")
+        if self.dist.device.type == "cuda":
+            msg += f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        self.logger.info(msg)
+        if loop.tensorboard is not None:
+            loop.tensorboard.add_scalar("train/loss", avg_loss, self.step)
+            loop.tensorboard.add_scalar("train/grad_norm", grad_norm, self.step)
+            loop.tensorboard.add_scalar("train/steps_per_sec", rate, self.step)
+        loop.running_loss.zero_()
+        loop.running_norm.zero_()
+        loop.last_step, loop.last_time = self.step, now
 
     def _check_spike(self, loss, last_step):
         """With stop_loss_ratio, a logged mean loss that many times the lowest logged so far (also before a
@@ -314,9 +336,9 @@ class Trainer:
             return
         lowest = min(value for _, value in self.loss_history)
         if loss > self.stop_loss_ratio * lowest:
-            raise StopTraining(f"error: loss became {loss:.4g} between steps {last_step} and {self.step}, "
-                               f"{loss / lowest:.3g}x its lowest logged value {lowest:.4g} (--stop-loss-ratio "
-                               f"{self.stop_loss_ratio:g}); stopping. {self._last_good_checkpoint()}")
+            raise Diverged(f"loss became {loss:.4g} between steps {last_step} and {self.step}, "
+                           f"{loss / lowest:.3g}x its lowest logged value {lowest:.4g} (--stop-loss-ratio "
+                           f"{self.stop_loss_ratio:g}); stopping. {self._last_good_checkpoint()}")
 
     def _last_good_checkpoint(self):
         """What a NaN stop leaves to resume from: the newest checkpoint, if one was written."""

@@ -10,6 +10,7 @@ import pytest
 
 import train
 import train_toy
+from ditlab.errors import UsageError
 from ditlab.run import lr_multiplier, upgrade_config
 
 
@@ -21,7 +22,7 @@ def test_lr_multiplier_matches_the_closed_form():
     for step in (10, 35, 60, 85, 109):
         assert cos(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 10) / 100)), abs=1e-15)
     assert cos(60) == pytest.approx(0.5)
-    with pytest.raises(SystemExit, match="lr-schedule"):
+    with pytest.raises(UsageError, match="lr-schedule"):
         lr_multiplier("linear", 0, 10)
 
 

@@ -4,6 +4,7 @@ processes, pre-extracted latents, exact resume, atomic checkpoints, SIGTERM, NaN
 for bad input."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -24,7 +25,9 @@ import extract_latents
 import train
 from ditlab import data
 from ditlab.checkpoints import load_checkpoint
+from ditlab.config import resolve
 from ditlab.distributed import DistInfo
+from ditlab.errors import Diverged, InputError, UsageError
 from ditlab.files import truncate_jsonl
 from ditlab.preemption import PREEMPTED_EXIT, StopFlag, ignore_stop_signals
 from ditlab.trainer import DIVERGED_EXIT
@@ -85,6 +88,35 @@ def assert_same_weights(a, b, keys=("model", "ema")):
 def torchrun(port, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+# A launcher (written to a tmp folder): every rank saves its raw weights to <run>/rank<r>-weights.pt after each
+# checkpoint, so the file ends with the rank's final weights. train.py writes its loop out in main, so there
+# is no Trainer.fit for tests/rank_weights.py to wrap; Trainer.save is called on every rank.
+RANK_WEIGHTS = """
+import os, runpy, sys
+import torch
+from ditlab.trainer import Trainer
+
+save = Trainer.save
+
+def save_and_keep(self, extra=None):
+    save(self, extra)
+    path = os.path.join(self.run_dir, f"rank{self.dist.rank}-weights.pt")
+    torch.save({"model": self.raw.state_dict()}, path)
+
+Trainer.save = save_and_keep
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def printed_settings(capsys, main, argv):
+    """What `main(argv)` with --dry-run prints, as a dict (each line is `name: JSON value`); it returns None."""
+    capsys.readouterr()
+    assert main([*argv, "--dry-run"]) is None
+    lines = capsys.readouterr().out.splitlines()
+    return dict((name, json.loads(value)) for name, value in (line.split(": ", 1) for line in lines))
 
 
 def test_sample_grid_with_another_sampler(tmp_path, image_folder):
@@ -153,7 +185,7 @@ def test_small_data_set_is_cached_decoded_and_unchanged(tmp_path, image_folder):
         assert b == y and torch.equal(a, x) and torch.equal(a_flip, x_flip)
     cached[0, 0][0].add_(1)  # a returned tensor is the caller's: changing it leaves the cache as it was
     assert torch.equal(cached[0, 0][0], first[0][0][0])
-    with pytest.raises(RuntimeError, match="no image .* can be read"):  # the uncached one reads the files
+    with pytest.raises(InputError, match="no image .* can be read"):  # the uncached one reads the files
         plain[0, 0]
     exact = data.FlipImageFolder(image_folder, 16, cache_bytes=NUM_IMAGES * 3 * 16 * 16 - 1)
     assert exact.cache is None  # one byte short of the data set: not cached
@@ -187,11 +219,13 @@ def test_train_with_local_vae_writes_a_rebuildable_checkpoint(tmp_path, image_fo
 
 
 def test_torchrun_two_ranks_hold_identical_weights(tmp_path, image_folder, vae_dir, digits_classifier):
-    out = torchrun(29531, os.path.join("tests", "rank_weights.py"), "train.py", *TINY, "--data-path", image_folder,
-                   "--results-dir", str(tmp_path), "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1",
+    launcher = tmp_path / "rank_weights.py"
+    launcher.write_text(RANK_WEIGHTS)
+    out = torchrun(29531, str(launcher), "train.py", *TINY, "--data-path", image_folder,
+                   "--results-dir", str(tmp_path / "runs"), "--vae", vae_dir, "--max-steps", "1", "--num-workers", "1",
                    *fid_flags(image_folder, digits_classifier, every=1))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    run_dir = only_run(tmp_path)
+    run_dir = only_run(tmp_path / "runs")
     ckpt = load_checkpoint(run_dir)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 1 and len(ckpt["rng"]) == 2
     ranks = [torch.load(os.path.join(run_dir, f"rank{r}-weights.pt"), weights_only=True)["model"] for r in (0, 1)]
@@ -306,6 +340,63 @@ def test_resume_refuses_a_contradicting_flag(tmp_path, image_folder):
         train.main(["--resume", run_dir])  # issue 24.5: used to exit 0 having done nothing
 
 
+def test_dry_run_of_a_resume_shows_the_runs_settings_with_the_resumable_flags_and_changes_nothing(
+        tmp_path, image_folder, capsys):
+    run_dir = run(tmp_path, image_folder, "--vae", "none", "--max-steps", "1", "--lr", "1e-3")
+    before = {path: open(path, "rb").read() for path in (os.path.join(run_dir, "config.json"),
+                                                          os.path.join(run_dir, "log.txt"))}
+    shown = printed_settings(capsys, train.main, ["--resume", run_dir, "--max-steps", "5", "--lr", "5e-4"])
+    assert (shown["max_steps"], shown["lr"]) == (5, 5e-4)  # resumable: the command line's
+    assert (shown["hidden_size"], shown["depth"], shown["num_classes"], shown["vae"]) == (32, 1, 4, "none")  # the run's
+    assert {path: open(path, "rb").read() for path in before} == before
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000001.pt", "latest.pt"]
+    with pytest.raises(SystemExit, match="--hidden-size 64 contradicts the run being resumed"):
+        train.main(["--resume", run_dir, "--hidden-size", "64", "--dry-run"])  # checked as for a real resume
+
+
+def test_dry_run_prints_the_demo_settings_a_typed_flag_overrides_and_creates_nothing(tmp_path, capsys):
+    digits, results = tmp_path / "digits", tmp_path / "runs"
+    shown = printed_settings(capsys, train.main, ["--demo", "--data-path", str(digits), "--results-dir",
+                                                  str(results), "--lr", "1e-3", "--max-steps", "20"])
+    assert set(shown) == {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert (shown["model"], shown["depth"], shown["hidden_size"], shown["image_size"]) == ("DiT-S/4", 4, 128, 16)
+    assert (shown["vae"], shown["ema_decay"], shown["no_flip"], shown["demo"]) == ("none", 0.995, True, True)
+    assert (shown["lr"], shown["max_steps"]) == (1e-3, 20)  # typed flags beat the preset's 2e-3 and 8000
+    assert shown["latent_scale"] == 0.18215  # a default filled in during resolution
+    assert not digits.exists() and not results.exists()
+    # without --demo, the reference recipe
+    plain = printed_settings(capsys, train.main, ["--data-path", str(digits), "--results-dir", str(results)])
+    assert (plain["model"], plain["image_size"], plain["vae"], plain["lr"], plain["demo"]) == (
+        "DiT-XL/2", 256, "ema", 1e-4, False)
+
+
+def test_dry_run_alone_is_the_demos_and_exits_0_writing_nothing(tmp_path):
+    """`python train.py --dry-run` shows what `python train.py` would run (the demo), from a fresh folder:
+    it exits 0 and the folder stays empty (no data/digits, no results/)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dry-run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'model: "DiT-S/4"' in out.stdout.splitlines() and "demo: true" in out.stdout.splitlines()
+    assert os.listdir(tmp_path) == []
+
+
+def test_what_a_resume_may_change_is_marked_on_the_settings():
+    """The 33 settings a resumed train.py run may change (extend it, move its data, tune the step, change what
+    happens between steps); the model, data and recipe are the checkpoint's."""
+    assert set(train.TrainConfig.names("resumable")) == {
+        "max_steps", "epochs", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_images", "cfg_scale",
+        "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
+        "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir", "fid_every", "fid_ref",
+        "fid_num_samples", "fid_cfg_scale", "fid_sampling_steps", "fid_features", "fid_batch_size",
+        "inception_weights", "digits_classifier", "sample_sampler", "fid_sampler", "stop_loss_ratio"}
+    assert set(train.TrainConfig.names("runtime")) == {"resume", "device", "demo", "no_layernorm", "threads",
+                                                       "dry_run"}
+    config, _, _ = resolve(train.SPEC, ["--data-path", "d", "--lr", "1e-3"])
+    assert "dry_run" not in config.saved() and config.saved()["lr"] == 1e-3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+
+
 def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, image_folder, monkeypatch):
     real_save = torch.save
     calls = []
@@ -416,9 +507,10 @@ def run_with(flags, *extra):
     return train.main([*flags, *extra])
 
 
-def test_nan_loss_before_any_checkpoint_says_so(tmp_path, image_folder):
-    with pytest.raises(SystemExit, match="No checkpoint was written before it"):
+def test_nan_loss_before_any_checkpoint_says_so(tmp_path, image_folder, capsys):
+    with pytest.raises(SystemExit) as stop:
         run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "100")
+    assert stop.value.code == DIVERGED_EXIT and "No checkpoint was written before it" in capsys.readouterr().err
 
 
 def test_resume_removes_stale_temp_checkpoints_and_refuses_a_foreign_one(tmp_path, image_folder):
@@ -540,16 +632,16 @@ def test_extract_latents_skips_a_truncated_image(tmp_path, folder_with_bad_image
     assert json.load(open(tmp_path / "latents" / "index.json"))["num_images"] == NUM_IMAGES + 1
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, capsys):
     with pytest.raises(SystemExit) as stop:
         run(tmp_path, image_folder, "--vae", "none", "--lr", "1e30", "--max-steps", "10", "--ckpt-every", "1")
-    message = str(stop.value)
+    (message,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert stop.value.code == DIVERGED_EXIT  # a sweep tells a diverged run from a crash by its exit code
     bad_step = int(message.split(" and ")[1].split(";")[0])
     assert "loss became" in message and f"last good checkpoint (step {bad_step - 1}) is untouched" in message
     ckpt = load_checkpoint(only_run(tmp_path))
     assert ckpt["step"] == bad_step - 1
-    assert "run stopped: error: loss became" in open(os.path.join(only_run(tmp_path), "log.txt")).read()
+    assert "run stopped: loss became" in open(os.path.join(only_run(tmp_path), "log.txt")).read()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert f"{bad_step:07d}.pt" not in os.listdir(os.path.join(only_run(tmp_path), "checkpoints"))
 
@@ -575,9 +667,9 @@ def test_a_finite_loss_spike_stops_as_diverged_with_stop_loss_ratio_also_after_a
     resumed = toy_trainer()
     resumed.load(load_checkpoint(str(tmp_path / "checkpoints" / "latest.pt")))
     resumed.run_dir, resumed.stop_loss_ratio, resumed.train_step = str(tmp_path), 2.0, scripted(resumed)
-    with pytest.raises(SystemExit) as stop:  # steps 7-8: mean 0.445 < 2 x 0.25 trains on; 9-10: 2.5 / 0.25 = 10x
+    with pytest.raises(Diverged) as stop:  # steps 7-8: mean 0.445 < 2 x 0.25 trains on; 9-10: 2.5 / 0.25 = 10x
         resumed.fit(batches, 12, log_every=2, ckpt_every=2)
-    assert stop.value.code == DIVERGED_EXIT and resumed.step == 10
+    assert stop.value.exit_code == DIVERGED_EXIT and resumed.step == 10
     message = str(stop.value)
     assert "loss became 2.5 between steps 8 and 10, 10x its lowest logged value 0.25" in message
     assert "last good checkpoint (step 8) is untouched" in message
@@ -782,7 +874,7 @@ def test_compile_flag_takes_an_optional_mode(tmp_path):
         train.parse_args(["--compile", "fast"])
     assert "reduce-overhead" in err.getvalue()
     assert [compile_mode(v) for v in (True, False, None)] == ["default", None, None]
-    with pytest.raises(SystemExit, match="choose one of default, reduce-overhead"):
+    with pytest.raises(UsageError, match="choose one of default, reduce-overhead"):
         compile_mode("fast")
 
 
@@ -835,7 +927,7 @@ def test_extract_latents_failure_with_workers_exits(tmp_path, image_folder, vae_
 def test_threads_above_the_core_count_and_a_mistyped_demo_data_path_are_refused(tmp_path):
     """Issue 24.8: --threads beyond the cores (5 toy steps took 60 s at 1000) and --demo --data-path TYPO
     (which used to write the digits into TYPO) stop at once with what to do."""
-    with pytest.raises(SystemExit, match="--threads 100000 is more than the"):
+    with pytest.raises(UsageError, match="--threads 100000 is more than the"):
         configure_threads(100000)
     typo = tmp_path / "digts"
     with pytest.raises(SystemExit, match="no such folder; the demo writes its digits only into a folder named"):

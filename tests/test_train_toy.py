@@ -1,4 +1,4 @@
-"""Tests for train_toy.py and toy_study.py: the evaluation maths, metrics.jsonl, exact resume, the report,
+"""Tests for train_toy.py and the toy study (ditlab/studies/toy.py): the evaluation maths, metrics.jsonl, exact resume, the report,
 torchrun, and the ToyDiT notebook."""
 
 import json
@@ -13,6 +13,7 @@ import torch
 import train_toy
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_checkpoint, load_model
+from ditlab.errors import UsageError
 from ditlab.preemption import PREEMPTED_EXIT
 from ditlab.toy.evals import draw_samples
 from ditlab.toy.probe import TIMESTEP_GRID, probe
@@ -263,6 +264,47 @@ def test_resume_refuses_a_contradicting_flag_like_train_py(tmp_path):
     assert open(os.path.join(run, "config.json")).read() == before
 
 
+def printed_settings(capsys, argv):
+    """What train_toy.main(argv) with --dry-run prints, as a dict (each line is `name: JSON value`)."""
+    capsys.readouterr()
+    assert train_toy.main([*argv, "--dry-run"]) is None
+    lines = capsys.readouterr().out.splitlines()
+    return dict((name, json.loads(value)) for name, value in (line.split(": ", 1) for line in lines))
+
+
+def test_dry_run_prints_the_preset_and_typed_flags_and_creates_nothing(tmp_path, capsys):
+    results = tmp_path / "runs"
+    shown = printed_settings(capsys, ["--preset", "cpu", "--lr", "0.5", "--eval-every", "4000", "--results-dir",
+                                      str(results)])
+    assert (shown["max_steps"], shown["depth"], shown["hidden_size"], shown["lr_schedule"]) == (12_000, 2, 64, "cosine")
+    assert shown["lr"] == 0.5  # typed: beats the preset's 1e-3
+    assert shown["eval_steps"] == [4000, 8000, 12000]  # derived from --eval-every, not the preset's list
+    assert not results.exists()
+    paper = printed_settings(capsys, ["--preset", "paper", "--steps", "20", "--results-dir", str(results)])
+    assert (paper["global_batch_size"], paper["compile"], paper["depth"], paper["max_steps"]) == (2048, "default",
+                                                                                                  None, 20)
+    assert paper["eval_steps"] == [20] and not results.exists()
+
+
+def test_dry_run_of_a_resume_shows_the_extended_run_and_changes_nothing(tmp_path, capsys):
+    run = run_toy(tmp_path, "--steps", "2", "--eval-steps", "2", "--num-eval-samples", "4", "--sampling-steps", "3")
+    before = {name: open(os.path.join(run, name), "rb").read() for name in ("config.json", "log.txt", "metrics.jsonl")}
+    shown = printed_settings(capsys, ["--resume", run, "--steps", "6", "--threads", "1"])
+    assert (shown["max_steps"], shown["eval_steps"], shown["hidden_size"], shown["lr"]) == (6, [2, 6], 32, 1e-3)
+    assert {name: open(os.path.join(run, name), "rb").read() for name in before} == before
+    assert load_checkpoint(run)["step"] == 2
+    with pytest.raises(SystemExit, match="--lr 0.5 contradicts the run being resumed"):  # refused as for a resume
+        train_toy.main(["--resume", run, "--lr", "0.5", "--dry-run"])
+
+
+def test_what_a_resume_may_change_is_marked_on_the_settings():
+    """A toy resume may extend the run and change its intervals, never its optimisation (its lr is not reset)."""
+    assert set(train_toy.ToyConfig.names("resumable")) == {"max_steps", "eval_steps", "ckpt_every", "log_every",
+                                                            "compile", "stop_loss_ratio"}
+    assert set(train_toy.ToyConfig.names("runtime")) == {"resume", "threads", "device", "no_layernorm", "eval_every",
+                                                          "dry_run"}
+
+
 def test_paper_preset_compiles_and_none_switches_it_off():
     """The paper preset (a GPU's) compiles the model by default; --compile none or a mode overrides it;
     the cpu preset stays eager."""
@@ -293,5 +335,5 @@ def test_bad_model_shape_and_huge_probe_are_refused_before_any_run_directory(tmp
     with pytest.raises(SystemExit, match="hidden size 64 must be divisible by the number of heads 5"):
         train_toy.main(["--num-heads", "5", "--results-dir", str(tmp_path), "--threads", "1"])
     assert not os.path.exists(tmp_path) or os.listdir(tmp_path) == []
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--probe-samples 100000000: at most 100,000"):
         train_toy.parse_args(["--probe-samples", "100000000"])

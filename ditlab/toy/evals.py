@@ -24,41 +24,41 @@ def draw_samples(model, diffusion, num, seed, device, sampler="ddpm"):
         return denoise(model, diffusion, noise, y, sampler, clip_denoised=True)
 
 
-def run_probe(trainer, args, step):
+def run_probe(trainer, config, step):
     """The per-timestep probe (ditlab.toy.probe) of the raw and the EMA weights: rows {"kind": "timestep", ...}
     appended to metrics.jsonl, embedding statistics to embeddings.jsonl."""
     t0, errors = time.time(), {}
     for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
-        per_t, embeddings = probe(model, trainer.diffusion, args.probe_samples)
+        per_t, embeddings = probe(model, trainer.diffusion, config.probe_samples)
         tag = dict(step=step, weights=weights)
         append_jsonl(os.path.join(trainer.run_dir, "metrics.jsonl"),
-                     [dict(kind="timestep", **tag, normalization=args.normalization, seed=args.global_seed,
-                           num_samples=args.probe_samples, **row) for row in per_t])
+                     [dict(kind="timestep", **tag, normalization=config.normalization, seed=config.global_seed,
+                           num_samples=config.probe_samples, **row) for row in per_t])
         append_jsonl(os.path.join(trainer.run_dir, "embeddings.jsonl"), [{**tag, **row} for row in embeddings])
         errors[weights] = {row["t"]: row["eps_rel_error"] for row in per_t}
     shown = " ".join(f"t={t}: {errors['ema'][t]:.2e}" for t in (0, 10, 100, 999) if t in errors["ema"])
     trainer.logger.info(f"probe step {step}: EMA eps_rel_error {shown} ({time.time() - t0:.2f}s)")
 
 
-def evaluate(trainer, sampler_diffusion, args, step):
+def evaluate(trainer, sampler_diffusion, config, step):
     """Probe (run_probe) at every evaluation and every --probe-every steps; at --eval-steps also sample with
     the raw and the EMA weights, append metrics.jsonl and save samples_<step>.pt."""
-    if trainer.dist.is_main and (step in args.eval_steps or (args.probe_every and step % args.probe_every == 0)):
-        run_probe(trainer, args, step)
-    if step not in args.eval_steps:
+    if trainer.dist.is_main and (step in config.eval_steps or (config.probe_every and step % config.probe_every == 0)):
+        run_probe(trainer, config, step)
+    if step not in config.eval_steps:
         return
     if trainer.dist.is_main:
         saved, t0 = {}, time.time()
         for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
             was_training = model.training
             model.eval()
-            samples = draw_samples(model, sampler_diffusion, args.num_eval_samples, args.global_seed + 12345,
-                                   trainer.dist.device, args.sampler).cpu()
+            samples = draw_samples(model, sampler_diffusion, config.num_eval_samples, config.global_seed + 12345,
+                                   trainer.dist.device, config.sampler).cpu()
             model.train(was_training)
             saved[weights] = samples
-            row = dict(step=step, weights=weights, normalization=args.normalization, num_samples=len(samples),
-                       sampling_steps=sampler_diffusion.num_timesteps, sampler=args.sampler, seed=args.global_seed,
-                       model=args.model,
+            row = dict(step=step, weights=weights, normalization=config.normalization, num_samples=len(samples),
+                       sampling_steps=sampler_diffusion.num_timesteps, sampler=config.sampler, seed=config.global_seed,
+                       model=config.model,
                        **sample_error(samples))
             with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"kind": "sample", **row}) + "\n")

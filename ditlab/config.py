@@ -1,0 +1,248 @@
+"""A training run's settings as one frozen object, resolved in one place.
+
+`resolve(spec, argv)` reads the command line, fills in the preset (the digits demo, the toy's paper and cpu
+settings) for every flag not typed and, on resume, takes the checkpoint's config, which the command line may
+change only where a field is marked `resumable`. Fields marked `runtime` steer only this process: they are
+never saved in config.json nor compared by `--resume auto`. Nothing is created on the way (a resume only
+reads its checkpoint), so `--dry-run` prints the result and stops.
+
+Each trainer declares its settings as a subclass of RunConfig (the fields of the flags both trainers share,
+from ditlab.run) and describes itself with a RunSpec: its parser, preset, checks and derived values."""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Callable, NamedTuple
+
+from ditlab.checkpoints import checkpoint_file, load_checkpoint
+from ditlab.distributed import check_global_batch, world_size
+from ditlab.errors import CheckpointError, UsageError
+from ditlab.run import newest_run, upgrade_config
+
+#################################################################################
+#                                The settings                                   #
+#################################################################################
+
+
+def resumable():
+    """A field a resumed run may change from the command line (to extend the run, move its data, tune the step)."""
+    return field(metadata={"resumable": True})
+
+
+def runtime():
+    """A field that only steers this process: never saved in config.json, never compared by --resume auto."""
+    return field(metadata={"runtime": True})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The settings both trainers share (ditlab.run's add_model_args, add_optimisation_args, add_run_args).
+    A field without a mark comes from the checkpoint on resume, and a flag that contradicts it is an error."""
+
+    # model
+    model: str
+    depth: int | None
+    hidden_size: int | None
+    num_heads: int | None
+    normalization: str
+    no_layernorm: bool = runtime()  # folded into normalization
+    final_normalization: str | None
+    dropout: float
+    # optimisation
+    max_steps: int | None = resumable()
+    global_batch_size: int
+    global_seed: int
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    weight_decay: float
+    ema_decay: float
+    grad_clip: float | None
+    stop_loss_ratio: float | None = resumable()
+    precision: str
+    compile: str | None = resumable()
+    # run
+    results_dir: str
+    resume: str | None = runtime()
+    log_every: int = resumable()
+    ckpt_every: int | None = resumable()
+    device: str | None = runtime()
+    threads: int | None = runtime()
+    dry_run: bool = runtime()
+
+    @classmethod
+    def names(cls, mark):
+        """The names of the fields with metadata `mark` ("resumable" or "runtime")."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get(mark))
+
+    def saved(self):
+        """The settings a run records in config.json (every field but the runtime ones), as plain types."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
+
+    def resumable_values(self):
+        """The fields a resume may change, with this run's values (they update the resumed config.json)."""
+        return {name: getattr(self, name) for name in self.names("resumable")}
+
+    def describe(self):
+        """One `name: value` line per field, the value as JSON (so None, "none" and [1, 2] read unambiguously)."""
+        return "\n".join(f"{f.name}: {json.dumps(getattr(self, f.name))}" for f in fields(self))
+
+
+def no_check(args):
+    """The RunSpec default: nothing to check or derive."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a trainer tells `resolve` and the run skeleton.
+
+    script: its name, recorded in config.json ("script"); a resume of another script's run is refused.
+    settings: its RunConfig subclass. parser: fn() -> its ArgumentParser.
+    preset: fn(args, explicit) -> the preset's values (a dict) or None; it may also mark flags as given.
+    check: fn(args), run on the flags with the preset and again after a resume merged its config.
+    complete: fn(args), after the merge: values derived from the others (defaults that depend on data).
+    logs: the JSON-lines logs whose rows newer than a resumed checkpoint are dropped (they are redone)."""
+
+    script: str
+    settings: type
+    parser: Callable
+    preset: Callable
+    check: Callable = no_check
+    complete: Callable = no_check
+    logs: tuple = ("metrics.jsonl",)
+
+
+class Resolved(NamedTuple):
+    """The result of `resolve`: the frozen settings, the checkpoint resumed from and its run directory (both
+    None for a new run)."""
+
+    config: RunConfig
+    ckpt: dict | None
+    run_dir: str | None
+
+
+#################################################################################
+#                                 Resolution                                    #
+#################################################################################
+
+
+def resolve(spec, argv=None):
+    """The run's settings: the flags with the preset, checked; on resume merged with the checkpoint's config
+    (merge_resume_config) and checked again; completed; the global batch checked against the world size;
+    frozen into spec.settings. Creates nothing."""
+    args, explicit = parse_flags(spec, argv)
+    args, ckpt, run_dir = find_resume(args, explicit, spec)
+    spec.check(args)
+    spec.complete(args)
+    check_global_batch(args.global_batch_size, world_size())
+    return Resolved(spec.settings(**vars(args)), ckpt, run_dir)
+
+
+def parse_flags(spec, argv=None):
+    """(args, explicit): the command line with --no-layernorm folded into --normalization and the preset's
+    values for every flag not given, checked; `explicit` names the flags given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, explicit = parse_with_explicit(spec.parser(), argv)
+    if args.no_layernorm:
+        args.normalization = "none"
+        explicit.add("normalization")
+    for key, value in (spec.preset(args, explicit) or {}).items():
+        if key not in explicit:
+            setattr(args, key, value)
+    spec.check(args)
+    return args, explicit
+
+
+def parse_with_explicit(parser, argv):
+    """(args, explicit): the parsed flags, and the names of those given on the command line (a second
+    parse with every default suppressed). The parser is spent afterwards."""
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(parser.parse_args(argv)))
+
+
+def merge_resume_config(args, explicit, config, resumable):
+    """A resumed run takes its settings from its checkpoint's config; explicit flags may change only the
+    `resumable` ones; any other explicit flag that contradicts the config is an error. Returns the merged flags."""
+    merged = argparse.Namespace(**vars(args))
+    for key, value in config.items():
+        if not hasattr(merged, key):
+            continue
+        if key in explicit and getattr(args, key) != value:
+            if key not in resumable:
+                raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the run being resumed "
+                                 f"({key}={value!r}); drop the flag (a resumed run keeps its settings)")
+            continue
+        setattr(merged, key, value)
+    return merged
+
+
+def find_resume(args, explicit, spec):
+    """(args, checkpoint, run_dir) for --resume (a run directory, a checkpoint file or 'auto'), or
+    (args, None, None) for a new run. The checkpoint must come from this script and belong to its run;
+    the returned flags are the checkpoint's config with the explicit flags that a resume may change."""
+    resumable = spec.settings.names("resumable")
+    if args.resume == "auto":
+        args.resume = auto_resume(args, (*resumable, *spec.settings.names("runtime")))
+    if not args.resume:
+        return args, None, None
+    run_dir, ckpt_path = resolve_resume(args.resume)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except (ValueError, CheckpointError) as e:
+        raise CheckpointError(f"--resume {args.resume}: {e}") from None
+    ckpt["config"] = upgrade_config(ckpt["config"])
+    script = ckpt["config"].get("script", spec.script)
+    if script != spec.script:
+        raise UsageError(f"--resume {args.resume}: that run was written by {script}; resume it with "
+                         f"`python {script} --resume {args.resume}`")
+    check_checkpoint_belongs(run_dir, ckpt_path, ckpt["config"])
+    merged = merge_resume_config(args, explicit, ckpt["config"], resumable)
+    if merged.max_steps is not None and ckpt["step"] >= merged.max_steps:  # before anything is rewritten
+        raise UsageError(f"--resume {args.resume}: the run has reached step {ckpt['step']} and --max-steps is "
+                         f"{merged.max_steps}: nothing to do; pass a larger --max-steps to continue it")
+    return merged, ckpt, run_dir
+
+
+def auto_resume(args, exclude):
+    """`--resume auto`: the newest run in --results-dir whose config agrees with the flags (those in
+    `exclude`, which a resumed run may change or which steer only this process, aside), or None for a
+    new run; says which."""
+    wanted = {k: v for k, v in vars(args).items() if v is not None and k not in exclude}
+    run_dir = newest_run(args.results_dir, wanted)
+    print(f"--resume auto: continuing {run_dir}" if run_dir else
+          f"--resume auto: no run with these settings in {args.results_dir}: starting a new one", flush=True)
+    return run_dir
+
+
+def resolve_resume(path):
+    """`--resume` takes a run directory (its latest checkpoint) or a checkpoint file; returns
+    (run_dir, checkpoint_file)."""
+    ckpt = checkpoint_file(path)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"--resume {path}: no checkpoint found at {ckpt}")
+    return run_dir, ckpt
+
+
+# The config keys that decide what a checkpoint's weights are: a run's checkpoints must all agree on them.
+MODEL_KEYS = ("model", "depth", "hidden_size", "num_heads", "normalization", "input_size", "in_channels",
+              "num_classes", "learn_sigma", "image_size", "vae")
+
+
+def check_checkpoint_belongs(run_dir, ckpt_path, ckpt_config):
+    """Refuse to resume a run directory from a checkpoint of another model (one copied in by hand, say):
+    its config must agree with the run's config.json on MODEL_KEYS."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            run_config = json.load(f)
+    except (OSError, ValueError):
+        return  # no config.json (a bare checkpoint file): nothing to compare with
+    differ = [k for k in MODEL_KEYS if k in run_config and k in ckpt_config and run_config[k] != ckpt_config[k]]
+    if differ:
+        detail = ", ".join(f"{k} {ckpt_config[k]!r} (run: {run_config[k]!r})" for k in differ)
+        raise CheckpointError(f"{ckpt_path} does not belong to the run {run_dir}: it has {detail}. Resume from the "
+                              f"checkpoint's own run directory, or remove it from this one")
