@@ -1,7 +1,7 @@
 """Sampling: load a model for sampling, draw images from it with any sampler, classifier-free guidance.
 
-Layer: above checkpoints (loading) and diffusers_interop (the ODE solvers); below evaluation's callers,
-monitoring and the commands. Flags that cannot work raise UsageError before any work."""
+Layer: above checkpoints (loading) and diffusers_interop (the ODE solvers); below monitoring, the toy
+study, the studies and the commands. Flags that cannot work raise UsageError before any work."""
 
 import contextlib
 import sys
