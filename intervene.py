@@ -15,7 +15,6 @@ probe error relative to the unedited model, 1 = no change).
 """
 
 import argparse
-import json
 import os
 
 import torch

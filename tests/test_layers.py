@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ["ditlab", "ditlab.errors", "ditlab.constants"],  # imports nothing from the package
     ["ditlab.files", "ditlab.cli"],  # atomic files and output paths; flag types and the command wrapper
-    ["ditlab.checkpoint_io", "ditlab.distributed", "ditlab.preemption", "ditlab.outliers", "ditlab.jobs"],
+    ["ditlab.checkpoint_io", "ditlab.distributed", "ditlab.preemption", "ditlab.outliers"],
     ["ditlab.data"],  # images, latent shards, the VAE
     ["ditlab.diffusers_interop"],  # diffusers folders and solvers
     ["ditlab.checkpoints"],  # models from official files, runs, diffusers folders, the Hub
@@ -33,7 +33,7 @@ LAYERS = [
 
 # Modules still being converted from SystemExit to ditlab.errors. This list should shrink to nothing.
 STILL_EXITING = ["ditlab/run.py", "ditlab/trainer.py", "ditlab/monitoring.py", "ditlab/preemption.py",
-                 "ditlab/distributed.py", "ditlab/jobs.py", "ditlab/digits_study.py", "ditlab/toy/", "ditlab/studies/"]
+                 "ditlab/distributed.py"]
 # The one module whose job is to exit: cli.command turns a library error into its message and exit code.
 EXITS_BY_DESIGN = ["ditlab/cli.py"]
 
