@@ -14,6 +14,7 @@ import threading
 import time
 
 from ditlab.errors import JobError
+from ditlab.files import log_tail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: jobs run from there
 
@@ -27,20 +28,6 @@ def _pump(proc, log_path, tag, append):
             if tag:
                 sys.stdout.write(f"[{tag}] {line}")
                 sys.stdout.flush()
-
-
-def read_log(path):
-    """A job's log ("" when it does not exist yet)."""
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def log_tail(path, lines=15):
-    """The last lines of a log file, for an error message."""
-    return "".join(read_log(path).splitlines(keepends=True)[-lines:])
 
 
 def kill_group(proc):

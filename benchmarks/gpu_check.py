@@ -45,8 +45,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
+from benchmarks.deadline import run_jobs
 from benchmarks.records import device_name, git_commit, record, versions
-from benchmarks.deadline import read_log, run_jobs
+from ditlab.files import read_log
 
 PARTS = ("tests", "train", "xl-train", "xl-sample", "toy")
 
@@ -164,7 +165,7 @@ def bench_cmd(gpu, json_path, part):
     if part == "xl-sample":
         return cmd + size + ["--skip", "train", "toy", "--settings", "fp32", "--no-peer", "--sample-guidance", "cfg",
                              "--sample-steps", "5", "--sample-rounds", "1"]
-    size[size.index("--threads") + 1] = "1"  # two toy processes at once, one thread each (as toy_study.py)
+    size[size.index("--threads") + 1] = "1"  # two toy processes at once, one thread each (as make toy)
     return cmd + size + ["--skip", "train", "sample", "--settings", "fp32", "--toy-preset", "cpu",
                          "--toy-precision", "fp32", "--toy-steps", "5"]
 
@@ -260,7 +261,7 @@ def sampling_verdicts(gpu, rows):
 
 
 def toy_verdicts(gpu, rows):
-    """Per setting: the variants trained at the same time (one process each, as toy_study.py runs them),
+    """Per setting: the variants trained at the same time (one process each, as make toy runs them),
     so the wall time of the preset is the slower variant's, against the target."""
     verdicts = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
@@ -387,7 +388,7 @@ def part_bench(c, part):
 
 
 def part_toy(c):
-    """toy_study.py trains the two variants side by side, so they are timed side by side: one process each,
+    """make toy trains the two variants side by side, so they are timed side by side: one process each,
     at the same time, eager, compiled, and compiled with CUDA graphs (the CPU dry run skips compiling)."""
     rcs, total, toy_limit = [], 0.0, c.budget["toy"]
     for setting, share in (TOY_SETTINGS if c.gpu else [("eager", 1.0)]):

@@ -181,3 +181,17 @@ def provenance(argv=None):
         machine = f"{cpu}, {os.cpu_count()} cores"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"_Written by `python {shlex.join(argv)}` at commit {commit} on {machine}, {date}._"
+
+
+def read_log(path):
+    """A job's log ("" when it does not exist yet)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def log_tail(path, lines=15):
+    """The last lines of a log file, for an error message."""
+    return "".join(read_log(path).splitlines(keepends=True)[-lines:])

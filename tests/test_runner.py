@@ -8,34 +8,42 @@ import time
 import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
+from benchmarks import deadline
 from ditlab.errors import JobError, UsageError
 from ditlab.studies.runner import executor_parameters, make_executor, map_calls, read_record, run_jobs, write_record
 
 
-def test_runs_all_jobs_with_one_thread_and_a_log_each(tmp_path, capsys):
+RUNNERS = pytest.mark.parametrize("runner", [run_jobs, deadline.run_jobs], ids=["studies", "gpu-check"])
+
+
+@RUNNERS
+def test_runs_all_jobs_with_one_thread_and_a_log_each(tmp_path, capsys, runner):
     cmds = [[sys.executable, "-c", f"import os; print('job {i}', os.environ['OMP_NUM_THREADS'])"] for i in range(3)]
-    assert run_jobs(cmds, 2, str(tmp_path), tags=["a", "b", "c"]) == [0, 0, 0]
+    assert runner(cmds, 2, str(tmp_path), tags=["a", "b", "c"]) == [0, 0, 0]
     for i in range(3):
         assert (tmp_path / f"job{i}.log").read_text() == f"job {i} 1\n"
     out = capsys.readouterr().out
     assert "[a] job 0 1" in out and "[c] job 2 1" in out
-    assert "[3/3] finished" in out and "min to go" in out  # which job of how many, and the time left
+    if runner is run_jobs:
+        assert "[3/3] finished" in out and "min to go" in out  # which job of how many, and the time left
 
 
-def test_parallel_limit_is_respected(tmp_path):
+@RUNNERS
+def test_parallel_limit_is_respected(tmp_path, runner):
     """Three jobs that each sleep 1 s with two at a time take about 2 s, not 1 and not 3."""
     cmds = [[sys.executable, "-c", "import time; time.sleep(1)"]] * 3
     start = time.perf_counter()
-    run_jobs(cmds, 2, str(tmp_path))
+    runner(cmds, 2, str(tmp_path))
     assert 1.9 < time.perf_counter() - start < 2.9 + 2  # generous: process start-up on a busy machine
 
 
-def test_a_failed_job_stops_the_run_with_its_log_tail(tmp_path):
+@RUNNERS
+def test_a_failed_job_stops_the_run_with_its_log_tail(tmp_path, runner):
     cmds = [[sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"],
             [sys.executable, "-c", "import time; time.sleep(30)"]]
     start = time.perf_counter()
     with pytest.raises(JobError) as stop:
-        run_jobs(cmds, 2, str(tmp_path))
+        runner(cmds, 2, str(tmp_path))
     message = str(stop.value)
     assert "exit 3" in message and "about to fail" in message and os.path.join(str(tmp_path), "job0.log") in message
     assert time.perf_counter() - start < 20  # the other job was stopped, not waited for

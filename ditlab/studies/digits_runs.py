@@ -17,7 +17,8 @@ from ditlab.analysis import DEFAULT_TIMESTEPS, analyze_checkpoint
 from ditlab.checkpoints import load_checkpoint
 from ditlab.errors import DIVERGED_EXIT, JobError, UsageError
 from ditlab.run import newest_run
-from ditlab.studies.runner import dispatch_of, read_log, run_jobs
+from ditlab.files import read_log
+from ditlab.studies.runner import dispatch_of, run_jobs
 
 QUALITY = ("fd_digits", "precision", "recall", "accuracy")
 DIGITS_REF = os.path.join("data", "digits")

@@ -21,7 +21,7 @@ import time
 
 from ditlab.cli import COUNT, POSITIVE
 from ditlab.errors import JobError, UsageError
-from ditlab.files import provenance, write_json
+from ditlab.files import log_tail, provenance, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jobs run from the repo root
 CLUSTERS = ("local", "slurm", "debug")
@@ -51,20 +51,6 @@ def run_command(argv, log_path, env=None, append=False):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-def read_log(path):
-    """A job's log ("" when it does not exist yet)."""
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def log_tail(path, lines=15):
-    """The last lines of a log file, for an error message."""
-    return "".join(read_log(path).splitlines(keepends=True)[-lines:])
 
 
 #################################################################################
