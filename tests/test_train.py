@@ -27,10 +27,9 @@ from ditlab import data
 from ditlab.checkpoints import load_checkpoint
 from ditlab.config import resolve
 from ditlab.distributed import DistInfo
-from ditlab.errors import Diverged, InputError, UsageError
+from ditlab.errors import DIVERGED_EXIT, PREEMPTED_EXIT, Diverged, InputError, UsageError
 from ditlab.files import truncate_jsonl
-from ditlab.preemption import PREEMPTED_EXIT, StopFlag, ignore_stop_signals
-from ditlab.trainer import DIVERGED_EXIT
+from ditlab.preemption import StopFlag, ignore_stop_signals
 from ditlab.run import configure_threads, new_run_dir
 from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config

@@ -13,8 +13,7 @@ import torch
 import train_toy
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_checkpoint, load_model
-from ditlab.errors import UsageError
-from ditlab.preemption import PREEMPTED_EXIT
+from ditlab.errors import PREEMPTED_EXIT, UsageError
 from ditlab.toy.evals import draw_samples
 from ditlab.toy.probe import TIMESTEP_GRID, probe
 from ditlab.toy.readers import last_probe, load_config, load_embeddings, load_metrics, load_samples
