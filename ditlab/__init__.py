@@ -1,2 +1,3 @@
-"""The library under the commands: run set-up, training, data, checkpoints, sampling, evaluation, outlier
-analysis, diffusers interop, jobs and the toy study (ditlab.toy)."""
+"""The library under the commands, in layers that import only downwards (tests/test_layers.py): errors and
+files at the bottom; checkpoints, data, sampling, evaluation, training and analysis above them; the toy
+task and its instruments (ditlab.toy); the studies on their shared runner at the top (ditlab.studies)."""

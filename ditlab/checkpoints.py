@@ -1,6 +1,6 @@
-"""Checkpoints and models: the one place that saves and loads checkpoints (safely, weights_only) and
-builds a model from the official pretrained files by name, our checkpoints, run directories, diffusers
-folders and the Hub.
+"""Models from checkpoints: builds a model from the official pretrained files by name, our checkpoints, run
+directories, diffusers folders and the Hub. The files themselves are read and written by checkpoint_io
+(safely, weights_only), whose names this module also exports.
 
     from ditlab.checkpoints import find_model, load_model
 

@@ -1,1 +1,2 @@
-"""The toy identity study: task and presets, probe, readers, reports, plots and the sweep."""
+"""The toy identity task and its instruments: the task and presets, the per-timestep probe, a run's
+evaluations, the interventions on one channel, and the readers of toy run directories."""
