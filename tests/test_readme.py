@@ -203,3 +203,17 @@ def test_every_decimal_of_the_findings_table_is_on_a_results_page():
     on_pages = set(re.findall(r"(?<![\w.])-?\d+\.\d+", results_text()))
     on_pages |= {n.lstrip("-") for n in on_pages} | {"-" + n for n in on_pages}
     assert numbers and not numbers - on_pages, "not on any docs/results page: " + ", ".join(sorted(numbers - on_pages))
+
+
+def test_the_layout_lists_every_module_and_root_file():
+    """The README's Layout section has a row for every root .py file and every ditlab module."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    layout = text[text.index("## Layout"):]
+    rows = set(re.findall(r"^\| `([\w/.]+)` \|", layout, flags=re.M))
+    wanted = {f for f in os.listdir(ROOT) if f.endswith(".py")}
+    for folder, _, files in os.walk(os.path.join(ROOT, "ditlab")):
+        wanted |= {os.path.relpath(os.path.join(folder, f), ROOT).replace(os.sep, "/") for f in files
+                   if f.endswith(".py") and f != "__init__.py"}
+    assert wanted - rows == set(), f"not in the README's layout: {sorted(wanted - rows)}"
+    assert rows - wanted - {"diffusion/"} == set(), f"the layout lists what does not exist: {sorted(rows - wanted)}"
+    assert len([f for f in os.listdir(ROOT) if f.endswith(".py")]) <= 12  # one front door
