@@ -34,6 +34,11 @@ def test_report_has_every_part_and_the_stress_twins(tmp_path):
                            record=str(tmp_path / "results" / "page.md"))
     os.makedirs(tmp_path / "results")
     text = mechanism.write_report(args, records)
+    # the page opens with its title, provenance and one line of what was run, values only
+    head = text.splitlines()[:6]
+    assert head[0].startswith("# The mechanism study") and head[2].startswith("_Written by `")
+    assert head[4].startswith("Run: toy CPU preset") and "seeds [0, 1, 2]; 10 steps;" in head[4]
+    assert "(8 draws per t) and 4 samples" in head[4] and head[1] == head[3] == head[5] == ""
     for part in ("## 1. Localise", "## 2. Ablate", "## 3. Restore", "## 4. Stress", "signal/outlier"):
         assert part in text
     assert "| layer-norm / none | 3 | 2 [2, 2]" in text and "| layer-norm-wd0.1 / none-wd0.1 | 3 | 4 [4, 4]" in text

@@ -63,6 +63,7 @@ STRESS_PAIRS = (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("
 FIGURE = "mechanism_study.png"
 LENGTHS_FIGURE = "mechanism_localise_lengths.png"
 REPORT_T = (0, 1, 5, 10, 100, 999)
+DEFINITIONS = "Definitions: docs/mechanism.md#how-the-tables-are-measured."
 RECORD_SETTINGS = ("steps", "probe_samples", "num_eval_samples")
 
 
@@ -305,8 +306,8 @@ def restore_lines(records, steps, cell="restore"):
         return []
     a = [max(w["scale"] for w in r["restoring_weights"].values()) for r in recs]
     b = [max(w["mean"] for w in r["restoring_weights"].values()) for r in recs]
-    return [f"The trained restoring weights (zero at the start; the layer adds a log(sigma) + b mu to LayerNorm's "
-            f"unit-RMS output), largest over the model's norms, {len(recs)} seeds: |a| {fmt_spread(a)}, |b| {fmt_spread(b)}.", ""]
+    return [f"Trained restoring weights, largest over the model's norms, {len(recs)} seeds: |a| {fmt_spread(a)}, "
+            f"|b| {fmt_spread(b)}.", ""]
 
 
 def missing_lines(args, records):
@@ -316,7 +317,7 @@ def missing_lines(args, records):
     if not missing:
         return []
     return [f"**Not yet measured** ({len(missing)} of {len(wanted_runs(args))} runs; the tables use the "
-            f"{len(records)} recorded, the seeds column says how many per row): {', '.join(missing)}.", ""]
+            f"{len(records)} recorded): {', '.join(missing)}.", ""]
 
 
 def intervention_table(records, cell, steps, title):
@@ -332,6 +333,15 @@ def final_norm_table(records, cell, twin, steps, title):
     rows, rhos = final_norm_test(records, cell, twin, steps)
     return [title, "", f"| t | (s/M)^2 at {cell}'s final norm | eps {cell} / {twin} |", "|---:|---|---|", *rows, "",
             f"Spearman rank correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", ""] if rows else []
+
+
+def run_line(args):
+    """The page's one line on what was run: cells, seeds, lengths, probe draws and samples."""
+    longer = (f" (the localise cells {', '.join(args.long_cells)} also at {', '.join(map(str, args.long_steps))})"
+              if args.long_steps else "")
+    return (f"Run: toy CPU preset (`train_toy.py --preset cpu`), cells {', '.join(args.cells)}; seeds {args.seeds}; "
+            f"{args.steps} steps{longer}; EMA weights, the last probe ({args.probe_samples} draws per t) and "
+            f"{args.num_eval_samples} samples (1000 DDPM steps).")
 
 
 def figure_lengths(args):
@@ -370,9 +380,7 @@ def write_report(args, records):
     figure = plot_mechanism_study(records, steps, os.path.join(args.out, FIGURE), STRESS_PAIRS, INTERVENE_CELLS)
     head_t = " | ".join(f"t={t}" for t in REPORT_T)
     lines = ["# The mechanism study: where and why LayerNorm costs the toy denoiser its precision", "", provenance(), "",
-             f"Toy CPU preset (`train_toy.py --preset cpu`), {steps} steps, seeds {args.seeds}; EMA weights, the last "
-             f"probe ({args.probe_samples} draws per t) and {args.num_eval_samples} samples (1000 DDPM steps). "
-             "Ratios are per seed (same seed, same probe noise), then mean [min, max] over seeds.", "",
+             run_line(args), "", f"Ratios: per seed, then mean [min, max] over seeds. {DEFINITIONS}", "",
              *missing_lines(args, records),
              *([f"![localise, restore, stress and ablate at {steps} steps]({FIGURE})", ""] if figure else []),
              "## Errors per cell", "", f"| cell | seeds | {head_t} | sampled RMS |",
@@ -390,10 +398,7 @@ def write_report(args, records):
     for n in args.long_steps:
         lines += long_lines(records, n, args.long_cells)
     lines += ["## 2. Ablate: what does the outlier carry?", "",
-              "The loudest channel at each place replaced by its mean (over tokens, probe draws and timesteps), its "
-              "per-timestep mean, or zero (ditlab/toy/edits.py); sampled RMS and eps error relative to the "
-              "unedited model (1 = no change). The final layer sees the last block's output only through its norm, "
-              "so an edit at final.norm's input and at the last block's output are the same edit (equal rows).", ""]
+              f"Sampled RMS and eps error of the edited model over the unedited one (1: no change). {DEFINITIONS}", ""]
     for cell in INTERVENE_CELLS:
         lines += intervention_table(records, cell, steps, f"### {cell}")
     lines += ["## 3. Restore: LayerNorm that hands back what it removes (ratio to LayerNorm)", "",
@@ -406,16 +411,14 @@ def write_report(args, records):
         renamed = {(("A" if c == ln else "B"), s, n): r for (c, s, n), r in twin.items()}
         lines += [row.replace("| A |", f"| {ln} / {none} |", 1) for row in ratio_rows(renamed, ("A",), steps, "B")]
     lines += ["", "## 5. The (|s|/M)^2 argument at the final norm by itself", "",
-              "Each pair differs only in the final layer's norm (LayerNorm vs identity). If LayerNorm costs "
-              "precision through its non-linearity, of relative size (|s|/M)^2 at its input (signal s, the "
-              "loudest constant channel M; ditlab/toy/probe.py), the error ratio should be largest where "
-              "(s/M)^2 is: a positive rank correlation over timesteps.", ""]
+              "Each pair differs only in the final layer's norm; the argument predicts a positive correlation. "
+              + DEFINITIONS, ""]
     for cell, twin in FINAL_NORM_PAIRS:
         lines += final_norm_table(records, cell, twin, steps, f"### {cell} / {twin}")
     lines += ["", "## Outliers and the signal/outlier ratio at the final norm", "",
               "| cell | max/median (worst block, any t) | final norm s/M at t=0 | at t=100 |", "|---|---|---|---|",
               *outlier_rows(records, args.cells, steps), ""]
-    lines += ["## Cost", "", "Minutes per run, mean [min, max] (two runs at a time, one thread each):", "",
+    lines += ["## Cost", "", "Minutes per run, mean [min, max]:", "",
               "| cell | runs | train + evaluate | interventions |", "|---|---:|---|---|",
               *cost_rows(records, args.cells, steps), ""]
     text = "\n".join(lines)
