@@ -53,6 +53,9 @@ def test_sweep_table_from_tiny_runs(finished):
         mean = lambda norm: statistics.fmean(eps[(norm, s)][t] for s in (0, 1))
         assert row["ratio"] == pytest.approx(mean("layer-norm") / mean("none"))
     text = (out / "summary.md").read_text()
+    head = text.splitlines()[:5]  # title, provenance, one line of what was run
+    assert head[0].startswith("# Sweep") and head[2].startswith("_Written by `") and head[1] == head[3] == ""
+    assert head[4].startswith("Run: preset (8 steps, seeds 0 1)")
     assert f"| preset | {SWEEP_CELLS['preset'][0]} | 8 | 2 | {statistics.fmean(ln):.2e}" in text
     assert f"{cell['ema']['ratio']:.2f} [{cell['ema']['ratio_min']:.2f}, {cell['ema']['ratio_max']:.2f}]" in text
     assert os.path.getsize(out / "ratios.png") > 1000

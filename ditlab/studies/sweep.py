@@ -57,6 +57,7 @@ SWEEP_CELLS = {
     "steps2x": ("2x the training steps", [], 2),
     "steps4x": ("4x the training steps (near the study's 50k)", [], 4),
 }
+DEFINITIONS = "Definitions: docs/sweep.md#how-the-tables-are-measured."
 # `make sweep` runs these (about 82 minutes on 2 idle cores); steps4x adds about 30 minutes, asked for by name.
 DEFAULT_SWEEP_CELLS = ("preset", "lr1e-4-constant", "lr1e-3-constant", "width128", "batch1024", "steps2x")
 # CPU time of a step relative to the preset's (measured, one thread: 18 / 37 / 66 ms at width 64 / width
@@ -203,11 +204,12 @@ def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
     """summary.md of the sweep: the sample-error table and the per-t eps error ratio table."""
     first = next(iter(summary["cells"].values()))
     lines = ["# Sweep: where is the LayerNorm gap large?", "", provenance(), "",
-             "LayerNorm vs no LayerNorm, one factor at a time around the CPU preset (DiT-XS/1 at depth 2, width 64, "
-             "batch 256, AdamW lr 1e-3 with 200 warm-up steps and cosine decay, EMA 0.999). Sample errors: RMS of "
-             f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step {first.get('sampler', 'ddpm')}, target 0) at the last step, mean "
-             "over seeds [min, max]; ratio = LayerNorm / no LayerNorm of the means [range of per-seed ratios]; > 1: "
-             "LayerNorm is worse.", "",
+             "Run: " + ", ".join(f"{name} ({cell['steps']} steps, seeds {' '.join(map(str, cell['seeds']))})"
+                                 for name, cell in summary["cells"].items()) + "; "
+             f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step {first.get('sampler', 'ddpm')}) "
+             "at the last step.", "",
+             "Sample RMS (target 0), mean over seeds [min, max]; ratio: LayerNorm / no LayerNorm [range of per-seed "
+             f"ratios], above 1: LayerNorm is worse. {DEFINITIONS}", "",
              "| cell | change | steps | seeds | EMA RMS, LayerNorm | EMA RMS, no LayerNorm | EMA ratio | raw ratio |",
              "|---|---|---:|---:|---|---|---|---|"]
     spread = lambda s: f"{s['mean']:.2e} [{s['min']:.1e}, {s['max']:.1e}]"
@@ -216,8 +218,8 @@ def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
         lines.append(f"| {name} | {SWEEP_CELLS[name][0]} | {cell['steps']} | {len(cell['seeds'])} | "
                      f"{spread(cell['ema']['layer_norm'])} | {spread(cell['ema']['none'])} | {ratio(cell['ema'])} | "
                      f"{ratio(cell['raw'])} |")
-    lines += ["", "Per-timestep eps error (probe at the last step, EMA weights, no sampling): LayerNorm / no LayerNorm "
-              "[range of per-seed ratios]:", "",
+    lines += ["", "Per-timestep eps error at the last probe (EMA weights): LayerNorm / no LayerNorm [range of per-seed "
+              "ratios].", "",
               "| cell | " + " | ".join(f"t={t}" for t in timesteps) + " |", "|---|" + "---:|" * len(timesteps)]
     for name, cell in summary["cells"].items():
         per_t = {r["t"]: r for r in cell["timesteps"]}
@@ -241,10 +243,8 @@ def trajectory_markdown(summary, weights="ema", figure=True):
     t_min = next(iter(cells.values()))["t_min"]
     ratio = lambda r: f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
     drop = lambda d: f"{d['mean']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
-    lines = [f"Does the gap grow with training? Probe eps error, geometric mean over the grid's t >= {t_min} "
-             f"({weights} weights), at the probe nearest half-way and at the last one (mean over seeds); ratio = "
-             "LayerNorm / no LayerNorm [range of per-seed ratios]; drop = error half-way / error at the end (about "
-             "1: no progress in the second half). Curves: trajectories.png.", "",
+    lines = [f"Does the gap grow with training? Probe eps error ({weights} weights), geometric mean over t >= {t_min}, "
+             f"mean over seeds; drop: half-way / end. {DEFINITIONS}", "",
              "| cell | half-way step | LayerNorm | no LayerNorm | ratio | end step | LayerNorm | no LayerNorm | ratio "
              "| drop, LayerNorm | drop, no LayerNorm |", "|---|---:|---|---|---|---:|---|---|---|---|---|"]
     for name, tr in cells.items():
