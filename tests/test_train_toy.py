@@ -148,6 +148,9 @@ def test_report_and_ratios(tmp_path):
         key = (ratio["step"], ratio["weights"])
         assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
     assert len(summary["ratios"]) == 4 and "LayerNorm error / no-LayerNorm error" in text
+    head = text.splitlines()[:5]  # title, provenance, one line of what was run
+    assert head[0] == "# Toy identity study" and head[2].startswith("_Written by `") and head[1] == head[3] == ""
+    assert head[4].startswith("Run: model DiT-XS/1") and "6 steps, preset" in head[4]
     # the probe's figures and the per-t ratio: LayerNorm / no-LayerNorm eps error at the last probe
     for name in ("timestep_errors.png", "outlier_growth.png", "mechanism.png", "mechanism_raw.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 1000

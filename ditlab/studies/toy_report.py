@@ -17,6 +17,7 @@ from ditlab.toy.readers import (
 )
 
 ERRORS = ("rms", "mean_abs", "max_abs")
+DEFINITIONS = "Definitions: docs/toy.md#how-the-tables-are-measured."
 
 
 def _spread(values):
@@ -55,10 +56,13 @@ def format_markdown(summary, config):
     lines = [
         "# Toy identity study",
         "",
-        f"Model {config['model']} (depth {config.get('depth') or 'default'}, width {config.get('hidden_size') or 'default'}), "
+        f"Run: model {config['model']} (depth {config.get('depth') or 'default'}, "
+        f"width {config.get('hidden_size') or 'default'}), "
         f"batch {config['global_batch_size']}, lr {config['lr']} ({config['lr_schedule']}), EMA {config['ema_decay']}, "
-        f"{config['max_steps']} steps, preset {config['preset']}. Errors of {config['num_eval_samples']} samples x 4 pixels x "
-        f"2 channels (target 0), {config['sampling_steps']}-step {config.get('sampler', 'ddpm')}; mean over seeds with [min, max].",
+        f"{config['max_steps']} steps, preset {config['preset']}; {config['num_eval_samples']} samples x 4 pixels x "
+        f"2 channels, {config['sampling_steps']}-step {config.get('sampler', 'ddpm')}.",
+        "",
+        f"Sample errors (target 0), mean over seeds [min, max]. {DEFINITIONS}",
         "",
         "| step | weights | variant | seeds | RMS | mean abs | max abs | max abs (8-bit levels) |",
         "|---:|---|---|---:|---|---|---|---:|",
@@ -69,7 +73,7 @@ def format_markdown(summary, config):
                      f"{r['rms']['n']} | {cell['rms']} | {cell['mean_abs']} | {cell['max_abs']} | "
                      f"{r['max_abs']['mean'] * 127.5:.3f} |")
     if summary.get("final_loss"):
-        lines += ["", "Training loss (the denoising objective) over the last log intervals, mean over seeds [min, max]:", "",
+        lines += ["", "Training loss over the last log intervals, mean over seeds [min, max]:", "",
                   "| variant | seeds | final training loss |", "|---|---:|---|"]
         for norm, v in summary["final_loss"].items():
             lines.append(f"| {LABELS.get(norm, norm)} | {v['n']} | {v['mean']:.2e} [{v['min']:.1e}, {v['max']:.1e}] |")
@@ -110,11 +114,8 @@ def timestep_markdown(runs, weights="ema"):
         return []
     cell = lambda row, norm: (f"{row['variants'][norm]['mean']:.2e} [{row['variants'][norm]['min']:.1e}, "
                               f"{row['variants'][norm]['max']:.1e}]" if norm in row["variants"] else "-")
-    lines = ["", f"Per-timestep precision at the last probe ({weights} weights, fixed noise, x0 = 0, no sampling; mean over "
-             "seeds [min, max]). eps error = ||eps_pred - eps|| / ||eps|| (a model that outputs zero scores 1); x0 RMSE "
-             "= RMS of the implied x0 (pixel units; one 8-bit level is 7.8e-3); variance error: learned vs true "
-             "posterior variance, in units of a zero output's. Ratio = LayerNorm / no LayerNorm of the eps error "
-             "[range of per-seed ratios].", "",
+    lines = ["", f"Per-timestep precision at the last probe ({weights} weights), mean over seeds [min, max]; ratio: "
+             f"LayerNorm / no LayerNorm eps error [range of per-seed ratios]. {DEFINITIONS}", "",
              "| t | eps error, LayerNorm | eps error, no LayerNorm | ratio | x0 RMSE, LayerNorm | x0 RMSE, no LayerNorm "
              "| var error, LayerNorm | var error, no LayerNorm |", "|---:|---|---|---|---|---|---|---|"]
     for e, x, v in zip(eps, x0, var):
@@ -168,11 +169,8 @@ def mechanism_markdown(result):
     if not result:
         return []
     fmt = lambda pair: "-" if pair is None else f"{pair[0]:+.2f} / {pair[1]:+.2f}"
-    lines = ["", f"The mechanism (LayerNorm run seed {result['seed']}, {result['weights']} weights, last probe): at each "
-             "normalization layer's input, the signal (the part that varies with the noise draw, channel-centred) over "
-             "the outlier (the loudest channel of the part that does not). Correlation over the timestep grid "
-             "(log Pearson / Spearman) of that ratio with the LayerNorm eps error, and with the LayerNorm / no-LayerNorm "
-             "error ratio (the gap). signal/const uses all of the constant part instead of its loudest channel.", "",
+    lines = ["", f"The mechanism (LayerNorm run seed {result['seed']}, {result['weights']} weights, last probe): "
+             f"correlations over the timestep grid, log Pearson / Spearman. {DEFINITIONS}", "",
              "| norm layer | signal/outlier at t = 0, 10, 100, 999 | vs error | vs gap | signal/const vs error | vs gap |",
              "|---|---|---:|---:|---:|---:|"]
     for layer, e in result["layers"].items():
@@ -184,8 +182,8 @@ def mechanism_markdown(result):
 
 def growth_markdown(runs, timesteps=GROWTH_TIMESTEPS, weights="raw"):
     """Markdown lines: largest max |x| and RMS kurtosis over the blocks at the first, middle and last probe."""
-    lines = ["", f"Outlier growth ({weights} weights, first seed; largest value over the blocks at the first / middle / "
-             "last probe; `outlier_growth.png` has every probe):", "",
+    lines = ["", f"Outlier growth ({weights} weights, first seed): largest over the blocks at the first / middle / "
+             "last probe.", "",
              "| variant | t | probe steps | max abs | max/median | RMS kurtosis |", "|---|---:|---|---|---|---|"]
     for run in first_seed_runs(runs):
         norm = load_config(run)["normalization"]
