@@ -31,5 +31,8 @@ def test_toy_table_summary_and_plot(tmp_path):
     text = ablation.write_summary(str(tmp_path), table, args)
     ratio = table["dyt"]["ema_rms"]["mean"] / table["layer-norm"]["ema_rms"]["mean"]
     assert f"| {ratio:.2f} |" in text and "| dyt | 4 | 1 |" in text
+    head = text.splitlines()[:5]  # title, provenance, one line of what was run
+    assert head[0] == "# Normalization ablation (toy)" and head[2].startswith("_Written by `")
+    assert head[4] == "Run: variants layer-norm, dyt; seeds [0]; the `make toy` CPU preset."
     assert json.load(open(tmp_path / "summary.json"))["toy"]["dyt"]["ema_rms"]["mean"] == pytest.approx(
         table["dyt"]["ema_rms"]["mean"])

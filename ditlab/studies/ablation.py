@@ -80,8 +80,7 @@ def fmt(x):
 def write_summary(out, toy, args):
     """summary.md (the toy table, with its provenance) and summary.json in `out`; returns the markdown."""
     lines = ["# Normalization ablation (toy)", "", provenance(), "",
-             f"Variants: {', '.join(args.variants)}; seeds {args.seeds} (the `make toy` CPU preset). Images: the "
-             "digits study (`make digits`, docs/results/digits.md).", ""]
+             f"Run: variants {', '.join(args.variants)}; seeds {args.seeds}; the `make toy` CPU preset.", ""]
     text = "\n".join(lines + toy_lines(toy, args))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
@@ -93,6 +92,8 @@ def write_summary(out, toy, args):
 def toy_lines(toy, args):
     """The toy table (markdown lines)."""
     lines = ["## Toy identity study (error of the samples, target 0; last evaluated step)", "",
+             "Mean [min, max] over seeds; RMS / layer-norm: the EMA RMS over layer-norm's. "
+             "Definitions: docs/normalization.md#how-the-table-is-measured.", "",
              "| variant | step | seeds | EMA RMS (mean [min, max]) | EMA max abs | raw RMS | RMS / layer-norm | final train loss |",
              "|---|---:|---:|---|---|---|---:|---|"]
     base = toy.get("layer-norm", {}).get("ema_rms", {}).get("mean")
