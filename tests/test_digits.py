@@ -330,6 +330,11 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     os.makedirs(tmp_path / "results")
     run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report", "--record", str(tmp_path / "results" / "long.md"))
     page = (tmp_path / "results" / "long.md").read_text()
+    head = page.splitlines()[:5]  # title, provenance, one line of what was run
+    assert head[0].startswith("# The digits study") and head[2].startswith("_Written by `") and head[1] == head[3] == ""
+    assert head[4] == ("Run: variants layer-norm; lr sweep 0.002 at seed 0, 2 steps; curves of 10 samples (2 DDPM "
+                       "steps); final runs at seeds 0 1, 4 steps (constant lr), 20 samples per set (2 DDPM steps), "
+                       "guided at scale 1.")
     for name in ("lr_sweep", "curves", "grid"):
         assert f"](../figures/long_{name}.png)" in page and f"]({name}.png)" not in page
         assert (tmp_path / "figures" / f"long_{name}.png").read_bytes() == (out / f"{name}.png").read_bytes()
@@ -438,6 +443,9 @@ def test_length_check_finds_the_first_length_whose_doubling_no_longer_helps(tmp_
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     text = page.read_text()
+    head = text.splitlines()[:5]  # title, provenance, one line of what was run
+    assert head[0] == "# The digits study: how long is trained?" and head[2].startswith("_Written by `")
+    assert head[4].startswith(f"Run: the final runs recorded in `{folders[0]}`") and "less than 10%" in head[4]
     assert "| layer-norm | 0.004 | 0 | 2000 | 50 | 1 | -50% | 0.9 |" in text and "| layer-norm | 0.004 | 0 | 4000 | 47 | 1 | -6% |" in text
     assert "- layer-norm seed 0: trained at 2000 steps (to 4000 steps: FD-digits -6%, accuracy +0.005)" in text
     assert "- none seed 0: still improving at its longest length (to 4000 steps: FD-digits -33%" in text

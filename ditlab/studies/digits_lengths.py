@@ -95,11 +95,9 @@ def length_lines(found, args):
     """The length check's page: every run at every length, the change from the length before, and the
     verdict per run and for the study."""
     lines = ["# The digits study: how long is trained?", "", provenance(), "",
-             f"Final runs recorded in {', '.join(f'`{f}`' for f in args.lengths)}, each variant and seed trained to "
-             "every length with the lr annealed to zero at that length (a separate run per length), 1,000 EMA "
-             "samples each as in the study. A length counts as trained when the next one (about twice as long) "
-             f"lowers unguided FD-digits by less than {args.converged_within:.0%} and raises accuracy by less "
-             f"than {args.accuracy_within:g}.", "",
+             f"Run: the final runs recorded in {', '.join(f'`{f}`' for f in args.lengths)}, one run per variant, seed "
+             "and length, 1,000 EMA samples per set; a length is trained when the next lowers unguided FD-digits by "
+             f"less than {args.converged_within:.0%} and raises accuracy by less than {args.accuracy_within:g}.", "",
              "| variant | lr | seed | steps | FD-digits unguided | sample sets | change | accuracy | recall | "
              "FD-digits guided (scale) | nearest-digit ratio | near-copies | max/median |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -123,12 +121,10 @@ def length_lines(found, args):
             before = r
         verdicts[(v, s)] = length_verdict(runs, args.converged_within, args.accuracy_within), runs
     single = len(found) - len(verdicts)
-    lines += ["", (f"{single} more run(s) are recorded at one length only and not compared. " if single else "") +
-              "FD-digits, accuracy and recall unguided: the mean over the model's sample sets (sample seeds 0 and "
-              "the study's --noise-seeds where measured; the FD-digits of each set beside it); change: of that "
-              "mean over the sample seeds both lengths have. Guided and the rest: the sample-seed-0 set. "
-              "Nearest-digit ratio and near-copies: of the guided samples, as on the study's page (1 and 5% "
-              "for fresh digits); max/median: the worst block's channel-RMS outlier.", "", "## Verdict", ""]
+    lines += [""] + ([f"{single} more run(s) are recorded at one length only and not compared.", ""] if single else [])
+    lines += ["Unguided columns: the mean over the model's sample sets; change: paired over the sample seeds both "
+              "lengths have; guided and the rest: sample seed 0. Definitions: "
+              "docs/digits.md#how-the-tables-are-measured.", "", "## Verdict", ""]
     for (v, s), ((length, ch), runs) in verdicts.items():
         paired = f", mean of {ch['sets']} paired sample sets" if ch["sets"] > 1 else ""
         recipes = [recipe(runs[steps]) for steps in sorted(runs)]

@@ -77,17 +77,30 @@ def sweep_fd(args, record):
 #                                    Report                                     #
 #################################################################################
 
+DEFINITIONS = "Definitions: docs/digits.md#how-the-tables-are-measured."
+
+
 def fmt(d, digits=3):
     return f"{d['mean']:.{digits}g} [{d['min']:.{digits}g}, {d['max']:.{digits}g}]"
 
 
+def run_line(summary, args):
+    """The page's one line on what was run: variants, the sweep's lrs, seeds, steps and sample counts."""
+    lrs = ", ".join(f"{lr:g}" for lr in args.lrs)
+    line = (f"Run: variants {', '.join(args.variants)}; lr sweep {lrs} at seed 0, {args.sweep_steps} steps; curves of "
+            f"{args.curve_samples} samples ({args.curve_sampling_steps} DDPM steps)")
+    if "missing" in summary:  # the final runs were asked for (not --sweep-only)
+        line += (f"; final runs at seeds {' '.join(map(str, args.seeds))}, {args.steps} steps ({args.lr_schedule} lr), "
+                 f"{args.samples} samples per set ({args.sampling_steps} DDPM steps)")
+    if "cfg_scale" in summary:
+        line += f", guided at scale {summary['cfg_scale']:g}"
+    return line + "."
+
+
 def sweep_lines(summary, args):
     lines = ["## 1. Learning rate per variant (seed 0)", "",
-             f"FD-digits of {args.curve_samples} unguided EMA samples ({args.curve_sampling_steps} DDPM steps) at "
-             f"step {args.sweep_steps}; the lowest (bold) is the variant's lr for the final runs (unless one of them "
-             "diverged there: section 2 says). Diverged: the "
-             "training loss became non-finite and train.py stopped the run (where, in the run's record; a final run "
-             "also stops at a finite blow-up, --stop-loss-ratio).", "",
+             f"Unguided FD-digits at step {args.sweep_steps}; bold: the lowest, the variant's lr for the final runs; "
+             f"diverged: the loss became non-finite. {DEFINITIONS}", "",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
              "|---|" + "---:|" * len(args.lrs)]
     for v in args.variants:
@@ -110,40 +123,30 @@ def classifier_lines(classifiers):
             others.setdefault(scorer, []).append(run)
     if not others:
         return []
-    parts = [f"{', '.join(runs)} with {scorer}" if scorer else f"{', '.join(runs)} with one not recorded (written "
-             "before records kept it; the record's provenance names the machine)" for scorer, runs in others.items()]
-    return [f"**Not all scored with one digits classifier**: the floor and the other runs with {floor}; "
-            + "; ".join(parts) + ". A classifier retrained on another CPU moves FD-digits by 1-3%, so differences "
-            "of that size between these runs and the rest are not evidence.", ""]
+    parts = [f"{', '.join(runs)} with {scorer or 'one not recorded'}" for scorer, runs in others.items()]
+    return [f"**Not all scored with one digits classifier** (another moves FD-digits by 1-3%): the floor and the "
+            f"other runs with {floor}; " + "; ".join(parts) + ".", ""]
 
 
 def final_lines(summary, args):
     table, floor = summary["table"], summary["floor"]
-    lines = [f"## 2. Trained models: {args.steps} steps ({args.lr_schedule} lr), seeds {args.seeds}", "",
-             f"{args.samples} samples per run from the EMA weights ({args.sampling_steps} DDPM steps), unguided and "
-             f"guided at scale {summary['cfg_scale']:g}, scored against the 1,797 digits with the digits classifier's "
-             "features (FD-digits, precision and recall at k = 3) and its accuracy on the labels the samples were "
-             "drawn for; mean [min, max] over seeds. Real digits: the same number of training digits scored the "
-             "same way (the floor a perfect model reaches), with balanced classes and with the class counts of the "
-             "sets. The sets' labels are drawn at random (sample_ddp.py, as the reference DiT and ADM do), the same "
-             "labels for every run, so an uneven draw raises every row by about as much: it does not favour a "
-             "variant, but a "
-             "perfect model sampled at these labels scores the second floor, not the first.", ""]
+    lines = [f"## 2. Trained models: {args.steps} steps ({args.lr_schedule} lr), seeds {args.seeds}", ""]
     if summary["missing"]:
         lines += [f"**Not yet measured** ({len(summary['missing'])} of {len(args.variants) * len(args.seeds)} final "
-                  "runs; the tables use the recorded ones, the seeds column says which): "
-                  f"{', '.join(summary['missing'])}.", ""]
+                  f"runs; the seeds column says which are in): {', '.join(summary['missing'])}.", ""]
     lines += classifier_lines(summary.get("classifiers") or {})
     if summary.get("stepped_down"):
-        lines += ["**Trained below the sweep's best lr**: a final run diverged there, so every seed of the variant "
-                  "trains at the next lower lr: " + "; ".join(f"{v} at {summary['final_lr'][v]:g} ({', '.join(why)})"
-                                                             for v, why in summary["stepped_down"].items()) + ".", ""]
+        lines += ["**Trained below the sweep's best lr** (a final run diverged there; every seed steps down): "
+                  + "; ".join(f"{v} at {summary['final_lr'][v]:g} ({', '.join(why)})"
+                              for v, why in summary["stepped_down"].items()) + ".", ""]
     if summary["cfg_candidates"]:
         cands = ", ".join(f"{g}: {fd:.3g}" for g, fd in summary["cfg_candidates"].items())
         lines += [f"Guidance scale chosen on {'layer-norm' if 'layer-norm' in args.variants else args.variants[0]} "
                   f"seed {args.seeds[0]} by FD-digits of {args.cfg_samples} samples ({cands}).", ""]
     for name in ("unguided", "guided"):
-        lines += [f"### {name.capitalize()}", "", "| variant | lr | seeds | FD-digits | precision | recall | accuracy |",
+        lines += [f"### {name.capitalize()}", "",
+                  f"Mean [min, max] over seeds; real digits: the floor a perfect model reaches. {DEFINITIONS}", "",
+                  "| variant | lr | seeds | FD-digits | precision | recall | accuracy |",
                   "|---|---:|---|---|---|---|---|"]
         for v, row in table.items():
             q = row[name]
@@ -155,14 +158,8 @@ def final_lines(summary, args):
         lines += [f"| {name} | - | - | {f['fd_digits']:.3g} | {f['precision']:.3g} | {f['recall']:.3g} | "
                   f"{f['accuracy']:.3g} |" for name, f in floors] + [""]
     lines += ["### Converged? Memorisation? Outliers?", "",
-              "Last-quarter change: relative change of FD-digits (curve samples) over the last quarter of training "
-              "(negative: still improving" + ("; under the cosine schedule the lr is small there, so a small change is "
-              "partly by construction: the curves show whether it had flattened before" if args.lr_schedule == "cosine"
-              else "") + "). Nearest-digit ratio: median distance of a guided sample to its nearest "
-              "training digit over the training digits' own median nearest-neighbour distance (1: as novel as a "
-              "fresh digit, 0: copies); near-copies: share of guided samples closer to a training digit than 95% "
-              "of training digits are to theirs (5% for fresh digits). Outliers: over the blocks, EMA weights, the "
-              "real digits noised to t = 50 ... 999 (analyze_embeddings.py).", "",
+              "Last-quarter FD change below 0: still improving; fresh digits score a nearest-digit ratio of 1 and 5% "
+              f"near-copies. {DEFINITIONS}", "",
               "| variant | last-quarter FD change | nearest-digit ratio | near-copies | max/median | RMS kurtosis |",
               "|---|---|---|---|---|---|"]
     for v, row in table.items():
@@ -184,24 +181,17 @@ def noise_lines(summary):
         return []
     seeds = sorted({int(k) for sets in noise.values() for k in sets})
     floors = {int(k): f["fd_digits"] for k, f in (summary.get("floor_at_labels") or {}).items()}
-    lines = ["", "### Sampling noise: one model, several sample sets", "",
-             f"Unguided FD-digits of each final model drawn again at sample seeds {', '.join(map(str, seeds[1:]))} "
-             f"(sample_ddp.py --global-seed; seed 0 is the set in the tables above), {summary['settings']['samples']} "
-             "samples each. Within: the range of one model's sets (mean over its seeds); between: the range over "
-             "training seeds of the per-model means."]
     by_variant = {}
     for v in summary["table"]:
         runs = {key: sets for key, sets in noise.items() if key.rsplit(" s", 1)[0] == v}
         if runs:
             by_variant[v] = {key: {int(k): m["fd_digits"] for k, m in sets.items()} for key, sets in runs.items()}
     have_floors = all(k in floors for sets in by_variant.values() for fds in sets.values() for k in fds)
+    caption = (f"Unguided FD-digits at sample seeds {', '.join(map(str, seeds))} (seed 0: the sets above), "
+               f"{summary['settings']['samples']} samples each")
     if have_floors:
-        lines[-1] += (" Each seed draws other labels, and the labels alone move FD-digits: real digits at each "
-                      "seed's class counts score " + ", ".join(f"{floors[k]:.3g} (seed {k})" for k in seeds) +
-                      ". Excess: a set's FD-digits minus the real digits' at its labels (FD is not additive, so "
-                      "this removes the label effect only to first order).")
-    lines[-1] += (" Minus layer-norm: the variant's mean over training seeds minus layer-norm's at the same sample "
-                  "seed (same labels, so the label effect cancels), mean [min, max] over sample seeds.")
+        caption += "; real digits at each seed's labels: " + ", ".join(f"{floors[k]:.3g} (seed {k})" for k in seeds)
+    lines = ["", "### Sampling noise: one model, several sample sets", "", f"{caption}. {DEFINITIONS}"]
     header = "| variant | FD-digits, mean of sets | within one model | between seeds |"
     rule = "|---|---|---:|---:|"
     if have_floors:
@@ -244,7 +234,7 @@ def write_report(args, summary):
     os.makedirs(args.out, exist_ok=True)
     plot_sweep(summary, args, os.path.join(args.out, "lr_sweep.png"))
     lines = ["# The digits study: normalization variants on trained digit models", "", summary["provenance"], "",
-             *sweep_lines(summary, args)]
+             run_line(summary, args), "", *sweep_lines(summary, args)]
     if "table" not in summary and summary.get("missing"):
         lines += ["## 2. Trained models", "", f"No final run recorded yet ({len(summary['missing'])} to measure).", ""]
     if "table" in summary:
