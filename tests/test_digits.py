@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ditlab import memorisation
+from ditlab.errors import InputError, JobError, UsageError
 from ditlab.studies import digits as digits_study
 from ditlab.studies import digits_lengths, digits_report, digits_runs
 from ditlab.features import classifier_id, digits_rgb, to_gray
@@ -129,7 +130,7 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
                                       "best_lr": {"none": 2e-3}}, args)
     assert "| none | **100** | diverged |" in lines
     # every lr diverged: a clear error, not a run at a diverging lr
-    with pytest.raises(SystemExit, match="every lr of the sweep diverged for none"):
+    with pytest.raises(UsageError, match="every lr of the sweep diverged for none"):
         digits_study.best_lrs(args, {("none", lr): sweep[("none", 8e-3)] for lr in args.lrs})
     # a finite blow-up (a final run's --stop-loss-ratio) is a divergence too, recorded with its size
     said[2e-3] = ("print('error: loss became 0.7243 between steps 7500 and 8000, 33.1x its lowest logged value "
@@ -140,7 +141,7 @@ def test_a_diverging_sweep_run_is_recorded_as_diverged_and_never_chosen(tmp_path
                                            "logged value 0.02188"}
     # a failure that is not a divergence stops the study, whatever its log says: the exit code decides
     said[2e-3] = "print('loss became nan between steps 0 and 2'); raise SystemExit(1)"
-    with pytest.raises(SystemExit, match="none-lr0.002-s0 failed \\(exit 1\\)"):
+    with pytest.raises(JobError, match="none-lr0.002-s0 failed \\(exit 1\\)"):
         digits_runs.train_all(args, [("none", 2e-3, 0, 4)], final=False, diverged={})
 
 
@@ -236,7 +237,7 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
     diverges.update({("none", 2e-3, 0), ("none", 1e-3, 1)})
     for key in ("none-lr0.002-s1", "none-lr0.002-s0"):
         os.remove(os.path.join(args.records, f"final-{key}.json"))
-    with pytest.raises(SystemExit, match="none: a final run diverged at every lr up to its sweep's best 0.004"):
+    with pytest.raises(UsageError, match="none: a final run diverged at every lr up to its sweep's best 0.004"):
         digits_study.final_runs(args, best)
 
 
@@ -508,7 +509,7 @@ def test_length_check_refuses_folders_it_cannot_compare(tmp_path, case, message)
         write_length_record(b, "layer-norm" if case == "same length" else "none", 0, 1000, 40, 0.9)
     args = SimpleNamespace(lengths=[a, b] if case != "empty" else [a], out=str(tmp_path / "out"), record="",
                            converged_within=0.1, accuracy_within=0.01)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(InputError, match=message):
         digits_lengths.write_lengths_report(args)
 
 
