@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import study
 from ditlab import memorisation
 from ditlab.errors import InputError, JobError, UsageError
 from ditlab.studies import digits as digits_study
@@ -253,11 +254,18 @@ def study_command(digits, classifier, *flags):
 
 
 def run_study(digits, classifier, *flags):
-    """The tiny study; its stdout."""
+    """The tiny study, as a user runs it (a subprocess); its stdout."""
     cmd = study_command(digits, classifier, *flags)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
+
+
+def report(capsys, digits, classifier, *flags):
+    """The tiny study's --report, in this process (it trains nothing: no subprocess needed); its stdout."""
+    capsys.readouterr()
+    study.main(study_command(digits, classifier, "--report", *flags)[2:])
+    return capsys.readouterr().out
 
 
 def test_tile_by_class_puts_each_pick_in_its_digits_column_with_grey_gaps():
@@ -284,7 +292,7 @@ def test_the_report_names_runs_scored_with_another_or_an_unknown_classifier():
     assert "layer-norm s0 with one not recorded" in line and "none s0" not in line
 
 
-def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_classifier):
+def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_classifier, capsys):
     out = tmp_path / "study"
     common = (str(tmp_path / "digits"), digits_classifier)
     first = run_study(*common, "--seeds", "0", "--out", str(out))
@@ -322,14 +330,14 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     second = run_study(*common, "--seeds", "0", "1", "--out", str(out))
     assert "lr sweep: 1 of 1 runs recorded, 0 to train" in second and second.count("[digits] training") == 1
     assert "training 1 of 1 runs (4 steps to go)" in second
-    again = run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report")
+    again = report(capsys, *common, "--seeds", "0", "1", "--out", str(out))
     assert "Not all scored with one digits classifier" not in again
     table = json.load(open(out / "summary.json"))["table"]["layer-norm"]
     assert table["seeds"] == [0, 1] and "real digits" in again
     assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "curves.png")
     # --record PAGE: the page links its figures in ../figures/, named after the page
     os.makedirs(tmp_path / "results")
-    run_study(*common, "--seeds", "0", "1", "--out", str(out), "--report", "--record", str(tmp_path / "results" / "long.md"))
+    report(capsys, *common, "--seeds", "0", "1", "--out", str(out), "--record", str(tmp_path / "results" / "long.md"))
     page = (tmp_path / "results" / "long.md").read_text()
     head = page.splitlines()[:5]  # title, provenance, one line of what was run
     assert head[0].startswith("# The digits study") and head[2].startswith("_Written by `") and head[1] == head[3] == ""
@@ -340,17 +348,15 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
         assert f"](../figures/long_{name}.png)" in page and f"]({name}.png)" not in page
         assert (tmp_path / "figures" / f"long_{name}.png").read_bytes() == (out / f"{name}.png").read_bytes()
     # a report while the study is under way (seed 2 not trained): the recorded runs, the missing one named
-    partial = run_study(*common, "--seeds", "0", "1", "2", "--out", str(out), "--report")
+    partial = report(capsys, *common, "--seeds", "0", "1", "2", "--out", str(out))
     assert "**Not yet measured** (1 of 3 final runs" in partial and "): layer-norm s2." in partial
     assert "| layer-norm | 0.002 | 0 1 |" in partial and "[digits] training" not in partial
     # records made with other settings are refused, not silently mixed in
-    bad = subprocess.run(study_command(*common, "--out", str(out), "--report", "--sweep-steps", "4"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "other settings" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit, match="^error: .*other settings"):  # one line through study.py, no traceback
+        report(capsys, *common, "--out", str(out), "--sweep-steps", "4")
     # another guidance scale would leave the recorded runs guided at the old one: refused, the scale named
-    bad = subprocess.run(study_command(*common, "--seeds", "0", "1", "--out", str(out), "--report", "--cfg-scale", "2"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "guides at 1, not --cfg-scale 2" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit, match="^error: .*guides at 1, not --cfg-scale 2"):
+        report(capsys, *common, "--seeds", "0", "1", "--out", str(out), "--cfg-scale", "2")
 
 
 def test_real_digit_floor_scores_real_digits_as_near_perfect(tmp_path, digits_classifier):
