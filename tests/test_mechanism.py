@@ -117,13 +117,18 @@ def test_every_cell_is_a_valid_train_toy_command_with_its_settings():
         assert parsed.weight_decay == float(want.get("--weight-decay", 0)) and parsed.dropout == float(want.get("--dropout", 0))
 
 
-def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_nothing(tmp_path, capsys):
+def test_tiny_study_records_every_run_with_interventions_and_a_rerun_trains_nothing(tmp_path, capsys, make):
+    """The smallest study through its make target, then a rerun through study.py that finds every run recorded."""
+    import json
+
     import study
 
     argv = ["mechanism", "--cells", "layer-norm", "ln-final", "--seeds", "0", "--steps", "20", "--probe-samples", "4",
             "--num-eval-samples", "4", "--stats-samples", "2", "--intervene-sampling-steps", "3",
             "--out", str(tmp_path / "study")]
-    records = study.main(argv)
+    make("mechanism", MECHANISM_ARGS=" ".join(argv[1:]))
+    records = {(cell, 0, 20): json.load(open(tmp_path / "study" / "records" / f"{cell}-20-s0.json"))
+               for cell in ("layer-norm", "ln-final")}
     assert set(records) == {("layer-norm", 0, 20), ("ln-final", 0, 20)}
     ln = records[("layer-norm", 0, 20)]
     # the intervened cell: every place, every edit; the other cell has none

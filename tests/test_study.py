@@ -1,26 +1,14 @@
 """The studies' one front door, study.py: it lists the studies, refuses an unknown one in one line, and each
-study's smallest form runs through it and through its make target (the command line users already know)."""
-
-import os
-import subprocess
-import sys
+study's smallest form runs through it and through its make target (the command line users already know):
+toy, ablation and the digits length check here; the sweep in test_sweep.py, the mechanism study in
+test_mechanism.py and the digits study's own runs in test_digits.py (through study.py)."""
 
 import pytest
 
 import study
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16",
        "--num-eval-samples", "4", "--sampling-steps", "4", "--probe-samples", "4", "--threads", "1"]
-
-
-def make(target, **variables):
-    """`make TARGET VAR=value ...` with this interpreter, from the repository root; its stdout."""
-    cmd = ["make", "--no-print-directory", target, f"PYTHON={sys.executable}",
-           *(f"{k}={v}" for k, v in variables.items())]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 def test_help_lists_every_study(capsys):
@@ -43,7 +31,7 @@ def test_a_study_that_passes_nothing_on_refuses_an_unknown_flag(capsys):
     assert stop.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
-def test_make_toy_runs_the_toy_study(tmp_path):
+def test_make_toy_runs_the_toy_study(tmp_path, make):
     args = " ".join([*TOY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "toy"), "--no-outliers"])
     out = make("toy", TOY_ARGS=args)
@@ -51,21 +39,13 @@ def test_make_toy_runs_the_toy_study(tmp_path):
     assert (tmp_path / "toy" / "summary.md").read_text().startswith("# ")
 
 
-def test_make_ablation_and_make_sweep_run_their_smallest_forms(tmp_path):
-    tiny = " ".join([*TOY, "--steps", "4", "--eval-steps", "4", "--variants", "layer-norm", "dyt",
-                     "--out", str(tmp_path / "ablation")])
-    assert "| dyt |" in make("ablation", ABLATION_SEEDS="0", ABLATION_ARGS=tiny)
-    sweep = " ".join([*TOY, "--cells", "preset", "--seeds", "0", "--steps-scale", "0.0004", "--out",
-                      str(tmp_path / "sweep")])
-    make("sweep", SWEEP_ARGS=sweep)
-    assert "| preset |" in (tmp_path / "sweep" / "summary.md").read_text()
+def test_make_ablation_runs_the_ablation(tmp_path, make):
+    tiny = " ".join([*TOY, "--steps", "4", "--eval-steps", "4", "--variants", "dyt", "--out", str(tmp_path)])
+    assert "| dyt | 4 | 1 |" in make("ablation", ABLATION_SEEDS="0", ABLATION_ARGS=tiny)
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "toy_errors.png").exists()
 
 
-def test_make_mechanism_and_the_digits_length_check_run_from_records(tmp_path):
-    """The mechanism study's and the digits study's reports rebuilt from the measured studies' records (no
-    training: every record is there), through their make targets."""
-    out = make("mechanism", MECHANISM_ARGS=f"--report --records docs/results/mechanism_runs --out {tmp_path}/m")
-    assert "[mechanism] wrote" in out and (tmp_path / "m" / "summary.md").exists()
-    out = make("digits", DIGITS_ARGS=f"--lengths docs/results/digits_runs docs/results/digits_long_runs "
-                                     f"--out {tmp_path}/d")
-    assert (tmp_path / "d" / "lengths.md").read_text().startswith("# The digits study: how long is trained?")
+def test_make_digits_runs_the_length_check_from_the_committed_records(tmp_path, make):
+    """The length check reads only records: the measured study's, committed in docs/results/."""
+    make("digits", DIGITS_ARGS=f"--lengths docs/results/digits_runs docs/results/digits_long_runs --out {tmp_path}")
+    assert (tmp_path / "lengths.md").read_text().startswith("# The digits study: how long is trained?")

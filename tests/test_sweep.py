@@ -25,9 +25,13 @@ def run_sweep(out, *flags):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, make):
+    """The smallest sweep, through its make target (`make sweep SWEEP_ARGS=...`); its runs as the report
+    finds them."""
     out = tmp_path_factory.mktemp("sweep")
-    return out, run_sweep(out, "--cells", "preset")
+    flags = ["--seeds", "0", "1", "--steps-scale", SCALE, "--out", str(out), "--cells", "preset", *TINY]
+    assert "4 runs, 0 already finished (skipped), 4 to run" in make("sweep", SWEEP_ARGS=" ".join(flags))
+    return out, run_sweep(out, "--cells", "preset", "--report")
 
 
 def test_sweep_table_from_tiny_runs(finished):
