@@ -244,27 +244,26 @@ def test_a_variant_whose_final_run_diverges_trains_all_its_seeds_at_the_next_low
 
 def study_command(digits, classifier, *flags):
     """The tiny study's command on a digits folder of its own (train.py --demo writes it there) and the
-    session's classifier; later flags win."""
+    session's classifier; later flags win. Its jobs go through submitit's debug executor, one by one from
+    this process (quicker; the local executor is tested in test_runner.py and through the make targets)."""
     return [sys.executable, "study.py", "digits", "--digits-ref", digits, "--digits-classifier", classifier,
             "--variants", "layer-norm", "--lrs", "2e-3",
             "--sweep-steps", "2", "--steps", "4", "--fid-every", "2", "--final-fid-every", "2", "--lr-schedule", "constant",
             "--curve-samples", "10",
             "--curve-sampling-steps", "2", "--samples", "20", "--sampling-steps", "2", "--cfg-scale", "1",
-            "--noise-seeds", "1", *flags]
-
-
-def run_study(digits, classifier, *flags):
-    """The tiny study, as a user runs it (a subprocess); its stdout."""
-    cmd = study_command(digits, classifier, *flags)
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+            "--noise-seeds", "1", "--cluster", "debug", *flags]
 
 
 def report(capsys, digits, classifier, *flags):
-    """The tiny study's --report, in this process (it trains nothing: no subprocess needed); its stdout."""
+    """The tiny study's --report (it trains nothing); its stdout."""
+    return run_study(capsys, digits, classifier, "--report", *flags)
+
+
+def run_study(capsys, digits, classifier, *flags):
+    """The tiny study through study.py's main, in this process (its runs are subprocesses all the same); its
+    stdout, the jobs' echoed lines included."""
     capsys.readouterr()
-    study.main(study_command(digits, classifier, "--report", *flags)[2:])
+    study.main(study_command(digits, classifier, *flags)[2:])
     return capsys.readouterr().out
 
 
@@ -295,7 +294,7 @@ def test_the_report_names_runs_scored_with_another_or_an_unknown_classifier():
 def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_classifier, capsys):
     out = tmp_path / "study"
     common = (str(tmp_path / "digits"), digits_classifier)
-    first = run_study(*common, "--seeds", "0", "--out", str(out))
+    first = run_study(capsys, *common, "--seeds", "0", "--out", str(out))
     assert "lr sweep: 0 of 1 runs recorded, 1 to train" in first
     assert "training 1 of 1 runs (2 steps to go)" in first.split("sampling")[0].split("[digits]")[3]  # seed 0 extended
     records = out / "records"
@@ -327,7 +326,7 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     # a later session: no run directories, only the records; adding seed 1 trains only seed 1
     shutil.rmtree(out / "runs")
     shutil.rmtree(out / "samples")
-    second = run_study(*common, "--seeds", "0", "1", "--out", str(out))
+    second = run_study(capsys, *common, "--seeds", "0", "1", "--out", str(out), "--noise-seeds")  # (no noise sets: quicker)
     assert "lr sweep: 1 of 1 runs recorded, 0 to train" in second and second.count("[digits] training") == 1
     assert "training 1 of 1 runs (4 steps to go)" in second
     again = report(capsys, *common, "--seeds", "0", "1", "--out", str(out))

@@ -8,7 +8,6 @@ import time
 from benchmarks.deadline import run_jobs
 
 
-
 def test_jobs_past_the_deadline_are_killed_and_reported(tmp_path):
     """Two jobs that would sleep 30 s, under a 1 s budget for both: both come back as "timeout" within
     seconds, with what they printed kept in their logs."""

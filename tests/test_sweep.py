@@ -133,15 +133,17 @@ def test_default_cells_are_the_six_and_steps4x_is_asked_for_by_name():
     assert job["steps"] == 48_000 and job["results_dir"] == os.path.join("out", "runs", "steps4x-48000")
 
 
-def test_report_adds_the_other_finished_seeds_of_a_cell(tmp_path):
+def test_report_adds_the_other_finished_seeds_of_a_cell(finished):
     """A seed run for some cells only appears in the report beside the asked ones once both of its
-    variants have finished; a seed with one finished variant stays out."""
-    flags = ["--steps-scale", SCALE, "--out", str(tmp_path), "--cells", "preset", *TINY]
-    study.main(["sweep", "--seeds", "3", *flags])
-    study.main(["sweep", "--seeds", "5", *flags])
-    (half,) = [j for j in sweep_jobs(["preset"], [7], str(tmp_path), float(SCALE), TINY)
+    variants have finished; a seed with one finished variant stays out. (The finished sweep has seeds 0
+    and 1 in its preset cell; seed 7 gets its LayerNorm run only.)"""
+    out, _ = finished
+    (half,) = [j for j in sweep_jobs(["preset"], [7], str(out), float(SCALE), TINY)
                if j["normalization"] == "layer-norm"]
     train_toy.main(half["argv"][2:])
-    runs = study.main(["sweep", "--seeds", "3", "--report", *flags])
-    assert sorted(load_config(r)["global_seed"] for r in runs["preset"]) == [3, 3, 5, 5]
-    assert json.load(open(tmp_path / "summary.json"))["cells"]["preset"]["seeds"] == [3, 5]
+    runs = run_sweep(out, "--cells", "preset", "--report")  # asks for seeds 0 1
+    assert sorted(load_config(r)["global_seed"] for r in runs["preset"]) == [0, 0, 1, 1]
+    runs = study.main(["sweep", "--seeds", "0", "--steps-scale", SCALE, "--out", str(out), "--cells", "preset",
+                       "--report", *TINY])
+    assert sorted(load_config(r)["global_seed"] for r in runs["preset"]) == [0, 0, 1, 1]  # seed 1 added back
+    assert json.load(open(out / "summary.json"))["cells"]["preset"]["seeds"] == [0, 1]

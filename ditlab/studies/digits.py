@@ -215,8 +215,9 @@ def recorded_guidance(args):
     runs guided at the old scale, so it is refused."""
     record = read_record(args, "guidance", GUIDANCE_SETTINGS)
     if record is not None and args.cfg_scale not in (None, record["scale"]):
-        raise UsageError(f"{runner.record_path(args.records, 'guidance')}: this study guides at {record['scale']:g}, not --cfg-scale "
-                         f"{args.cfg_scale:g} (its final records were guided at it); pass --cfg-scale "
+        path = runner.record_path(args.records, "guidance")
+        raise UsageError(f"{path}: this study guides at {record['scale']:g}, not --cfg-scale {args.cfg_scale:g}"
+                         f" (its final records were guided at it); pass --cfg-scale "
                          f"{record['scale']:g}, or another --records folder for another scale")
     return record
 

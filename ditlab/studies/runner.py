@@ -170,10 +170,10 @@ def map_calls(fn, calls, parallel=2, folder="logs", labels=None, watch=None, on_
 def run_jobs(commands, parallel=2, log_dir="logs", names=None, tags=None, append=False, check=True, env=None,
              **dispatch):
     """Run every command (an argv list, from the repository root, with OMP_NUM_THREADS=1 and the changes in
-    `env` to the environment where it runs) through map_calls, at most `parallel` at a time. Job i logs to <log_dir>/<names[i]>.log
-    (default job<i>); with `tags`, its lines are echoed as "[tag] line" while it runs. `dispatch`: cluster,
-    partition, time, gpus_per_job (add_dispatch_args). check=True raises JobError naming the first job that
-    fails (the others are cancelled); check=False returns every job's exit code, in order."""
+    `env` to the environment where it runs) through map_calls, at most `parallel` at a time. Job i logs to
+    <log_dir>/<names[i]>.log (default job<i>); with `tags`, its lines are echoed as "[tag] line" while it runs.
+    `dispatch`: cluster, partition, time, gpus_per_job (add_dispatch_args). check=True raises JobError naming
+    the first job that fails (the others are cancelled); check=False returns every job's exit code, in order."""
     if not commands:
         return []
     os.makedirs(log_dir, exist_ok=True)

@@ -9,9 +9,11 @@ TOY_VARIANTS = ("layer-norm", "none")  # `make toy`
 ABLATION_VARIANTS = ("layer-norm", "none", "rms-norm", "dyt")  # `make ablation`
 DIGITS_VARIANTS = ("layer-norm", "none", "rms-norm", "dyt", "derf")  # `make digits`
 
+
 def label(variant):
     """How a report names a variant."""
     return LABELS.get(variant, variant)
+
 
 def color(variant):
     """A variant's colour in every figure (grey for one not in the registry)."""
