@@ -115,3 +115,12 @@ def test_bad_budget_flag_names_the_choices(flag, capsys):
     with pytest.raises(SystemExit):
         gc.parse_args(["--budget", flag])
     assert "PART=SECONDS" in capsys.readouterr().err
+
+
+def test_the_gpu_tests_part_collects_exactly_the_files_with_gpu_tests():
+    """Every test marked gpu lives in a file the part collects, and the part collects no other file."""
+    import glob
+
+    marked = {os.path.basename(f) for f in glob.glob(os.path.join(gc.REPO, "tests", "test_*.py"))
+              if "@pytest.mark.gpu" in open(f).read() or "pytestmark = pytest.mark.gpu" in open(f).read()}
+    assert marked and {os.path.basename(f) for f in gc.gpu_test_files()} == marked
