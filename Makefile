@@ -20,8 +20,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m pip install --no-deps -e .  # ditlab, models and diffusion importable anywhere (notebooks)
 	@touch $(STAMP)
 
+# The suite on two processes (pytest-xdist), each test file on one of them (module fixtures are built once).
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 # The main job: the toy identity study, both variants, CPU preset -> results/toy/.
 toy: setup
