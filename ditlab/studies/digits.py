@@ -63,7 +63,7 @@ from ditlab.studies.variants import DIGITS_VARIANTS as VARIANTS
 from models import NORM_LAYERS
 
 # A finished run is kept as a small JSON record (curve, scores, memorisation, outliers, speed) in
-# --records, so that the study continues across machines and sessions where the run directories (tens of
+# --records, so that the study continues across machines, where the run directories (tens of
 # MB each) do not travel: a record is never recomputed, and the report is built from records alone.
 SWEEP_SETTINGS = ("sweep_steps", "fid_every", "curve_samples", "curve_sampling_steps")
 FINAL_SETTINGS = (*SWEEP_SETTINGS, "steps", "lr_schedule", "final_fid_every", "samples", "sampling_steps", "grad_clip")
@@ -107,7 +107,7 @@ def lr_sweep(args):
         raise UsageError(f"the lr sweep has not finished ({', '.join(run_key(v, lr, 0) for v, lr in todo)}); "
                          "run without --report")
     for i in range(0, len(todo), args.parallel):  # in waves, each recorded before the next starts (run
-        wave = todo[i:i + args.parallel]           # directories do not outlive a session; records do)
+        wave = todo[i:i + args.parallel]           # directories need not outlive a machine; records do)
         diverged = {}
         runs = train_all(args, [(v, lr, 0, args.sweep_steps) for v, lr in wave], final=False, diverged=diverged)
         for v, lr in wave:
@@ -167,7 +167,7 @@ def final_runs(args, best):
                 if read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS) is None]
 
     lrs, _ = final_lrs(args, best)
-    if args.report:  # the study spans sessions: report the recorded runs (the report names the rest)
+    if args.report:  # a study cut short: report the recorded runs (the report names the rest)
         done = {(v, s): read_record(args, "final-" + run_key(v, lrs[v], s), FINAL_SETTINGS)
                 for s in args.seeds for v in args.variants if (v, s) not in missing(lrs)}
         return done, (recorded_guidance(args) if done else None)
@@ -246,7 +246,7 @@ def sampling_noise(args, finals):
     --global-seed; the study's own sets are seed 0) and scored the same way, so that the spread of one model's
     FD-digits over sample sets can be set against the spread between training seeds, and a comparison of
     two models rests on more than one set. Kept as noise-<run>.json beside the run's record, topped up when
-    more seeds are asked for; a run whose directory is gone (another session's machine) keeps what it has.
+    more seeds are asked for; a run whose directory is gone (trained on another machine) keeps what it has.
     Returns {(variant, seed): {sample seed: metrics}} with seed 0 from the final record."""
     keys, noise, todo = FINAL_SETTINGS, {}, []
     for (v, s), record in finals.items():

@@ -7,7 +7,7 @@ Cells, each a train_toy.py configuration on the CPU preset, several seeds:
   stress    AdamW weight decay 0.01 / 0.1 and dropout 0.1, for LayerNorm and for no LayerNorm.
 Every finished run is kept as a small JSON record (final per-t probe error, sampled error, outlier and
 signal/outlier statistics at the last probe and, for the runs named in INTERVENE_CELLS, the interventions of
-ditlab/toy/edits.py), so the study continues across sessions; the report reads only records.
+ditlab/toy/edits.py), so the study continues across machines; the report reads only records.
 
     python study.py mechanism                                   # every cell, seeds 0 1 2, 12k steps
     python study.py mechanism --cells layer-norm none ln-blocks ln-final --long-steps 24000
@@ -157,7 +157,7 @@ def run_cells(args):
     nothing and returns the recorded runs only."""
     wanted = wanted_runs(args)
     todo = [w for w in wanted if recorded(args, job_name(*w)) is None]
-    if args.report:  # the study spans sessions: report what is recorded; the report lists what is not
+    if args.report:  # a study cut short: report what is recorded; the report lists what is not
         print(f"[mechanism] --report: {len(wanted) - len(todo)} of {len(wanted)} runs recorded", flush=True)
         return {w: recorded(args, job_name(*w)) for w in wanted if w not in todo}
     train = [w for w in todo if not finished(run_of(args, *w), w[2])]
