@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench, records
+from benchmarks import bench, records, timing
 from models import build_model
 
 TINY = ["--model", "DiT-S/8", "--input-size", "16", "--depth", "2", "--batch-size", "2", "--rounds", "2",
@@ -39,7 +39,7 @@ def test_forward_flops_equal_flop_counter(name, kwargs):
     x, t, y = torch.randn(n, c, s, s), torch.randint(0, 1000, (n,)), torch.randint(0, 1000, (n,))
     with torch.no_grad():
         got = counted_flops(model, x, t, y)
-    assert bench.forward_flops(model.config) * n == got
+    assert timing.forward_flops(model.config) * n == got
 
 
 def test_training_flops_are_three_forwards():
@@ -50,7 +50,7 @@ def test_training_flops_are_three_forwards():
         torch.nn.init.normal_(p, std=0.02)
     x, t, y = torch.randn(2, 4, 16, 16), torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
     got = counted_flops(model, x, t, y, backward=True)
-    expected = bench.train_flops(model.config) * 2
+    expected = timing.train_flops(model.config) * 2
     assert 0.97 * expected < got <= expected
 
 
@@ -58,7 +58,7 @@ def test_training_flops_are_three_forwards():
 def test_published_gflops(size, gflops):
     """The DiT paper's Gflops (multiply-adds, 256px, patch 2) are half of our FLOPs."""
     args = bench.parse_args(["--model", f"DiT-{size}/2", "--device", "cpu"])
-    assert bench.forward_flops(bench.model_config(args)) / 2e9 == pytest.approx(gflops, rel=0.01)
+    assert timing.forward_flops(bench.model_config(args)) / 2e9 == pytest.approx(gflops, rel=0.01)
 
 
 def test_model_config_is_what_gets_built():
@@ -101,10 +101,10 @@ def test_settings_parse_and_reject_typos():
 
 def test_interleaved_alternates_and_summarize():
     order = []
-    times = bench.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 4, torch.device("cpu"))
+    times = timing.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 4, torch.device("cpu"))
     assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(times["a"]) == len(times["b"]) == 4
-    s = bench.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    s = timing.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s["median"] == 3.0 and s["n"] == 5
     # Quartiles at ranks (n + 1) / 4 = 1.5 and 3 (n + 1) / 4 = 4.5: 1.5 and 4 + 0.5 * 96 = 52.
     assert s["iqr"] == pytest.approx(52.0 - 1.5)
@@ -130,7 +130,7 @@ def test_end_to_end_tiny(tmp_path):
     for r in train:
         assert r["step_ms"] > 0 and r["n"] == 2
         assert r["images_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
-        flops = bench.train_flops(bench.model_config(bench.parse_args(TINY)))
+        flops = timing.train_flops(bench.model_config(bench.parse_args(TINY)))
         assert r["tflops"] == pytest.approx(r["images_per_s"] * flops / 1e12)
     assert [(r["impl"], r["guidance"]) for r in rows["sampling"]] == [
         ("ours", "none"), ("peer", "none"), ("ours", "cfg 4.0"), ("peer", "cfg 4.0")]
@@ -138,7 +138,7 @@ def test_end_to_end_tiny(tmp_path):
     text = out.read_text()
     assert "| ours | fp32 |" in text and "| peer | fp32 |" in text and "Toy study" in text
     assert json.loads((tmp_path / "rows.json").read_text())["header"]["gflops"] > 0
-    fwd = bench.forward_flops(bench.model_config(bench.parse_args(TINY)))
+    fwd = timing.forward_flops(bench.model_config(bench.parse_args(TINY)))
     for r in rows["sampling"]:  # model FLOPs per image: steps x forward, doubled by guidance's doubled batch
         per_image = 2 * fwd * (2 if r["guidance"] != "none" else 1)
         assert r["tflops"] == pytest.approx(r["images_per_s"] * per_image / 1e12)
@@ -191,21 +191,21 @@ def test_cuda_training_step_makes_no_host_syncs():
 def test_paired_ratio_cancels_machine_drift():
     """Round 2 ran on a machine twice as slow for both models: the per-round ratios are all 0.8."""
     times = {"ours": [0.8, 1.6, 0.8], "peer": [1.0, 2.0, 1.0]}
-    assert bench.paired_ratio(times) == {"ratio": pytest.approx(0.8), "ratio_iqr": pytest.approx(0.0)}
+    assert timing.paired_ratio(times) == {"ratio": pytest.approx(0.8), "ratio_iqr": pytest.approx(0.0)}
 
 
 def test_peak_is_the_faster_of_the_setting_and_fp32(monkeypatch):
     rates = {"fp32": 5.0, "tf32": 9.0, "bf16": 1.0}  # a CPU without bf16 units; a GPU's TF32 cores
-    monkeypatch.setattr(bench, "matmul_tflops", lambda precision, device: rates[precision])
+    monkeypatch.setattr(timing, "matmul_tflops", lambda precision, device: rates[precision])
     cpu = torch.device("cpu")
-    assert [bench.peak_tflops(p, cpu) for p in ("fp32", "tf32", "bf16")] == [5.0, 9.0, 5.0]
+    assert [timing.peak_tflops(p, cpu) for p in ("fp32", "tf32", "bf16")] == [5.0, 9.0, 5.0]
 
 
 def test_precision_mode_sets_and_restores():
     cpu, a = torch.device("cpu"), torch.randn(4, 4)
     before = torch.backends.cuda.matmul.allow_tf32
-    with bench.precision_mode("bf16", cpu):
+    with timing.precision_mode("bf16", cpu):
         assert (a @ a).dtype == torch.bfloat16
-    with bench.precision_mode("tf32", cpu):
+    with timing.precision_mode("tf32", cpu):
         assert torch.backends.cuda.matmul.allow_tf32 and (a @ a).dtype == torch.float32
     assert torch.backends.cuda.matmul.allow_tf32 == before and (a @ a).dtype == torch.float32
