@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn as nn
 
-from benchmarks.records import device_name, git_commit, record, versions
+from benchmarks.records import bench_section, device_name, git_commit, record, versions
 from benchmarks.timing import (
     forward_flops,
     interleaved,
@@ -324,58 +324,6 @@ def bench_toy(args, device):
 
 
 #################################################################################
-#                                   Report                                      #
-#################################################################################
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def ratio_cell(row):
-    return f"{row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})" if "ratio" in row else "-"
-
-
-def report(args, device, header, rows, peaks):
-    """The run as a markdown section: header lines and one table per benchmark (rows: train, sample, toy)."""
-    train_rows, sample_rows, toy_rows = rows["train"], rows["sample"], rows["toy"]
-    lines = [f"## {header['date']} | {header['device']}", "",
-             f"- versions: {header['versions']}; torch threads: {header['threads']}; commit: {header['commit']}",
-             f"- command: `{header['command']}`",
-             f"- model: {args.model}, {args.input_size}x{args.input_size} latents, batch {args.batch_size}; "
-             f"model FLOPs per image: {header['gflops']:.2f} GFLOPs forward, {3 * header['gflops']:.2f} training",
-             "- MFU against: " + ", ".join(f"{p} {v:.3g} TFLOP/s ({src})" for p, (v, src) in peaks.items()), ""]
-    if train_rows:
-        mem = "peak GPU memory (MiB)" if device.type == "cuda" else "peak RSS increase (MiB)"
-        lines += ["Training step (forward + backward + AdamW + EMA), median over rounds; ours / peer = median of the per-round ratios:", "",
-                  f"| model | setting | step ms | IQR ms | images/s | {mem} | TFLOP/s | MFU | ours / peer |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in train_rows:
-            lines.append(f"| {r['impl']} | {r['setting']} | {r['step_ms']:.1f} | {r['iqr_ms']:.1f} | "
-                         f"{r['images_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | {r['tflops']:.3f} | "
-                         f"{100 * r['mfu']:.1f}% | {ratio_cell(r)} |")
-        lines.append("")
-    if sample_rows:
-        lines += [f"Sampling: {args.sample_steps}-step DDPM, batch {args.sample_batch_size}, "
-                  f"{header['sample_precision']}:", "",
-                  "| model | guidance | seconds per batch | IQR s | images/s | TFLOP/s | MFU | ours / peer |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in sample_rows:
-            lines.append(f"| {r['impl']} | {r['guidance']} | {r['seconds']:.3f} | {r['iqr_s']:.3f} | "
-                         f"{r['images_per_s']:.2f} | {r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio_cell(r)} |")
-        lines.append("")
-    if toy_rows:
-        lines += [f"Toy study training ({toy_setting(args)}, "
-                  "training steps only, no evaluations):", "",
-                  "| preset | normalization | batch | steps/s | minutes for the preset's steps |", "|---|---|---|---|---|"]
-        for r in toy_rows:
-            lines.append(f"| {r['preset']} | {r['normalization']} | {r['batch']} | {r['steps_per_s']:.1f} | "
-                         f"{r['preset_minutes']:.1f} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-#################################################################################
 #                                     Main                                      #
 #################################################################################
 
@@ -502,7 +450,8 @@ def main(argv=None):
         print("toy preset ...", flush=True)
         toy_rows = bench_toy(args, device)
         dump()
-    section = report(args, device, header, dict(train=train_rows, sample=sample_rows, toy=toy_rows), peaks)
+    section = bench_section(args, device, header, dict(train=train_rows, sample=sample_rows, toy=toy_rows), peaks,
+                            toy_setting(args))
     print("\n" + section)
     if args.record:
         record(args.record, section)

@@ -295,3 +295,18 @@ def test_the_modules_of_the_old_cycle_import_nothing_above_them(module):
     found = {m for m, _, _ in package_imports()[module]}
     above = {m for m in found if layer_of(m)[0] >= layer_of(module)[0]}
     assert not above, above
+
+
+def test_no_module_outside_diffusion_is_over_500_lines():
+    """Modules stay small enough to read: none outside diffusion/ over 500 lines, models.py at most 600."""
+    long = {}
+    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        if rel.startswith(("diffusion/", "tests/", ".venv/")) or "/." in "/" + rel:
+            continue
+        limit = 600 if rel == "models.py" else 500
+        with open(path) as f:
+            count = sum(1 for _ in f)
+        if count > limit:
+            long[rel] = count
+    assert not long, f"over the line limit: {long}"
