@@ -25,7 +25,7 @@ from ditlab.cli import COUNT, INDEX, command
 from ditlab.errors import InputError, UsageError
 from ditlab.files import provenance, write_json
 from ditlab.run import configure_threads
-from ditlab.toy.edits import EDITS, channel_statistics, intervene, markdown, places
+from ditlab.toy.edits import EDITS, channel_statistics, check_toy_model, intervene, markdown, places
 
 
 def parse_args(argv=None):
@@ -56,6 +56,8 @@ def main(argv=None):
     diffusion = create_diffusion(timestep_respacing="")
     sampler = create_diffusion(timestep_respacing=str(args.sampling_steps))
     loaded = [load_for_analysis(ckpt, args.weights) for ckpt in args.ckpt]
+    for ckpt, (model, _) in zip(args.ckpt, loaded):
+        check_toy_model(model, f"--ckpt {ckpt}")
     labels = model_labels(args.ckpt, [config for _, config in loaded])
     results, lines = {}, ["# Interventions on the outlier channel", "", provenance(), ""]
     for label, ckpt, (model, config) in zip(labels, args.ckpt, loaded):

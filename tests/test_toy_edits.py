@@ -89,3 +89,18 @@ def test_command_writes_tables_for_a_run(tmp_path):
 def test_control_model_without_layernorm_has_a_loudest_channel_too():
     stats = channel_statistics(hand_built("none"), create_diffusion(""), num=2)
     assert stats["block.0.norm1"]["channel"] == CHANNEL
+
+
+def test_command_refuses_an_image_model_in_one_line(tmp_path):
+    """A digits-like image checkpoint (train.py's) is not a toy model: one line that says what to give."""
+    import intervene as command
+    from ditlab.checkpoint_io import save_checkpoint
+
+    config = dict(model="DiT-S/2", input_size=8, in_channels=3, num_classes=10, class_dropout_prob=0.1,
+                  learn_sigma=True, depth=1, hidden_size=32, num_heads=2, image_size=8, vae="none")
+    model = DiT(**{k: v for k, v in config.items() if k not in ("model", "image_size", "vae")}, patch_size=2)
+    path = str(tmp_path / "digits.pt")
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
+    with pytest.raises(SystemExit, match=r"^error: --ckpt .*digits\.pt is an image model \(3 channels, 8x8\), "
+                                         r"not a toy model .*train_toy\.py run"):
+        command.main(["--ckpt", path, "--out", str(tmp_path / "iv")])

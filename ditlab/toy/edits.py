@@ -17,11 +17,22 @@ import math
 
 import torch
 
+from ditlab.errors import InputError
 from ditlab.toy.evals import draw_samples
 from ditlab.toy.probe import PROBE_SEED, TIMESTEP_GRID, norm_layers, timestep_batch, timestep_errors
-from ditlab.toy.task import sample_error
+from ditlab.toy.task import TOY_CHANNELS, TOY_IMAGE_SIZE, sample_error
 
 EDITS = ("mean", "zero", "per-t")
+
+
+def check_toy_model(model, name):
+    """Raise InputError unless `model` takes the toy task's inputs (TOY_CHANNELS x TOY_IMAGE_SIZE^2): the
+    edits probe and sample toy images, so an image model (train.py's) cannot be measured."""
+    if (model.in_channels, model.input_size) != (TOY_CHANNELS, TOY_IMAGE_SIZE):
+        raise InputError(
+            f"{name} is an image model ({model.in_channels} channels, {model.input_size}x{model.input_size}), "
+            f"not a toy model ({TOY_CHANNELS} channels, {TOY_IMAGE_SIZE}x{TOY_IMAGE_SIZE}): give a train_toy.py "
+            f"run directory or checkpoint (make one with `python train_toy.py` or `make toy`)")
 
 
 def places(model):
