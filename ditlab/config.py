@@ -145,14 +145,24 @@ def parse_flags(spec, argv=None):
     values for every flag not given, checked; `explicit` names the flags given."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, explicit = parse_with_explicit(spec.parser(), argv)
-    if args.no_layernorm:
-        args.normalization = "none"
-        explicit.add("normalization")
+    fold_no_layernorm(args, explicit)
     for key, value in (spec.preset(args, explicit) or {}).items():
         if key not in explicit:
             setattr(args, key, value)
     spec.check(args)
     return args, explicit
+
+
+def fold_no_layernorm(args, explicit):
+    """--no-layernorm is --normalization none. Given with an explicit --normalization other than none, one of
+    the two would be ignored, so the pair is refused rather than one of them dropped in silence."""
+    if not args.no_layernorm:
+        return
+    if "normalization" in explicit and args.normalization != "none":
+        raise UsageError(f"--no-layernorm contradicts --normalization {args.normalization} (--no-layernorm means "
+                         f"--normalization none); give only one of them")
+    args.normalization = "none"
+    explicit.add("normalization")
 
 
 def parse_with_explicit(parser, argv):

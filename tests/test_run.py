@@ -55,3 +55,13 @@ def test_a_resume_of_the_other_trainers_run_is_refused_without_touching_it(tmp_p
         train.main(["--resume", run])
     assert {name: open(os.path.join(run, name), "rb").read() for name in before} == before
     assert json.load(open(os.path.join(run, "config.json")))["script"] == "train_toy.py"
+
+
+@pytest.mark.parametrize("parse", [train.parse_args, train_toy.parse_args])
+def test_no_layernorm_with_another_explicit_normalization_is_refused(parse):
+    """--no-layernorm means --normalization none: with another explicit --normalization one would be dropped."""
+    for other in ("layer-norm", "rms-norm"):
+        with pytest.raises(UsageError, match=f"--no-layernorm contradicts --normalization {other}"):
+            parse(["--no-layernorm", "--normalization", other])
+    assert parse(["--no-layernorm", "--normalization", "none"])[0].normalization == "none"
+    assert parse(["--no-layernorm"])[0].normalization == "none"
