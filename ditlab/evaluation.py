@@ -291,6 +291,19 @@ def precision_recall(ref, samples, k=PR_K, block=10_000, dtype=torch.float16, de
 #################################################################################
 
 
+def resolution_warning(size, ref_size, input_size=None):
+    """A warning when samples of `size` (H, W) and references of `ref_size` reach the feature network at
+    different resolutions, else None. The network resizes both to `input_size`: sizes that differ only
+    above it reach it alike (the digits route crops 32 x 32 references to its 16 x 16 input)."""
+    seen = [tuple(min(s, input_size or s) for s in pair) for pair in (size, ref_size)]
+    if seen[0] == seen[1]:
+        return None
+    (h, w), (rh, rw) = size, ref_size
+    to = f" to {input_size} x {input_size}" if input_size else ""
+    return (f"the samples are {h} x {w} but the reference images {rh} x {rw}: the feature network resizes both{to}, "
+            f"so the scores compare different resolutions")
+
+
 def reference_stats(source, feats, features):
     """FID statistics of the reference: the file's own (`mu`, `sigma`, `mu_s`, `sigma_s`), checked for
     size, when it holds them for this feature network; else computed from its features."""
@@ -360,10 +373,10 @@ class Evaluator:
         labels = file_labels if labels is None else labels
         out = score(feats, self.ref_feats, self.ref_stats, labels, self.features, self.device)
         out["reference_stats"] = self.ref_stats_source
-        if feats["image_size"] != self.ref_feats["image_size"]:
-            (h, w), (rh, rw) = feats["image_size"], self.ref_feats["image_size"]
-            out["warning"] = (f"the samples are {h} x {w} but the reference images {rh} x {rw}: the feature network "
-                              f"resizes both, so the scores compare different resolutions")
+        warning = resolution_warning(feats["image_size"], self.ref_feats["image_size"],
+                                     getattr(self.net, "input_size", None))
+        if warning:
+            out["warning"] = warning
         return out
 
     def save_stats(self, path):

@@ -29,7 +29,8 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 # (another matmul kernel, another classifier): scores measured with two classifiers differ by 1-3%, so every
 # machine measures with this one. A --digits-classifier path that does not exist is trained there instead.
 DIGITS_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.pt")
-DIGITS_SIZE = 16  # the digits demo's image size
+DIGITS_SIZE = 16  # the digits demo's image size, the digits classifier's input
+INCEPTION_SIZE = 299  # torch-fidelity resizes every image to 299 x 299 for Inception
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 
 
@@ -88,7 +89,10 @@ def inception_weights_file(path=None):
 
 class InceptionFeatures(nn.Module):
     """ADM's three Inception outputs for uint8 images (N, 3, H, W): 'pool' (N, 2048) pool_3, 'spatial'
-    (N, 2023) mixed_6/conv[..., :7] flattened in (H, W, C) order, 'logits' (N, 1008) without the bias."""
+    (N, 2023) mixed_6/conv[..., :7] flattened in (H, W, C) order, 'logits' (N, 1008) without the bias.
+    Every image is resized to `input_size` x `input_size` first."""
+
+    input_size = INCEPTION_SIZE
 
     def __init__(self, weights_path=None):
         super().__init__()
@@ -256,7 +260,9 @@ def load_digits_classifier(path=DIGITS_CLASSIFIER):
 
 class DigitsFeatures(nn.Module):
     """The digits route's outputs for uint8 images (N, 3, H, W): 'pool' (N, 128) penultimate features and
-    'logits' (N, 10). Images that are not 16 x 16 are ADM-center-cropped to it first."""
+    'logits' (N, 10). Images that are not 16 x 16 (`input_size`) are ADM-center-cropped to it first."""
+
+    input_size = DIGITS_SIZE
 
     def __init__(self, path=DIGITS_CLASSIFIER):
         super().__init__()

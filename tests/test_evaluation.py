@@ -21,11 +21,14 @@ from ditlab.evaluation import (
     inception_score,
     open_images,
     precision_recall,
+    resolution_warning,
     score,
     squared_distances,
     summary_line,
 )
 from ditlab.features import (
+    DIGITS_SIZE,
+    INCEPTION_SIZE,
     EvaluationError,
     InceptionFeatures,
     digits_data,
@@ -445,11 +448,22 @@ def test_a_set_against_itself_is_never_below_zero():
         assert 0 <= frechet_distance(mu, sigma, mu, sigma) < 1e-6
 
 
-def test_samples_and_reference_of_different_sizes_get_a_warning(tmp_path, digits_classifier):
-    small, big = tmp_path / "small.npz", tmp_path / "big.npz"
+def test_only_resolutions_the_network_sees_differently_get_a_warning(tmp_path, digits_classifier):
+    """The digits route crops 32 x 32 references to its 16 x 16 input: 16 x 16 samples compare fairly."""
     rng = np.random.default_rng(0)
-    np.savez(small, rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    np.savez(big, rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
-    metrics = Evaluator(str(big), features="digits", digits_classifier=digits_classifier, device="cpu",
-                        progress=False)(str(small))
-    assert "16 x 16 but the reference images 32 x 32" in metrics["warning"]
+    paths = {}
+    for size in (8, 16, 32):
+        paths[size] = str(tmp_path / f"{size}.npz")
+        np.savez(paths[size], rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8))
+    evaluator = Evaluator(paths[32], features="digits", digits_classifier=digits_classifier, device="cpu",
+                          progress=False)
+    assert "warning" not in evaluator(paths[16])
+    assert "8 x 8 but the reference images 32 x 32" in evaluator(paths[8])["warning"]
+
+
+def test_resolution_warning_follows_the_networks_input_size():
+    assert resolution_warning((256, 256), (512, 512), INCEPTION_SIZE) is not None  # 256 upsampled, 512 down
+    assert resolution_warning((512, 512), (1024, 1024), INCEPTION_SIZE) is None  # both downsampled to 299
+    assert resolution_warning((16, 16), (32, 32), DIGITS_SIZE) is None
+    assert "resizes both to 16 x 16" in resolution_warning((8, 8), (16, 16), DIGITS_SIZE)
+    assert resolution_warning((16, 16), (16, 16)) is None and resolution_warning((8, 8), (16, 16)) is not None
