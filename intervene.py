@@ -16,16 +16,18 @@ probe error relative to the unedited model, 1 = no change).
 
 import argparse
 import os
+import time
 
 import torch
 
 from diffusion import create_diffusion
 from ditlab.analysis import load_for_analysis, model_labels
-from ditlab.cli import COUNT, INDEX, command
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, command
 from ditlab.errors import InputError, UsageError
 from ditlab.files import provenance, write_json
 from ditlab.run import configure_threads
-from ditlab.toy.edits import EDITS, channel_statistics, check_toy_model, intervene, markdown, places
+from ditlab.toy.edits import (EDITS, Progress, channel_statistics, check_toy_model, intervene, markdown,
+                              places)
 
 
 def parse_args(argv=None):
@@ -41,8 +43,27 @@ def parse_args(argv=None):
     p.add_argument("--sampling-steps", type=COUNT, default=1000, help="DDPM steps of those samples")
     p.add_argument("--seed", type=INDEX, default=0, help="the samples' noise")
     p.add_argument("--threads", type=COUNT, default=None)
+    p.add_argument("--progress-every", type=NON_NEGATIVE, default=15.0,
+                   help="seconds between progress lines (0: after every measurement)")
     p.add_argument("--out", default="results/interventions")
     return p.parse_args(argv)
+
+
+def check_places(names, ckpt, model):
+    """Raise UsageError for a --places name that is not a place of the model."""
+    known = [name for name, _, _ in places(model)]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise UsageError(f"--places {' '.join(unknown)}: not a place of {ckpt}; choose from {' '.join(known)}")
+
+
+def edit_model(args, model, diffusion, sampler, prefix):
+    """The channel statistics and every edit of one model, with a progress line every --progress-every
+    seconds (each starting with `prefix`)."""
+    model.eval()
+    stats = channel_statistics(model, diffusion, num=args.stats_samples)
+    return intervene(model, diffusion, sampler, args.places, args.edits, args.probe_samples, args.num_samples,
+                     args.seed, stats, progress=Progress(prefix, every=args.progress_every))
 
 
 @command
@@ -58,17 +79,16 @@ def main(argv=None):
     loaded = [load_for_analysis(ckpt, args.weights) for ckpt in args.ckpt]
     for ckpt, (model, _) in zip(args.ckpt, loaded):
         check_toy_model(model, f"--ckpt {ckpt}")
+        check_places(args.places, ckpt, model)
     labels = model_labels(args.ckpt, [config for _, config in loaded])
     results, lines = {}, ["# Interventions on the outlier channel", "", provenance(), ""]
-    for label, ckpt, (model, config) in zip(labels, args.ckpt, loaded):
-        known = [name for name, _, _ in places(model)]
-        unknown = sorted(set(args.places or []) - set(known))
-        if unknown:
-            raise UsageError(f"--places {' '.join(unknown)}: not a place of {ckpt}; choose from {' '.join(known)}")
-        model.eval()
-        stats = channel_statistics(model, diffusion, num=args.stats_samples)
-        result = intervene(model, diffusion, sampler, args.places, args.edits, args.probe_samples, args.num_samples,
-                           args.seed, stats)
+    started = time.monotonic()
+    for i, (label, ckpt, (model, config)) in enumerate(zip(labels, args.ckpt, loaded)):
+        prefix = f"[model {i + 1}/{len(loaded)} {label}] "
+        edits = len(args.places or places(model)) * len(args.edits)
+        print(f"{prefix}channel statistics, then {edits} edits ({(time.monotonic() - started) / 60:.1f} min so far)",
+              flush=True)
+        result = edit_model(args, model, diffusion, sampler, prefix)
         results[label] = dict(ckpt=str(ckpt), normalization=config.get("normalization"),
                               final_normalization=config.get("final_normalization"), **result)
         lines += markdown(label, result)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-from ditlab.toy.edits import channel_statistics, edit_fn, intervene, places
+from ditlab.toy.edits import Progress, channel_statistics, edit_fn, intervene, places
 from ditlab.toy.task import TOY_MODEL
 from models import DiT
 
@@ -64,7 +64,28 @@ def test_edits_replace_exactly_the_channel_with_the_asked_value():
     assert edit_fn("block.0", 3, "zero")("block.1", h, t) is None  # other places untouched
 
 
-def test_command_writes_tables_for_a_run(tmp_path):
+def test_progress_lines_are_spaced_in_time_and_give_the_time_left():
+    """A line at most every `every` seconds (none for a run shorter than that), with the count and an ETA."""
+    now, lines = [0.0], []
+    progress = Progress("[model 1/2 layer-norm] ", every=10, clock=lambda: now[0], echo=lines.append)
+    for done, at in ((1, 4.0), (2, 12.0), (3, 15.0), (4, 30.0)):
+        now[0] = at
+        progress(done, 10, f"edit {done}")
+    assert lines == ["[model 1/2 layer-norm] edit 2 (2/10, 12 s so far, about 48 s to go)",
+                     "[model 1/2 layer-norm] edit 4 (4/10, 30 s so far, about 45 s to go)"]
+
+
+def test_intervene_reports_every_measurement_to_progress():
+    model = hand_built()
+    calls = []
+    intervene(model, create_diffusion(""), create_diffusion("2"), ["block.0", "final.norm"], ("zero", "mean"),
+              probe_samples=2, num_samples=2, stats=channel_statistics(model, create_diffusion(""), num=1),
+              progress=lambda done, total, label: calls.append((done, total, label)))
+    assert [c[:2] for c in calls] == [(i, 5) for i in range(1, 6)]
+    assert calls[0][2] == "unedited" and calls[-1][2] == "place final.norm, edit mean"
+
+
+def test_command_writes_tables_for_a_run(tmp_path, capsys):
     """intervene.py on a train_toy.py run (both in this process: the same code path as the commands)."""
     import intervene as command
     import train_toy
@@ -75,7 +96,10 @@ def test_command_writes_tables_for_a_run(tmp_path):
     with torch.no_grad():
         command.main(["--ckpt", ckpt, "--places", "final.norm", "block.0", "--probe-samples", "4", "--stats-samples",
                       "2", "--num-samples", "4", "--sampling-steps", "5", "--out", str(tmp_path / "iv"),
-                      "--threads", "1"])
+                      "--threads", "1", "--progress-every", "0"])
+    out = capsys.readouterr().out
+    assert "[model 1/1 layer-norm] channel statistics, then 6 edits" in out
+    assert "[model 1/1 layer-norm] place final.norm, edit per-t (7/7," in out
     result = json.load(open(tmp_path / "iv" / "interventions.json"))
     (model,) = result["models"].values()
     assert set(model["places"]) == {"final.norm", "block.0"}

@@ -14,6 +14,7 @@ draw-averaged input (probe.signal_and_outlier's outlier_channel, pooled over t).
 """
 
 import math
+import time
 
 import torch
 
@@ -151,23 +152,53 @@ def measure(model, diffusion, sampler_diffusion, fn=None, probe_samples=256, num
     return rows, sample_error(samples)
 
 
+def _duration(seconds):
+    """A duration for a progress line: seconds under two minutes, else minutes."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """A progress callback for `intervene`: progress(done, total, label) prints "<prefix> <label> (done/total,
+    <elapsed> so far, about <left> to go)" at most every `every` seconds, so a run shorter than that prints
+    nothing and a long one a line every `every` seconds. The clock starts when it is made."""
+
+    def __init__(self, prefix="", every=10.0, clock=time.monotonic, echo=print):
+        self.prefix, self.every, self.clock, self.echo = prefix, every, clock, echo
+        self.started = self.last = clock()
+
+    def __call__(self, done, total, label):
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.started
+        left = elapsed / max(done, 1) * (total - done)
+        self.echo(f"{self.prefix}{label} ({done}/{total}, {_duration(elapsed)} so far, about {_duration(left)} to go)")
+
+
 def intervene(model, diffusion, sampler_diffusion, place_names=None, edits=EDITS, probe_samples=256, num_samples=256,
-              seed=0, stats=None):
+              seed=0, stats=None, progress=None):
     """Every edit at every place (default: all places): {"baseline": {...}, "places": {name: {"channel",
     "mean", "rms_share", edit: {"per_t": {t: eps_rel_error}, "ratio_per_t": {t: ratio to baseline},
-    "sample_rms", "sample_ratio"}}}}."""
+    "sample_rms", "sample_ratio"}}}}. `progress(done, total, label)` (e.g. a Progress) is called after each
+    measurement (the unedited one, then every place and edit)."""
     stats = stats or channel_statistics(model, diffusion)
+    chosen = [name for name, _, _ in places(model) if place_names is None or name in place_names]
+    total, done = 1 + len(chosen) * len(edits), 1
     base_rows, base_sample = measure(model, diffusion, sampler_diffusion, None, probe_samples, num_samples, seed)
+    if progress:
+        progress(done, total, "unedited")
     base = {r["t"]: r["eps_rel_error"] for r in base_rows}
     result = dict(baseline=dict(per_t=base, sample_rms=base_sample["rms"]), places={})
-    for name, _, _ in places(model):
-        if place_names is not None and name not in place_names:
-            continue
+    for name in chosen:
         s = stats[name]
         entry = dict(channel=s["channel"], mean=s["mean"], rms_share=s["rms_share"])
         for edit in edits:
             fn = edit_fn(name, s["channel"], edit, per_t=s["per_t"], value=s["mean"])
             rows, sample = measure(model, diffusion, sampler_diffusion, fn, probe_samples, num_samples, seed)
+            done += 1
+            if progress:
+                progress(done, total, f"place {name}, edit {edit}")
             per_t = {r["t"]: r["eps_rel_error"] for r in rows}
             entry[edit] = dict(per_t=per_t, ratio_per_t={t: per_t[t] / base[t] for t in per_t},
                                sample_rms=sample["rms"], sample_ratio=sample["rms"] / base_sample["rms"])
