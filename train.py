@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ditlab.cli import COUNT, DROPOUT, INDEX, NON_NEGATIVE, POSITIVE, command
-from ditlab.config import RunConfig, RunSpec, parse_flags, resolve, resumable, runtime
+from ditlab.config import RunConfig, RunSpec, interval_warnings, parse_flags, resolve, resumable, runtime
 from ditlab.data import (
     LATENT_SCALE, VAE_HELP, BadImages, BatchStream, FlipSampler, LatentShards, check_num_classes, load_vae,
     open_image_folder, read_latents_index, vae_encoder, vae_geometry, write_digits_folder,
@@ -223,8 +223,15 @@ def complete_data(args):
     data_geometry(args)
 
 
+def interval_notes(args, explicit):
+    """A typed --fid-every or --sample-every longer than the run (--max-steps) still fires at the last step:
+    a warning says the run gets that one only (the checkpoint interval is ditlab.config's)."""
+    return interval_warnings(args, explicit, {"fid_every": "the FID is computed only at its last step",
+                                              "sample_every": "a sample grid is drawn only at its last step"})
+
+
 SPEC = RunSpec(script="train.py", settings=TrainConfig, parser=build_parser, preset=demo_preset,
-               check=check_sampling_flags, complete=complete_data)
+               check=check_sampling_flags, complete=complete_data, warn=interval_notes)
 
 
 def parse_args(argv=None):
@@ -277,7 +284,7 @@ def new_record(config, geometry, steps_per_epoch):
 def main(argv=None):
     """Train one run (or, with --dry-run, print its settings); returns its run directory."""
     # Setup: the settings (flags, demo preset, resumed config), checked before any work; the processes.
-    config, ckpt, run_dir = resolve(SPEC, argv)
+    config, ckpt, run_dir, notes = resolve(SPEC, argv)
     if config.dry_run:
         print(config.describe())
         return None
@@ -288,7 +295,7 @@ def main(argv=None):
         geometry = data_geometry(config)
         dataset, loader, steps_per_epoch = make_loader(config, d, local_batch)
         vae = make_vae(config, d, geometry)
-        run = open_run(config, d, SPEC, new_record(config, geometry, steps_per_epoch), ckpt, run_dir)
+        run = open_run(config, d, SPEC, new_record(config, geometry, steps_per_epoch), ckpt, run_dir, notes)
         logger = run.logger
         with log_failures(logger):
             # Model: the same initial weights on every rank, then one RNG stream per rank.

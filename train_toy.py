@@ -30,7 +30,7 @@ import torch
 
 from diffusion import create_diffusion
 from ditlab.cli import COUNT, INDEX, command
-from ditlab.config import RunConfig, RunSpec, parse_flags, resolve, resumable, runtime
+from ditlab.config import RunConfig, RunSpec, interval_warnings, parse_flags, resolve, resumable, runtime
 from ditlab.distributed import check_global_batch, cleanup_distributed, setup_distributed
 from ditlab.errors import UsageError
 from ditlab.run import (
@@ -109,8 +109,21 @@ def finalize_eval_steps(args):
     args.eval_steps = sorted({s for s in args.eval_steps if 0 < s <= args.max_steps} | {args.max_steps})
 
 
+def evaluation_notes(args, explicit):
+    """Typed evaluation steps after the run's last step are dropped, and a typed --eval-every or --probe-every
+    longer than the run never fires: one warning each. Not an error: the last step always evaluates."""
+    notes = interval_warnings(args, explicit, {"eval_every": "the run evaluates only at its last step",
+                                               "probe_every": "the probe runs only at the evaluations"})
+    late = [step for step in args.eval_steps or () if step > args.max_steps]
+    if "eval_steps" in explicit and not args.eval_every and late:
+        notes.append(f"--eval-steps {' '.join(map(str, late))}: after the run's last step (--max-steps "
+                     f"{args.max_steps}), so dropped; the last step is always evaluated")
+    return notes
+
+
 SPEC = RunSpec(script="train_toy.py", settings=ToyConfig, parser=build_parser, preset=toy_preset,
-               check=check_toy_flags, complete=finalize_eval_steps, logs=("metrics.jsonl", "embeddings.jsonl"))
+               check=check_toy_flags, complete=finalize_eval_steps, warn=evaluation_notes,
+               logs=("metrics.jsonl", "embeddings.jsonl"))
 
 
 def parse_args(argv=None):
@@ -123,7 +136,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Train one toy run (or, with --dry-run, print its settings); returns its run directory."""
     # Setup: the settings (flags, preset, resumed config), the processes, the run directory.
-    config, ckpt, run_dir = resolve(SPEC, argv)
+    config, ckpt, run_dir, notes = resolve(SPEC, argv)
     if config.dry_run:
         print(config.describe())
         return None
@@ -132,7 +145,7 @@ def main(argv=None):
         local_batch = check_global_batch(config.global_batch_size, d.world_size)
         # The model description every script reads back (models.build_model_from_config).
         record = {**config.saved(), "image_size": TOY_IMAGE_SIZE, "vae": "none", **TOY_MODEL}
-        run = open_run(config, d, SPEC, record, ckpt, run_dir)
+        run = open_run(config, d, SPEC, record, ckpt, run_dir, notes)
         with log_failures(run.logger):
             trainer = toy_trainer(run, d)
             # Training loop, with the probe and evaluations between steps. A stop signal saves and raises

@@ -94,6 +94,11 @@ def no_check(args):
     """The RunSpec default: nothing to check or derive."""
 
 
+def no_warnings(args, explicit):
+    """The RunSpec default: no settings of its own to warn about."""
+    return []
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What a trainer tells `resolve` and the run skeleton.
@@ -103,6 +108,8 @@ class RunSpec:
     preset: fn(args, explicit) -> the preset's values (a dict) or None; it may also mark flags as given.
     check: fn(args), run on the flags with the preset and again after a resume merged its config.
     complete: fn(args), after the merge: values derived from the others (defaults that depend on data).
+    warn: fn(args, explicit) -> lines, after the merge and before `complete`: settings that work but drop
+    something asked for (interval_warnings); resolve prints them and the run's log.txt repeats them.
     logs: the JSON-lines logs whose rows newer than a resumed checkpoint are dropped (they are redone)."""
 
     script: str
@@ -111,16 +118,18 @@ class RunSpec:
     preset: Callable
     check: Callable = no_check
     complete: Callable = no_check
+    warn: Callable = no_warnings
     logs: tuple = ("metrics.jsonl",)
 
 
 class Resolved(NamedTuple):
     """The result of `resolve`: the frozen settings, the checkpoint resumed from and its run directory (both
-    None for a new run)."""
+    None for a new run), and the warnings resolve printed (open_run writes them into the run's log.txt)."""
 
     config: RunConfig
     ckpt: dict | None
     run_dir: str | None
+    notes: tuple = ()
 
 
 #################################################################################
@@ -130,14 +139,16 @@ class Resolved(NamedTuple):
 
 def resolve(spec, argv=None):
     """The run's settings: the flags with the preset, checked; on resume merged with the checkpoint's config
-    (merge_resume_config) and checked again; completed; the global batch checked against the world size;
-    frozen into spec.settings. Creates nothing."""
+    (merge_resume_config) and checked again; warned about (printed, so --dry-run shows them too); completed;
+    the global batch checked against the world size; frozen into spec.settings. Creates nothing."""
     args, explicit = parse_flags(spec, argv)
     args, ckpt, run_dir = find_resume(args, explicit, spec)
     spec.check(args)
+    notes = [*interval_warnings(args, explicit, SHARED_INTERVALS), *spec.warn(args, explicit)]
+    print_warnings(notes)
     spec.complete(args)
     check_global_batch(args.global_batch_size, world_size())
-    return Resolved(spec.settings(**vars(args)), ckpt, run_dir)
+    return Resolved(spec.settings(**vars(args)), ckpt, run_dir, tuple(notes))
 
 
 def parse_flags(spec, argv=None):
@@ -163,6 +174,28 @@ def fold_no_layernorm(args, explicit):
                          f"--normalization none); give only one of them")
     args.normalization = "none"
     explicit.add("normalization")
+
+
+# What an interval flag longer than the run still gives: every interval also fires at the run's last step.
+SHARED_INTERVALS = {"ckpt_every": "a checkpoint is written only at its last step"}
+
+
+def interval_warnings(args, explicit, intervals):
+    """One line for each interval flag typed longer than the run (`intervals`: field -> what still happens).
+    A warning, not an error: the last step always checkpoints, evaluates and samples, so the run keeps one.
+    Flags left to a preset or default are not warned about; the run length must be known (--max-steps)."""
+    if args.max_steps is None:
+        return []
+    return [f"--{name.replace('_', '-')} {getattr(args, name)} is longer than the run (--max-steps "
+            f"{args.max_steps}): {what}"
+            for name, what in intervals.items() if name in explicit and (getattr(args, name) or 0) > args.max_steps]
+
+
+def print_warnings(notes):
+    """Each line as `warning: <line>` on stderr, from the first process only (every rank resolves)."""
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
 def parse_with_explicit(parser, argv):

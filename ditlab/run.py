@@ -252,11 +252,12 @@ def check_model_config(record):
         raise UsageError(str(e)) from None
 
 
-def open_run(config, d, spec, record, ckpt=None, run_dir=None):
+def open_run(config, d, spec, record, ckpt=None, run_dir=None, notes=()):
     """The run directory and its config.json: a new `<results-dir>/<index>-<model>-<normalization>/` with
     `record` (claimed on rank 0, its name broadcast), or the resumed run's, its record updated with the
     settings a resume may change (config.json rewritten to say what the run does now) and its logs cut back
-    to the checkpoint's step. Returns a Run with the rank's logger."""
+    to the checkpoint's step. The warnings of the resolution (`notes`) open the log, so log.txt keeps them.
+    Returns a Run with the rank's logger."""
     if ckpt is None:
         check_model_config(record)
         norm = config.normalization
@@ -271,7 +272,10 @@ def open_run(config, d, spec, record, ckpt=None, run_dir=None):
             truncate_jsonl([os.path.join(run_dir, name) for name in spec.logs], ckpt["step"])
     if d.is_main:
         write_json(os.path.join(run_dir, "config.json"), record)
-    return Run(config=config, run_dir=run_dir, record=record, logger=create_logger(run_dir, d.is_main), ckpt=ckpt)
+    logger = create_logger(run_dir, d.is_main)
+    for note in notes:
+        logger.warning(f"warning: {note}")
+    return Run(config=config, run_dir=run_dir, record=record, logger=logger, ckpt=ckpt)
 
 
 def build_trainer(run, model, d, max_steps):

@@ -390,7 +390,7 @@ def test_what_a_resume_may_change_is_marked_on_the_settings():
         "inception_weights", "digits_classifier", "sample_sampler", "fid_sampler", "stop_loss_ratio"}
     assert set(train.TrainConfig.names("runtime")) == {"resume", "device", "demo", "no_layernorm", "threads",
                                                        "dry_run"}
-    config, _, _ = resolve(train.SPEC, ["--data-path", "d", "--lr", "1e-3"])
+    config, *_ = resolve(train.SPEC, ["--data-path", "d", "--lr", "1e-3"])
     assert "dry_run" not in config.saved() and config.saved()["lr"] == 1e-3
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr = 1.0
@@ -938,3 +938,28 @@ def test_heads_that_do_not_divide_the_width_leave_no_run_behind(tmp_path, image_
     with pytest.raises(SystemExit, match="hidden size 32 must be divisible by the number of heads 3"):
         run(tmp_path, image_folder, "--vae", "none", "--num-heads", "3", "--max-steps", "1")
     assert not os.path.exists(tmp_path / "000-DiT-S-2-layer-norm")
+
+
+def test_intervals_longer_than_the_run_are_warned_about_and_still_fire_at_its_last_step(tmp_path, image_folder,
+                                                                                        capsys):
+    """A typed --fid-every, --sample-every or --ckpt-every longer than --max-steps used to be accepted in
+    silence: each fires only at the last step. One warning line each, on --dry-run too and in log.txt; not
+    an error, since the run keeps that one grid, FID and checkpoint."""
+    flags = ["--vae", "none", "--max-steps", "2", "--sample-every", "5", "--sample-steps", "2", "--sample-images", "2",
+             "--ckpt-every", "3"]
+    capsys.readouterr()
+    train.main([*TINY, "--data-path", image_folder, *flags, "--fid-every", "4", "--fid-ref", image_folder,
+                "--dry-run"])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --ckpt-every 3 is longer than the run (--max-steps 2): a checkpoint is written only at its last step",
+        "warning: --fid-every 4 is longer than the run (--max-steps 2): the FID is computed only at its last step",
+        "warning: --sample-every 5 is longer than the run (--max-steps 2): a sample grid is drawn only at its last "
+        "step"]
+    run_dir = run(tmp_path, image_folder, *flags)
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "warning: --sample-every 5 is longer than the run" in log and "--ckpt-every 3 is longer" in log
+    assert os.listdir(os.path.join(run_dir, "samples")) == ["0000002.png"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000002.pt", "latest.pt"]
+    capsys.readouterr()
+    run(tmp_path / "quiet", image_folder, "--vae", "none", "--max-steps", "1")  # default intervals: no warning
+    assert "warning" not in capsys.readouterr().err

@@ -339,3 +339,29 @@ def test_bad_model_shape_and_huge_probe_are_refused_before_any_run_directory(tmp
     assert not os.path.exists(tmp_path) or os.listdir(tmp_path) == []
     with pytest.raises(UsageError, match="--probe-samples 100000000: at most 100,000"):
         train_toy.parse_args(["--probe-samples", "100000000"])
+
+
+def test_evaluation_steps_and_intervals_beyond_the_run_are_warned_about_in_dry_run_and_log(tmp_path, capsys):
+    """Typed --eval-steps after the last step used to be dropped in silence, like a typed --eval-every,
+    --probe-every or --ckpt-every longer than the run: one warning line each (the last step still
+    evaluates and checkpoints, so the run keeps an evaluation), on --dry-run too and in log.txt."""
+    flags = ["--steps", "2", "--num-eval-samples", "4", "--sampling-steps", "3", "--probe-every", "9",
+             "--ckpt-every", "9"]
+    capsys.readouterr()
+    train_toy.main([*TINY, *flags, "--eval-steps", "1", "99999", "--dry-run"])
+    dry = capsys.readouterr()
+    assert "eval_steps: [1, 2]" in dry.out.splitlines()
+    run_toy(tmp_path, *flags, "--eval-steps", "1", "99999")
+    expected = ["warning: --ckpt-every 9 is longer than the run (--max-steps 2): a checkpoint is written only at its "
+                "last step",
+                "warning: --probe-every 9 is longer than the run (--max-steps 2): the probe runs only at the evaluations",
+                "warning: --eval-steps 99999: after the run's last step (--max-steps 2), so dropped; the last step is "
+                "always evaluated"]
+    assert dry.err.splitlines() == capsys.readouterr().err.splitlines() == expected
+    log = open(os.path.join(tmp_path, os.listdir(tmp_path)[0], "log.txt")).read()
+    assert all(line in log for line in expected)
+    train_toy.main([*TINY, *flags, "--eval-every", "5", "--dry-run"])
+    assert "warning: --eval-every 5 is longer than the run (--max-steps 2): the run evaluates only at its last step" \
+        in capsys.readouterr().err
+    printed_settings(capsys, [*TINY, "--steps", "2"])  # the preset's intervals (3,000 steps) are not warned about
+    assert "warning" not in capsys.readouterr().err
