@@ -187,3 +187,22 @@ def test_restoring_weights_reads_every_restoring_layer_and_the_report_line():
     records = {("restore", 0, 5): {"restoring_weights": {"x": dict(scale=0.1, mean=0.2), "y": dict(scale=0.3, mean=0.0)}}}
     (line, _) = mechanism.restore_lines(records, 5)
     assert "|a| 0.3 [0.3, 0.3], |b| 0.2 [0.2, 0.2]" in line
+
+
+def test_summary_interventions_write_progress_lines_to_their_log(tmp_path, monkeypatch):
+    """A summary's interventions take minutes: each measurement adds a line (here every one: no spacing) to
+    the log the study echoes, with the count and the time left."""
+    import train_toy
+
+    run = train_toy.main(["--depth", "1", "--hidden-size", "16", "--num-heads", "2", "--global-batch-size", "16",
+                          "--steps", "3", "--eval-steps", "3", "--num-eval-samples", "4", "--sampling-steps", "5",
+                          "--probe-samples", "4", "--results-dir", str(tmp_path / "runs"), "--threads", "1"])
+    run = os.path.dirname(os.path.dirname(run)) if run.endswith(".pt") else run
+    monkeypatch.setattr(mechanism, "SUMMARY_PROGRESS_EVERY", 0.0)
+    args = SimpleNamespace(intervene_sampling_steps=3, stats_samples=2, probe_samples=4, num_eval_samples=4)
+    log = tmp_path / "summary.log"
+    mechanism.summarise_run(args, "layer-norm", 0, 3, run, log=str(log))
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 + 4 * 3  # unedited, then 4 places x 3 edits
+    assert lines[0].startswith("unedited (1/13, ") and lines[-1].startswith("place final.norm, edit per-t (13/13, ")
+    assert "so far, about" in lines[-1]

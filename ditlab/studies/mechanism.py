@@ -27,10 +27,10 @@ from ditlab.checkpoints import load_model
 from ditlab.cli import COUNT, INDEX
 from ditlab.errors import JobError
 from ditlab.files import provenance, write_json, write_page
-from ditlab.studies.runner import dispatch_of, map_calls, read_record, run_jobs, study_parser, write_record
+from ditlab.studies.runner import _echo_new_lines, dispatch_of, map_calls, read_record, run_jobs, study_parser, write_record
 from ditlab.studies.stats import fmt_spread
 from ditlab.run import newest_run
-from ditlab.toy.edits import channel_statistics, intervene
+from ditlab.toy.edits import Progress, channel_statistics, intervene
 from ditlab.studies.toy_plots import plot_localise_lengths, plot_mechanism_study
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
 from models import RestoringLayerNorm
@@ -58,6 +58,7 @@ GROUPS = {
                "layer-norm-dropout0.1", "none-dropout0.1"),
 }
 INTERVENE_CELLS = ("layer-norm", "none", "restore")
+SUMMARY_PROGRESS_EVERY = 30.0  # seconds between a summary's progress lines (its interventions take minutes)
 STRESS_PAIRS = (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
                 ("layer-norm-dropout0.1", "none-dropout0.1"))
 FIGURE = "mechanism_study.png"
@@ -114,10 +115,18 @@ def restoring_weights(model):
             for name, m in model.named_modules() if isinstance(m, RestoringLayerNorm)}
 
 
-def summarise_run(args, cell, seed, steps, run):
+def progress_log(path):
+    """A Progress whose lines are appended to the file `path` (a job's progress, echoed by the study)."""
+    def append(line):
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return Progress(every=SUMMARY_PROGRESS_EVERY, echo=append)
+
+
+def summarise_run(args, cell, seed, steps, run, log=None):
     """The record of one finished run: per-t EMA probe error (last probe), sampled EMA RMS, the outlier
     (max/median ratio per block output, worst over t) and signal/outlier ratio at every norm input per t,
-    and, for INTERVENE_CELLS, the interventions."""
+    and, for INTERVENE_CELLS, the interventions (with progress lines appended to the file `log`)."""
     probe = last_probe(run, "ema")
     outliers = {}
     for r in load_embeddings(run, "outliers"):
@@ -137,8 +146,9 @@ def summarise_run(args, cell, seed, steps, run):
         start = time.time()
         diffusion, sampler = create_diffusion(""), create_diffusion(str(args.intervene_sampling_steps))
         stats = channel_statistics(model, diffusion, num=args.stats_samples)
+        progress = progress_log(log) if log else None
         result = intervene(model, diffusion, sampler, probe_samples=args.probe_samples,
-                           num_samples=args.num_eval_samples, stats=stats)
+                           num_samples=args.num_eval_samples, stats=stats, progress=progress)
         record["interventions"] = result
         record["intervene_seconds"] = time.time() - start
     return record
@@ -187,15 +197,34 @@ def summarise_one_thread(*call):
     return summarise_run(*call)
 
 
+def summarise_all(args, runs):
+    """summarise_run of every run as jobs of the runner; each job appends its progress lines to
+    <out>/logs/summary-<name>.log, echoed here as "[summary of <name>] line" while it runs."""
+    logs = [os.path.join(args.out, "logs", f"summary-{job_name(*w)}.log") for w in runs]
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    for path in logs:
+        open(path, "w").close()
+    offsets = [0] * len(logs)
+
+    def echo(i):
+        """Echo the progress lines a running summary added to its log."""
+        offsets[i] = _echo_new_lines(logs[i], offsets[i], f"summary of {job_name(*runs[i])}")
+    calls = [(args, cell, seed, steps, run_of(args, cell, seed, steps), log)
+             for (cell, seed, steps), log in zip(runs, logs)]
+    records = map_calls(summarise_one_thread, calls, args.parallel, os.path.join(args.out, "logs"),
+                        labels=[f"summary of {job_name(*w)}" for w in runs], watch=echo, **_dispatch(args))
+    for i in range(len(logs)):
+        echo(i)
+    return records
+
+
 def keep(args, runs):
     """Write the record of every finished run in `runs`; the summaries (the interventions take minutes per
     run) are jobs of the runner, --parallel at a time, one thread each, like the training jobs."""
     for cell, seed, steps in runs:
         if not finished(run_of(args, cell, seed, steps), steps):
             raise JobError(f"{job_name(cell, seed, steps)} did not finish; see {args.out}/logs")
-    calls = [(args, cell, seed, steps, run_of(args, cell, seed, steps)) for cell, seed, steps in runs]
-    records = map_calls(summarise_one_thread, calls, args.parallel, os.path.join(args.out, "logs"),
-                        labels=[f"summary of {job_name(*w)}" for w in runs], **_dispatch(args))
+    records = summarise_all(args, runs)
     for (cell, seed, steps), record in zip(runs, records):
         write_record(args.records, job_name(cell, seed, steps), record,
                      {k: getattr(args, k) for k in RECORD_SETTINGS})
