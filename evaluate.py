@@ -22,7 +22,7 @@ import torch
 
 from ditlab.cli import COUNT, command
 from ditlab.errors import InputError
-from ditlab.evaluation import Evaluator, summary_line
+from ditlab.evaluation import Evaluator, open_inputs, summary_line
 from ditlab.features import add_network_args
 from ditlab.files import check_output_file, write_json
 
@@ -57,12 +57,13 @@ def main(argv=None):
     if args.save_stats:
         check_output_file(args.save_stats, "--save-stats", (".npz",))
     start = time.time()
-    evaluator = Evaluator(args.ref, features=args.features, inception_weights=args.inception_weights,
+    samples, ref = open_inputs(args.samples, args.ref, args.image_size, args.features)  # both, before any features
+    evaluator = Evaluator(ref, features=args.features, inception_weights=args.inception_weights,
                           digits_classifier=args.digits_classifier, batch_size=args.batch_size,
                           device=args.device, image_size=args.image_size)
     if args.save_stats:
         print(f"saved reference statistics to {evaluator.save_stats(args.save_stats)}", file=sys.stderr)
-    metrics = evaluator(args.samples)
+    metrics = evaluator(samples)
     metrics.update(samples=os.path.abspath(args.samples), reference=os.path.abspath(args.ref),
                    seconds=round(time.time() - start, 2))
     print(summary_line(metrics))

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ditlab.data import center_crop_arr
-from ditlab.features import DIGITS_CLASSIFIER, SPATIAL_CHANNELS, EvaluationError, feature_network
+from ditlab.features import DIGITS_CLASSES, DIGITS_CLASSIFIER, SPATIAL_CHANNELS, EvaluationError, feature_network
 from ditlab.files import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -95,14 +95,24 @@ class NpzImages:
                                   f"as arr_0, e.g. np.savez(path, images)")
         with self._zip.open("arr_0.npy") as f:
             self.shape, self.dtype = _read_npy_header(f, path, "arr_0")
+            header = f.tell()
         if len(self.shape) != 4:
             raise EvaluationError(f"{path}: arr_0 must be N x H x W x 3, got shape {self.shape}")
         check_images(np.zeros((1, *self.shape[1:]), dtype=self.dtype), f"{path} (arr_0)", self.shape, values=False)
         self.num = self.shape[0]
+        self._check_length(header)
         self._small = {n for n in names if n != "arr_0"}
         self.labels = self._array("arr_1") if "arr_1" in self._small else None
         if self.labels is not None and self.labels.shape != (self.num,):
             raise EvaluationError(f"{path}: arr_1 (labels) has shape {self.labels.shape}, expected ({self.num},)")
+
+    def _check_length(self, header):
+        """A truncated arr_0 is refused now, from the zip's directory, not halfway through the features."""
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        stored = self._zip.getinfo("arr_0.npy").file_size - header
+        if row and stored < self.num * row:
+            raise EvaluationError(f"{self.path}: arr_0 is truncated (it holds {stored // row} of {self.num} images); "
+                                  f"rewrite the file")
 
     def _array(self, key):
         with self._zip.open(key + ".npy") as f:
@@ -142,6 +152,22 @@ class FolderImages:
         if not files:
             raise EvaluationError(f"{path}: the folder holds no .png/.jpg/.jpeg images")
         self.files, self.num = files, len(files)
+        self._check_headers()
+
+    def _check_headers(self):
+        """Every file opens as an image and, without image_size, all share one size; only the headers are
+        read, so a bad folder is refused before any feature is computed."""
+        first = None
+        for file in self.files:
+            try:
+                with Image.open(file) as im:
+                    size = im.size
+            except OSError as e:
+                raise EvaluationError(f"{file}: cannot read this image ({e}); delete or replace it") from None
+            first = first or (file, size)
+            if self.image_size is None and size != first[1]:
+                raise EvaluationError(f"{file} is {size[0]} x {size[1]} but {first[0]} is {first[1][0]} x "
+                                      f"{first[1][1]}: pass --image-size N to center-crop every image to N x N")
 
     def _load(self, file):
         try:
@@ -174,6 +200,26 @@ def open_images(path, image_size=None):
     if source.num < 2:
         raise EvaluationError(f"{path}: {source.num} image(s); the metrics need at least 2 (FID needs a covariance)")
     return source
+
+
+def check_labels(labels, classes, where="labels"):
+    """EvaluationError for labels outside the classifier's classes 0..classes-1 (the accuracy would be
+    meaningless)."""
+    labels = np.asarray(labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise EvaluationError(f"{where} {labels.min()}..{labels.max()} lie outside the classifier's classes "
+                              f"0..{classes - 1}: the accuracy would be meaningless; check arr_1")
+
+
+def open_inputs(samples, ref, image_size=None, features="inception"):
+    """(samples, reference) image sources, each checked before any feature is computed: the path exists
+    and is of the right kind, the arrays' shapes and dtypes, the samples' labels and the reference's
+    statistics. A bad input is refused in a second, not after the other set's features."""
+    sources = open_images(samples, image_size), open_images(ref, image_size)
+    if features == "digits" and sources[0].labels is not None:
+        check_labels(sources[0].labels, DIGITS_CLASSES, f"{samples}: labels")
+    given_stats(sources[1], features)
+    return sources
 
 
 @torch.no_grad()
@@ -304,20 +350,29 @@ def resolution_warning(size, ref_size, input_size=None):
             f"so the scores compare different resolutions")
 
 
-def reference_stats(source, feats, features):
-    """FID statistics of the reference: the file's own (`mu`, `sigma`, `mu_s`, `sigma_s`), checked for
-    size, when it holds them for this feature network; else computed from its features."""
+def given_stats(source, features):
+    """The FID statistics the reference file holds for this feature network (`mu`, `sigma`, `mu_s`,
+    `sigma_s`), checked for size; {} when it holds none for it."""
     given = source.stats()
-    if given and given.pop("features", "inception") == features:
-        for key, size in STAT_SIZES[features].items():
-            cov = key.replace("mu", "sigma")
-            if key not in given or cov not in given:
-                raise EvaluationError(f"{source.path}: holds statistics but not {key!r} and {cov!r}")
-            if given[key].shape != (size,) or given[cov].shape != (size, size):
-                raise EvaluationError(f"{source.path}: {key}/{cov} have shapes {given[key].shape}/{given[cov].shape}, "
-                                      f"expected ({size},)/({size}, {size}) for {features} features; recompute them "
-                                      f"with evaluate.py --save-stats")
-        return {k: given[k] for k in given if k in ("mu", "sigma", "mu_s", "sigma_s")}, "given"
+    if not given or given.pop("features", "inception") != features:
+        return {}
+    for key, size in STAT_SIZES[features].items():
+        cov = key.replace("mu", "sigma")
+        if key not in given or cov not in given:
+            raise EvaluationError(f"{source.path}: holds statistics but not {key!r} and {cov!r}")
+        if given[key].shape != (size,) or given[cov].shape != (size, size):
+            raise EvaluationError(f"{source.path}: {key}/{cov} have shapes {given[key].shape}/{given[cov].shape}, "
+                                  f"expected ({size},)/({size}, {size}) for {features} features; recompute them "
+                                  f"with evaluate.py --save-stats")
+    return {k: given[k] for k in given if k in ("mu", "sigma", "mu_s", "sigma_s")}
+
+
+def reference_stats(source, feats, features, given=None):
+    """FID statistics of the reference: `given` (default: given_stats of the file) when there are any;
+    else computed from its features. Returns (stats, "given" or "computed")."""
+    given = given_stats(source, features) if given is None else given
+    if given:
+        return given, "given"
     stats = dict(zip(("mu", "sigma"), feature_stats(feats["pool"])))
     if feats.get("spatial") is not None:
         stats.update(zip(("mu_s", "sigma_s"), feature_stats(feats["spatial"])))
@@ -340,10 +395,8 @@ def score(sample_feats, ref_feats, ref_stats, labels=None, features="inception",
     else:
         accuracy = None
         if labels is not None:
-            labels, classes = np.asarray(labels), sample_feats["logits"].shape[1]
-            if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-                raise EvaluationError(f"labels {labels.min()}..{labels.max()} lie outside the classifier's classes "
-                                      f"0..{classes - 1}: the accuracy would be meaningless; check arr_1")
+            labels = np.asarray(labels)
+            check_labels(labels, sample_feats["logits"].shape[1])
             accuracy = float((sample_feats["logits"].argmax(1) == labels).mean())
         out.update(fd_digits=fd, accuracy=accuracy)
     out.update(precision=precision, recall=recall, num_samples=len(sample_feats["pool"]),
@@ -352,20 +405,25 @@ def score(sample_feats, ref_feats, ref_stats, labels=None, features="inception",
 
 
 class Evaluator:
-    """A feature network and a reference set, whose features and statistics are computed once; call it
-    with sample images (a path, or a uint8 array N x H x W x 3) for the metrics."""
+    """A feature network and a reference set (a path or an image source), whose features and statistics
+    are computed once; call it with sample images (a path, an image source, or a uint8 array N x H x W x 3)
+    for the metrics. The reference is opened and checked before the network is built."""
 
     def __init__(self, ref, features="inception", inception_weights=None, digits_classifier=DIGITS_CLASSIFIER,
                  batch_size=64, device=None, image_size=None, progress=True):
         self.features, self.batch_size, self.progress, self.image_size = features, batch_size, progress, image_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ref = ref if hasattr(ref, "batches") else open_images(ref, image_size)
+        given = given_stats(self.ref, features)
         self.net = feature_network(features, inception_weights, digits_classifier).to(self.device)
-        self.ref = open_images(ref, image_size)
         self.ref_feats = extract_features(self.ref, self.net, batch_size, self.device, progress, desc="reference")
-        self.ref_stats, self.ref_stats_source = reference_stats(self.ref, self.ref_feats, features)
+        self.ref_stats, self.ref_stats_source = reference_stats(self.ref, self.ref_feats, features, given)
 
     def features_of(self, samples, desc="samples"):
-        source = ArrayImages(samples) if isinstance(samples, np.ndarray) else open_images(samples, self.image_size)
+        if isinstance(samples, np.ndarray):
+            source = ArrayImages(samples)
+        else:
+            source = samples if hasattr(samples, "batches") else open_images(samples, self.image_size)
         return extract_features(source, self.net, self.batch_size, self.device, self.progress, desc=desc), source.labels
 
     def __call__(self, samples, labels=None):

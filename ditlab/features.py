@@ -30,6 +30,7 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 # machine measures with this one. A --digits-classifier path that does not exist is trained there instead.
 DIGITS_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.pt")
 DIGITS_SIZE = 16  # the digits demo's image size, the digits classifier's input
+DIGITS_CLASSES = 10  # the digits classifier's classes, 0 to 9
 INCEPTION_SIZE = 299  # torch-fidelity resizes every image to 299 x 299 for Inception
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 
@@ -134,7 +135,7 @@ class DigitsClassifier(nn.Module):
         self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1)
         self.fc = nn.Linear(2 * width * 4 * 4, features)
-        self.head = nn.Linear(features, 10)
+        self.head = nn.Linear(features, DIGITS_CLASSES)
 
     def features(self, x):
         """The 128-d penultimate features of (N, 1, 16, 16) digits."""

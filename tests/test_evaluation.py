@@ -2,8 +2,10 @@
 forms, brute-force numpy of ADM's formulas), the Inception route end to end with random weights written
 here, the digits route, the readers and every bad input."""
 
+import io
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 from test_sample import one_thread  # noqa: F401 (autouse: tiny networks run on one thread)
 
 import evaluate
+from ditlab import evaluation
 from ditlab.evaluation import (
     Evaluator,
     NpzImages,
@@ -398,14 +401,67 @@ def test_evaluate_out_is_checked_before_the_features(tmp_path, monkeypatch):
             raise AssertionError("features were computed before --out was checked")
 
     monkeypatch.setattr(evaluate, "Evaluator", NoEvaluator)
-    (tmp_path / "ref").mkdir()
+    samples = save_npz(tmp_path, "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    ref = save_npz(tmp_path, "ref.npz", np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(SystemExit, match="--out: .* is a directory"):
-        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--out", str(tmp_path)])
+        evaluate.main([samples, ref, "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--save-stats .*stats: give a file name ending in .npz"):
-        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--save-stats", str(tmp_path / "stats")])
+        evaluate.main([samples, ref, "--save-stats", str(tmp_path / "stats")])
     with pytest.raises(AssertionError, match="features were computed"):
-        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref"), "--out", str(tmp_path / "new" / "m.json")])
+        evaluate.main([samples, ref, "--out", str(tmp_path / "new" / "m.json")])
     assert os.path.isdir(tmp_path / "new")
+
+
+def bad_inputs(tmp_path):
+    """(path, message) of samples that cannot be scored, each of another kind."""
+    def folder(name, *files):
+        (tmp_path / name).mkdir()
+        for file, data in files:
+            (tmp_path / name / file).write_bytes(data)
+        return str(tmp_path / name)
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    wide = io.BytesIO()
+    Image.new("RGB", (9, 8)).save(wide, format="PNG")
+    truncated = save_npz(tmp_path, "truncated.npz", np.zeros((6, 8, 8, 3), np.uint8))
+    with zipfile.ZipFile(truncated) as z:
+        raw = z.read("arr_0.npy")
+    with zipfile.ZipFile(truncated, "w") as z:
+        z.writestr("arr_0.npy", raw[:-20])
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    return [(str(tmp_path / "missing.npz"), "no such file"),
+            (str(tmp_path / "junk.npz"), "not a readable .npz"),
+            (save_npz(tmp_path, "nchw.npz", np.zeros((4, 3, 8, 8), np.uint8)), "transpose"),
+            (save_npz(tmp_path, "labels.npz", np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 2, 12])),
+             r"labels 0\.\.12 lie outside"),
+            (truncated, "truncated"),
+            (folder("empty"), "no .png"),
+            (folder("broken", ("a.png", png.getvalue()), ("b.png", b"not a png")), "b.png: cannot read this image"),
+            (folder("mixed", ("a.png", png.getvalue()), ("b.png", wide.getvalue())), "pass --image-size")]
+
+
+def test_every_input_is_checked_before_any_feature_is_computed(tmp_path, monkeypatch):
+    """Bad samples are refused before the reference (large, so slow) is touched, and a bad reference too."""
+    def never(*args, **kwargs):
+        raise AssertionError("the features were computed before every input was checked")
+
+    monkeypatch.setattr(evaluation, "extract_features", never)
+    monkeypatch.setattr(evaluation, "feature_network", never)
+    ref = save_npz(tmp_path, "ref.npz", np.zeros((3000, 8, 8, 3), np.uint8))
+    good = save_npz(tmp_path, "good.npz", np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 2, 9]))
+    for samples, message in bad_inputs(tmp_path):
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main([samples, ref, "--features", "digits"])
+        if "labels" not in samples:
+            with pytest.raises(SystemExit, match=message):
+                evaluate.main([good, samples, "--features", "digits"])
+    wrong_stats = save_npz(tmp_path, "stats.npz", np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3),
+                           sigma=np.eye(3), features=np.array("digits"))
+    with pytest.raises(SystemExit, match=r"expected \(128,\)"):
+        evaluate.main([good, wrong_stats, "--features", "digits"])
+    with pytest.raises(AssertionError, match="before every input was checked"):
+        evaluate.main([good, ref, "--features", "digits"])  # good inputs reach the features
 
 
 #################################################################################
