@@ -41,7 +41,7 @@ def add_model_args(p):
     p.add_argument("--num-heads", type=COUNT, default=None,
                    help="a bare state dict's attention heads (default: the --model's; the weights do not say)")
     p.add_argument("--normalization", choices=sorted(NORM_LAYERS), default=None,
-                   help="default: from the checkpoint (a different value is an error)")
+                   help="read from the checkpoint; the flag may only repeat it (a different value is an error)")
     p.add_argument("--vae", default=None, metavar="VAE",
                    help=f"{VAE_HELP}; default: from the checkpoint, else mse")
     p.add_argument("--cfg-channels", type=COUNT, default=None,
@@ -72,10 +72,20 @@ def load_for_sampling(args):
     model, config = load_model(name, args.weights,
                                must_match=("model", "image_size", "num_classes", "depth", "hidden_size", "num_heads"),
                                bare_model="DiT-XL/2", model=args.model, image_size=args.image_size,
-                               num_classes=args.num_classes, normalization=args.normalization, vae=args.vae,
+                               num_classes=args.num_classes, vae=args.vae,
                                depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
+    check_normalization_flag(args.normalization, model.normalization)
     config.setdefault("vae", "mse")  # the reference sample.py's VAE
     return model, config
+
+
+def check_normalization_flag(flag, stored):
+    """UsageError when --normalization differs from the checkpoint's own: the weights say which
+    normalization they were trained with, so the flag can only repeat it."""
+    if flag is not None and flag != stored:
+        raise UsageError(f"--normalization {flag}: this checkpoint was trained with {stored}; sample.py and "
+                         f"sample_ddp.py read the normalization from the checkpoint, so drop the flag "
+                         f"(or pass --normalization {stored})")
 
 
 def check_vae(vae, model, config):

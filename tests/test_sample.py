@@ -351,7 +351,7 @@ def test_sample_py_subprocess(tmp_path, ckpt):
 def test_sample_py_flag_errors(tmp_path, ckpt, capsys):
     path = ckpt[0]
     out = str(tmp_path / "x.png")
-    with pytest.raises(SystemExit, match="normalization='layer-norm'"):
+    with pytest.raises(SystemExit, match="trained with layer-norm"):
         sample.main(["--ckpt", path, "--normalization", "none", "--out", out])
     with pytest.raises(SystemExit, match="--model DiT-B/2 conflicts"):
         sample.main(["--ckpt", path, "--model", "DiT-B/2", "--out", out])
@@ -364,6 +364,22 @@ def test_sample_py_flag_errors(tmp_path, ckpt, capsys):
     with pytest.raises(SystemExit, match="only for DiT-XL/2"):
         sample.main(["--image-size", "128", "--out", out])
     assert not os.path.exists(out)
+
+
+def test_a_normalization_flag_that_contradicts_the_checkpoint_names_the_checkpoints_own(tmp_path, ckpt):
+    """The hint is the checkpoint's normalization and that it is read from the checkpoint, not --depth."""
+    bare = str(tmp_path / "bare.pt")
+    torch.save(torch.load(ckpt[0])["ema"], bare)  # a bare state dict says its normalization too
+    bare_flags = ["--model", "DiT-S/2", "--vae", "none", "--image-size", "8", "--num-classes", "10", "--num-heads", "2"]
+    for argv in (["--ckpt", ckpt[0]], ["--ckpt", bare, *bare_flags]):
+        with pytest.raises(SystemExit) as e:
+            sample.main([*argv, "--normalization", "none", "--out", str(tmp_path / "x.png")])
+        message = str(e.value)
+        assert "--normalization none: this checkpoint was trained with layer-norm" in message
+        assert "read the normalization from the checkpoint, so drop the flag" in message and "--depth" not in message
+        args = sample_ddp.parse_args([*argv, "--normalization", "layer-norm"])  # the same value is accepted
+        assert sampling.load_for_sampling(args)[0].normalization == "layer-norm"
+    assert not os.path.exists(tmp_path / "x.png")
 
 
 def test_sample_py_toy_checkpoint_without_null_class(tmp_path, capsys):
