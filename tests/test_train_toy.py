@@ -354,7 +354,8 @@ def test_evaluation_steps_and_intervals_beyond_the_run_are_warned_about_in_dry_r
     run_toy(tmp_path, *flags, "--eval-steps", "1", "99999")
     expected = ["warning: --ckpt-every 9 is longer than the run (--max-steps 2): a checkpoint is written only at its "
                 "last step",
-                "warning: --probe-every 9 is longer than the run (--max-steps 2): the probe runs only at the evaluations",
+                "warning: --probe-every 9 is longer than the run (--max-steps 2): the probe runs only at the "
+                "evaluations",
                 "warning: --eval-steps 99999: after the run's last step (--max-steps 2), so dropped; the last step is "
                 "always evaluated"]
     assert dry.err.splitlines() == capsys.readouterr().err.splitlines() == expected
