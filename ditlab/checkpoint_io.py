@@ -24,6 +24,16 @@ def checkpoint_file(path):
     return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path
 
 
+def run_checkpoints(run_dir):
+    """A run directory's checkpoint files, newest first: checkpoints/latest.pt when it is there, then the
+    numbered <step>.pt by step. A resume tries them in this order, so a damaged latest.pt is not the end."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    numbered = sorted((name for name in names if re.fullmatch(r"\d+\.pt", name)), key=lambda n: int(n[:-3]),
+                      reverse=True)
+    return [os.path.join(folder, name) for name in (["latest.pt"] if "latest.pt" in names else []) + numbered]
+
+
 def missing_checkpoint(path, hint=CHECKPOINT_HINT):
     """The CheckpointError for a checkpoint that is not there, saying what could be passed instead."""
     return CheckpointError(f"no checkpoint at {checkpoint_file(path)!r}; {hint}")
@@ -56,7 +66,14 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         raise CheckpointError(f"could not load {path!r}: not a PyTorch checkpoint, or corrupt ({e})") from e
     except Exception as e:  # truncated zip, garbage
         raise CheckpointError(f"could not load {path!r}: the file is corrupt, truncated or not a PyTorch "
-                              f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                              f"checkpoint ({type(e).__name__}: {first_sentence(e)})") from e
+
+
+def first_sentence(error):
+    """The first sentence of an exception's message: torch's reasons go on to paragraphs of advice, and a
+    resume that skips damaged checkpoints names each one's reason on a single line."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text.split(". ")[0]
 
 
 def save_checkpoint(obj, path):

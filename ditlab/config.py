@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple
 
+from ditlab.checkpoint_io import run_checkpoints
 from ditlab.checkpoints import checkpoint_file, load_checkpoint
 from ditlab.distributed import check_global_batch, world_size
 from ditlab.errors import CheckpointError, UsageError
@@ -142,9 +143,9 @@ def resolve(spec, argv=None):
     (merge_resume_config) and checked again; warned about (printed, so --dry-run shows them too); completed;
     the global batch checked against the world size; frozen into spec.settings. Creates nothing."""
     args, explicit = parse_flags(spec, argv)
-    args, ckpt, run_dir = find_resume(args, explicit, spec)
+    args, ckpt, run_dir, resumed_from = find_resume(args, explicit, spec)
     spec.check(args)
-    notes = [*interval_warnings(args, explicit, SHARED_INTERVALS), *spec.warn(args, explicit)]
+    notes = [*resumed_from, *interval_warnings(args, explicit, SHARED_INTERVALS), *spec.warn(args, explicit)]
     print_warnings(notes)
     spec.complete(args)
     check_global_batch(args.global_batch_size, world_size())
@@ -224,19 +225,17 @@ def merge_resume_config(args, explicit, config, resumable):
 
 
 def find_resume(args, explicit, spec):
-    """(args, checkpoint, run_dir) for --resume (a run directory, a checkpoint file or 'auto'), or
-    (args, None, None) for a new run. The checkpoint must come from this script and belong to its run;
-    the returned flags are the checkpoint's config with the explicit flags that a resume may change."""
+    """(args, checkpoint, run_dir, notes) for --resume (a run directory, a checkpoint file or 'auto'), or
+    (args, None, None, []) for a new run. The checkpoint must come from this script and belong to its run;
+    the returned flags are the checkpoint's config with the explicit flags that a resume may change; `notes`
+    says which damaged checkpoints of a run directory were skipped (load_newest)."""
     resumable = spec.settings.names("resumable")
     if args.resume == "auto":
         args.resume = auto_resume(args, (*resumable, *spec.settings.names("runtime")))
     if not args.resume:
-        return args, None, None
-    run_dir, ckpt_path = resolve_resume(args.resume)
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except (ValueError, CheckpointError) as e:
-        raise CheckpointError(f"--resume {args.resume}: {e}") from None
+        return args, None, None, []
+    run_dir, candidates = resolve_resume(args.resume)
+    ckpt, ckpt_path, notes = load_newest(args.resume, candidates)
     ckpt["config"] = upgrade_config(ckpt["config"])
     script = ckpt["config"].get("script", spec.script)
     if script != spec.script:
@@ -247,7 +246,7 @@ def find_resume(args, explicit, spec):
     if merged.max_steps is not None and ckpt["step"] >= merged.max_steps:  # before anything is rewritten
         raise UsageError(f"--resume {args.resume}: the run has reached step {ckpt['step']} and --max-steps is "
                          f"{merged.max_steps}: nothing to do; pass a larger --max-steps to continue it")
-    return merged, ckpt, run_dir
+    return merged, ckpt, run_dir, notes
 
 
 def auto_resume(args, exclude):
@@ -262,13 +261,37 @@ def auto_resume(args, exclude):
 
 
 def resolve_resume(path):
-    """`--resume` takes a run directory (its latest checkpoint) or a checkpoint file; returns
-    (run_dir, checkpoint_file)."""
-    ckpt = checkpoint_file(path)
+    """`--resume` takes a run directory or a checkpoint file; returns (run_dir, candidates): the run's
+    checkpoints newest first (latest.pt, then by step: run_checkpoints), or the file alone."""
+    if os.path.isdir(path):
+        candidates = run_checkpoints(path)
+    else:
+        candidates = [path] if os.path.isfile(path) else []
+    if not candidates:
+        raise CheckpointError(f"--resume {path}: no checkpoint found at {checkpoint_file(path)}")
     run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if not os.path.isfile(ckpt):
-        raise CheckpointError(f"--resume {path}: no checkpoint found at {ckpt}")
-    return run_dir, ckpt
+    return run_dir, candidates
+
+
+def load_newest(resume, candidates):
+    """(checkpoint, its path, notes): the first of `candidates` that loads. A cluster job killed mid-write or
+    a damaged disk can leave latest.pt unreadable while an earlier checkpoint is good, so those that fail are
+    skipped and `notes` names them and why (one line). An error when none loads; a checkpoint file the user
+    named is the only candidate (it is theirs: never replaced by another)."""
+    skipped = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except (ValueError, CheckpointError) as e:
+            skipped.append(str(e))
+            continue
+        notes = [f"--resume {resume}: resuming from {path} (step {ckpt.get('step')}), the newest checkpoint that "
+                 f"loads; skipped: {'; '.join(skipped)}"] if skipped else []
+        return ckpt, path, notes
+    if not os.path.isdir(resume):
+        raise CheckpointError(f"--resume {resume}: {skipped[0]}")
+    raise CheckpointError(f"--resume {resume}: none of the run's {len(candidates)} checkpoints loads: "
+                          f"{'; '.join(skipped)}")
 
 
 # The config keys that decide what a checkpoint's weights are: a run's checkpoints must all agree on them.

@@ -205,8 +205,8 @@ def add_run_args(g, results_dir, log_every=None, ckpt_every=None):
     """Where runs go, resuming, logging and checkpoint intervals, device, threads and --dry-run."""
     g.add_argument("--results-dir", default=results_dir)
     g.add_argument("--resume", default=None,
-                   help="run directory (its latest checkpoint) or checkpoint file; 'auto': the newest run in "
-                        "--results-dir with these settings, or a new run if there is none (for requeued jobs)")
+                   help="run directory (its newest checkpoint that loads) or checkpoint file; 'auto': the newest "
+                        "run in --results-dir with these settings, or a new run if there is none (for requeued jobs)")
     g.add_argument("--log-every", type=COUNT, default=log_every)
     g.add_argument("--ckpt-every", type=COUNT, default=ckpt_every)
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
