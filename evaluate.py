@@ -1,8 +1,8 @@
 """Score generated samples against a reference set with ADM's metrics (FID, sFID, Inception Score,
 precision, recall), in PyTorch; or, on a CPU, in the features of a digits classifier.
 
-    python evaluate.py samples/DiT-XL-2-....npz VIRTUAL_imagenet256_labeled.npz --inception-weights w.pth
-    python evaluate.py samples/DiT-S-4-....npz data/digits --features digits     # the digits demo
+    python evaluate.py results/samples/DiT-XL-2-....npz VIRTUAL_imagenet256_labeled.npz --inception-weights w.pth
+    python evaluate.py results/samples/DiT-S-4-....npz data/digits --features digits     # the digits demo
     python evaluate.py my_samples/ /data/imagenet/val --image-size 256 --save-stats ref_stats.npz
 
 SAMPLES and REF are ADM .npz files (arr_0: uint8 N x H x W x 3) or folders of PNG/JPEG images. A REF

@@ -1,9 +1,10 @@
 """Sample a grid of images from a DiT: the official pretrained DiT-XL/2, or a checkpoint of this repo.
+The grid goes to results/sample.png unless --out says otherwise.
 
     python sample.py                                             # official DiT-XL-2-256x256.pt (downloads)
     python sample.py --image-size 512 --class-labels 207 360 --seed 1
     python sample.py --ckpt results/000-DiT-S-2-none/checkpoints/latest.pt
-    python sample.py --ckpt results/000-DiT-S-2-none --weights raw --out raw.png
+    python sample.py --ckpt results/000-DiT-S-2-none --weights raw --out results/raw.png
     python sample.py --sampler dpm-solver++ --num-sampling-steps 25     # diffusers' DPM-Solver++ 2M, 25 steps
     python sample.py --ckpt hf:facebook/DiT-XL-2-256                   # the Hub's diffusers copy (or any DiT folder)
 
@@ -44,6 +45,7 @@ from ditlab.sampling import (
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # The reference sample.py's labels: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+DEFAULT_OUT = os.path.join("results", "sample.png")  # results/ is git-ignored: no stray file in the repository
 
 
 def parse_args(argv=None):
@@ -53,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--class-labels", type=INDEX, nargs="+", default=None,
                    help=f"one image per label; default {DEFAULT_CLASS_LABELS} (or 0..7 modulo the class count)")
     p.add_argument("--seed", type=INDEX, default=0)
-    p.add_argument("--out", default="sample.png", help="PNG grid to write")
+    p.add_argument("--out", default=DEFAULT_OUT, help="PNG grid to write (its folder is created)")
     return p.parse_args(argv)
 
 

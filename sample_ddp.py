@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-DiT-XL-2-none --cfg-scale 1.5
     python sample_ddp.py --ckpt results/000-DiT-S-2-none --num-fid-samples 1000          # one process
 
-Writes `<sample-dir>/<folder>/<index:06d>.png` and then `<sample-dir>/<folder>.npz` (uint8 N x H x W x 3
+Writes `<sample-dir>/<folder>/<index:06d>.png` (--sample-dir: results/samples by default) and then `<sample-dir>/<folder>.npz` (uint8 N x H x W x 3
 under `arr_0`, the class labels under `arr_1`, as ADM's class-conditional sampler stores them); the folder
 name records everything that determines the images. `--eval-ref REF` then scores the .npz against REF
 (ditlab/evaluation.py: FID, sFID, IS, precision, recall; or --eval-features digits for the digits demo) and writes
@@ -60,10 +60,13 @@ from ditlab.sampling import (
 )
 
 
+SAMPLE_DIR = os.path.join("results", "samples")  # results/ is git-ignored: no stray folder in the repository
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--sample-dir", default="samples")
+    p.add_argument("--sample-dir", default=SAMPLE_DIR, help="where the PNG folders and .npz files go (created)")
     p.add_argument("--per-proc-batch-size", type=COUNT, default=32)
     p.add_argument("--num-fid-samples", type=COUNT, default=50_000)
     p.add_argument("--cfg-scale", type=NON_NEGATIVE, default=1.5, help="1.5 for the paper's FID-50K")

@@ -594,3 +594,12 @@ def test_a_bare_state_dict_of_a_non_standard_size_samples_and_mismatches_say_wha
     with pytest.raises(SystemExit, match=r"does not fit.*--depth 4 --hidden-size 128 .*patch size 4.*--num-classes 10 "
                                          r"\(or 11 without label dropout\), --vae none --image-size 16"):
         sample.main(["--ckpt", path, "--model", "DiT-S/2", "--num-heads", "4", "--out", str(tmp_path / "g3.png")])
+
+
+def test_outputs_default_under_the_ignored_results_folder():
+    """sample.py's grid and sample_ddp.py's folders default under results/, which git ignores."""
+    out, sample_dir = sample.parse_args([]).out, sample_ddp.parse_args([]).sample_dir
+    assert (out, sample_dir) == (os.path.join("results", "sample.png"), os.path.join("results", "samples"))
+    for path in (out, os.path.join(sample_dir, "x.npz"), "sample.png", os.path.join("samples", "x.npz")):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
