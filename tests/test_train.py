@@ -963,3 +963,20 @@ def test_intervals_longer_than_the_run_are_warned_about_and_still_fire_at_its_la
     capsys.readouterr()
     run(tmp_path / "quiet", image_folder, "--vae", "none", "--max-steps", "1")  # default intervals: no warning
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one_with_its_data_position(tmp_path, image_folder):
+    """train.py's resume falls back like the toy's (tests/test_run.py): past a cut latest.pt (and the numbered
+    file it links) to the step before, data position included, exactly as a resume from that file does."""
+    run_dir = run(tmp_path / "a", image_folder, "--vae", "none", "--max-steps", "4", "--ckpt-every", "1")
+    copy = str(tmp_path / "b" / os.path.basename(run_dir))
+    shutil.copytree(run_dir, copy)
+    for name in ("latest.pt", "0000004.pt"):
+        path = os.path.join(run_dir, "checkpoints", name)
+        os.truncate(path, os.path.getsize(path) // 2)
+    assert train.main(["--resume", run_dir]) == run_dir
+    assert "resuming from" in open(os.path.join(run_dir, "log.txt")).read()
+    assert train.main(["--resume", os.path.join(copy, "checkpoints", "0000003.pt")]) == copy
+    a, b = load_checkpoint(run_dir), load_checkpoint(copy)
+    assert a["step"] == b["step"] == 4 and (a["epoch"], a["position"]) == (b["epoch"], b["position"])
+    assert_same_weights(a, b, keys=("model", "ema"))
