@@ -36,7 +36,48 @@ def test_make_toy_runs_the_toy_study(tmp_path, make):
                      "--out", str(tmp_path / "toy"), "--no-outliers"])
     out = make("toy", TOY_ARGS=args)
     assert "toy study: 2 runs (layer-norm, none x seeds [0])" in out and "[2/2] finished" in out
-    assert (tmp_path / "toy" / "summary.md").read_text().startswith("# ")
+    head = (tmp_path / "toy" / "summary.md").read_text().splitlines()[:7]
+    assert head[0] == "# Toy identity study" and head[2].startswith("_Written by `")
+    assert head[4].startswith("At 4 steps, 1 seed: LayerNorm's sampled error is ")
+    assert head[6].startswith("**Too short to mean anything:** 4 steps is under 5x the EMA's lag")
+
+
+def toy_summary(steps, ln_rms, none_rms, seeds=1):
+    """A toy study's summary (ditlab/studies/toy_report.summarize's layout) with one evaluation, EMA weights."""
+    row = lambda norm, rms: dict(normalization=norm, weights="ema", step=steps,
+                                 **{e: dict(mean=rms, min=rms, max=rms, n=seeds) for e in ("rms", "mean_abs", "max_abs")})
+    ratio = {e: ln_rms / none_rms for e in ("rms", "mean_abs", "max_abs")}
+    return dict(rows=[row("layer-norm", ln_rms), row("none", none_rms)],
+                ratios=[dict(weights="ema", step=steps, **ratio)], final_loss={})
+
+
+CONFIG = dict(model="DiT-XS/1", depth=2, hidden_size=64, global_batch_size=256, lr=1e-3, lr_schedule="cosine",
+              ema_decay=0.999, max_steps=12000, preset="cpu", num_eval_samples=256, sampling_steps=1000)
+
+
+def test_toy_summary_opens_with_its_result_whichever_way_it_goes():
+    from ditlab.studies.toy_report import format_markdown
+
+    lines = format_markdown(toy_summary(12000, 0.019, 0.01, seeds=3), CONFIG).splitlines()
+    assert lines[:4] == ["# Toy identity study", "", "At 12,000 steps, 3 seeds: LayerNorm's sampled error is 1.90x "
+                         "the no-LayerNorm model's (EMA weights; LayerNorm worse).", ""]
+    assert lines[4].startswith("Run: ")  # long enough: no warning
+    better = format_markdown(toy_summary(12000, 0.005, 0.01), CONFIG).splitlines()[2]
+    assert better == "At 12,000 steps, 1 seed: LayerNorm's sampled error is 0.50x the no-LayerNorm model's " \
+                     "(EMA weights; LayerNorm better)."
+    text = format_markdown(toy_summary(12000, 0.005, 0.01), CONFIG)
+    assert "EMA rows: the averaged weights lag the raw ones by about 1/(1 - 0.999) = 1,000 steps" in text
+
+
+def test_toy_summary_says_when_runs_are_too_short():
+    from ditlab.studies.toy_report import format_markdown
+
+    short = format_markdown(toy_summary(300, 0.78, 0.79), CONFIG).splitlines()[4]
+    assert short == ("**Too short to mean anything:** 300 steps is under 5x the EMA's lag of 1/(1 - 0.999) = 1,000 "
+                     "steps; the EMA samples' RMS 0.79 is near the prior's 1.0 (the EMA has not warmed up). Train at "
+                     "least 5,000 steps before reading the ratios.")
+    lagging = format_markdown(toy_summary(12000, 0.9, 0.8), CONFIG).splitlines()[4]
+    assert lagging.startswith("**Too short to mean anything:** the EMA samples' RMS 0.90 is near the prior's 1.0")
 
 
 def test_make_ablation_runs_the_ablation(tmp_path, make):

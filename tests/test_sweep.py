@@ -57,12 +57,34 @@ def test_sweep_table_from_tiny_runs(finished):
         mean = lambda norm: statistics.fmean(eps[(norm, s)][t] for s in (0, 1))
         assert row["ratio"] == pytest.approx(mean("layer-norm") / mean("none"))
     text = (out / "summary.md").read_text()
-    head = text.splitlines()[:5]  # title, provenance, one line of what was run
+    head = text.splitlines()[:9]  # title, provenance, the result in a sentence, the warning, what was run
     assert head[0].startswith("# Sweep") and head[2].startswith("_Written by `") and head[1] == head[3] == ""
-    assert head[4].startswith("Run: preset (8 steps, seeds 0 1)")
+    ratio = cell["ema"]["ratio"]
+    verdict = "about equal" if abs(ratio - 1) < 0.05 else "LayerNorm worse" if ratio > 1 else "LayerNorm better"
+    assert head[4] == (f"In the preset cell, at 8 steps, 2 seeds: LayerNorm's sampled error is "
+                       f"{ratio:.2f}x the no-LayerNorm model's (EMA weights; {verdict}).")
+    assert head[5] == "" and head[6].startswith("**Too short to mean anything:** a quick sweep (runs of 0.00067x the preset's steps, "
+                              "--steps-scale); 8 steps is under 5x the EMA's lag of 1/(1 - 0.999) = 1,000 steps")
+    assert head[7] == "" and head[8].startswith("Run: preset (8 steps, seeds 0 1)")
+    assert "EMA rows: the averaged weights lag the raw ones by about 1/(1 - 0.999) = 1,000 steps" in text
     assert f"| preset | {SWEEP_CELLS['preset'][0]} | 8 | 2 | {statistics.fmean(ln):.2e}" in text
     assert f"{cell['ema']['ratio']:.2f} [{cell['ema']['ratio_min']:.2f}, {cell['ema']['ratio_max']:.2f}]" in text
     assert os.path.getsize(out / "ratios.png") > 1000
+
+
+def test_headline_of_a_full_length_sweep_gives_the_range_over_cells_and_no_warning():
+    """Runs of the preset's length with EMA samples far from the prior: the sentence, and no too-short line."""
+    from ditlab.studies.sweep import sweep_headline
+
+    spread = lambda mean: dict(mean=mean, min=mean, max=mean)
+    cell = lambda steps, ratio: dict(steps=steps, seeds=[0, 1], ema_decay=0.999,
+                                     ema=dict(ratio=ratio, layer_norm=spread(0.02 * ratio), none=spread(0.02)))
+    summary = dict(cells={"preset": cell(12000, 1.9), "steps2x": cell(24000, 0.5)})
+    assert sweep_headline(summary) == [
+        "In the preset cell, at 12,000 steps, 2 seeds: LayerNorm's sampled error is 1.90x the no-LayerNorm model's "
+        "(EMA weights; LayerNorm worse); over the 2 cells this ratio runs from 0.50x to 1.90x."]
+    summary["cells"]["preset"]["ema"]["none"] = spread(0.9)  # the symptom: samples still near the prior
+    assert sweep_headline(summary)[2].startswith("**Too short to mean anything:** the EMA samples' RMS 0.90 is near")
 
 
 def test_trajectory_table_from_tiny_runs(finished):

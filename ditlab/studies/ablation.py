@@ -21,7 +21,7 @@ from ditlab.files import provenance
 from ditlab.studies.runner import study_parser, dispatch_of
 from ditlab.studies.stats import spread
 from ditlab.studies.toy import train_runs
-from ditlab.studies.toy_report import summarize
+from ditlab.studies.toy_report import seeds_phrase, summarize, times, too_short_line
 from ditlab.studies.variants import ABLATION_VARIANTS, color
 from ditlab.toy.readers import load_config, load_metrics
 from models import NORM_LAYERS
@@ -47,7 +47,8 @@ def toy_table(runs):
     table = {}
     losses = summarize(runs)["final_loss"]
     for (norm, weights), rows in last.items():
-        table.setdefault(norm, {"step": rows[0]["step"], "seeds": len(rows), "final_loss": losses.get(norm, {}).get("mean")})
+        table.setdefault(norm, {"step": rows[0]["step"], "seeds": len(rows), "final_loss": losses.get(norm, {}).get("mean"),
+                                "ema_decay": load_config(runs[0])["ema_decay"]})
         for e in ("rms", "max_abs"):
             table[norm][f"{weights}_{e}"] = spread(r[e] for r in rows)
     return table
@@ -77,9 +78,28 @@ def fmt(x):
     return f"{x:.2e}" if isinstance(x, float) else str(x)
 
 
+def headline(toy, variants):
+    """The ablation's first lines: its result in one sentence (each variant's EMA sampled error over
+    LayerNorm's, the lowest named) and, when the runs are too short to mean anything, one line that says so."""
+    shown = [v for v in variants if v in toy]
+    if not shown:
+        return []
+    first = toy[shown[0]]
+    rms = {v: toy[v]["ema_rms"]["mean"] for v in shown}
+    best = min(rms, key=rms.get)
+    parts = [f"the lowest sampled error is {best}'s ({rms[best]:.2e})"]
+    if "layer-norm" in rms and len(rms) > 1:
+        parts.append("relative to LayerNorm's: " + ", ".join(
+            f"{v} {times(rms[v] / rms['layer-norm'])}" for v in shown if v != "layer-norm"))
+    sentence = f"At {first['step']:,} steps, {seeds_phrase(first['seeds'])} (EMA weights): {'; '.join(parts)}."
+    warning = too_short_line(first["step"], first["ema_decay"], max(rms.values()))
+    return [sentence] + (["", warning] if warning else [])
+
+
 def write_summary(out, toy, args):
-    """summary.md (the toy table, with its provenance) and summary.json in `out`; returns the markdown."""
-    lines = ["# Normalization ablation (toy)", "", provenance(), "",
+    """summary.md (its result in a sentence, the toy table, with its provenance) and summary.json in `out`;
+    returns the markdown."""
+    lines = ["# Normalization ablation (toy)", "", provenance(), "", *headline(toy, args.variants), "",
              f"Run: variants {', '.join(args.variants)}; seeds {args.seeds}; the `make toy` CPU preset.", ""]
     text = "\n".join(lines + toy_lines(toy, args))
     with open(os.path.join(out, "summary.md"), "w") as f:

@@ -38,7 +38,7 @@ from ditlab.studies.variants import TOY_VARIANTS, label
 from ditlab.run import newest_run
 from ditlab.studies.toy_plots import plot_sweep, plot_trajectories
 from ditlab.toy.readers import final_sample_errors, load_config, load_metrics, probe_trajectory
-from ditlab.studies.toy_report import timestep_summary
+from ditlab.studies.toy_report import ema_lag_line, ratio_sentence, times, timestep_summary, too_short_line
 from ditlab.toy.task import PRESETS
 
 
@@ -162,7 +162,8 @@ def sweep_cell_summary(runs):
             values.setdefault((weights, cfg["normalization"]), {})[cfg["global_seed"]] = final_sample_errors(run, weights)
     cfg = load_config(runs[0])
     cell = dict(steps=cfg["max_steps"], seeds=sorted({load_config(r)["global_seed"] for r in runs}),
-                num_eval_samples=cfg["num_eval_samples"], sampling_steps=cfg["sampling_steps"])
+                num_eval_samples=cfg["num_eval_samples"], sampling_steps=cfg["sampling_steps"],
+                ema_decay=cfg["ema_decay"])
     for weights in ("ema", "raw"):
         ln, none = values.get((weights, "layer-norm"), {}), values.get((weights, "none"), {})
         cell[weights] = dict(layer_norm=spread(ln.values()), none=spread(none.values()), **ratio_spread(ln, none))
@@ -200,16 +201,42 @@ def trajectory_summary(runs, weights="ema", t_min=10):
     return out
 
 
+def steps_scale(name, cell):
+    """The --steps-scale a cell was run with: its steps over the preset's for that cell."""
+    return cell["steps"] / (PRESETS["cpu"]["max_steps"] * SWEEP_CELLS[name][2])
+
+
+def sweep_headline(summary):
+    """The sweep's first lines: its result in one sentence (the first cell's EMA ratio and the range over the
+    cells) and, when the runs are too short to mean anything, one line that says so."""
+    cells = summary["cells"]
+    name, first = next(iter(cells.items()))
+    sentence = ratio_sentence(first["steps"], len(first["seeds"]), first["ema"]["ratio"])
+    sentence = sentence.replace(f"At {first['steps']:,} steps", f"In the {name} cell, at {first['steps']:,} steps", 1)
+    if len(cells) > 1:
+        ratios = [c["ema"]["ratio"] for c in cells.values()]
+        sentence = (f"{sentence[:-1]}; over the {len(cells)} cells this ratio runs from {times(min(ratios))} "
+                    f"to {times(max(ratios))}.")
+    scale = min(steps_scale(n, c) for n, c in cells.items())
+    quick = f"a quick sweep (runs of {scale:.2g}x the preset's steps, --steps-scale)" if scale < 1 else None
+    shortest = min(cells.values(), key=lambda c: c["steps"])
+    rms = max(max(c["ema"]["layer_norm"]["mean"], c["ema"]["none"]["mean"]) for c in cells.values())
+    warning = too_short_line(shortest["steps"], shortest.get("ema_decay", PRESETS["cpu"]["ema_decay"]), rms, quick)
+    return [sentence] + (["", warning] if warning else [])
+
+
 def sweep_markdown(summary, timesteps=(0, 1, 5, 10, 50, 100, 500, 999)):
-    """summary.md of the sweep: the sample-error table and the per-t eps error ratio table."""
+    """summary.md of the sweep: its result in a sentence, the sample-error table and the per-t eps error
+    ratio table."""
     first = next(iter(summary["cells"].values()))
-    lines = ["# Sweep: where is the LayerNorm gap large?", "", provenance(), "",
+    lines = ["# Sweep: where is the LayerNorm gap large?", "", provenance(), "", *sweep_headline(summary), "",
              "Run: " + ", ".join(f"{name} ({cell['steps']} steps, seeds {' '.join(map(str, cell['seeds']))})"
                                  for name, cell in summary["cells"].items()) + "; "
              f"{first['num_eval_samples']} samples ({first['sampling_steps']}-step {first.get('sampler', 'ddpm')}) "
              "at the last step.", "",
              "Sample RMS (target 0), mean over seeds [min, max]; ratio: LayerNorm / no LayerNorm [range of per-seed "
-             f"ratios], above 1: LayerNorm is worse. {DEFINITIONS}", "",
+             f"ratios], above 1: LayerNorm is worse. {DEFINITIONS}",
+             ema_lag_line(first.get("ema_decay", PRESETS["cpu"]["ema_decay"])), "",
              "| cell | change | steps | seeds | EMA RMS, LayerNorm | EMA RMS, no LayerNorm | EMA ratio | raw ratio |",
              "|---|---|---:|---:|---|---|---|---|"]
     spread = lambda s: f"{s['mean']:.2e} [{s['min']:.1e}, {s['max']:.1e}]"

@@ -18,6 +18,71 @@ from ditlab.toy.readers import (
 
 ERRORS = ("rms", "mean_abs", "max_abs")
 DEFINITIONS = "Definitions: docs/toy.md#how-the-tables-are-measured."
+WARM_LAGS = 5  # a run shorter than this many EMA lags (1 / (1 - decay) steps) is too short to read
+PRIOR_RMS = 0.5  # an EMA sample RMS above this is still near the prior's 1.0: the EMA has not left its start
+
+
+def seeds_phrase(n):
+    """"1 seed", "3 seeds"."""
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def times(ratio):
+    """A ratio as a factor for a sentence: 1.90x, 0.52x, 23.4x."""
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.3g}x"
+
+
+def ratio_sentence(steps, seeds, ratio, weights="EMA"):
+    """The toy family's one-sentence result: how LayerNorm's sampled error compares with no LayerNorm's."""
+    verdict = "about equal" if abs(ratio - 1) < 0.05 else "LayerNorm worse" if ratio > 1 else "LayerNorm better"
+    return (f"At {steps:,} steps, {seeds_phrase(seeds)}: LayerNorm's sampled error is {times(ratio)} the "
+            f"no-LayerNorm model's ({weights} weights; {verdict}).")
+
+
+def ema_lag(ema_decay):
+    """How many steps the EMA weights trail the raw ones: about 1 / (1 - decay)."""
+    return 1 / (1 - ema_decay) if ema_decay < 1 else float("inf")
+
+
+def too_short_line(steps, ema_decay, ema_rms=None, quick=None):
+    """One line when runs are too short to mean anything (None otherwise): a `quick` run (e.g. "a quick
+    sweep, --steps-scale 0.02"), fewer steps than WARM_LAGS EMA lags, or EMA samples still near the prior."""
+    lag = ema_lag(ema_decay)
+    reasons = [quick] if quick else []
+    if steps < WARM_LAGS * lag:
+        reasons.append(f"{steps:,} steps is under {WARM_LAGS}x the EMA's lag of 1/(1 - {ema_decay}) = {lag:,.0f} steps")
+    if ema_rms is not None and ema_rms > PRIOR_RMS:
+        reasons.append(f"the EMA samples' RMS {ema_rms:.2f} is near the prior's 1.0 (the EMA has not warmed up)")
+    if not reasons:
+        return None
+    return (f"**Too short to mean anything:** {'; '.join(reasons)}. Train at least {WARM_LAGS * lag:,.0f} steps "
+            "before reading the ratios.")
+
+
+def ema_lag_line(ema_decay):
+    """One line on why the EMA rows' early ratios differ from the raw rows'."""
+    return (f"EMA rows: the averaged weights lag the raw ones by about 1/(1 - {ema_decay}) = {ema_lag(ema_decay):,.0f} "
+            "steps, so at steps of a few lags or fewer they are still close to where training started and their "
+            "ratios say little; read the raw rows there.")
+
+
+def headline(summary, config):
+    """The toy summary's first lines: its result in one sentence, the too-short warning if any."""
+    ema = [r for r in summary["ratios"] if r["weights"] == "ema"]
+    rows = [r for r in summary["rows"] if r["weights"] == "ema"]
+    last = max((r["step"] for r in rows), default=None)
+    if last is None:
+        return []
+    at_last = [r for r in rows if r["step"] == last]
+    seeds = min(r["rms"]["n"] for r in at_last)
+    if ema and ema[-1]["step"] == last:
+        lines = [ratio_sentence(last, seeds, ema[-1]["rms"])]
+    else:
+        lines = [f"At {last:,} steps, {seeds_phrase(seeds)}: the sampled RMS error is " + ", ".join(
+            f"{r['rms']['mean']:.2e} for {LABELS.get(r['normalization'], r['normalization'])}" for r in at_last)
+            + " (EMA weights; no pair to compare)."]
+    warning = too_short_line(last, config["ema_decay"], max(r["rms"]["mean"] for r in at_last))
+    return lines + (["", warning] if warning else [])
 
 
 def _spread(values):
@@ -53,8 +118,12 @@ def summarize(runs):
 
 
 def format_markdown(summary, config):
+    """summary.md of the toy study: the title, the result in a sentence (and whether the runs are too short to
+    mean anything), the run's settings, the sample-error table, the losses and the LayerNorm / none ratios."""
     lines = [
         "# Toy identity study",
+        "",
+        *headline(summary, config),
         "",
         f"Run: model {config['model']} (depth {config.get('depth') or 'default'}, "
         f"width {config.get('hidden_size') or 'default'}), "
@@ -63,6 +132,7 @@ def format_markdown(summary, config):
         f"2 channels, {config['sampling_steps']}-step {config.get('sampler', 'ddpm')}.",
         "",
         f"Sample errors (target 0), mean over seeds [min, max]. {DEFINITIONS}",
+        ema_lag_line(config["ema_decay"]),
         "",
         "| step | weights | variant | seeds | RMS | mean abs | max abs | max abs (8-bit levels) |",
         "|---:|---|---|---:|---|---|---|---:|",
