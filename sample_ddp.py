@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
 from diffusion import create_diffusion
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, command
@@ -57,6 +56,7 @@ from ditlab.sampling import (
     image_labels,
     load_for_sampling,
     prepare_guidance,
+    progress_bar,
 )
 
 
@@ -144,7 +144,7 @@ def create_npz(folder, num, path, labels=None):
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as out:
                 shape = None
-                for i in tqdm(range(num), desc="building .npz", file=sys.stderr, mininterval=5):
+                for i in progress_bar(range(num), "building .npz", unit="img", mininterval=5):
                     try:
                         with Image.open(png_path(folder, i)) as im:
                             array = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -170,10 +170,12 @@ def draw_batches(mine, todo, folder, sampler, args):
     """Draw this process's batches and save the images still missing (`todo`); `sampler` holds the model,
     its diffusion, VAE, config, guidance scale and the process's DistInfo. Returns how many images were
     written. A stop signal ends it after the batch in progress, its images saved: Preempted (exit code
-    PREEMPTED_EXIT)."""
+    PREEMPTED_EXIT). Rank 0 shows its images/s and ETA once the batches run long (sampling.progress_bar)."""
     written, d = 0, sampler.dist
-    with StopFlag() as stop:
-        for indices in tqdm(mine, desc="batches", disable=not d.is_main, file=sys.stderr):
+    desc = "sampling" + (f" (rank 0 of {d.world_size})" if d.world_size > 1 else "")
+    with StopFlag() as stop, progress_bar(desc=desc, total=sum(map(len, mine)), unit="img",
+                                          disable=not d.is_main) as bar:
+        for indices in mine:
             images, _ = draw_images(sampler.model, sampler.diffusion, indices, args.global_seed, sampler.vae,
                                     sampler.config.get("latent_scale", LATENT_SCALE), sampler.cfg_scale,
                                     args.cfg_channels, args.sampler)
@@ -181,6 +183,7 @@ def draw_batches(mine, todo, folder, sampler, args):
                 if index in todo:
                     save_png(png_path(folder, index), image)
                     written += 1
+            bar.update(len(indices))
             if stop:
                 raise Preempted(f"[rank {d.rank}] {stop.name} received: stopped after {written} new images, all "
                                 f"saved; rerun the same command to draw the rest (exit code {PREEMPTED_EXIT})")

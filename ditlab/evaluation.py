@@ -1,24 +1,22 @@
 """Evaluation: ADM's metrics (FID, sFID, IS, precision, recall) and FD-digits on images from .npz
 files, folders or arrays.
 
-Layer: above features (the networks) and data (the ADM crop); below monitoring, the studies and the
+Layer: above features (the networks), sampling (the progress bar) and data (the ADM crop); below monitoring, the studies and the
 commands. Bad input raises EvaluationError naming the file and what to do."""
 
 import glob
-import math
 import os
-import sys
 import warnings
 import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ditlab.data import center_crop_arr
 from ditlab.features import DIGITS_CLASSES, DIGITS_CLASSIFIER, SPATIAL_CHANNELS, EvaluationError, feature_network
 from ditlab.files import atomic_write
+from ditlab.sampling import progress_bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IS_SPLIT = 5000  # ADM's split size for the Inception Score
@@ -225,15 +223,17 @@ def open_inputs(samples, ref, image_size=None, features="inception"):
 @torch.no_grad()
 def extract_features(source, net, batch_size=64, device="cpu", progress=True, desc=None):
     """Run `net` over every image of `source`: {'pool', 'spatial', 'logits'} as float32 numpy arrays
-    (None where the network has no such output), and 'image_size', the (H, W) of its images."""
+    (None where the network has no such output), and 'image_size', the (H, W) of its images. With
+    `progress`, a bar with images/s and ETA appears once the extraction runs long (sampling.progress_bar)."""
     out, size = {}, None
-    total = math.ceil(source.num / batch_size)
-    for batch in tqdm(source.batches(batch_size), total=total, desc=desc or os.path.basename(source.path),
-                      disable=not progress, file=sys.stderr, mininterval=2):
-        size = size or tuple(batch.shape[1:3])
-        x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).to(device)  # a writable copy
-        for key, value in net(x).items():
-            out.setdefault(key, []).append(None if value is None else value.float().cpu().numpy())
+    with progress_bar(desc=desc or os.path.basename(source.path), total=source.num, unit="img",
+                      disable=not progress) as bar:
+        for batch in source.batches(batch_size):
+            size = size or tuple(batch.shape[1:3])
+            x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).to(device)  # a writable copy
+            for key, value in net(x).items():
+                out.setdefault(key, []).append(None if value is None else value.float().cpu().numpy())
+            bar.update(len(batch))
     return {**{k: None if v[0] is None else np.concatenate(v) for k, v in out.items()}, "image_size": size}
 
 

@@ -20,6 +20,7 @@ from models import NORM_LAYERS, DiT_models
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
 SOLVERS = ("dpm-solver++", "unipc")  # diffusers' multistep ODE solvers
+PROGRESS_DELAY = 10  # seconds: a loop that ends sooner prints no progress bar
 SAMPLER_HELP = ("ddpm: ancestral (the reference, 250 steps); ddim: deterministic (eta 0); dpm-solver++ / unipc: "
                 "diffusers' multistep ODE solvers (DPM-Solver++ 2M, UniPC-2), good from about 10-25 steps")
 
@@ -49,6 +50,14 @@ def add_model_args(p):
     p.add_argument("--num-sampling-steps", type=COUNT, default=250)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+
+
+def progress_bar(iterable=None, desc=None, total=None, unit="it", disable=False, mininterval=2):
+    """A tqdm bar on stderr (count, rate, ETA) for long loops: sampling, feature extraction, .npz writing.
+    It appears only once the loop has run PROGRESS_DELAY seconds, so short runs stay quiet. Without an
+    iterable it is a manual bar: bar.update(n)."""
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr,
+                delay=PROGRESS_DELAY, mininterval=mininterval)
 
 
 #################################################################################
@@ -193,11 +202,10 @@ def make_solver(sampler, diffusion, clip_denoised=False, device=None, spacing="l
 
 
 def _steps(steps, progress):
-    """`steps`, wrapped in a progress bar on stderr when `progress`."""
+    """`steps`, wrapped in a progress bar on stderr when `progress` (shown once the loop runs long)."""
     if not progress:
         return steps
-
-    return tqdm(steps, desc="sampling", file=sys.stderr)
+    return progress_bar(steps, "sampling", unit="step", mininterval=0.1)
 
 
 def _solve(fn, diffusion, x, y, sampler, *, guided=False, clip_denoised=False, progress=False, spacing="linspace"):

@@ -16,9 +16,11 @@ from test_sample import one_thread  # noqa: F401 (autouse: tiny networks run on 
 import evaluate
 from ditlab import evaluation
 from ditlab.evaluation import (
+    ArrayImages,
     Evaluator,
     NpzImages,
     check_images,
+    extract_features,
     feature_stats,
     frechet_distance,
     inception_score,
@@ -523,3 +525,18 @@ def test_resolution_warning_follows_the_networks_input_size():
     assert resolution_warning((16, 16), (32, 32), DIGITS_SIZE) is None
     assert "resizes both to 16 x 16" in resolution_warning((8, 8), (16, 16), DIGITS_SIZE)
     assert resolution_warning((16, 16), (16, 16)) is None and resolution_warning((8, 8), (16, 16)) is not None
+
+
+def test_feature_extraction_shows_images_per_second_only_when_it_runs_long(monkeypatch, capsys):
+    from ditlab import sampling
+
+    source = ArrayImages(np.zeros((10, 4, 4, 3), np.uint8))
+    def net(x):
+        return {"pool": x.float().flatten(1), "spatial": None}
+
+    extract_features(source, net, batch_size=4, progress=True, desc="reference")
+    assert capsys.readouterr().err == ""  # short: quiet
+    monkeypatch.setattr(sampling, "PROGRESS_DELAY", 0)
+    feats = extract_features(source, net, batch_size=4, progress=True, desc="reference")
+    err = capsys.readouterr().err
+    assert "reference: 100%" in err and "10/10" in err and "img/s" in err and feats["pool"].shape == (10, 48)

@@ -603,3 +603,13 @@ def test_outputs_default_under_the_ignored_results_folder():
     for path in (out, os.path.join(sample_dir, "x.npz"), "sample.png", os.path.join("samples", "x.npz")):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_sample_ddp_shows_images_per_second_only_when_the_batches_run_long(tmp_path, ckpt, monkeypatch, capsys):
+    """A short run prints no bar; a long one (here: any, the delay set to 0) shows images/s and the ETA."""
+    sample_ddp.main(["--ckpt", ckpt[0], "--sample-dir", str(tmp_path / "quick"), *DDP_FLAGS])
+    assert "%|" not in capsys.readouterr().err
+    monkeypatch.setattr(sampling, "PROGRESS_DELAY", 0)
+    sample_ddp.main(["--ckpt", ckpt[0], "--sample-dir", str(tmp_path / "long"), *DDP_FLAGS])
+    err = capsys.readouterr().err
+    assert "sampling: 100%" in err and "11/11" in err and "img/s" in err and "building .npz" in err

@@ -139,3 +139,13 @@ def test_ddpm_from_the_global_rng_is_the_diffusions_own_loop_bit_for_bit(cfg_sca
     torch.manual_seed(4)
     now = sampling.denoise(model, diffusion, noise, labels, "ddpm", cfg_scale, clip_denoised=True)
     assert torch.equal(now, before)
+
+
+def test_progress_bar_appears_only_once_a_loop_runs_long(monkeypatch, capsys):
+    assert list(sampling.progress_bar(range(3), "quick", unit="img")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sampling, "PROGRESS_DELAY", 0)
+    with sampling.progress_bar(desc="long", total=4, unit="img") as bar:
+        bar.update(4)
+    err = capsys.readouterr().err
+    assert "long: 100%" in err and "4/4" in err and "img/s" in err
