@@ -90,3 +90,40 @@ def test_make_digits_runs_the_length_check_from_the_committed_records(tmp_path, 
     """The length check reads only records: the measured study's, committed in docs/results/."""
     make("digits", DIGITS_ARGS=f"--lengths docs/results/digits_runs docs/results/digits_long_runs --out {tmp_path}")
     assert (tmp_path / "lengths.md").read_text().startswith("# The digits study: how long is trained?")
+
+
+def test_compare_legend_follows_the_variant_registry_whatever_the_errors(monkeypatch):
+    """The widest cloud is drawn first, but every panel's legend lists the variants in ORDER."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from ditlab.studies import toy_plots
+
+    scale = {"run-ln": 0.1, "run-none": 1.0}  # no LayerNorm's cloud is the wider one
+    monkeypatch.setattr(toy_plots, "load_samples", lambda run, step, weights: torch.ones(4, 2, 2, 2) * scale[run])
+    monkeypatch.setattr(toy_plots, "load_config", lambda run: {"normalization": "layer-norm" if run == "run-ln" else "none"})
+    fig, ax = plt.subplots()
+    assert toy_plots.plot_scatter(ax, ["run-none", "run-ln"], 10) == 4
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert [lab.split(" (")[0] for lab in labels] == ["LayerNorm", "no LayerNorm"]
+
+
+def test_log_tick_labels_of_a_narrow_range_do_not_overlap():
+    """Errors within a decade (0.93 to 1.0): matplotlib would label a dozen minor ticks, crowded together."""
+    import matplotlib.pyplot as plt
+
+    from ditlab.studies.toy_plots import readable_log_ticks
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([0.02, 0.1, 1.0, 1.8], [0.999, 0.99, 0.95, 0.93])
+    ax.set(xscale="log", yscale="log")
+    readable_log_ticks(ax)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for axis in (ax.xaxis, ax.yaxis):
+        ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+        boxes = [t.label1.get_window_extent(renderer) for t in ticks if t.label1.get_visible() and t.label1.get_text()]
+        assert 2 <= len(boxes) <= 6
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)

@@ -1,6 +1,9 @@
 """Toy study figures."""
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator, NullFormatter, StrMethodFormatter
+
+from ditlab.studies.variants import ORDER
 
 from ditlab.toy.readers import (
     GROWTH_TIMESTEPS,
@@ -23,16 +26,24 @@ COLORS = {"layer-norm": "tab:red", "none": "tab:blue"}
 #################################################################################
 
 
+def registry_rank(variant):
+    """Where a variant comes in the registry's ORDER (unknown ones after every known one)."""
+    return ORDER.index(variant) if variant in ORDER else len(ORDER)
+
+
 def plot_scatter(ax, runs, step, weights="ema"):
-    """Channel 0 vs channel 1 of every pixel of every sample, one colour per variant, symmetric limits."""
+    """Channel 0 vs channel 1 of every pixel of every sample, one colour per variant, symmetric limits; the
+    widest cloud is drawn first (so none is hidden) but the legend follows the variant registry's ORDER.
+    Returns the number of samples per run."""
     limit = 0.0
-    clouds = []
+    clouds, handles = [], {}
     for run_dir in runs:
         s = load_samples(run_dir, step, weights)
         clouds.append((float((s.double() ** 2).mean().sqrt()), load_config(run_dir)["normalization"], s))
     for rms, norm, s in sorted(clouds, key=lambda c: -c[0]):  # widest cloud first, so none is hidden
         c0, c1 = s[:, 0].flatten().numpy(), s[:, 1].flatten().numpy()
-        ax.scatter(c0, c1, s=6, alpha=0.6, color=COLORS.get(norm), label=f"{LABELS.get(norm, norm)} (RMS {rms:.1e})")
+        handles[norm] = ax.scatter(c0, c1, s=6, alpha=0.6, color=COLORS.get(norm),
+                                   label=f"{LABELS.get(norm, norm)} (RMS {rms:.1e})")
         limit = max(limit, float(s.abs().max()))
     limit = 1.1 * limit or 1e-3
     ax.set_xlim(-limit, limit)
@@ -44,16 +55,17 @@ def plot_scatter(ax, runs, step, weights="ema"):
     ax.set_title(f"step {step:,} ({weights} weights)")
     ax.set_xlabel("channel 0")
     ax.set_ylabel("channel 1")
-    ax.legend(fontsize=7, loc="upper right")
+    order = sorted(handles, key=registry_rank)
+    ax.legend([handles[n] for n in order], [handles[n].get_label() for n in order], fontsize=7, loc="upper right")
+    return max(len(s) for _, _, s in clouds)
 
 
 def plot_compare(runs, path, weights="ema"):
     """The study's figure: one scatter panel per evaluated step, all variants of one seed together."""
     steps = eval_steps(runs[0])
     fig, axes = plt.subplots(1, len(steps), figsize=(4.4 * len(steps), 4.8), squeeze=False)
-    for ax, step in zip(axes[0], steps):
-        plot_scatter(ax, runs, step, weights)
-    fig.suptitle("Toy DiT samples (target: all zeros). Each point is one pixel of 100 samples.", fontsize=10)
+    num = max(plot_scatter(ax, runs, step, weights) for ax, step in zip(axes[0], steps))
+    fig.suptitle(f"Toy DiT samples (target: all zeros). Each point is one pixel of {num} samples.", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -143,6 +155,16 @@ def plot_outlier_growth(runs, path, timesteps=GROWTH_TIMESTEPS, weights="raw"):
     plt.close(fig)
 
 
+def readable_log_ticks(ax):
+    """Tick labels of a log-log panel that cannot overlap: no minor-tick labels, and an axis spanning less
+    than a decade gets at most four plain major ticks (matplotlib would label every minor tick there)."""
+    for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        axis.set_minor_formatter(NullFormatter())
+        if lo > 0 and hi / lo < 10:
+            axis.set_major_locator(MaxNLocator(nbins=4))
+            axis.set_major_formatter(StrMethodFormatter("{x:.3g}"))
+
+
 def plot_mechanism(result, path):
     """Left: signal/outlier at every norm input against t. Middle: LayerNorm eps error against the largest
     ratio over layers (one point per t). Right: LayerNorm / no-LayerNorm error ratio against it."""
@@ -153,6 +175,7 @@ def plot_mechanism(result, path):
                      lw=2.5 if layer == "max over layers" else 1, color="k" if layer == "max over layers" else None, label=layer)
     axes[0].set(xscale="log", yscale="log", xlabel="timestep t + 1", ylabel="|signal| / outlier at the norm input")
     axes[0].legend(fontsize=6)
+    readable_log_ticks(axes[0])
     top = result["layers"]["max over layers"]
     ts = [t for t in sorted(result["error"]) if str(t) in top["signal_to_outlier"]]
     ratio = [top["signal_to_outlier"][str(t)] for t in ts]
@@ -162,11 +185,12 @@ def plot_mechanism(result, path):
                        "eps error LayerNorm / no LayerNorm", "signal_to_outlier_vs_gap"))
     for ax, ys, ylabel, corr in panels:
         ax.scatter(ratio, ys, color="tab:red")
-        for t, x, y in zip(ts, ratio, ys):
-            ax.annotate(f"t={t}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, (t, x, y) in enumerate(zip(ts, ratio, ys)):  # above and below by turns: neighbours crowd
+            ax.annotate(f"t={t}", (x, y), fontsize=6, xytext=(3, 3 if i % 2 else -9), textcoords="offset points")
         r, rho = top[corr]
         ax.set(xscale="log", yscale="log", xlabel="largest |signal| / outlier over norm inputs", ylabel=ylabel,
                title=f"log Pearson {r:+.2f}, Spearman {rho:+.2f}")
+        readable_log_ticks(ax)
     if not result["none_error"]:
         axes[2].set_axis_off()
     fig.suptitle(f"Does the LayerNorm model's per-t error track its signal/outlier ratio? (seed {result['seed']}, "
