@@ -44,7 +44,7 @@ from ditlab.constants import LATENT_SCALE
 from ditlab.data import load_vae
 from ditlab.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from ditlab.errors import PREEMPTED_EXIT, InputError, Preempted
-from ditlab.evaluation import Evaluator, summary_line
+from ditlab.evaluation import Evaluator, given_stats, open_images, summary_line
 from ditlab.features import EvaluationError, add_network_args
 from ditlab.files import atomic_write, check_output_dir, write_json
 from ditlab.preemption import StopFlag
@@ -214,6 +214,8 @@ def main(argv=None):
     """Draw the missing images of the folder the flags name, build its .npz and score it; returns the folder."""
     args = parse_args(argv)
     check_output_dir(args.sample_dir, "--sample-dir")  # before the model loads
+    if args.eval_ref is not None:  # a bad reference is refused now, not after hours of sampling
+        given_stats(open_images(args.eval_ref), args.eval_features)
     d = setup_distributed(args.device)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -613,3 +613,12 @@ def test_sample_ddp_shows_images_per_second_only_when_the_batches_run_long(tmp_p
     sample_ddp.main(["--ckpt", ckpt[0], "--sample-dir", str(tmp_path / "long"), *DDP_FLAGS])
     err = capsys.readouterr().err
     assert "sampling: 100%" in err and "11/11" in err and "img/s" in err and "building .npz" in err
+
+
+def test_sample_ddp_refuses_a_malformed_eval_ref_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_ddp, "load_for_sampling", never_load)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, np.zeros((4, 3, 8, 8), np.uint8))  # channels first
+    with pytest.raises(SystemExit, match="ref.npz.*transpose"):
+        sample_ddp.main(["--ckpt", "x.pt", "--sample-dir", str(tmp_path / "s"), "--eval-ref", str(ref),
+                         "--device", "cpu"])
