@@ -148,7 +148,7 @@ def test_report_only_refuses_unfinished_cells(tmp_path):
 
 
 def test_default_cells_are_the_six_and_steps4x_is_asked_for_by_name():
-    """`make sweep` runs the six cells that fit its budget; steps4x (4x the steps) only when named."""
+    """`make sweep` runs six cells (about 80 minutes on 2 cores); steps4x (4x the steps) only when named."""
     jobs = sweep_jobs(list(DEFAULT_SWEEP_CELLS), [0, 1], "out")
     assert {j["cell"] for j in jobs} == set(SWEEP_CELLS) - {"steps4x"} and len(jobs) == 24
     (job,) = [j for j in sweep_jobs(["steps4x"], [0], "out") if j["normalization"] == "none"]

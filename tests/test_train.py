@@ -336,7 +336,7 @@ def test_resume_refuses_a_contradicting_flag(tmp_path, image_folder):
     with pytest.raises(SystemExit, match="--hidden-size 64 contradicts the run being resumed"):
         train.main(["--resume", run_dir, "--hidden-size", "64"])
     with pytest.raises(SystemExit, match="has reached step 1 and --max-steps is 1: nothing to do"):
-        train.main(["--resume", run_dir])  # issue 24.5: used to exit 0 having done nothing
+        train.main(["--resume", run_dir])  # it used to exit 0 having done nothing
 
 
 def test_dry_run_of_a_resume_shows_the_runs_settings_with_the_resumable_flags_and_changes_nothing(
@@ -599,7 +599,7 @@ def test_truncated_image_is_logged_once_skipped_and_resume_stays_exact(tmp_path,
     full = train.main([*flags, "--results-dir", str(tmp_path / "full"), "--max-steps", "14"])  # two epochs
     log = open(os.path.join(full, "log.txt")).read()
     assert log.count("unreadable image skipped") == 1 and bad in log and "OSError" in log
-    # the report file lists it once too, not once per epoch (issue 24.8)
+    # the report file lists it once too, not once per epoch
     assert open(os.path.join(full, "bad_images.txt")).read().count(bad) == 1
     real = Trainer._stop_everywhere
     monkeypatch.setattr(Trainer, "_stop_everywhere", lambda self: self.step == 3 or real(self))
@@ -901,7 +901,7 @@ def limited_run(cmd, limit_bytes, timeout=120):
 
 
 def test_a_failed_save_with_two_loader_workers_exits_in_seconds(tmp_path, image_folder):
-    """Issue 24.1: an exception (here the checkpoint write failing on a 'full disk') with --num-workers 2
+    """An exception (here the checkpoint write failing on a 'full disk') with --num-workers 2
     ends the process with a non-zero code within seconds, its reason as the last line of log.txt; it used
     to wait forever for the persistent workers, which ignore SIGTERM."""
     cmd = [sys.executable, "train.py", *TINY, "--num-workers", "2", "--data-path", image_folder, "--vae", "none",
@@ -924,7 +924,7 @@ def test_extract_latents_failure_with_workers_exits(tmp_path, image_folder, vae_
 
 
 def test_threads_above_the_core_count_and_a_mistyped_demo_data_path_are_refused(tmp_path):
-    """Issue 24.8: --threads beyond the cores (5 toy steps took 60 s at 1000) and --demo --data-path TYPO
+    """--threads beyond the cores (5 toy steps took 60 s at 1000) and --demo --data-path TYPO
     (which used to write the digits into TYPO) stop at once with what to do."""
     with pytest.raises(UsageError, match="--threads 100000 is more than the"):
         configure_threads(100000)

@@ -148,9 +148,11 @@ def test_report_and_ratios(tmp_path):
         key = (ratio["step"], ratio["weights"])
         assert ratio["rms"] == pytest.approx(ln[key]["rms"] / no[key]["rms"])
     assert len(summary["ratios"]) == 4 and "LayerNorm error / no-LayerNorm error" in text
-    head = text.splitlines()[:5]  # title, provenance, one line of what was run
+    head = text.splitlines()[:9]  # title, provenance, the result in words, too short, EMA rows, what was run
     assert head[0] == "# Toy identity study" and head[2].startswith("_Written by `") and head[1] == head[3] == ""
-    assert head[4].startswith("Run: model DiT-XS/1") and "6 steps, preset" in head[4]
+    assert head[4].startswith("At 6 steps, 1 seed: LayerNorm's sampled error is ")
+    assert "**Too short to mean anything:**" in text.split("Run: model")[0]  # 6 steps: the EMA has not warmed up
+    assert head[8].startswith("Run: model DiT-XS/1") and "6 steps, preset" in head[8]
     # the probe's figures and the per-t ratio: LayerNorm / no-LayerNorm eps error at the last probe
     for name in ("timestep_errors.png", "outlier_growth.png", "mechanism.png", "mechanism_raw.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 1000
@@ -258,7 +260,7 @@ def test_resume_refuses_a_contradicting_flag_like_train_py(tmp_path):
         train_toy.main(["--resume", run, "--lr", "0.5", "--threads", "1"])
     assert train_toy.main(["--resume", run, "--steps", "3", "--threads", "1"]) == run
     assert load_checkpoint(run)["step"] == 3
-    # a resume that would do nothing says so and exits non-zero, leaving config.json as it was (issue 24.5)
+    # a resume that would do nothing says so and exits non-zero, leaving config.json as it was
     before = open(os.path.join(run, "config.json")).read()
     for steps in ("3", "1"):
         with pytest.raises(SystemExit, match="has reached step 3 and --max-steps is .*: nothing to do"):
@@ -332,7 +334,7 @@ def test_final_normalization_and_dropout_travel_with_the_run(tmp_path):
 
 
 def test_bad_model_shape_and_huge_probe_are_refused_before_any_run_directory(tmp_path):
-    """Issue 24.6: heads that do not divide the width, and a probe too large to allocate, are one-line
+    """Heads that do not divide the width, and a probe too large to allocate, are one-line
     errors before anything is written (the first used to leave an empty run directory behind)."""
     with pytest.raises(SystemExit, match="hidden size 64 must be divisible by the number of heads 5"):
         train_toy.main(["--num-heads", "5", "--results-dir", str(tmp_path), "--threads", "1"])

@@ -27,7 +27,15 @@ from ditlab.checkpoints import load_model
 from ditlab.cli import COUNT, INDEX
 from ditlab.errors import JobError
 from ditlab.files import provenance, write_json, write_page
-from ditlab.studies.runner import _echo_new_lines, dispatch_of, map_calls, read_record, run_jobs, study_parser, write_record
+from ditlab.studies.runner import (
+    dispatch_of,
+    echo_new_lines,
+    map_calls,
+    read_record,
+    run_jobs,
+    study_parser,
+    write_record,
+)
 from ditlab.studies.stats import fmt_spread
 from ditlab.run import newest_run
 from ditlab.toy.edits import Progress, channel_statistics, intervene
@@ -208,7 +216,7 @@ def summarise_all(args, runs):
 
     def echo(i):
         """Echo the progress lines a running summary added to its log."""
-        offsets[i] = _echo_new_lines(logs[i], offsets[i], f"summary of {job_name(*runs[i])}")
+        offsets[i] = echo_new_lines(logs[i], offsets[i], f"summary of {job_name(*runs[i])}")
     calls = [(args, cell, seed, steps, run_of(args, cell, seed, steps), log)
              for (cell, seed, steps), log in zip(runs, logs)]
     records = map_calls(summarise_one_thread, calls, args.parallel, os.path.join(args.out, "logs"),

@@ -105,7 +105,7 @@ def make_executor(folder, cluster="local", **settings):
     return executor
 
 
-def _echo_new_lines(log_path, offset, tag):
+def echo_new_lines(log_path, offset, tag):
     """Print the lines a running job added to its log since `offset`, as "[tag] line"; returns the new offset."""
     try:
         with open(log_path) as f:
@@ -190,7 +190,7 @@ def run_jobs(commands, parallel=2, log_dir="logs", names=None, tags=None, append
     def echo(i):
         """Echo a running job's new log lines as "[tag] line"."""
         if tags:
-            offsets[i] = _echo_new_lines(logs[i], offsets[i], tags[i])
+            offsets[i] = echo_new_lines(logs[i], offsets[i], tags[i])
 
     def finished(i, code):
         """The rest of a finished job's log; with check, a failure stops the study."""
