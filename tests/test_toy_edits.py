@@ -128,3 +128,21 @@ def test_command_refuses_an_image_model_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --ckpt .*digits\.pt is an image model \(3 channels, 8x8\), "
                                          r"not a toy model .*train_toy\.py run"):
         command.main(["--ckpt", path, "--out", str(tmp_path / "iv")])
+
+
+def test_a_single_edit_keeps_the_channels_mean_and_writes_its_table():
+    """The channel's mean value is kept beside the edits (an edit is named "mean" too: it must not overwrite
+    it), and the table of one edit that is not "mean" is written."""
+    from ditlab.toy.edits import markdown
+
+    model = hand_built()
+    diffusion, sampler = create_diffusion(""), create_diffusion("4")
+    stats = channel_statistics(model, diffusion, num=2)
+    both = intervene(model, diffusion, sampler, ["block.0.norm1"], ["mean", "zero"], probe_samples=2, num_samples=2,
+                     stats=stats)
+    entry = both["places"]["block.0.norm1"]
+    assert entry["channel_mean"] == pytest.approx(VALUE) and set(entry["mean"]) >= {"per_t", "sample_ratio"}
+    zero = intervene(model, diffusion, sampler, ["block.0.norm1"], ["zero"], probe_samples=2, num_samples=2,
+                     stats=stats)
+    (row,) = [line for line in markdown("m", zero) if line.startswith("| block.0.norm1 |")]
+    assert "| zero |" in row

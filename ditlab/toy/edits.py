@@ -192,7 +192,7 @@ def intervene(model, diffusion, sampler_diffusion, place_names=None, edits=EDITS
     result = dict(baseline=dict(per_t=base, sample_rms=base_sample["rms"]), places={})
     for name in chosen:
         s = stats[name]
-        entry = dict(channel=s["channel"], mean=s["mean"], rms_share=s["rms_share"])
+        entry = dict(channel=s["channel"], channel_mean=s["mean"], rms_share=s["rms_share"])  # "mean" names an edit
         for edit in edits:
             fn = edit_fn(name, s["channel"], edit, per_t=s["per_t"], value=s["mean"])
             rows, sample = measure(model, diffusion, sampler_diffusion, fn, probe_samples, num_samples, seed)
