@@ -7,7 +7,7 @@ and by its mean per timestep ("per-t"), and the per-timestep eps error of the pr
 samples from fixed noise are measured again (ditlab/toy/edits.py says exactly how). Run it on a
 LayerNorm model and, as the control, on a no-LayerNorm one (whose loudest channel is edited the same way).
 
-    python intervene.py --ckpt results/toy/000-DiT-XS-1-layer-norm results/toy/001-DiT-XS-1-none
+    python intervene.py --ckpt results/toy-runs/layer-norm-s0 results/toy-runs/none-s0   # after make toy
     python intervene.py --ckpt RUN --places final.norm block.1 --edits mean zero --num-samples 512
 
 Writes <out>/interventions.json and <out>/interventions.md (one table per model: sampled error and

@@ -3,9 +3,9 @@ and the wall time per image: on a toy run (every sampled value is an error) and 
 (sample statistics against the real digits). Answers "how many steps does DPM-Solver++ need to match
 250-step DDPM here?".
 
-    python train_toy.py --preset cpu --results-dir results/toy-runs                 # a toy run (3-4 minutes)
+    make toy                                             # the toy runs: results/toy-runs/layer-norm-s0, none-s0
     python train.py --demo --max-steps 6000                                         # a digits run (optional)
-    python -m benchmarks.samplers --toy-ckpt results/toy-runs/000-DiT-XS-1-layer-norm \
+    python -m benchmarks.samplers --toy-ckpt results/toy-runs/layer-norm-s0 \
         --digits-ckpt results/000-DiT-S-4-layer-norm --data-path data/digits
 
 Toy: RMS error of 100 samples (400 pixels x 2 channels, the toy study's evaluation, clip_denoised as there),

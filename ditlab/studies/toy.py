@@ -3,6 +3,7 @@
 Trains every variant (LayerNorm and no-LayerNorm by default) for every seed with train_toy.py, --parallel
 runs at a time (one CPU thread each, through the studies' runner), then writes to --out. Each finished run
 is recorded in <results-dir>/records; a rerun with the same flags reuses it while its directory is here.
+Each run is reachable by a stable name, <results-dir>/<variant>-s<seed> (e.g. results/toy-runs/layer-norm-s0).
 
 
   compare.png    channel 0 vs channel 1 of every sampled pixel, all variants on one axis, a panel per
@@ -19,7 +20,7 @@ is recorded in <results-dir>/records; a rerun with the same flags reuses it whil
 
     python study.py toy                          # CPU preset, seed 0, both variants
     python study.py toy --seeds 0 1 2            # the 3-seed check
-    python study.py toy --report results/toy-runs/000-* results/toy-runs/001-*   # re-plot finished runs
+    python study.py toy --report results/toy-runs/layer-norm-s0 results/toy-runs/none-s0   # re-plot finished runs
 
 Any other flag goes to train_toy.py. The readers live in ditlab/toy/readers.py, the tables and figures in
 toy_report.py and toy_plots.py (also used by notebooks/ToyDiT_visualization.ipynb); logs go to <results-dir>/logs/.
@@ -81,11 +82,26 @@ def record_run(records, run, extra):
                  {"train_toy_flags": list(extra)})
 
 
+def link_run(results_dir, name, run):
+    """A stable name for a run: <results_dir>/<variant>-s<seed> links to its numbered directory, so commands
+    and examples can name it whatever order the jobs started in. A real folder of that name is left alone."""
+    link = os.path.join(results_dir, name)
+    if os.path.exists(link) and not os.path.islink(link):
+        return None
+    same_folder = os.path.dirname(os.path.abspath(run)) == os.path.abspath(results_dir)
+    target = os.path.basename(run) if same_folder else os.path.abspath(run)  # relative: the folder can move whole
+    tmp = f"{link}.tmp-{os.getpid()}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)  # atomic: a reader sees the old run or the new one, never no link
+    return link
+
+
 def train_runs(jobs, results_dir, log_dir, dispatch=None, records=None):
     """Train train_toy.py for each (normalization, seed, extra flags) through the studies' runner, progress
     lines echoed with a "[variant sN]" tag, and record each finished run in `records` (default
     <results_dir>/records). A run recorded with the same flags whose directory is still here is not trained
-    again. Returns the run directories, sorted by (seed, normalization)."""
+    again. Each run is also reachable as <results_dir>/<variant>-s<seed> (link_run). Returns the run
+    directories, sorted by (seed, normalization)."""
     records = records or os.path.join(results_dir, "records")
     done = {(norm, seed): recorded_run(records, norm, seed, extra) for norm, seed, extra in jobs}
     todo = [(norm, seed, extra) for norm, seed, extra in jobs if done[(norm, seed)] is None]
@@ -100,6 +116,8 @@ def train_runs(jobs, results_dir, log_dir, dispatch=None, records=None):
     for norm, seed, extra in todo:
         done[(norm, seed)] = newest_run(results_dir, {"normalization": norm, "global_seed": seed})
         record_run(records, done[(norm, seed)], extra)
+    links = [link_run(results_dir, run_name(norm, seed), run) for (norm, seed), run in done.items()]
+    print("runs by name: " + ", ".join(link for link in links if link), flush=True)
     return sorted(done.values(), key=lambda r: (load_config(r)["global_seed"], load_config(r)["normalization"]))
 
 
