@@ -3,7 +3,7 @@
 import os
 from types import SimpleNamespace
 
-from ditlab.studies import mechanism
+from ditlab.studies import mechanism, mechanism_runs
 from ditlab.studies.mechanism import REPORT_T
 from ditlab.studies.runner import write_record
 
@@ -34,11 +34,13 @@ def test_report_has_every_part_and_the_stress_twins(tmp_path):
                            record=str(tmp_path / "results" / "page.md"))
     os.makedirs(tmp_path / "results")
     text = mechanism.write_report(args, records)
-    # the page opens with its title, provenance and one line of what was run, values only
-    head = text.splitlines()[:6]
+    # the page opens with its title, provenance, its result in words and one line of what was run, values only
+    head = text.splitlines()[:8]
     assert head[0].startswith("# The mechanism study") and head[2].startswith("_Written by `")
-    assert head[4].startswith("Run: toy CPU preset") and "seeds [0, 1, 2]; 10 steps;" in head[4]
-    assert "(8 draws per t) and 4 samples" in head[4] and head[1] == head[3] == head[5] == ""
+    assert head[4] == ("At 10 steps, LayerNorm multiplies the toy's sampled error over no normalization's: "
+                       "everywhere 2.00x (3 seeds).")
+    assert head[6].startswith("Run: toy CPU preset") and "seeds [0, 1, 2]; 10 steps;" in head[6]
+    assert "(8 draws per t) and 4 samples" in head[6] and head[1] == head[3] == head[5] == head[7] == ""
     for part in ("## 1. Localise", "## 2. Ablate", "## 3. Restore", "## 4. Stress", "signal/outlier"):
         assert part in text
     assert "| layer-norm / none | 3 | 2 [2, 2]" in text and "| layer-norm-wd0.1 / none-wd0.1 | 3 | 4 [4, 4]" in text
@@ -169,7 +171,7 @@ def test_final_norm_test_ranks_the_gap_against_signal_to_outlier_squared():
 def test_run_seconds_spans_the_logs_first_and_last_timestamp(tmp_path):
     (tmp_path / "log.txt").write_text("[2026-12-02 15:48:03] start\nno stamp here\n[2026-12-02 15:48:32] step\n"
                                       "[bad stamp] x\n[2026-12-02 16:00:05] done\n")
-    assert mechanism.run_seconds(str(tmp_path)) == 12 * 60 + 2
+    assert mechanism_runs.run_seconds(str(tmp_path)) == 12 * 60 + 2
 
 
 def test_restoring_weights_reads_every_restoring_layer_and_the_report_line():
@@ -179,11 +181,11 @@ def test_restoring_weights_reads_every_restoring_layer_and_the_report_line():
     from ditlab.toy.task import TOY_MODEL
 
     model = DiT(depth=2, hidden_size=16, num_heads=2, patch_size=1, normalization="layer-norm-restore", **TOY_MODEL)
-    got = mechanism.restoring_weights(model)
+    got = mechanism_runs.restoring_weights(model)
     assert len(got) == 5 and all(w == dict(scale=0.0, mean=0.0) for w in got.values())  # 2 x 2 blocks + final
     with torch.no_grad():
         model.blocks[1].norm2.mean_weight[3] = -0.25
-    assert mechanism.restoring_weights(model)["blocks.1.norm2"] == dict(scale=0.0, mean=0.25)
+    assert mechanism_runs.restoring_weights(model)["blocks.1.norm2"] == dict(scale=0.0, mean=0.25)
     records = {("restore", 0, 5): {"restoring_weights": {"x": dict(scale=0.1, mean=0.2), "y": dict(scale=0.3, mean=0.0)}}}
     (line, _) = mechanism.restore_lines(records, 5)
     assert "|a| 0.3 [0.3, 0.3], |b| 0.2 [0.2, 0.2]" in line
@@ -198,10 +200,10 @@ def test_summary_interventions_write_progress_lines_to_their_log(tmp_path, monke
                           "--steps", "3", "--eval-steps", "3", "--num-eval-samples", "4", "--sampling-steps", "5",
                           "--probe-samples", "4", "--results-dir", str(tmp_path / "runs"), "--threads", "1"])
     run = os.path.dirname(os.path.dirname(run)) if run.endswith(".pt") else run
-    monkeypatch.setattr(mechanism, "SUMMARY_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(mechanism_runs, "SUMMARY_PROGRESS_EVERY", 0.0)
     args = SimpleNamespace(intervene_sampling_steps=3, stats_samples=2, probe_samples=4, num_eval_samples=4)
     log = tmp_path / "summary.log"
-    mechanism.summarise_run(args, "layer-norm", 0, 3, run, log=str(log))
+    mechanism_runs.summarise_run(args, "layer-norm", 0, 3, run, log=str(log))
     lines = log.read_text().splitlines()
     assert len(lines) == 1 + 4 * 3  # unedited, then 4 places x 3 edits
     assert lines[0].startswith("unedited (1/13, ") and lines[-1].startswith("place final.norm, edit per-t (13/13, ")

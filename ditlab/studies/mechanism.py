@@ -16,17 +16,17 @@ ditlab/toy/edits.py), so the study continues across machines; the report reads o
 """
 
 import os
+import statistics
 import sys
 import time
-from datetime import datetime
 
 from scipy.stats import spearmanr
 
-from diffusion import create_diffusion
-from ditlab.checkpoints import load_model
 from ditlab.cli import COUNT, INDEX
 from ditlab.errors import JobError
 from ditlab.files import provenance, write_json, write_page
+from ditlab.run import newest_run
+from ditlab.studies.mechanism_runs import INTERVENE_CELLS, summarise_one_thread
 from ditlab.studies.runner import (
     dispatch_of,
     echo_new_lines,
@@ -37,11 +37,8 @@ from ditlab.studies.runner import (
     write_record,
 )
 from ditlab.studies.stats import fmt_spread
-from ditlab.run import newest_run
-from ditlab.toy.edits import Progress, channel_statistics, intervene
 from ditlab.studies.toy_plots import plot_localise_lengths, plot_mechanism_study
-from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings, load_metrics
-from models import RestoringLayerNorm
+from ditlab.toy.readers import load_metrics
 
 # name -> (what it is, train_toy.py flags)
 CELLS = {
@@ -65,8 +62,6 @@ GROUPS = {
     "stress": ("layer-norm", "none", "layer-norm-wd0.01", "none-wd0.01", "layer-norm-wd0.1", "none-wd0.1",
                "layer-norm-dropout0.1", "none-dropout0.1"),
 }
-INTERVENE_CELLS = ("layer-norm", "none", "restore")
-SUMMARY_PROGRESS_EVERY = 30.0  # seconds between a summary's progress lines (its interventions take minutes)
 STRESS_PAIRS = (("layer-norm", "none"), ("layer-norm-wd0.01", "none-wd0.01"), ("layer-norm-wd0.1", "none-wd0.1"),
                 ("layer-norm-dropout0.1", "none-dropout0.1"))
 FIGURE = "mechanism_study.png"
@@ -102,66 +97,6 @@ def recorded(args, name):
     return read_record(args.records, name, {k: getattr(args, k) for k in ("probe_samples", "num_eval_samples")})
 
 
-def run_seconds(run):
-    """Wall-clock seconds of a run from the first to the last timestamp of its log.txt (training, probes and
-    the final evaluation; a resumed run's pause counts too)."""
-    stamps = []
-    with open(os.path.join(run, "log.txt")) as f:
-        for line in f:
-            if line.startswith("[") and "]" in line:
-                try:
-                    stamps.append(datetime.strptime(line[1:line.index("]")], "%Y-%m-%d %H:%M:%S"))
-                except ValueError:
-                    continue
-    return (stamps[-1] - stamps[0]).total_seconds() if stamps else None
-
-
-def restoring_weights(model):
-    """Largest |a| (log-scale) and |b| (mean) weight of every layer-norm-restore layer ({} for other
-    models): how much of what LayerNorm removes the trained network takes back (both start at zero)."""
-    return {name: dict(scale=m.scale_weight.detach().abs().max().item(), mean=m.mean_weight.detach().abs().max().item())
-            for name, m in model.named_modules() if isinstance(m, RestoringLayerNorm)}
-
-
-def progress_log(path):
-    """A Progress whose lines are appended to the file `path` (a job's progress, echoed by the study)."""
-    def append(line):
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    return Progress(every=SUMMARY_PROGRESS_EVERY, echo=append)
-
-
-def summarise_run(args, cell, seed, steps, run, log=None):
-    """The record of one finished run: per-t EMA probe error (last probe), sampled EMA RMS, the outlier
-    (max/median ratio per block output, worst over t) and signal/outlier ratio at every norm input per t,
-    and, for INTERVENE_CELLS, the interventions (with progress lines appended to the file `log`)."""
-    probe = last_probe(run, "ema")
-    outliers = {}
-    for r in load_embeddings(run, "outliers"):
-        if r["weights"] == "ema" and r["step"] == steps and r["layer"].startswith("block."):
-            outliers.setdefault(r["layer"], {})[r["t"]] = r["max_median_ratio"]
-    norm_inputs = {}
-    for r in load_embeddings(run, "norm_input"):
-        if r["weights"] == "ema" and r["step"] == steps:
-            norm_inputs.setdefault(r["layer"], {})[r["t"]] = dict(signal_to_outlier=r["signal_to_outlier"],
-                                                                  outlier_channel=r["outlier_channel"])
-    record = dict(cell=cell, seed=seed, steps=steps, run=os.path.basename(run),
-                  eps=({t: probe[t]["eps_rel_error"] for t in probe}), sample_rms=final_sample_errors(run),
-                  max_median=outliers, norm_inputs=norm_inputs, run_seconds=run_seconds(run))
-    model, _ = load_model(run)
-    record["restoring_weights"] = restoring_weights(model)
-    if cell in INTERVENE_CELLS:
-        start = time.time()
-        diffusion, sampler = create_diffusion(""), create_diffusion(str(args.intervene_sampling_steps))
-        stats = channel_statistics(model, diffusion, num=args.stats_samples)
-        progress = progress_log(log) if log else None
-        result = intervene(model, diffusion, sampler, probe_samples=args.probe_samples,
-                           num_samples=args.num_eval_samples, stats=stats, progress=progress)
-        record["interventions"] = result
-        record["intervene_seconds"] = time.time() - start
-    return record
-
-
 def wanted_runs(args):
     """Every (cell, seed, steps) the arguments ask for: --cells x --seeds at --steps, and --long-cells x
     --seeds at every --long-steps."""
@@ -195,14 +130,6 @@ def run_cells(args):
 def _dispatch(args):
     """Where the jobs run (the runner's flags), without --parallel, which the waves pass themselves."""
     return {k: v for k, v in dispatch_of(args).items() if k != "parallel"}
-
-
-def summarise_one_thread(*call):
-    """summarise_run in a job of its own, on one thread like the training jobs."""
-    import torch
-
-    torch.set_num_threads(1)
-    return summarise_run(*call)
 
 
 def summarise_all(args, runs):
@@ -372,6 +299,23 @@ def final_norm_table(records, cell, twin, steps, title):
             f"Spearman rank correlation over timesteps, per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.", ""] if rows else []
 
 
+def result_line(records, steps):
+    """The page's first sentence, its result in words: the localise cells' sampled error over no
+    normalization's (mean of the seed-paired ratios) at --steps; [] before any of them is recorded."""
+    parts = []
+    for cell, where in (("layer-norm", "everywhere"), ("ln-blocks", "in the blocks only"),
+                        ("ln-final", "in the final layer only")):
+        seeds = sorted(s for (c, s, n) in records if c == cell and n == steps and ("none", s, n) in records)
+        if seeds:
+            ratio = statistics.fmean(records[(cell, s, steps)]["sample_rms"] / records[("none", s, steps)]["sample_rms"]
+                                     for s in seeds)
+            parts.append(f"{where} {ratio:.2f}x ({len(seeds)} seed{'s' * (len(seeds) != 1)})")
+    if not parts:
+        return []
+    return [f"At {steps:,} steps, LayerNorm multiplies the toy's sampled error over no normalization's: "
+            + "; ".join(parts) + ".", ""]
+
+
 def run_line(args):
     """The page's one line on what was run: cells, seeds, lengths, probe draws and samples."""
     longer = (f" (the localise cells {', '.join(args.long_cells)} also at {', '.join(map(str, args.long_steps))})"
@@ -417,7 +361,7 @@ def write_report(args, records):
     figure = plot_mechanism_study(records, steps, os.path.join(args.out, FIGURE), STRESS_PAIRS, INTERVENE_CELLS)
     head_t = " | ".join(f"t={t}" for t in REPORT_T)
     lines = ["# The mechanism study: where and why LayerNorm costs the toy denoiser its precision", "", provenance(), "",
-             run_line(args), "", f"Ratios: per seed, then mean [min, max] over seeds. {DEFINITIONS}", "",
+             *result_line(records, steps), run_line(args), "", f"Ratios: per seed, then mean [min, max] over seeds. {DEFINITIONS}", "",
              *missing_lines(args, records),
              *([f"![localise, restore, stress and ablate at {steps} steps]({FIGURE})", ""] if figure else []),
              "## Errors per cell", "", f"| cell | seeds | {head_t} | sampled RMS |",
