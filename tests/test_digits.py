@@ -338,9 +338,12 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     os.makedirs(tmp_path / "results")
     report(capsys, *common, "--seeds", "0", "1", "--out", str(out), "--record", str(tmp_path / "results" / "long.md"))
     page = (tmp_path / "results" / "long.md").read_text()
-    head = page.splitlines()[:5]  # title, provenance, one line of what was run
+    head = page.splitlines()[:7]  # title, provenance, the result in words, one line of what was run
     assert head[0].startswith("# The digits study") and head[2].startswith("_Written by `") and head[1] == head[3] == ""
-    assert head[4] == ("Run: variants layer-norm; lr sweep 0.002 at seed 0, 2 steps; curves of 10 samples (2 DDPM "
+    fd = table["unguided"]["fd_digits"]["mean"]
+    assert head[4] == (f"At 4 steps, seeds 0 1: unguided FD-digits (lower is better), mean over seeds, lowest first: "
+                       f"layer-norm {fd:.3g}.")
+    assert head[6] == ("Run: variants layer-norm; lr sweep 0.002 at seed 0, 2 steps; curves of 10 samples (2 DDPM "
                        "steps); final runs at seeds 0 1, 4 steps (constant lr), 20 samples per set (2 DDPM steps), "
                        "guided at scale 1.")
     for name in ("lr_sweep", "curves", "grid"):

@@ -227,6 +227,19 @@ def paired_gaps(runs, base):
             for k in sorted(shared)]
 
 
+def result_line(summary, args):
+    """The page's first sentence, its result in words: each trained variant's unguided FD-digits (mean over
+    its seeds), lowest first; [] before any final run is recorded."""
+    table = summary.get("table") or {}
+    if not table:
+        return []
+    ranked = sorted(table, key=lambda v: table[v]["unguided"]["fd_digits"]["mean"])
+    seeds = sorted({s for v in ranked for s in table[v]["seeds"]})
+    cells = ", ".join(f"{v} {table[v]['unguided']['fd_digits']['mean']:.3g}" for v in ranked)
+    return [f"At {args.steps:,} steps, seeds {' '.join(map(str, seeds))}: unguided FD-digits (lower is better), mean "
+            f"over seeds, lowest first: {cells}.", ""]
+
+
 def write_report(args, summary):
     """summary.md, summary.json and the figures in --out; with --record PAGE, the page and its figures in
     the page's ../figures/ named after it (docs/results/digits.md: docs/figures/digits_curves.png, ...; another
@@ -234,7 +247,7 @@ def write_report(args, summary):
     os.makedirs(args.out, exist_ok=True)
     plot_sweep(summary, args, os.path.join(args.out, "lr_sweep.png"))
     lines = ["# The digits study: normalization variants on trained digit models", "", summary["provenance"], "",
-             run_line(summary, args), "", *sweep_lines(summary, args)]
+             *result_line(summary, args), run_line(summary, args), "", *sweep_lines(summary, args)]
     if "table" not in summary and summary.get("missing"):
         lines += ["## 2. Trained models", "", f"No final run recorded yet ({len(summary['missing'])} to measure).", ""]
     if "table" in summary:
