@@ -340,9 +340,11 @@ def test_tiny_study_runs_resumes_from_records_and_reports(tmp_path, digits_class
     page = (tmp_path / "results" / "long.md").read_text()
     head = page.splitlines()[:7]  # title, provenance, the result in words, one line of what was run
     assert head[0].startswith("# The digits study") and head[2].startswith("_Written by `") and head[1] == head[3] == ""
-    fd = table["unguided"]["fd_digits"]["mean"]
-    assert head[4] == (f"At 4 steps, seeds 0 1: unguided FD-digits (lower is better), mean over seeds, lowest first: "
-                       f"layer-norm {fd:.3g}.")
+    noise_s0 = json.load(open(records / "noise-layer-norm-lr0.002-s0.json"))["sets"]["1"]["fd_digits"]
+    s0 = (final["unguided"]["fd_digits"] + noise_s0) / 2  # seed 0: its two sets; seed 1: its one set
+    s1 = json.load(open(records / "final-layer-norm-lr0.002-s1.json"))["unguided"]["fd_digits"]
+    assert head[4] == (f"At 4 steps, seeds 0 1: unguided FD-digits (lower is better; mean over seeds of each "
+                       f"model's 1 to 2 sample sets), lowest first: layer-norm {(s0 + s1) / 2:.3g}.")
     assert head[6] == ("Run: variants layer-norm; lr sweep 0.002 at seed 0, 2 steps; curves of 10 samples (2 DDPM "
                        "steps); final runs at seeds 0 1, 4 steps (constant lr), 20 samples per set (2 DDPM steps), "
                        "guided at scale 1.")

@@ -228,16 +228,30 @@ def paired_gaps(runs, base):
 
 
 def result_line(summary, args):
-    """The page's first sentence, its result in words: each trained variant's unguided FD-digits (mean over
-    its seeds), lowest first; [] before any final run is recorded."""
-    table = summary.get("table") or {}
+    """The page's first sentence, its result in words: each trained variant's unguided FD-digits, lowest
+    first: the mean over seeds of each model's mean over its sample sets (its set at sample seed 0, and those
+    drawn again at other sample seeds); [] before any final run is recorded."""
+    table, noise = summary.get("table") or {}, summary.get("noise") or {}
     if not table:
         return []
-    ranked = sorted(table, key=lambda v: table[v]["unguided"]["fd_digits"]["mean"])
+    counts = {}
+
+    def fd(variant):
+        per_model = []
+        for seed in table[variant]["seeds"]:
+            key = f"{variant} s{seed}"
+            sets = noise.get(key) or {"0": summary["runs"][key]["unguided"]}
+            counts[key] = len(sets)
+            per_model.append(statistics.fmean(m["fd_digits"] for m in sets.values()))
+        return statistics.fmean(per_model)
+
+    ranked = sorted(table, key=fd)
+    low, high = min(counts.values()), max(counts.values())
+    sets = f"{low}" if low == high else f"{low} to {high}"
     seeds = sorted({s for v in ranked for s in table[v]["seeds"]})
-    cells = ", ".join(f"{v} {table[v]['unguided']['fd_digits']['mean']:.3g}" for v in ranked)
-    return [f"At {args.steps:,} steps, seeds {' '.join(map(str, seeds))}: unguided FD-digits (lower is better), mean "
-            f"over seeds, lowest first: {cells}.", ""]
+    return [f"At {args.steps:,} steps, seeds {' '.join(map(str, seeds))}: unguided FD-digits (lower is better; mean "
+            f"over seeds of each model's {sets} sample sets), lowest first: "
+            + ", ".join(f"{v} {fd(v):.3g}" for v in ranked) + ".", ""]
 
 
 def write_report(args, summary):
