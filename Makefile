@@ -5,7 +5,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test toy sweep ablation digits mechanism bench gpu-check clean-venv
+.PHONY: setup test toy sweep ablation digits mechanism notebooks bench gpu-check clean-venv
 
 # `make toy SEEDS="0 1 2"` for the multi-seed check; extra train_toy.py flags via TOY_ARGS.
 SEEDS ?= 0
@@ -55,6 +55,16 @@ digits: setup
 MECHANISM_ARGS ?=
 mechanism: setup
 	$(PYTHON) study.py mechanism $(MECHANISM_ARGS)
+
+# Re-execute both notebooks in place, with their figures, on models this repository makes offline: make toy's
+# runs and the digits demo with and without LayerNorm (each trained here first if missing: about 6 and 2 x 15
+# minutes on 2 cores). TokenEmbeddingsViz adds the official DiT-XL/2 when pretrained_models/ holds it.
+notebooks: setup
+	test -f results/toy/summary.json || $(MAKE) toy
+	test -n "$$(ls -d results/[0-9][0-9][0-9]-DiT-S-4-layer-norm 2>/dev/null)" || $(PYTHON) train.py --demo
+	test -n "$$(ls -d results/[0-9][0-9][0-9]-DiT-S-4-none 2>/dev/null)" || $(PYTHON) train.py --demo --normalization none
+	$(PYTHON) -m jupyter nbconvert --to notebook --execute --inplace notebooks/ToyDiT_visualization.ipynb \
+	    notebooks/TokenEmbeddingsViz.ipynb
 
 # Speed: our DiT vs diffusers' DiTTransformer2DModel (CPU: DiT-S/2, batch 8, fp32; GPU: DiT-XL/2, batch 32)
 # -> printed and added to docs/benchmarks.md. More flags via BENCH_ARGS, e.g. BENCH_ARGS="--settings bf16+compile".
