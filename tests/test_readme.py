@@ -159,14 +159,14 @@ def test_every_relative_link_of_the_docs_points_to_a_tracked_file():
     assert not broken, "links to files a fresh clone does not have: " + ", ".join(broken)
 
 
-def test_the_readme_digits_table_quotes_the_results_page():
-    """The README's digits table is quoted from docs/results/digits_32k.md (written by the study's report),
-    never retyped: every figure of a README row is in a row of the page for the same variant, and the
-    page's lr is the one the README names. Catches a README left behind when the page is regenerated."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_the_digits_table_quotes_the_results_page():
+    """The digits table of docs/digits.md is quoted from docs/results/digits_32k.md (written by the study's
+    report), never retyped: every figure of a row is in a row of the page for the same variant, and the
+    page's lr is the one the table names. Catches a topic page left behind when the page is regenerated."""
+    readme = open(os.path.join(ROOT, "docs", "digits.md")).read()
     page = open(os.path.join(ROOT, "docs", "results", "digits_32k.md")).read().splitlines()
     rows = re.findall(r"^\| (layer-norm|none|rms-norm|dyt|derf) \((\S+)\) \|(.*)\|$", readme, flags=re.M)
-    assert len(rows) == 5, "the README's digits table should have a row per variant"
+    assert len(rows) == 5, "docs/digits.md's digits table should have a row per variant"
     for variant, lr, cells in rows:
         mine = [line for line in page if line.startswith(f"| {variant} |")]
         assert any(f"| {float(lr):g} |" in line for line in mine), (variant, lr)
