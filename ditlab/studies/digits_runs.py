@@ -29,11 +29,6 @@ def run_key(variant, lr, seed):
     return f"{variant}-lr{lr:g}-s{seed}"
 
 
-def _dispatch(args):
-    """Where the jobs run, without --parallel (passed by each wave itself)."""
-    return {k: v for k, v in dispatch_of(args).items() if k != "parallel"}
-
-
 def run_settings(args, final):
     """(lr schedule, evaluation and checkpoint interval, gradient clipping) of the final runs or of the
     sweep's (constant lr, no clipping)."""
@@ -87,7 +82,8 @@ def train_all(args, runs, final, diverged=None):
     print(f"[digits] training {len(todo)} of {len(runs)} runs ({sum(t[0] for t in todo):,} steps to go)", flush=True)
     log_dir, names = os.path.join(args.out, "logs"), [run_key(v, lr, s) for _, v, lr, s, _ in todo]
     codes = run_jobs([train_command(args, v, lr, s, steps, final) for _, v, lr, s, steps in todo], args.parallel,
-                     log_dir, names=names, tags=names, append=True, check=diverged is None, **_dispatch(args))
+                     log_dir, names=names, tags=names, append=True, check=diverged is None,
+                     **dispatch_of(args, parallel=False))
     for (_, v, lr, s, _), name, code in zip(todo, names, codes or []):
         if code == 0:
             continue
@@ -157,7 +153,8 @@ def sample_all(args, items):
                          "run without --report")
     print(f"[digits] sampling {len(todo)} of {len(items)} sets ({args.sampling_steps} DDPM steps)", flush=True)
     run_jobs([sample_command(args, *it) for it in todo], args.parallel, os.path.join(args.out, "logs", "samples"),
-             names=[os.path.basename(sample_folder(args, *it)) for it in todo], **_dispatch(args))
+             names=[os.path.basename(sample_folder(args, *it)) for it in todo],
+             **dispatch_of(args, parallel=False))
     return {it: scored(sample_folder(args, *it)) for it in items}
 
 

@@ -121,15 +121,10 @@ def run_cells(args):
         wave = train[i:i + args.parallel]
         run_jobs([train_command(args, *w) for w in wave], args.parallel, os.path.join(args.out, "logs"),
                  names=[job_name(*w) for w in wave], tags=[job_name(*w) for w in wave], append=True,
-                 **_dispatch(args))
+                 **dispatch_of(args, parallel=False))
         keep(args, wave)
     keep(args, [w for w in todo if w not in train])
     return {w: recorded(args, job_name(*w)) for w in wanted}
-
-
-def _dispatch(args):
-    """Where the jobs run (the runner's flags), without --parallel, which the waves pass themselves."""
-    return {k: v for k, v in dispatch_of(args).items() if k != "parallel"}
 
 
 def summarise_all(args, runs):
@@ -147,7 +142,8 @@ def summarise_all(args, runs):
     calls = [(args, cell, seed, steps, run_of(args, cell, seed, steps), log)
              for (cell, seed, steps), log in zip(runs, logs)]
     records = map_calls(summarise_one_thread, calls, args.parallel, os.path.join(args.out, "logs"),
-                        labels=[f"summary of {job_name(*w)}" for w in runs], watch=echo, **_dispatch(args))
+                        labels=[f"summary of {job_name(*w)}" for w in runs], watch=echo,
+                        **dispatch_of(args, parallel=False))
     for i in range(len(logs)):
         echo(i)
     return records

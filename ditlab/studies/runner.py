@@ -71,11 +71,15 @@ def add_dispatch_args(p, parallel=2):
     return g
 
 
-def dispatch_of(args):
-    """The dispatch settings of parsed study flags (defaults where a caller built `args` without them)."""
-    return dict(parallel=getattr(args, "parallel", 2), cluster=getattr(args, "cluster", "local"),
-                partition=getattr(args, "partition", None), time=getattr(args, "time", None),
-                gpus_per_job=getattr(args, "gpus_per_job", 0))
+def dispatch_of(args, parallel=True):
+    """The dispatch settings of parsed study flags (defaults where a caller built `args` without them);
+    without `parallel` for a study that passes each wave's size itself."""
+    found = dict(parallel=getattr(args, "parallel", 2), cluster=getattr(args, "cluster", "local"),
+                 partition=getattr(args, "partition", None), time=getattr(args, "time", None),
+                 gpus_per_job=getattr(args, "gpus_per_job", 0))
+    if not parallel:
+        del found["parallel"]
+    return found
 
 
 def executor_parameters(cluster="local", partition=None, time=None, gpus_per_job=0, name="study", **_):
