@@ -5,6 +5,7 @@
     ablation   every normalization variant on the toy (make ablation)
     digits     the normalization variants on trained digit models, each at its best lr (make digits)
     mechanism  where and why LayerNorm costs the toy precision: localise, ablate, restore, stress (make mechanism)
+    bridge     why the toy's LayerNorm cost does not reach digit images: probes and edits on both (make bridge)
 
 Every study runs its jobs through one runner (ditlab/studies/runner.py): local subprocesses by default,
 --parallel at a time, or SLURM jobs (--cluster slurm --partition P --time MINUTES --gpus-per-job N).
@@ -16,7 +17,8 @@ import sys
 
 from ditlab.cli import command
 
-STUDIES = {"toy": "toy", "sweep": "sweep", "ablation": "ablation", "digits": "digits", "mechanism": "mechanism"}
+STUDIES = {"toy": "toy", "sweep": "sweep", "ablation": "ablation", "digits": "digits", "mechanism": "mechanism",
+           "bridge": "bridge"}
 PASSES_ON = ("toy", "sweep", "ablation")  # these hand unknown flags to train_toy.py; the others refuse them
 
 

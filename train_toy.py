@@ -1,10 +1,12 @@
 """The toy identity study: can a DiT with LayerNorm learn to output exactly zero?
 
 A DiT is trained on 2x2x2 "images" that are always zero, so the noise it must predict is its own input
-rescaled, eps = x_t / sqrt(1 - alpha_bar_t). At chosen steps the raw and EMA weights each draw samples
+rescaled, eps = x_t / sqrt(1 - alpha_bar_t). With --data-std S > 0 the images are fresh N(0, S^2) draws
+instead: the ideal denoiser is still a linear gain, known exactly, and errors are also reported in
+excess of it. At chosen steps the raw and EMA weights each draw samples
 with the full DDPM sampler (or --sampler / --sampling-steps) from fixed noise; since the data is zero,
 every sampled pixel value is an error. Besides, every evaluation and every --probe-every steps a probe
-measures the denoiser without sampling (ditlab.toy.probe): on fixed noise at a grid of timesteps, the error of
+measures the denoiser without sampling (ditlab.probe): on fixed noise at a grid of timesteps, the error of
 its noise, x0 and variance predictions, and outlier statistics of its token embeddings. Results go to
 `<results-dir>/<index>-<model>-<normalization>/`: metrics.jsonl (rows of kind "sample" and "timestep")
 and embeddings.jsonl.
@@ -12,6 +14,7 @@ and embeddings.jsonl.
     python train_toy.py                   # LayerNorm (the published DiT)
     python train_toy.py --no-layernorm    # every block/final LayerNorm replaced by identity
     torchrun --nproc_per_node=2 train_toy.py --preset paper
+    python train_toy.py --data-std 0.3    # Gaussian data of std 0.3 (the bridge study's spreads)
     python train_toy.py --resume auto     # continue the newest run with these settings (requeued jobs)
 
 Presets: "paper" (DiT-XS/1, batch 2048, lr 1e-4, 50k steps, evaluations at 10k and 50k; for a GPU) and
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion import create_diffusion
-from ditlab.cli import COUNT, INDEX, command
+from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, command
 from ditlab.config import RunConfig, RunSpec, interval_warnings, parse_flags, resolve, resumable, runtime
 from ditlab.distributed import check_global_batch, cleanup_distributed, setup_distributed
 from ditlab.errors import UsageError
@@ -39,7 +42,7 @@ from ditlab.run import (
 )
 from ditlab.sampling import SAMPLER_HELP, SAMPLERS, check_solver_steps
 from ditlab.toy.evals import evaluate
-from ditlab.toy.task import PRESETS, TOY_IMAGE_SIZE, TOY_MODEL, zero_batches
+from ditlab.toy.task import PRESETS, TOY_IMAGE_SIZE, TOY_MODEL, toy_batches
 from models import NORM_LAYERS, DiT_models, build_model_from_config
 
 MAX_EVAL_SAMPLES = 100_000
@@ -51,6 +54,7 @@ class ToyConfig(RunConfig):
     (--max-steps, --eval-steps) and change its intervals; its optimisation is fixed."""
 
     preset: str
+    data_std: float
     eval_steps: list | None = resumable()
     eval_every: int | None = runtime()  # turned into eval_steps
     probe_every: int | None
@@ -66,6 +70,9 @@ def build_parser():
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="'auto' = paper on a GPU, cpu otherwise; flags below override the preset")
     add_model_args(p, list(DiT_models), sorted(NORM_LAYERS))
+    p.add_argument("--data-std", type=NON_NEGATIVE, default=0.0, metavar="S",
+                   help="the data's spread: 0 (default) is the all-zero task; S > 0 trains on fresh N(0, S^2) images, "
+                        "whose ideal denoiser is known in closed form (ditlab/toy/task.py says why)")
     add_optimisation_args(p, compile_help=" (the paper preset compiles in the default mode; --compile none for eager)",
                           precision="fp32")
     g = p.add_argument_group("evaluation")
@@ -152,7 +159,8 @@ def main(argv=None):
             # Preempted (exit 75): a requeue script continues the run.
             sampler = create_diffusion(timestep_respacing=str(config.sampling_steps))
             hooks = [(1, lambda step: evaluate(trainer, sampler, config, step))]
-            trainer.fit(zero_batches(local_batch, d.device), config.max_steps, log_every=config.log_every,
+            batches = toy_batches(local_batch, d.device, config.data_std, config.global_seed, d.rank, trainer.step)
+            trainer.fit(batches, config.max_steps, log_every=config.log_every,
                         ckpt_every=config.ckpt_every, hooks=hooks)
             return run.run_dir
     finally:
@@ -173,7 +181,7 @@ def toy_trainer(run, d):
     logger.info(configure_threads(config.threads, params))
     logger.info(f"toy run {run.run_dir}: {config.model} depth {len(model.blocks)} width "
                 f"{model.pos_embed.shape[-1]} ({params:,} params), normalization={config.normalization}, "
-                f"preset={config.preset}, batch {config.global_batch_size}, lr {config.lr} "
+                f"preset={config.preset}, data {'all zero' if not config.data_std else f'N(0, {config.data_std:g}^2)'}, batch {config.global_batch_size}, lr {config.lr} "
                 f"({config.lr_schedule}), {config.max_steps} steps, evaluations at {config.eval_steps}"
                 + (f", compiled ({trainer.compile_mode})" if trainer.compile_mode else ""))
     return trainer

@@ -5,7 +5,7 @@ ditlab.trainer.Trainer and prints:
   1. the torch.profiler table of --profile-steps steps (self CPU time per op, the largest first);
   2. an A/B in alternating rounds of AdamW as the Trainer builds it (on a CPU: the single-tensor loop)
      against AdamW(foreach=True): median ms per step and the median of the per-round ratios;
-  3. the time of one ditlab.toy.probe (both weights are probed at each evaluation, so twice this per probe step)
+  3. the time of one ditlab.probe (both weights are probed at each evaluation, so twice this per probe step)
      against a training step.
 
     python -m benchmarks.toy_step                 # about a minute on an idle 2-core machine
@@ -22,7 +22,7 @@ import torch
 from diffusion import create_diffusion
 from ditlab.cli import COUNT
 from ditlab.distributed import setup_distributed
-from ditlab.toy.probe import probe
+from ditlab.probe import probe
 from ditlab.toy.task import PRESETS, TOY_MODEL, zero_batches
 from ditlab.trainer import Trainer
 from models import build_model
@@ -82,7 +82,7 @@ def main(argv=None):
     model, diffusion = trainers["default"].raw, trainers["default"].diffusion
     probe_ms = [timed(lambda: probe(model, diffusion, 256), 1) for _ in range(5)]
     step_ms = statistics.median(times["default"])
-    print(f"ditlab.toy.probe (256 draws x 11 timesteps, one set of weights): {statistics.median(probe_ms):.0f} ms "
+    print(f"ditlab.probe (256 draws x 11 timesteps, one set of weights): {statistics.median(probe_ms):.0f} ms "
           f"= {statistics.median(probe_ms) / step_ms:.1f} training steps")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.normalization}")
 

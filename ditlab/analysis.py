@@ -8,6 +8,7 @@ errors of ditlab.errors, their message naming the flag to change."""
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ditlab.checkpoints import load_model
 from ditlab.constants import LATENT_SCALE
 from ditlab.data import center_crop_arr, load_vae
 from ditlab.errors import DitlabError, InputError, UsageError
+from ditlab.probe import TOY_SHAPE, image_data, toy_data
 
 DEFAULT_TIMESTEPS = (50, 250, 500, 750, 999)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -159,6 +161,27 @@ def class_labels(model, n, given, folder_classes, seed):
     if folder_classes is not None:
         return folder_classes
     return torch.randint(model.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def is_toy(model):
+    """Whether `model` takes the toy task's 2x2x2 inputs (train_toy.py's) rather than images or latents."""
+    return (model.in_channels, model.input_size, model.input_size) == TOY_SHAPE
+
+
+def probe_data(model, config, data_path, num, seed, device, cache=None):
+    """The probe's data for one model (probe.ProbeData): for a toy model its `num` draws (Gaussian images of
+    the run's data_std, or all zero); for an image model `num` images of `data_path` chosen with `seed` (as
+    analyze_embeddings.py takes them: pixels, or latents through the run's VAE), with their class folders as
+    labels where they match the model's classes (else labels drawn from `seed`). UsageError for an image
+    model without images."""
+    if is_toy(model):
+        return toy_data(num, data_std=float(config.get("data_std") or 0.0))
+    if not data_path:
+        raise UsageError("an image model is probed on real images: pass --data-path DIR (e.g. data/digits for the "
+                         "digits demo, the folder train.py --demo writes)")
+    args = SimpleNamespace(data_path=data_path, batch_size=num, seed=seed, zero_data=False, class_labels=None)
+    x0, folder_classes, _ = clean_batch(model, config, args, device, {} if cache is None else cache)
+    return image_data(x0, class_labels(model, len(x0), None, folder_classes, seed))
 
 
 #################################################################################

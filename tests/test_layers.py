@@ -22,12 +22,13 @@ LAYERS = [
     ["ditlab.data"],  # images, latent shards, the VAE
     ["ditlab.diffusers_interop"],  # diffusers folders and solvers
     ["ditlab.checkpoints"],  # models from official files, runs, diffusers folders, the Hub
-    ["ditlab.sampling", "ditlab.features", "ditlab.trainer"],
+    ["ditlab.sampling", "ditlab.features", "ditlab.trainer", "ditlab.probe"],
     ["ditlab.evaluation", "ditlab.memorisation"],
     ["ditlab.analysis", "ditlab.monitoring"],
     ["ditlab.run"],
     ["ditlab.config"],  # a run's settings, resolved (reads run directories and checkpoints)
     ["ditlab.toy.*"],
+    ["ditlab.edits"],  # interventions on any DiT; the toy's sampler by default
     ["ditlab.studies.*"],
 ]
 

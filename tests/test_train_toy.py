@@ -15,11 +15,11 @@ from diffusion import create_diffusion
 from ditlab.checkpoints import load_checkpoint, load_model
 from ditlab.errors import PREEMPTED_EXIT, UsageError
 from ditlab.toy.evals import draw_samples
-from ditlab.toy.probe import TIMESTEP_GRID, probe
+from ditlab.probe import TIMESTEP_GRID, probe
 from ditlab.toy.readers import last_probe, load_config, load_embeddings, load_metrics, load_samples
 from ditlab.studies.toy_report import log_correlations, summarize
 from ditlab.studies.toy import write_report
-from ditlab.toy.task import sample_error
+from ditlab.toy.task import sample_error, toy_batches
 from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config
 
@@ -106,8 +106,10 @@ def test_probe_rows_every_probe_step_and_at_evaluations(tmp_path):
     assert [r["eps_rel_error"] for r in again] == [last_probe(run)[r["t"]]["eps_rel_error"] for r in again]
 
 
-def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch):
-    args = ("--steps", "20", "--eval-steps", "8", "16", "--ckpt-every", "8")
+@pytest.mark.parametrize("data_std", ["0", "0.5"])
+def test_resume_ends_with_identical_metrics_and_weights(tmp_path, monkeypatch, data_std):
+    """Also with Gaussian data: a resumed run draws from its step on exactly what it would have drawn."""
+    args = ("--steps", "20", "--eval-steps", "8", "16", "--ckpt-every", "8", "--data-std", data_std)
     full = run_toy(tmp_path / "full", *args)
 
     # Crash after step 12: the last checkpoint is step 8; the evaluation at 8 is already written.
@@ -368,3 +370,31 @@ def test_evaluation_steps_and_intervals_beyond_the_run_are_warned_about_in_dry_r
         in capsys.readouterr().err
     printed_settings(capsys, [*TINY, "--steps", "2"])  # the preset's intervals (3,000 steps) are not warned about
     assert "warning" not in capsys.readouterr().err
+
+
+def test_zero_spread_is_the_all_zero_task_and_leaves_the_rng_alone():
+    """--data-std 0 (the default) feeds exact zeros and draws nothing, so a run is bitwise what it was before
+    the option existed (checked once against the commit before it: weights, EMA, samples and probe equal)."""
+    state = torch.get_rng_state()
+    x, y = next(toy_batches(16, torch.device("cpu"), 0.0, seed=3))
+    assert torch.equal(x, torch.zeros(16, 2, 2, 2)) and torch.equal(y, torch.zeros(16, dtype=torch.long))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_spread_trains_on_fresh_gaussian_data_of_that_std(tmp_path):
+    """S > 0: every step a new N(0, S^2) batch (not the zero task), fixed by (seed, rank, step), the global RNG
+    untouched; the run records its spread and its samples' variance against the data's."""
+    state = torch.get_rng_state()
+    stream = toy_batches(4096, torch.device("cpu"), 0.3, seed=1, rank=0)
+    first, second = next(stream)[0], next(stream)[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.std().item() == pytest.approx(0.3, rel=0.03) and abs(first.mean().item()) < 0.01
+    assert not torch.equal(first, second)
+    assert torch.equal(next(toy_batches(4096, torch.device("cpu"), 0.3, seed=1, rank=0, start_step=1))[0], second)
+    assert not torch.equal(next(toy_batches(4096, torch.device("cpu"), 0.3, seed=1, rank=1))[0], first)
+    run = run_toy(tmp_path, "--steps", "4", "--eval-steps", "4", "--data-std", "0.3")
+    assert load_config(run)["data_std"] == 0.3
+    (row,) = [r for r in load_metrics(run) if r["weights"] == "ema"]
+    assert row["var_ratio"] == pytest.approx(row["std"] ** 2 / 0.09)
+    probe_rows = [r for r in load_metrics(run, "timestep") if r["step"] == 4]
+    assert all("eps_excess_error" in r and r["data_std"] == 0.3 for r in probe_rows)

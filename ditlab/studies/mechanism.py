@@ -7,7 +7,7 @@ Cells, each a train_toy.py configuration on the CPU preset, several seeds:
   stress    AdamW weight decay 0.01 / 0.1 and dropout 0.1, for LayerNorm and for no LayerNorm.
 Every finished run is kept as a small JSON record (final per-t probe error, sampled error, outlier and
 signal/outlier statistics at the last probe and, for the runs named in INTERVENE_CELLS, the interventions of
-ditlab/toy/edits.py), so the study continues across machines; the report reads only records.
+ditlab/edits.py), so the study continues across machines; the report reads only records.
 
     python study.py mechanism                                   # every cell, seeds 0 1 2, 12k steps
     python study.py mechanism --cells layer-norm none ln-blocks ln-final --long-steps 24000

@@ -1,6 +1,6 @@
 """What the mechanism study measures on one finished toy run (mechanism.py's records): the per-t probe error,
 the sampled error, the outlier and signal/outlier statistics, the restoring weights and, for the cells that
-are edited, the interventions of ditlab/toy/edits.py. Each runs as a job of the studies' runner."""
+are edited, the interventions of ditlab/edits.py. Each runs as a job of the studies' runner."""
 
 import os
 import time
@@ -8,7 +8,7 @@ from datetime import datetime
 
 from diffusion import create_diffusion
 from ditlab.checkpoints import load_model
-from ditlab.toy.edits import Progress, channel_statistics, intervene
+from ditlab.edits import Progress, channel_statistics, intervene
 from ditlab.toy.readers import final_sample_errors, last_probe, load_embeddings
 from models import RestoringLayerNorm
 

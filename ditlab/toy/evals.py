@@ -9,7 +9,7 @@ import torch
 from ditlab.distributed import barrier
 from ditlab.files import append_jsonl
 from ditlab.sampling import denoise
-from ditlab.toy.probe import probe
+from ditlab.probe import probe, toy_data
 from ditlab.toy.task import TOY_CHANNELS, TOY_IMAGE_SIZE, sample_error
 
 
@@ -25,15 +25,16 @@ def draw_samples(model, diffusion, num, seed, device, sampler="ddpm"):
 
 
 def run_probe(trainer, config, step):
-    """The per-timestep probe (ditlab.toy.probe) of the raw and the EMA weights: rows {"kind": "timestep", ...}
+    """The per-timestep probe (ditlab.probe) of the raw and the EMA weights: rows {"kind": "timestep", ...}
     appended to metrics.jsonl, embedding statistics to embeddings.jsonl."""
     t0, errors = time.time(), {}
     for weights, model in (("raw", trainer.raw), ("ema", trainer.ema)):
-        per_t, embeddings = probe(model, trainer.diffusion, config.probe_samples)
+        data = toy_data(config.probe_samples, data_std=config.data_std)
+        per_t, embeddings = probe(model, trainer.diffusion, data=data)
         tag = dict(step=step, weights=weights)
         append_jsonl(os.path.join(trainer.run_dir, "metrics.jsonl"),
                      [dict(kind="timestep", **tag, normalization=config.normalization, seed=config.global_seed,
-                           num_samples=config.probe_samples, **row) for row in per_t])
+                           num_samples=config.probe_samples, data_std=config.data_std, **row) for row in per_t])
         append_jsonl(os.path.join(trainer.run_dir, "embeddings.jsonl"), [{**tag, **row} for row in embeddings])
         errors[weights] = {row["t"]: row["eps_rel_error"] for row in per_t}
     shown = " ".join(f"t={t}: {errors['ema'][t]:.2e}" for t in (0, 10, 100, 999) if t in errors["ema"])
@@ -59,11 +60,15 @@ def evaluate(trainer, sampler_diffusion, config, step):
             row = dict(step=step, weights=weights, normalization=config.normalization, num_samples=len(samples),
                        sampling_steps=sampler_diffusion.num_timesteps, sampler=config.sampler, seed=config.global_seed,
                        model=config.model,
-                       **sample_error(samples))
+                       **sample_error(samples, config.data_std))
             with open(os.path.join(trainer.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"kind": "sample", **row}) + "\n")
-            trainer.logger.info(f"eval step {step} {weights}: rms {row['rms']:.3e} mean|x| {row['mean_abs']:.3e} "
-                                f"max|x| {row['max_abs']:.3e} ({row['max_abs_8bit']:.3f} 8-bit levels)")
+            if config.data_std:  # the samples are not errors: how far is their spread from the data's?
+                trainer.logger.info(f"eval step {step} {weights}: sample std {row['std']:.4f} (data "
+                                    f"{config.data_std:g}), variance ratio {row['var_ratio']:.4f}")
+            else:
+                trainer.logger.info(f"eval step {step} {weights}: rms {row['rms']:.3e} mean|x| {row['mean_abs']:.3e} "
+                                    f"max|x| {row['max_abs']:.3e} ({row['max_abs_8bit']:.3f} 8-bit levels)")
         torch.save(saved, os.path.join(trainer.run_dir, f"samples_{step}.pt"))
         trainer.logger.info(f"evaluation took {time.time() - t0:.1f}s")
     barrier()

@@ -1,4 +1,4 @@
-"""Interventions on one channel (ditlab/toy/edits.py, intervene.py) on models built so that the
+"""Interventions on one channel (ditlab/edits.py, intervene.py) on models built so that the
 answer is known."""
 
 import json
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-from ditlab.toy.edits import Progress, channel_statistics, edit_fn, intervene, places
+from ditlab.edits import Progress, channel_statistics, edit_fn, intervene, places
+from ditlab.probe import TIMESTEP_GRID
 from ditlab.toy.task import TOY_MODEL
 from models import DiT
 
@@ -96,9 +97,9 @@ def test_command_writes_tables_for_a_run(tmp_path, capsys):
     with torch.no_grad():
         command.main(["--ckpt", ckpt, "--places", "final.norm", "block.0", "--probe-samples", "4", "--stats-samples",
                       "2", "--num-samples", "4", "--sampling-steps", "5", "--out", str(tmp_path / "iv"),
-                      "--threads", "1", "--progress-every", "0"])
+                      "--threads", "1", "--progress-every", "0", "--no-control"])
     out = capsys.readouterr().out
-    assert "[model 1/1 layer-norm] channel statistics, then 6 edits" in out
+    assert "[model 1/1 layer-norm] probe, channel statistics, then 6 edits" in out
     assert "[model 1/1 layer-norm] place final.norm, edit per-t (7/7," in out
     result = json.load(open(tmp_path / "iv" / "interventions.json"))
     (model,) = result["models"].values()
@@ -115,25 +116,93 @@ def test_control_model_without_layernorm_has_a_loudest_channel_too():
     assert stats["block.0.norm1"]["channel"] == CHANNEL
 
 
-def test_command_refuses_an_image_model_in_one_line(tmp_path):
-    """A digits-like image checkpoint (train.py's) is not a toy model: one line that says what to give."""
-    import intervene as command
+def image_model(normalization="layer-norm"):
+    """A small image DiT (3 x 8 x 8 pixels, 10 classes) built like hand_built: channel CHANNEL of its patch
+    embedding is the constant VALUE, an outlier that is exactly a bias."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=3, num_classes=10, class_dropout_prob=0.1, learn_sigma=True,
+                depth=2, hidden_size=16, num_heads=2, normalization=normalization)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+        model.x_embedder.proj.weight[CHANNEL] = 0
+        model.x_embedder.proj.bias[CHANNEL] = VALUE
+        model.pos_embed[0, :, CHANNEL] = 0
+    return model.eval()
+
+
+def save_image_model(model, path):
     from ditlab.checkpoint_io import save_checkpoint
 
     config = dict(model="DiT-S/2", input_size=8, in_channels=3, num_classes=10, class_dropout_prob=0.1,
-                  learn_sigma=True, depth=1, hidden_size=32, num_heads=2, image_size=8, vae="none")
-    model = DiT(**{k: v for k, v in config.items() if k not in ("model", "image_size", "vae")}, patch_size=2)
-    path = str(tmp_path / "digits.pt")
+                  learn_sigma=True, depth=2, hidden_size=16, num_heads=2, image_size=8, vae="none",
+                  normalization=model.normalization)
     save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
-    with pytest.raises(SystemExit, match=r"^error: --ckpt .*digits\.pt is an image model \(3 channels, 8x8\), "
-                                         r"not a toy model .*train_toy\.py run"):
-        command.main(["--ckpt", path, "--out", str(tmp_path / "iv")])
+    return path
+
+
+def test_edits_on_an_image_model_with_a_known_answer():
+    """On images with labels: the bias-like channel is found, mean and per-t edits leave the probe and the
+    samples bitwise unchanged, zero changes both; the control channel is one of ordinary size."""
+    from ditlab.probe import image_data
+
+    model, diffusion = image_model(), create_diffusion("")
+    gen = torch.Generator().manual_seed(1)
+    data = image_data(torch.rand(6, 3, 8, 8, generator=gen) * 2 - 1, torch.arange(6))
+    stats = channel_statistics(model, diffusion, data=data)
+    assert stats["block.0.norm1"]["channel"] == CHANNEL and torch.all(stats["block.0.norm1"]["per_t"] == VALUE)
+    control = stats["block.0.norm1"]["control"]
+    assert control["channel"] != CHANNEL and control["rms_share"] < 0.5
+    drawn = []
+
+    def sample_fn(m):  # a deterministic "sampler": the model's output on fixed inputs, as one number
+        out = m(data.x0.float(), torch.full((6,), 10), data.y)
+        drawn.append(1)
+        return {"score": float(out.double().abs().sum())}
+
+    result = intervene(model, diffusion, None, ["block.0.norm1"], data=data, stats=stats, sample_fn=sample_fn,
+                       sample_places=["block.0.norm1"], sample_key="score", control=True)
+    entry = result["places"]["block.0.norm1"]
+    for edit in ("mean", "per-t"):
+        assert entry[edit]["per_t"] == result["baseline"]["per_t"] and entry[edit]["sample_ratio"] == 1.0
+        assert entry[edit]["x0_per_t"] == result["baseline"]["x0_per_t"]
+    assert entry["zero"]["sample_ratio"] != 1.0 and max(abs(r - 1) for r in entry["zero"]["ratio_per_t"].values()) > 1e-3
+    assert set(entry["control"]) >= {"channel", "mean", "zero", "per-t"} and "sample" not in entry["control"]["zero"]
+    assert len(drawn) == 4  # the unedited model and the three edits; the control draws no samples
+
+
+def test_command_on_an_image_model_probes_edits_and_scores_samples(tmp_path, capsys):
+    """intervene.py on an image checkpoint with a folder of digits: probe, edits with the control, and samples
+    under the edits at the final norm scored with the digits classifier; --probe-only writes the probe."""
+    import intervene as command
+    from ditlab.data import write_digits_folder
+
+    ckpt = save_image_model(image_model(), str(tmp_path / "img.pt"))
+    digits = str(tmp_path / "digits")
+    write_digits_folder(digits, size=8)
+    with pytest.raises(SystemExit, match=r"^error: --ckpt .*img\.pt is an image model, probed on real images"):
+        command.main(["--ckpt", ckpt, "--out", str(tmp_path / "iv0")])
+    with torch.no_grad():
+        command.main(["--ckpt", ckpt, "--data-path", digits, "--eval-ref", digits, "--eval-features", "digits",
+                      "--places", "final.norm", "--probe-samples", "8", "--stats-samples", "4", "--num-samples", "20",
+                      "--sampling-steps", "4", "--out", str(tmp_path / "iv"), "--threads", "1"])
+    (model,) = json.load(open(tmp_path / "iv" / "interventions.json"))["models"].values()
+    entry = model["places"]["final.norm"]
+    assert {"fd_digits", "accuracy"} <= set(entry["zero"]["sample"]) and "sample_ratio" in entry["mean"]
+    assert {r["t"] for r in model["probe"]["errors"]} == set(TIMESTEP_GRID) and "control" in entry
+    assert {r["layer"] for r in model["probe"]["norm_inputs"]} >= {"block.0.norm1", "final.norm"}
+    with torch.no_grad():
+        command.main(["--ckpt", ckpt, "--data-path", digits, "--probe-only", "--probe-samples", "8",
+                      "--out", str(tmp_path / "iv2"), "--threads", "1"])
+    (model,) = json.load(open(tmp_path / "iv2" / "interventions.json"))["models"].values()
+    assert "places" not in model and len(model["probe"]["errors"]) == len(TIMESTEP_GRID)
 
 
 def test_a_single_edit_keeps_the_channels_mean_and_writes_its_table():
     """The channel's mean value is kept beside the edits (an edit is named "mean" too: it must not overwrite
     it), and the table of one edit that is not "mean" is written."""
-    from ditlab.toy.edits import markdown
+    from ditlab.edits import markdown
 
     model = hand_built()
     diffusion, sampler = create_diffusion(""), create_diffusion("4")

@@ -1,4 +1,4 @@
-"""Tests for ditlab/toy/probe.py: the per-timestep errors, the signal/outlier split at the norm inputs, the
+"""Tests for ditlab/probe.py: the per-timestep errors, the signal/outlier split at the norm inputs, the
 correlations and the readers of metrics.jsonl / embeddings.jsonl."""
 
 import numpy as np
@@ -7,7 +7,9 @@ import torch
 from scipy import stats as scipy_stats
 
 from diffusion import create_diffusion
-from ditlab.toy.probe import TIMESTEP_GRID, probe, signal_and_outlier, timestep_batch, timestep_errors
+from ditlab.probe import (
+    TIMESTEP_GRID, image_data, probe, signal_and_outlier, timestep_batch, timestep_errors, toy_data,
+)
 from ditlab.studies.toy_report import log_correlations
 from ditlab.toy.task import TOY_MODEL
 from models import build_model
@@ -129,3 +131,49 @@ def test_log_correlations_match_scipy():
     pearson, spearman = log_correlations(x, y)
     assert pearson == pytest.approx(scipy_stats.pearsonr(np.log(x), np.log(y))[0], rel=1e-12)
     assert spearman == pytest.approx(scipy_stats.spearmanr(x, y)[0], rel=1e-12)
+
+
+def test_image_probe_equals_toy_probe_on_a_toy_model():
+    """One implementation: probing a toy model through image_data (zero images, label 0, the probe seed's
+    noise) gives exactly the toy probe's errors and embedding rows."""
+    model, diffusion = tiny_model(seed=3), create_diffusion("")
+    with torch.no_grad():  # leave adaLN-Zero: a model that outputs something
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    toy_errors, toy_rows = probe(model, diffusion, num=12)
+    img_errors, img_rows = probe(model, diffusion, data=image_data(torch.zeros(12, 2, 2, 2), torch.zeros(12)))
+    assert img_rows == toy_rows
+    for a, b in zip(toy_errors, img_errors):
+        assert {k: a[k] for k in b} == b  # the toy's rows add its closed-form keys; the shared ones are equal
+
+
+def test_toy_data_gaussian_keeps_the_zero_task_noise_and_draws_images_of_its_std():
+    zero, gauss = toy_data(4000), toy_data(4000, data_std=0.5)
+    assert torch.equal(zero.eps, gauss.eps) and torch.count_nonzero(zero.x0) == 0
+    assert gauss.x0.std().item() == pytest.approx(0.5, rel=0.03) and gauss.data_std == 0.5
+
+
+def test_gaussian_data_excess_error_against_the_closed_form():
+    """For Gaussian data the ideal denoiser eps* = sqrt(1 - abar) / (abar S^2 + 1 - abar) x_t is a linear gain:
+    a "model" that outputs it has zero excess and the irreducible error sqrt(abar S^2 / (abar S^2 + 1 - abar))
+    (float64 schedule computed here; 20,000 draws, so within 2%); a model that outputs x_t / sqrt(1 - abar)
+    (the all-zero task's ideal) has an excess equal to its distance from eps*, computed in numpy."""
+    diffusion, S = create_diffusion(""), 0.7
+    data = toy_data(20_000, data_std=S)
+    abar, _ = linear_alpha_bar_float64()
+    x_t, t, target = timestep_batch(diffusion, TIMESTEP_GRID, data)
+    a2 = torch.as_tensor(abar[t.numpy()]).view(-1, 1, 1, 1)
+    gain = (1 - a2).sqrt() / (a2 * S ** 2 + 1 - a2)
+    ideal = torch.cat([gain * x_t.double(), torch.zeros_like(x_t, dtype=torch.float64)], 1)
+    for r in timestep_errors(ideal, x_t, t, target, diffusion, data):
+        a = abar[r["t"]]
+        assert r["eps_excess_error"] < 1e-12 and r["x0_excess_rmse"] < 1e-9 * max(1, 1 / np.sqrt(a))
+        assert r["eps_rel_error"] == pytest.approx(np.sqrt(a * S ** 2 / (a * S ** 2 + 1 - a)), rel=0.02, abs=1e-6)
+        assert r["eps_opt_error"] == pytest.approx(r["eps_rel_error"], rel=1e-9, abs=1e-12)
+    naive = torch.cat([x_t.double() / (1 - a2).sqrt(), torch.zeros_like(x_t, dtype=torch.float64)], 1)
+    for r in timestep_errors(naive, x_t, t, target, diffusion, data):
+        m = (t == r["t"]).numpy()
+        xt, eps = x_t[m].double().numpy(), target[m].numpy()
+        a = abar[r["t"]]
+        excess = np.linalg.norm(xt / np.sqrt(1 - a) - np.sqrt(1 - a) / (a * S ** 2 + 1 - a) * xt) / np.linalg.norm(eps)
+        assert r["eps_excess_error"] == pytest.approx(excess, rel=1e-9)
