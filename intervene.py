@@ -62,6 +62,8 @@ def parse_args(argv=None):
     g.add_argument("--vae", default=None, help="override the run's VAE (latent models)")
     g.add_argument("--sample-places", nargs="*", default=["final.norm"],
                    help="places where samples are drawn under the edits (default: the final norm's input)")
+    g.add_argument("--sample-top", type=INDEX, default=1, metavar="K",
+                   help="also sample under the edits of the K other places whose edits move the probe most")
     g.add_argument("--eval-ref", default=None, help="reference images or ADM batch to score the samples against "
                    "(without it an image model's edits are probed but not sampled)")
     g.add_argument("--eval-features", choices=["inception", "digits"], default="inception")
@@ -102,7 +104,8 @@ def edit_model(args, model, config, diffusion, prefix, evaluator=None):
     model.eval()
     data = probe_data(model, config, args.data_path, args.probe_samples, args.seed, torch.device("cpu"))
     errors, embeddings = probe(model, diffusion, data=data)
-    found = dict(probe=dict(errors=errors, norm_inputs=[r for r in embeddings if r["kind"] == "norm_input"]))
+    found = dict(probe=dict(errors=errors, norm_inputs=[r for r in embeddings if r["kind"] == "norm_input"],
+                            outliers=[r for r in embeddings if r["kind"] == "outliers"]))
     if args.probe_only:
         return found
     stats = channel_statistics(model, diffusion, data=data.subset(args.stats_samples))
@@ -114,6 +117,7 @@ def edit_model(args, model, config, diffusion, prefix, evaluator=None):
         sample_places, key = args.sample_places, ("fd_digits" if args.eval_features == "digits" else "fid")
     result = intervene(model, diffusion, None, args.places, args.edits, data=data, stats=stats, sample_fn=sample_fn,
                        sample_places=sample_places, sample_key=key, control=not args.no_control,
+                       sample_top=0 if sample_places is None else args.sample_top,
                        progress=Progress(prefix, every=args.progress_every))
     return {**found, **result}
 

@@ -60,7 +60,7 @@ from ditlab.data import (
 from ditlab.distributed import barrier, check_global_batch, cleanup_distributed, setup_distributed
 from ditlab.errors import InputError, UsageError
 from ditlab.features import add_network_args
-from ditlab.monitoring import make_fid_hook, make_sample_hook
+from ditlab.monitoring import make_fid_hook, make_probe_hook, make_sample_hook, probe_images
 from ditlab.preemption import ignore_stop_signals
 from ditlab.run import (
     add_model_args, add_optimisation_args, add_run_args, build_trainer, configure_threads, log_failures, open_run,
@@ -117,6 +117,8 @@ class TrainConfig(RunConfig):
     sample_images: int = resumable()
     cfg_scale: float = resumable()
     tensorboard: bool = resumable()
+    probe_every: int = resumable()
+    probe_samples: int = resumable()
     demo: bool = runtime()
     # FID during training
     fid_every: int = resumable()
@@ -177,6 +179,11 @@ def build_parser():
     g.add_argument("--sample-images", type=COUNT, default=16, help="images in the sample grid")
     g.add_argument("--cfg-scale", type=NON_NEGATIVE, default=4.0, help="classifier-free guidance of the grid (1: none)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run>/tensorboard")
+    g.add_argument("--probe-every", type=INDEX, default=0,
+                   help="the per-timestep probe of the EMA model every N steps (eps and x0 error on fixed training "
+                        "images and noise, norm-input statistics; ditlab/probe.py) to metrics.jsonl (0: never; "
+                        "the demo: 1000)")
+    g.add_argument("--probe-samples", type=COUNT, default=64, help="training images the probe denoises")
     g.add_argument("--demo", action="store_true", help="the digits demo (what `python train.py` alone runs); "
                                                        "other flags override its settings")
     add_fid_args(p)
@@ -227,11 +234,13 @@ def interval_notes(args, explicit):
     """A typed --fid-every or --sample-every longer than the run (--max-steps) still fires at the last step:
     a warning says the run gets that one only (the checkpoint interval is ditlab.config's)."""
     return interval_warnings(args, explicit, {"fid_every": "the FID is computed only at its last step",
-                                              "sample_every": "a sample grid is drawn only at its last step"})
+                                              "sample_every": "a sample grid is drawn only at its last step",
+                                              "probe_every": "the probe runs only at its last step"})
 
 
 SPEC = RunSpec(script="train.py", settings=TrainConfig, parser=build_parser, preset=demo_preset,
-               check=check_sampling_flags, complete=complete_data, warn=interval_notes)
+               check=check_sampling_flags, complete=complete_data, warn=interval_notes,
+               logs=("metrics.jsonl", "embeddings.jsonl"))
 
 
 def parse_args(argv=None):
@@ -324,6 +333,9 @@ def main(argv=None):
             # Monitoring between steps: EMA sample grids, FID of the EMA model (the training RNG untouched).
             tensorboard = open_tensorboard(run, d)
             hooks = make_hooks(trainer, config, vae, tensorboard)
+            if config.probe_every > 0 and d.is_main:
+                data = probe_images(dataset, config.probe_samples, config.global_seed, encode, d.device)
+                hooks.append((config.probe_every, make_probe_hook(trainer, data)))
 
             # Training loop: a stop signal saves at the next step boundary and raises Preempted (exit 75).
             logger.info(f"training to step {max_steps}")

@@ -187,12 +187,14 @@ class Progress:
 
 def intervene(model, diffusion, sampler_diffusion=None, place_names=None, edits=EDITS, probe_samples=256,
               num_samples=256, seed=0, stats=None, progress=None, data=None, sample_fn=None, sample_places=None,
-              sample_key="rms", control=False):
+              sample_key="rms", control=False, sample_top=0):
     """Every edit at every place (default: all places), on the probe `data` (default: the toy's
     `probe_samples` all-zero draws). Samples are drawn under an edit at `sample_places` (default: every
     place) with `sample_fn(model)` -> metrics (default for the toy: toy_sampler(sampler_diffusion); none
     without either); `sample_key` is the metric whose ratio to the unedited model is `sample_ratio`. With
-    `control`, the channel of median size at each place is edited the same way (no samples).
+    `control`, the channel of median size at each place is edited the same way (no samples). With
+    `sample_top` K, samples are also drawn under the edits of the K places not in `sample_places` whose edits
+    move the probe's error most (the largest geometric-mean ratio over t >= 10 of any edit).
 
     Returns {"baseline": {"per_t", "x0_per_t", "sample", "sample_rms"}, "places": {name: {"channel",
     "channel_mean", "rms_share", edit: {"per_t": {t: eps_rel_error}, "ratio_per_t": {t: ratio to baseline},
@@ -243,6 +245,16 @@ def intervene(model, diffusion, sampler_diffusion=None, place_names=None, edits=
                 if progress:
                     progress(done, total, f"place {name}, control channel, edit {edit}")
         result["places"][name] = entry
+    if sample_fn is not None and sample_top and sample_places is not None:
+        def moved(name):
+            ratios = result["places"][name]
+            return max(abs(math.log(geomean(r for t, r in ratios[e]["ratio_per_t"].items() if t >= 10))) for e in edits)
+        for name in sorted((n for n in chosen if n not in sample_places), key=moved, reverse=True)[:sample_top]:
+            s, entry = stats[name], result["places"][name]
+            for edit in edits:
+                entry[edit] = dict(edited(name, s, edit, True), sampled_because="moved most")
+                if progress:
+                    progress(done, total, f"place {name}, edit {edit}, samples")
     return result
 
 

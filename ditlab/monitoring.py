@@ -14,6 +14,8 @@ from ditlab.distributed import barrier, gather_objects
 from ditlab.errors import InputError
 from ditlab.evaluation import ArrayImages, EvaluationError, Evaluator, extract_features, score, summary_line
 from ditlab.features import feature_network
+from ditlab.files import append_jsonl
+from ditlab.probe import image_data, probe
 from ditlab.sampling import denoise, draw_images
 
 #################################################################################
@@ -139,4 +141,39 @@ def make_fid_hook(trainer, config, vae, tensorboard):
                                 f"cfg {config.fid_cfg_scale}, {time.time() - t0:.1f}s): {summary_line(metrics)}")
         barrier()
 
+    return hook
+
+
+#################################################################################
+#                      The per-timestep probe during training                   #
+#################################################################################
+
+def probe_images(dataset, num, seed, encode=None, device="cpu"):
+    """The probe's fixed inputs for a train.py run: `num` items of the training set chosen with `seed`
+    (unflipped), as the model sees them (encoded by `encode` for a run that trains on images through a
+    VAE, whose posterior sample is drawn inside a forked RNG so the training stream is untouched)."""
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    items = [dataset[(i, False)] for i in picks]
+    x = torch.stack([item[0] for item in items])
+    y = torch.tensor([int(item[1]) for item in items])
+    if encode is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = encode(x.to(device)).cpu()
+    return image_data(x.float(), y)
+
+
+def make_probe_hook(trainer, data):
+    """Trainer hook: the per-timestep probe (ditlab.probe) of the EMA weights on the run's fixed probe images:
+    rows {"kind": "timestep"} appended to <run>/metrics.jsonl, the norm inputs' and blocks' statistics to
+    <run>/embeddings.jsonl, and one line in the log. Rank 0 only; it draws nothing from the training RNG."""
+    def hook(step):
+        t0 = time.time()
+        errors, embeddings = probe(trainer.ema, trainer.diffusion, data=data)
+        tag = dict(step=step, weights="ema")
+        append_jsonl(os.path.join(trainer.run_dir, "metrics.jsonl"),
+                     [dict(kind="timestep", **tag, num_samples=len(data), **row) for row in errors])
+        append_jsonl(os.path.join(trainer.run_dir, "embeddings.jsonl"), [{**tag, **row} for row in embeddings])
+        shown = " ".join(f"t={r['t']}: {r['eps_rel_error']:.3g}" for r in errors if r["t"] in (0, 10, 100, 999))
+        trainer.logger.info(f"probe step {step}: EMA eps_rel_error {shown} ({time.time() - t0:.2f}s)")
     return hook

@@ -379,15 +379,34 @@ def test_dry_run_alone_is_the_demos_and_exits_0_writing_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_probe_during_training_writes_rows_and_leaves_training_alone(tmp_path, image_folder, vae_dir):
+    """--probe-every: per-timestep rows of the EMA model on fixed training images at every N steps and the last,
+    their norm-input statistics, and weights bitwise those of the same run without the probe."""
+    from ditlab.probe import TIMESTEP_GRID
+
+    probed = run(tmp_path / "probed", image_folder, "--vae", vae_dir, "--max-steps", "5", "--probe-every", "2",
+                 "--probe-samples", "6")  # images through a VAE: its posterior sample drawn off the training RNG
+    plain = run(tmp_path / "plain", image_folder, "--vae", vae_dir, "--max-steps", "5")
+    assert_same_weights(load_checkpoint(probed), load_checkpoint(plain))
+    with open(os.path.join(probed, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r.get("kind") == "timestep"]
+    assert sorted({r["step"] for r in rows}) == [2, 4, 5] and {r["t"] for r in rows} == set(TIMESTEP_GRID)
+    assert all(r["num_samples"] == 6 and 0 < r["eps_rel_error"] < 2 for r in rows)
+    with open(os.path.join(probed, "embeddings.jsonl")) as f:
+        layers = {r["layer"] for r in map(json.loads, f) if r["kind"] == "norm_input"}
+    assert layers == {"block.0.norm1", "block.0.norm2", "final.norm"}
+
+
 def test_what_a_resume_may_change_is_marked_on_the_settings():
-    """The 33 settings a resumed train.py run may change (extend it, move its data, tune the step, change what
+    """The 35 settings a resumed train.py run may change (extend it, move its data, tune the step, change what
     happens between steps); the model, data and recipe are the checkpoint's."""
     assert set(train.TrainConfig.names("resumable")) == {
         "max_steps", "epochs", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_images", "cfg_scale",
         "num_workers", "max_bad_images", "tensorboard", "compile", "grad_checkpointing", "precision", "lr",
         "weight_decay", "grad_clip", "ema_decay", "data_path", "latents_dir", "results_dir", "fid_every", "fid_ref",
         "fid_num_samples", "fid_cfg_scale", "fid_sampling_steps", "fid_features", "fid_batch_size",
-        "inception_weights", "digits_classifier", "sample_sampler", "fid_sampler", "stop_loss_ratio"}
+        "inception_weights", "digits_classifier", "sample_sampler", "fid_sampler", "stop_loss_ratio", "probe_every",
+        "probe_samples"}
     assert set(train.TrainConfig.names("runtime")) == {"resume", "device", "demo", "no_layernorm", "threads",
                                                        "dry_run"}
     config, *_ = resolve(train.SPEC, ["--data-path", "d", "--lr", "1e-3"])

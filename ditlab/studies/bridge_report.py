@@ -1,0 +1,347 @@
+"""The bridge study's report (bridge.py runs it): from the records alone, the toy's LayerNorm gap against its
+data's spread, the digits models' per-timestep errors beside the toy's, what the edits of the loudest
+channel do to digit samples, and the figures."""
+
+import math
+import os
+
+import matplotlib.pyplot as plt
+
+from ditlab.files import provenance, write_json, write_page
+from ditlab.studies.stats import fmt_spread, geomean, spread
+from ditlab.studies.variants import color
+
+REPORT_T = (0, 1, 5, 10, 50, 100, 500, 999)
+LATE = 10  # "t >= 10": the timesteps where the toy's blocks' norms cost precision (below, the final norm's)
+EDIT_NAMES = ("mean", "per-t", "zero")
+FIGURES = {"ratio_per_t.png": "bridge_ratio_per_t.png", "gap_vs_spread.png": "bridge_gap_vs_spread.png",
+           "edits.png": "bridge_edits.png"}
+DIGITS_LABELS = {"layer-norm": "LayerNorm", "none": "none", "ln-blocks": "LN blocks only",
+                 "ln-final": "LN final only"}
+DIGITS_COLORS = {"ln-blocks": "tab:orange", "ln-final": "tab:purple"}
+
+
+def per_t(record, key="eps_rel_error"):
+    """{t: value} of a record's probe (JSON keys back to ints)."""
+    return {int(t): row[key] for t, row in record["probe"].items()}
+
+
+def ratio_per_t(records, variant, base, key="eps_rel_error", **fixed):
+    """{t: [per-seed ratio variant/base]} over the seeds both have, for records keyed (variant, ..., seed)."""
+    out = {}
+    pairs = {}
+    for k, r in records.items():
+        if r is None or any(r.get(f) != v for f, v in fixed.items()):
+            continue
+        pairs.setdefault(r["seed"], {})[r["variant"]] = r
+    for seed, got in sorted(pairs.items()):
+        if variant in got and base in got:
+            a, b = per_t(got[variant], key), per_t(got[base], key)
+            for t in a:
+                out.setdefault(t, []).append(a[t] / b[t])
+    return out
+
+
+def late_geomean(ratios):
+    """Per seed, the geometric mean over t >= LATE of {t: [per-seed ratios]}: a list over seeds."""
+    late = [ts for t, ts in ratios.items() if t >= LATE]
+    return [geomean(col) for col in zip(*late)] if late else []
+
+
+#################################################################################
+#                                   Toy                                         #
+#################################################################################
+
+def toy_rows(toy, spreads):
+    """The toy's table: per spread, the LayerNorm/none ratio of the excess eps error (t >= 10 and t = 0), of
+    the raw eps error, the samples' variance ratio per variant, and the all-zero task's sampled RMS ratio."""
+    rows = []
+    for S in spreads:
+        excess = ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)
+        raw = ratio_per_t(toy, "layer-norm", "none", "eps_rel_error", spread=S)
+        if not excess:
+            continue
+        var = {v: [r["sample"]["var_ratio"] for r in toy.values() if r and r["spread"] == S and r["variant"] == v
+                   and "var_ratio" in r["sample"]] for v in ("layer-norm", "none")}
+        rms = [a["sample"]["rms"] / b["sample"]["rms"] for a, b in pairs_of(toy, S)] if S == 0 else []
+        rows.append(f"| {S:g} | {len(late_geomean(excess))} | {fmt_spread(late_geomean(excess))} | "
+                    f"{fmt_spread(excess[0])} | {fmt_spread(late_geomean(raw))} | "
+                    + " | ".join(fmt_spread(var[v]) if var[v] else "-" for v in ("layer-norm", "none"))
+                    + f" | {fmt_spread(rms) if rms else '-'} |")
+    return rows
+
+
+def pairs_of(toy, S):
+    """(LayerNorm record, none record) per seed at spread S."""
+    by_seed = {}
+    for r in toy.values():
+        if r and r["spread"] == S:
+            by_seed.setdefault(r["seed"], {})[r["variant"]] = r
+    return [(g["layer-norm"], g["none"]) for _, g in sorted(by_seed.items()) if len(g) == 2]
+
+
+#################################################################################
+#                                  Digits                                       #
+#################################################################################
+
+def digits_quality_rows(digits, variants):
+    """Per variant: seeds, FD-digits and accuracy of the unedited samples, the blocks' max/median ratio, and
+    the eps error's ratio to none (t >= 10 and t = 0) and the x0 error at t = 0 in 8-bit levels."""
+    rows = []
+    for v in variants:
+        recs = [r for r in digits.values() if r and r["variant"] == v]
+        if not recs:
+            continue
+        ratios = ratio_per_t(digits, v, "none")
+        late = fmt_spread(late_geomean(ratios)) if ratios and v != "none" else "-"
+        at0 = fmt_spread(ratios[0]) if ratios and v != "none" else "-"
+        rows.append(f"| {DIGITS_LABELS[v]} | {len(recs)} | {fmt_spread(r['baseline']['sample']['fd_digits'] for r in recs)} | "
+                    f"{fmt_spread(r['baseline']['sample']['accuracy'] for r in recs)} | "
+                    f"{fmt_spread(r['max_median'] for r in recs)} | {late} | {at0} | "
+                    f"{fmt_spread(per_t(r, 'x0_rmse_8bit')[0] for r in recs)} |")
+    return rows
+
+
+def per_t_rows(digits, toy, variants, spreads):
+    """Per-timestep ratios to none: every digits variant, then the toy at every spread (excess eps error)."""
+    rows = []
+    for v in variants:
+        ratios = ratio_per_t(digits, v, "none")
+        if v != "none" and ratios:
+            rows.append(f"| digits {DIGITS_LABELS[v]} | " + " | ".join(fmt_spread(ratios[t]) for t in REPORT_T) + " |")
+    for S in spreads:
+        ratios = ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)
+        if ratios:
+            rows.append(f"| toy LayerNorm, spread {S:g} | " + " | ".join(fmt_spread(ratios[t]) for t in REPORT_T) + " |")
+    return rows
+
+
+def edit_summary(record, place, edit, control=False):
+    """(eps ratio geo-mean t >= 10, eps ratio at t = 0, samples' FD-digits ratio or None, accuracy or None) of
+    one edit at one place of one digits record."""
+    entry = record["places"].get(place)
+    if entry is None or (control and "control" not in entry):
+        return None
+    e = (entry["control"] if control else entry)[edit]
+    ratios = {int(t): r for t, r in e["ratio_per_t"].items()}
+    late = geomean(r for t, r in ratios.items() if t >= LATE)
+    sample = e.get("sample")
+    return late, ratios[0], e.get("sample_ratio"), sample and sample.get("accuracy")
+
+
+def sampled_places(records):
+    """The places where samples were drawn under the edits, in forward order of the first record."""
+    first = next(iter(records))
+    return [p for p, entry in first["places"].items() if "sample_ratio" in entry.get("mean", {})]
+
+
+def edit_rows(digits, variant):
+    """The edits of one variant's loudest channel (and the control channel) at the sampled places: spread over
+    seeds of the eps ratios and of the samples' FD-digits ratio, and the accuracy under the edit."""
+    recs = [r for r in digits.values() if r and r["variant"] == variant]
+    if not recs:
+        return []
+    rows = []
+    for place in sampled_places(recs):
+        for control in (False, True):
+            for edit in EDIT_NAMES:
+                got = [s for s in (edit_summary(r, place, edit, control) for r in recs) if s]
+                if not got:
+                    continue
+                fd = [g[2] for g in got if g[2] is not None]
+                acc = [g[3] for g in got if g[3] is not None]
+                name = f"{place} (control channel)" if control else place
+                rows.append(f"| {name} | {edit} | {fmt_spread(g[0] for g in got)} | {fmt_spread(g[1] for g in got)} | "
+                            f"{fmt_spread(fd) if fd else '-'} | {fmt_spread(acc) if acc else '-'} |")
+    return rows
+
+
+#################################################################################
+#                                  Figures                                      #
+#################################################################################
+
+def plot_ratio_per_t(digits, toy, variants, spreads, path):
+    """Per-timestep ratio to none: digits variants (left), the toy's excess eps error per spread (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for v in variants:
+        ratios = ratio_per_t(digits, v, "none")
+        if v == "none" or not ratios:
+            continue
+        ts = sorted(ratios)
+        s = [spread(ratios[t]) for t in ts]
+        x = [max(t, 0.5) for t in ts]
+        c = DIGITS_COLORS.get(v, color(v))
+        axes[0].plot(x, [p["mean"] for p in s], "o-", color=c, label=f"{DIGITS_LABELS[v]} ({s[0]['n']} seeds)")
+        axes[0].fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=c, alpha=0.2)
+    cmap = plt.get_cmap("viridis")
+    for i, S in enumerate(spreads):
+        ratios = ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)
+        if not ratios:
+            continue
+        ts = sorted(ratios)
+        s = [spread(ratios[t]) for t in ts]
+        x = [max(t, 0.5) for t in ts]
+        c = cmap(i / max(len(spreads) - 1, 1))
+        axes[1].plot(x, [p["mean"] for p in s], "o-", color=c, label=f"data std {S:g} ({s[0]['n']} seeds)")
+        axes[1].fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=c, alpha=0.2)
+    for ax, title in zip(axes, ("digits: eps error / none's", "toy LayerNorm: excess eps error / none's")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(1, color="0.5", lw=0.8)
+        ax.set_xlabel("timestep t (t = 0 drawn at 0.5)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("ratio (mean over seeds, band: min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gap_vs_spread(toy, digits, spreads, path):
+    """The toy's LayerNorm/none ratio (excess eps error, geo-mean over t >= 10, and at t = 0) against its data's
+    spread, per seed and mean; the digits' LayerNorm/none ratio as a horizontal reference."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key_t, marker, label in (("late", "o", "t >= 10 (geo-mean)"), (0, "s", "t = 0")):
+        xs, means = [], []
+        for S in spreads:
+            ratios = ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)
+            if not ratios:
+                continue
+            vals = late_geomean(ratios) if key_t == "late" else ratios[0]
+            x = max(S, 0.02)
+            ax.scatter([x] * len(vals), vals, marker=marker, color="0.6", s=14)
+            xs.append(x)
+            means.append(spread(vals)["mean"])
+        ax.plot(xs, means, marker + "-", label=f"toy, {label}")
+    digits_late = late_geomean(ratio_per_t(digits, "layer-norm", "none"))
+    if digits_late:
+        ax.axhline(spread(digits_late)["mean"], color="tab:red", ls="--",
+                   label=f"digits LayerNorm / none, t >= 10 ({len(digits_late)} seeds)")
+    ax.axhline(1, color="0.5", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("toy data std S (S = 0 drawn at 0.02)")
+    ax.set_ylabel("LayerNorm / none, excess eps error")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_edits(digits, variants, path):
+    """Per variant, the edits of its loudest channel at the final norm's input (and the control channel):
+    the probe's eps ratio (geo-mean t >= 10) and the samples' FD-digits ratio, mean over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    shown = [v for v in variants if any(r and r["variant"] == v for r in digits.values())]
+    width = 0.8 / max(len(shown), 1)
+    labels = [*EDIT_NAMES, *(f"{e} (control)" for e in EDIT_NAMES)]
+    for i, v in enumerate(shown):
+        recs = [r for r in digits.values() if r and r["variant"] == v]
+        for ax, k in zip(axes, (0, 2)):
+            vals = []
+            for control in (False, True):
+                for edit in EDIT_NAMES:
+                    got = [s[k] for s in (edit_summary(r, "final.norm", edit, control) for r in recs) if s and s[k]]
+                    vals.append(geomean(got) if got else math.nan)
+            ax.bar([j + i * width for j in range(len(labels))], vals, width, color=DIGITS_COLORS.get(v, color(v)),
+                   label=DIGITS_LABELS[v])
+    for ax, title in zip(axes, ("probe eps error / unedited (t >= 10)", "samples' FD-digits / unedited")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.axhline(1, color="0.5", lw=0.8)
+        ax.set_title(f"edits at the final norm's input: {title}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+#################################################################################
+#                                   Report                                      #
+#################################################################################
+
+def headline(parts, args):
+    """The report's first sentences: the measured ratios in words, with seeds and steps."""
+    toy, digits = parts.get("toy", {}), parts.get("digits", {})
+    words = []
+    d = late_geomean(ratio_per_t(digits, "layer-norm", "none"))
+    if d:
+        words.append(f"On digits ({args.steps} steps, {len(d)} seeds), LayerNorm's eps error is "
+                     f"{spread(d)['mean']:.2f}x none's at t >= {LATE} (range {min(d):.2f}-{max(d):.2f}).")
+    gaps = [(S, late_geomean(ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)))
+            for S in args.spreads]
+    gaps = [(S, g) for S, g in gaps if g]
+    if gaps:
+        words.append(f"On the toy ({args.toy_steps} steps), LayerNorm's excess eps error is "
+                     + ", ".join(f"{spread(g)['mean']:.2f}x none's at data std {S:g}" for S, g in gaps)
+                     + f" ({min(len(g) for _, g in gaps)}-{max(len(g) for _, g in gaps)} seeds).")
+    seeds = min([len(d)] + [len(g) for _, g in gaps]) if (d or gaps) else 0
+    if seeds and seeds < 3:
+        words.append(f"Only {seeds} seed(s) per cell so far: too few to tell a gap from seed scatter.")
+    return [" ".join(words) or "No runs are recorded yet.", ""]
+
+
+def write_report(args, parts):
+    """<out>/summary.md, summary.json and the figures (and --record PAGE, its figures in docs/figures/)."""
+    os.makedirs(args.out, exist_ok=True)
+    toy, digits = parts.get("toy", {}), parts.get("digits", {})
+    variants = list(args.variants)
+    head_t = " | ".join(f"t={t}" for t in REPORT_T)
+    lines = ["# The bridge study: why the toy's LayerNorm cost does not reach digit images", "", provenance(), "",
+             *headline(parts, args),
+             f"Run: digits {', '.join(variants)} at lr {args.lr:g}, {args.steps} steps (cosine), seeds "
+             f"{' '.join(map(str, args.seeds))}; toy LayerNorm and none at data std "
+             f"{', '.join(f'{S:g}' for S in args.spreads)}, {args.toy_steps} steps, the same seeds. Cells: mean "
+             "[min, max] over seeds; ratios are paired by seed.", ""]
+    drawn = {}
+    if digits or toy:
+        plot_ratio_per_t(digits, toy, variants, args.spreads, os.path.join(args.out, "ratio_per_t.png"))
+        drawn["ratio_per_t.png"] = FIGURES["ratio_per_t.png"]
+        lines += ["## Per timestep: each variant's error over none's", "",
+                  "Digits: the probe's eps error on 256 fixed digits and fixed noise (EMA weights). Toy: the excess "
+                  "eps error over the Gaussian optimum (at std 0 that is the raw error).", "",
+                  "![per-timestep ratios](ratio_per_t.png)", "",
+                  f"| model | {head_t} |", "|---|" + "---|" * len(REPORT_T),
+                  *per_t_rows(digits, toy, variants, args.spreads), ""]
+    if toy:
+        plot_gap_vs_spread(toy, digits, args.spreads, os.path.join(args.out, "gap_vs_spread.png"))
+        drawn["gap_vs_spread.png"] = FIGURES["gap_vs_spread.png"]
+        lines += ["## The toy's gap against its data's spread", "",
+                  "LayerNorm / none of the excess eps error (geo-mean t >= 10, and t = 0), of the raw eps error, the "
+                  "samples' variance over the data's per variant, and at std 0 the sampled RMS ratio.", "",
+                  "![gap vs spread](gap_vs_spread.png)", "",
+                  "| data std | seeds | excess eps, t >= 10 | excess eps, t = 0 | raw eps, t >= 10 | variance ratio, "
+                  "LayerNorm | variance ratio, none | sampled RMS (std 0) |", "|---:|---:|---|---|---|---|---|---|",
+                  *toy_rows(toy, args.spreads), ""]
+    if digits:
+        plot_edits(digits, variants, os.path.join(args.out, "edits.png"))
+        drawn["edits.png"] = FIGURES["edits.png"]
+        lines += ["## Digits: quality, outliers and precision", "",
+                  f"FD-digits and accuracy of {args.num_samples} unguided samples ({args.sampling_steps} DDPM steps); "
+                  "max/median: the blocks' largest channel-RMS ratio; eps and x0 errors from the probe.", "",
+                  "| variant | seeds | FD-digits | accuracy | max/median | eps / none, t >= 10 | eps / none, t = 0 | "
+                  "x0 error at t = 0 (8-bit levels) |", "|---|---:|---|---|---|---|---|---|",
+                  *digits_quality_rows(digits, variants), "",
+                  "## Digits: what the loudest channel carries", "",
+                  "The loudest channel at each place replaced by its mean, its per-timestep mean, or zero; the control "
+                  "is a channel of median size at the same place. Samples are drawn under the edits at the final "
+                  "norm's input and at the place whose edits move the probe most.", "",
+                  "![edits at the final norm](edits.png)", ""]
+        for v in variants:
+            rows = edit_rows(digits, v)
+            if rows:
+                lines += [f"### {DIGITS_LABELS[v]}", "", "| place | edit | eps / unedited, t >= 10 | eps / unedited, "
+                          "t = 0 | FD-digits / unedited | accuracy |", "|---|---|---|---|---|---|", *rows, ""]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    write_json(os.path.join(args.out, "summary.json"), dict(
+        toy={f"{k[0]} std{k[1]:g} s{k[2]}": r for k, r in toy.items() if r},
+        digits={f"{k[0]} s{k[1]}": r for k, r in digits.items() if r}))
+    if args.record:
+        write_page(args.record, text, args.out, drawn)
+    print(f"[bridge] wrote {os.path.join(args.out, 'summary.md')}", flush=True)
+    return dict(toy=toy, digits=digits)
