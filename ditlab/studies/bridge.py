@@ -103,6 +103,7 @@ def toy_command(args, variant, spread, seed):
         return [sys.executable, "train_toy.py", "--resume", run, "--threads", "1"]
     return [sys.executable, "train_toy.py", "--preset", "cpu", "--normalization", variant, "--data-std", f"{spread:g}",
             "--global-seed", str(seed), "--max-steps", str(args.toy_steps), "--eval-steps", str(args.toy_steps),
+            "--sampling-steps", str(args.toy_sampling_steps),
             "--results-dir", os.path.join(args.out, "toy-runs"), "--threads", "1"]
 
 
@@ -119,7 +120,7 @@ def toy_record(run):
 def toy_part(args):
     """Train and record every toy run (variant x spread x seed) without a record, --parallel at a time, each
     wave recorded before the next; returns {(variant, spread, seed): record}."""
-    keys = {"toy_steps": args.toy_steps}
+    keys = {"toy_steps": args.toy_steps, "toy_sampling_steps": args.toy_sampling_steps}
     runs = [(v, S, s) for s in args.seeds for S in args.spreads for v in TOY_VARIANTS]
     todo = [r for r in runs if runner.read_record(args.records, toy_key(*r), keys) is None]
     print(f"[bridge] toy: {len(runs) - len(todo)} of {len(runs)} runs recorded", flush=True)
@@ -218,6 +219,8 @@ def parser():
     p.add_argument("--spreads", type=NON_NEGATIVE, nargs="+", default=[0.0, 0.1, 0.3, 1.0],
                    help="the toy's data spreads (std of its Gaussian images; 0: the all-zero task)")
     p.add_argument("--toy-steps", type=COUNT, default=12000, help="training steps of the toy runs (CPU preset)")
+    p.add_argument("--toy-sampling-steps", type=COUNT, default=1000,
+                   help="DDPM steps of the toy runs' final samples (1000: the full chain, as the toy study)")
     p.add_argument("--probe-samples", type=COUNT, default=256, help="digits the probe denoises at each timestep")
     p.add_argument("--num-samples", type=COUNT, default=500,
                    help="samples per model and per sampled edit, scored by FD-digits (the digits study's curve size)")

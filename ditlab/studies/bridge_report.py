@@ -190,7 +190,8 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
         ax.axhline(1, color="0.5", lw=0.8)
         ax.set_xlabel("timestep t (t = 0 drawn at 0.5)")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("ratio (mean over seeds, band: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -252,7 +253,8 @@ def plot_edits(digits, variants, path):
         ax.set_yscale("log")
         ax.axhline(1, color="0.5", lw=0.8)
         ax.set_title(f"edits at the final norm's input: {title}", fontsize=9)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -278,7 +280,8 @@ def headline(parts, args):
         words.append(f"On the toy ({args.toy_steps} steps), LayerNorm's excess eps error is "
                      + ", ".join(f"{spread(g)['mean']:.2f}x none's at data std {S:g}" for S, g in gaps)
                      + f" ({min(len(g) for _, g in gaps)}-{max(len(g) for _, g in gaps)} seeds).")
-    seeds = min([len(d)] + [len(g) for _, g in gaps]) if (d or gaps) else 0
+    counts = [len(x) for x in [d, *(g for _, g in gaps)] if x]
+    seeds = min(counts) if counts else 0
     if seeds and seeds < 3:
         words.append(f"Only {seeds} seed(s) per cell so far: too few to tell a gap from seed scatter.")
     return [" ".join(words) or "No runs are recorded yet.", ""]
