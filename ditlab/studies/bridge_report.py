@@ -287,6 +287,37 @@ def headline(parts, args):
     return [" ".join(words) or "No runs are recorded yet.", ""]
 
 
+def evidence_lines(parts, args):
+    """The numbers each explanation turns on, one bullet each: (a) the digits' per-timestep LayerNorm/none
+    ratio against their FD-digits; (b) how the toy's gap moves from the all-zero task to the widest spread;
+    (c) whether the digits LayerNorm model's loudest channel carries t (its per-t edit against its mean edit)."""
+    toy, digits = parts.get("toy", {}), parts.get("digits", {})
+    out = []
+    ratios = ratio_per_t(digits, "layer-norm", "none")
+    if ratios:
+        worst = max(ratios, key=lambda t: spread(ratios[t])["mean"])
+        fd = {v: [r["baseline"]["sample"]["fd_digits"] for r in digits.values() if r and r["variant"] == v]
+              for v in ("layer-norm", "none")}
+        out.append(f"- (a) Digits, LayerNorm / none eps error: largest at t = {worst}, {fmt_spread(ratios[worst])}; "
+                   f"at t = 0 {fmt_spread(ratios[0])}. FD-digits: LayerNorm {fmt_spread(fd['layer-norm'])}, "
+                   f"none {fmt_spread(fd['none']) if fd['none'] else '-'}.")
+    gaps = [(S, late_geomean(ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)))
+            for S in args.spreads]
+    gaps = [(S, g) for S, g in gaps if g]
+    if len(gaps) > 1:
+        out.append(f"- (b) Toy, LayerNorm / none excess eps error (t >= {LATE}): "
+                   + "; ".join(f"std {S:g}: {fmt_spread(g)}" for S, g in gaps) + ".")
+    recs = [r for r in digits.values() if r and r["variant"] == "layer-norm" and "final.norm" in r["places"]]
+    if recs:
+        got = {e: [edit_summary(r, "final.norm", e) for r in recs] for e in EDIT_NAMES}
+        out.append(f"- (c) Digits LayerNorm, its loudest channel at the final norm's input: eps error (t >= {LATE}) "
+                   + ", ".join(f"x{fmt_spread(g[0] for g in got[e])} set to its {e}" if e != "zero" else
+                               f"x{fmt_spread(g[0] for g in got[e])} zeroed" for e in EDIT_NAMES)
+                   + "; FD-digits " + ", ".join(f"x{fmt_spread(g[2] for g in got[e])} ({e})" for e in EDIT_NAMES
+                                                if all(g[2] for g in got[e])) + ".")
+    return (["## The numbers each explanation turns on", "", *out, ""] if out else [])
+
+
 def write_report(args, parts):
     """<out>/summary.md, summary.json and the figures (and --record PAGE, its figures in docs/figures/)."""
     os.makedirs(args.out, exist_ok=True)
@@ -298,7 +329,7 @@ def write_report(args, parts):
              f"Run: digits {', '.join(variants)} at lr {args.lr:g}, {args.steps} steps (cosine), seeds "
              f"{' '.join(map(str, args.seeds))}; toy LayerNorm and none at data std "
              f"{', '.join(f'{S:g}' for S in args.spreads)}, {args.toy_steps} steps, the same seeds. Cells: mean "
-             "[min, max] over seeds; ratios are paired by seed.", ""]
+             "[min, max] over seeds; ratios are paired by seed.", "", *evidence_lines(parts, args)]
     drawn = {}
     if digits or toy:
         plot_ratio_per_t(digits, toy, variants, args.spreads, os.path.join(args.out, "ratio_per_t.png"))
