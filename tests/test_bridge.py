@@ -120,15 +120,13 @@ def test_a_report_on_one_seed_says_it_is_too_few(tmp_path):
 
 def test_toy_part_trains_records_and_reuses_runs(tmp_path):
     """The toy part end to end, in this process (submitit's debug executor), on 3-step runs: both variants at
-    two spreads, recorded with the probe's excess error; a rerun trains nothing; --report reads the records."""
-    args = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, spreads=[0.0, 0.5], seeds=[0], cluster="debug",
+    one spread, recorded with the probe's excess error; a rerun trains nothing; --report reads the records."""
+    args = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, spreads=[0.5], seeds=[0], cluster="debug",
                     skip_digits=True)
-    parts = bridge.run(args)
-    recs = parts["toy"]
-    assert len(recs) == 4 and all(r and set(r["probe"]["0"]) >= {"eps_excess_error", "eps_opt_error"}
+    recs = bridge.run(args)["toy"]
+    assert len(recs) == 2 and all(r and set(r["probe"]["0"]) >= {"eps_excess_error", "eps_opt_error"}
                                   for r in recs.values())
-    assert recs[("none", 0.5, 0)]["sample"]["var_ratio"] > 0 and "var_ratio" not in recs[("none", 0.0, 0)]["sample"]
-    assert recs[("none", 0.0, 0)]["probe"]["10"]["eps_opt_error"] < 1e-12  # all-zero data: the optimum is exact
+    assert recs[("none", 0.5, 0)]["sample"]["var_ratio"] > 0 and recs[("none", 0.5, 0)]["sample"]["step"] == 3
     stamp = os.path.getmtime(os.path.join(args.records, "toy-none-std0.5-s0.json"))
     bridge.run(args)
     assert os.path.getmtime(os.path.join(args.records, "toy-none-std0.5-s0.json")) == stamp

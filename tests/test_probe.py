@@ -150,6 +150,10 @@ def test_image_probe_equals_toy_probe_on_a_toy_model():
 def test_toy_data_gaussian_keeps_the_zero_task_noise_and_draws_images_of_its_std():
     zero, gauss = toy_data(4000), toy_data(4000, data_std=0.5)
     assert torch.equal(zero.eps, gauss.eps) and torch.count_nonzero(zero.x0) == 0
+    diffusion = create_diffusion("")
+    x_t, t, target = timestep_batch(diffusion, TIMESTEP_GRID, zero)
+    for r in timestep_errors(torch.cat([target, torch.zeros_like(target)], 1), x_t, t, target, diffusion, zero):
+        assert r["eps_rel_error"] == 0 and r["eps_opt_error"] < 1e-12  # all-zero data: the optimum is exact
     assert gauss.x0.std().item() == pytest.approx(0.5, rel=0.03) and gauss.data_std == 0.5
 
 
