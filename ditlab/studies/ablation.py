@@ -22,7 +22,7 @@ from ditlab.studies.runner import study_parser, dispatch_of
 from ditlab.studies.stats import spread
 from ditlab.studies.toy import train_runs
 from ditlab.studies.toy_report import seeds_phrase, summarize, times, too_short_line
-from ditlab.studies.variants import ABLATION_VARIANTS, color
+from ditlab.studies.variants import ABLATION_VARIANTS, color, order_key
 from ditlab.toy.readers import load_config, load_metrics
 from models import NORM_LAYERS
 
@@ -58,7 +58,7 @@ def plot_toy(runs, path):
     """RMS error of the EMA weights against training step, one colour per variant, one line per seed."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     seen = set()
-    for run in runs:
+    for run in sorted(runs, key=lambda r: order_key(load_config(r)["normalization"])):  # legend in registry order
         norm = load_config(run)["normalization"]
         pts = sorted((r["step"], r["rms"]) for r in load_metrics(run) if r["weights"] == "ema")
         ax.plot(*zip(*pts), marker="o", color=color(norm), label=None if norm in seen else norm)

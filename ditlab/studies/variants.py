@@ -18,3 +18,8 @@ def label(variant):
 def color(variant):
     """A variant's colour in every figure (grey for one not in the registry)."""
     return COLORS.get(variant, "0.4")
+
+
+def order_key(variant):
+    """Where a variant goes in tables and legends: registry order, unknown variants last (by name)."""
+    return (ORDER.index(variant), "") if variant in ORDER else (len(ORDER), variant)
