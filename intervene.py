@@ -20,17 +20,19 @@ probe alone: per-timestep errors and the signal/outlier statistics at every norm
         --eval-features digits --sampling-steps 100        # an image model (the digits demo)
 
 Writes <out>/interventions.json and <out>/interventions.md (one table per model: the samples' metric and
-the probe's errors relative to the unedited model, 1 = no change).
+the probe's errors relative to the unedited model, 1 = no change), and for an image model
+<out>/grids_<model>.npz: its first 20 samples unedited and under each sampled edit (the same noise and labels).
 """
 
 import argparse
 import os
 import time
 
+import numpy as np
 import torch
 
 from diffusion import create_diffusion
-from ditlab.analysis import is_toy, load_for_analysis, model_labels, probe_data
+from ditlab.analysis import is_toy, load_for_analysis, model_labels, probe_data, slug
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, command
 from ditlab.data import load_vae
 from ditlab.edits import EDITS, Progress, channel_statistics, intervene, markdown, places, toy_sampler
@@ -41,6 +43,9 @@ from ditlab.files import provenance, write_json
 from ditlab.probe import probe
 from ditlab.run import configure_threads
 from ditlab.sampling import draw_images
+
+
+GRID, GRID_IMAGES = "grid", 20  # the first samples of every sampled measurement, kept for a figure
 
 
 def parse_args(argv=None):
@@ -94,8 +99,27 @@ def image_sampler(args, model, config, evaluator):
         images, labels = draw_images(m, sampler, list(range(args.num_samples)), args.seed, vae=vae,
                                      latent_scale=float(config["latent_scale"]))
         metrics = evaluator(images, labels=labels)
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        return {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                GRID: images[:GRID_IMAGES]}  # the same noise and labels under every edit: a grid compares them
     return sample
+
+
+def save_grids(result, path):
+    """Move the sample grids out of `result` (arrays, not JSON) into one .npz: "unedited" and "<place>/<edit>"
+    -> uint8 (N, H, W, 3); returns the path, or None when nothing was sampled."""
+    grids = {}
+    base = result.get("baseline", {}).get("sample", {})
+    if GRID in base:
+        grids["unedited"] = base.pop(GRID)
+    for place, entry in result.get("places", {}).items():
+        for edit in EDITS:
+            sample = entry.get(edit, {}).get("sample", {})
+            if GRID in sample:
+                grids[f"{place}/{edit}"] = sample.pop(GRID)
+    if not grids:
+        return None
+    np.savez_compressed(path, **grids)
+    return path
 
 
 def edit_model(args, model, config, diffusion, prefix, evaluator=None):
@@ -153,6 +177,9 @@ def main(argv=None):
         print(f"{prefix}probe, channel statistics, then {edits} edits "
               f"({(time.monotonic() - started) / 60:.1f} min so far)", flush=True)
         result = edit_model(args, model, config, diffusion, prefix, evaluator)
+        grids = save_grids(result, os.path.join(args.out, f"grids_{slug(label)}.npz"))
+        if grids:
+            result["grids"] = os.path.basename(grids)
         results[label] = dict(ckpt=str(ckpt), normalization=config.get("normalization"),
                               final_normalization=config.get("final_normalization"), **result)
         if not args.probe_only:

@@ -6,6 +6,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ditlab.probe import TIMESTEP_GRID
@@ -93,6 +94,12 @@ def test_report_states_the_known_ratios(tmp_path):
         digits[("layer-norm", s)] = digits_record("layer-norm", s, lambda t: 0.15, 52.0 + s, 2.0)
     args = args_for(tmp_path, variants=["layer-norm", "none"], spreads=[0.0, 1.0], record=str(tmp_path / "docs" /
                     "results" / "bridge.md"))
+    os.makedirs(args.records)
+    rng = np.random.default_rng(0)
+    for v in ("layer-norm", "none"):  # seed 0's samples under the edits, as intervene.py keeps them
+        digits[(v, 0)]["grid"] = f"digits-{v}-s0.grid.npz"
+        np.savez(os.path.join(args.records, digits[(v, 0)]["grid"]),
+                 **{k: rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8) for k in bridge_report.GRID_COLUMNS})
     bridge_report.write_report(args, dict(toy=toy, digits=digits))
     text = open(os.path.join(args.out, "summary.md")).read()
     first = text.split("\n\n")[2]
@@ -106,7 +113,7 @@ def test_report_states_the_known_ratios(tmp_path):
     assert "| final.norm (control channel) | zero | 1 [1, 1] | 1 [1, 1] | - | - |" in text
     assert "| LayerNorm | 3 | 53 [52, 54] | 0.8 [0.8, 0.8] | 70 [70, 70] | 1.5 [1.5, 1.5] |" in text
     page = open(tmp_path / "docs" / "results" / "bridge.md").read()
-    assert "](../figures/bridge_ratio_per_t.png)" in page
+    assert "](../figures/bridge_ratio_per_t.png)" in page and "](../figures/bridge_edit_grid.png)" in page
     for name in bridge_report.FIGURES.values():
         assert os.path.getsize(tmp_path / "docs" / "figures" / name) > 1000
 

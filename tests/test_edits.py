@@ -173,8 +173,9 @@ def test_edits_on_an_image_model_with_a_known_answer():
 
 
 def test_command_on_an_image_model_probes_edits_and_scores_samples(tmp_path, capsys):
-    """intervene.py on an image checkpoint with a folder of digits: probe, edits with the control, and samples
-    under the edits at the final norm scored with the digits classifier; --probe-only writes the probe."""
+    """intervene.py on an image checkpoint with a folder of digits: probe, edits with the control, samples under
+    the edits at the asked place and the other place that moves most, scored with the digits classifier, and
+    their grids (the bias-like channel set to its mean: the same images); --probe-only writes the probe."""
     import intervene as command
     from ditlab.data import write_digits_folder
 
@@ -185,12 +186,20 @@ def test_command_on_an_image_model_probes_edits_and_scores_samples(tmp_path, cap
         command.main(["--ckpt", ckpt, "--out", str(tmp_path / "iv0")])
     with torch.no_grad():
         command.main(["--ckpt", ckpt, "--data-path", digits, "--eval-ref", digits, "--eval-features", "digits",
-                      "--places", "final.norm", "--probe-samples", "8", "--stats-samples", "4", "--num-samples", "20",
+                      "--places", "block.0.norm1", "final.norm", "--sample-places", "block.0.norm1", "--probe-samples", "8",
+                      "--stats-samples", "4", "--num-samples", "20",
                       "--sampling-steps", "4", "--out", str(tmp_path / "iv"), "--threads", "1"])
     (model,) = json.load(open(tmp_path / "iv" / "interventions.json"))["models"].values()
     entry = model["places"]["final.norm"]
     assert {"fd_digits", "accuracy"} <= set(entry["zero"]["sample"]) and "sample_ratio" in entry["mean"]
+    assert entry["zero"]["sampled_because"] == "moved most"  # --sample-top 1: the one other place
     assert {r["t"] for r in model["probe"]["errors"]} == set(TIMESTEP_GRID) and "control" in entry
+    import numpy as np
+
+    with np.load(tmp_path / "iv" / model["grids"]) as grids:  # the same noise under every edit: mean changes nothing
+        assert {"unedited", "block.0.norm1/mean", "final.norm/zero"} <= set(grids)
+        assert grids["unedited"].shape == (20, 8, 8, 3) and np.array_equal(grids["unedited"], grids["block.0.norm1/mean"])
+        assert not np.array_equal(grids["unedited"], grids["block.0.norm1/zero"])
     assert {r["layer"] for r in model["probe"]["norm_inputs"]} >= {"block.0.norm1", "final.norm"}
     with torch.no_grad():
         command.main(["--ckpt", ckpt, "--data-path", digits, "--probe-only", "--probe-samples", "8",

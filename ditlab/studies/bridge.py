@@ -22,6 +22,7 @@ continues on another machine and `--report` rewrites the page from records alone
 
 import json
 import os
+import shutil
 import sys
 
 import matplotlib.pyplot as plt
@@ -187,6 +188,10 @@ def digits_part(args):
             with open(os.path.join(out, "interventions.json")) as f:
                 (model,) = json.load(f)["models"].values()
             record = dict(variant=v, seed=s, run=os.path.basename(runs[(v, s)]), **digits_record(model))
+            if model.get("grids"):  # the samples under the edits, for the report's grid figure
+                record["grid"] = f"digits-{name}.grid.npz"
+                shutil.copyfile(os.path.join(out, model["grids"]), os.path.join(args.records, record["grid"]))
+            os.makedirs(args.records, exist_ok=True)
             runner.write_record(args.records, "digits-" + name, record, keys)
     return {m: runner.read_record(args.records, "digits-" + digits_key(*m), keys) for m in models}
 

@@ -6,6 +6,7 @@ import math
 import os
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from ditlab.files import provenance, write_json, write_page
 from ditlab.studies.stats import fmt_spread, geomean, spread
@@ -15,7 +16,8 @@ REPORT_T = (0, 1, 5, 10, 50, 100, 500, 999)
 LATE = 10  # "t >= 10": the timesteps where the toy's blocks' norms cost precision (below, the final norm's)
 EDIT_NAMES = ("mean", "per-t", "zero")
 FIGURES = {"ratio_per_t.png": "bridge_ratio_per_t.png", "gap_vs_spread.png": "bridge_gap_vs_spread.png",
-           "edits.png": "bridge_edits.png"}
+           "edits.png": "bridge_edits.png", "edit_grid.png": "bridge_edit_grid.png"}
+GRID_COLUMNS = ("unedited", "final.norm/mean", "final.norm/per-t", "final.norm/zero")
 DIGITS_LABELS = {"layer-norm": "LayerNorm", "none": "none", "ln-blocks": "LN blocks only",
                  "ln-final": "LN final only"}
 DIGITS_COLORS = {"ln-blocks": "tab:orange", "ln-final": "tab:purple"}
@@ -261,6 +263,46 @@ def plot_edits(digits, variants, path):
     return path
 
 
+def tile(images, cols=5):
+    """uint8 (N, H, W, 3) -> one (rows * H, cols * W, 3) image."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    return canvas
+
+
+def plot_edit_grid(records_dir, digits, variants, path):
+    """Samples from the same noise and labels, unedited and with the loudest channel at the final norm's input
+    set to its mean, its per-t mean and zero: one row per variant (its lowest seed with a grid). Returns the
+    path, or None when no record has a grid."""
+    rows = []
+    for v in variants:
+        recs = sorted((r for r in digits.values() if r and r["variant"] == v and r.get("grid")), key=lambda r: r["seed"])
+        if recs and os.path.isfile(os.path.join(records_dir, recs[0]["grid"])):
+            with np.load(os.path.join(records_dir, recs[0]["grid"])) as f:
+                rows.append((v, recs[0]["seed"], {k: f[k] for k in GRID_COLUMNS if k in f}))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), len(GRID_COLUMNS), figsize=(2.4 * len(GRID_COLUMNS), 2.2 * len(rows)),
+                             squeeze=False)
+    for i, (v, seed, grids) in enumerate(rows):
+        for j, key in enumerate(GRID_COLUMNS):
+            ax = axes[i][j]
+            ax.axis("off")
+            if key in grids:
+                ax.imshow(tile(grids[key]))
+            if i == 0:
+                ax.set_title(key.replace("final.norm/", "final norm: ") + (" edit" if "/" in key else ""), fontsize=9)
+        axes[i][0].text(-0.05, 0.5, f"{DIGITS_LABELS[v]}\nseed {seed}", transform=axes[i][0].transAxes,
+                        ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 #################################################################################
 #                                   Report                                      #
 #################################################################################
@@ -364,6 +406,10 @@ def write_report(args, parts):
                   "is a channel of median size at the same place. Samples are drawn under the edits at the final "
                   "norm's input and at the place whose edits move the probe most.", "",
                   "![edits at the final norm](edits.png)", ""]
+        if plot_edit_grid(args.records, digits, variants, os.path.join(args.out, "edit_grid.png")):
+            drawn["edit_grid.png"] = FIGURES["edit_grid.png"]
+            lines += ["Samples from the same noise and labels, unedited and under each edit at the final norm's input:",
+                      "", "![samples under the edits](edit_grid.png)", ""]
         for v in variants:
             rows = edit_rows(digits, v)
             if rows:
