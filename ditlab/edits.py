@@ -194,7 +194,8 @@ def intervene(model, diffusion, sampler_diffusion=None, place_names=None, edits=
     without either); `sample_key` is the metric whose ratio to the unedited model is `sample_ratio`. With
     `control`, the channel of median size at each place is edited the same way (no samples). With
     `sample_top` K, samples are also drawn under the edits of the K places not in `sample_places` whose edits
-    move the probe's error most (the largest geometric-mean ratio over t >= 10 of any edit).
+    move the probe's error most (the largest geometric-mean ratio over t >= 10 of any edit), leaving out a
+    place whose edits give exactly a sampled place's errors (the same tensor under another name).
 
     Returns {"baseline": {"per_t", "x0_per_t", "sample", "sample_rms"}, "places": {name: {"channel",
     "channel_mean", "rms_share", edit: {"per_t": {t: eps_rel_error}, "ratio_per_t": {t: ratio to baseline},
@@ -249,7 +250,11 @@ def intervene(model, diffusion, sampler_diffusion=None, place_names=None, edits=
         def moved(name):
             ratios = result["places"][name]
             return max(abs(math.log(geomean(r for t, r in ratios[e]["ratio_per_t"].items() if t >= 10))) for e in edits)
-        for name in sorted((n for n in chosen if n not in sample_places), key=moved, reverse=True)[:sample_top]:
+        def same_as_sampled(name):  # e.g. the last block's output is the final norm's input: one tensor
+            return any(all(result["places"][name][e]["per_t"] == result["places"][p][e]["per_t"] for e in edits)
+                       for p in sample_places if p in result["places"])
+        others = [n for n in chosen if n not in sample_places and not same_as_sampled(n)]
+        for name in sorted(others, key=moved, reverse=True)[:sample_top]:
             s, entry = stats[name], result["places"][name]
             for edit in edits:
                 entry[edit] = dict(edited(name, s, edit, True), sampled_because="moved most")

@@ -224,3 +224,18 @@ def test_a_single_edit_keeps_the_channels_mean_and_writes_its_table():
                      stats=stats)
     (row,) = [line for line in markdown("m", zero) if line.startswith("| block.0.norm1 |")]
     assert "| zero |" in row
+
+
+def test_the_place_sampled_because_it_moved_most_is_not_the_sampled_tensor_again():
+    """The last block's output is the final norm's input: with the final norm sampled, --sample-top skips it
+    and samples the next place that moves most."""
+    from ditlab.probe import image_data
+
+    model, diffusion = image_model(), create_diffusion("")
+    data = image_data(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1, torch.arange(4))
+    result = intervene(model, diffusion, None, ["block.0", "block.1", "final.norm"], data=data,
+                       stats=channel_statistics(model, diffusion, data=data), sample_fn=lambda m: {"rms": 1.0},
+                       sample_places=["final.norm"], sample_top=1)
+    places = result["places"]
+    assert places["block.1"]["zero"]["per_t"] == places["final.norm"]["zero"]["per_t"]  # one tensor, two names
+    assert "sample" not in places["block.1"]["zero"] and places["block.0"]["zero"]["sampled_because"] == "moved most"
