@@ -109,8 +109,8 @@ def test_report_states_the_known_ratios(tmp_path):
     assert "| digits LayerNorm | " + " | ".join(["1.5 [1.5, 1.5]"] * len(bridge_report.REPORT_T)) + " |" in text
     assert "x4 [4, 4] zeroed; FD-digits x1 [1, 1] (mean), x1 [1, 1] (per-t), x2 [2, 2] (zero)." in text
     assert "- (b) Toy, LayerNorm / none excess eps error (t >= 10): std 0: 3 [3, 3]; std 1: 1 [1, 1]." in text
-    assert "| final.norm | zero | 4 [4, 4] | 4 [4, 4] | 2 [2, 2] | 0.8 [0.8, 0.8] |" in text
-    assert "| final.norm (control channel) | zero | 1 [1, 1] | 1 [1, 1] | - | - |" in text
+    assert "| final.norm | zero | 3 | 4 [4, 4] | 4 [4, 4] | 3 | 2 [2, 2] | 0.8 [0.8, 0.8] |" in text
+    assert "| final.norm (control channel) | zero | 3 | 1 [1, 1] | 1 [1, 1] | 0 | - | - |" in text
     assert "| LayerNorm | 3 | 53 [52, 54] | 0.8 [0.8, 0.8] | 70 [70, 70] | 1.5 [1.5, 1.5] |" in text
     page = open(tmp_path / "docs" / "results" / "bridge.md").read()
     assert "](../figures/bridge_ratio_per_t.png)" in page and "](../figures/bridge_edit_grid.png)" in page

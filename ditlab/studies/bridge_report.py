@@ -132,9 +132,10 @@ def edit_summary(record, place, edit, control=False):
 
 
 def sampled_places(records):
-    """The places where samples were drawn under the edits, in forward order of the first record."""
-    first = next(iter(records))
-    return [p for p, entry in first["places"].items() if "sample_ratio" in entry.get("mean", {})]
+    """The places where samples were drawn under the edits in any of the records, in forward order (the one
+    that moved most may differ between seeds)."""
+    found = {p for r in records for p, entry in r["places"].items() if "sample_ratio" in entry.get("mean", {})}
+    return [p for p in records[0]["places"] if p in found]
 
 
 def edit_rows(digits, variant):
@@ -153,8 +154,9 @@ def edit_rows(digits, variant):
                 fd = [g[2] for g in got if g[2] is not None]
                 acc = [g[3] for g in got if g[3] is not None]
                 name = f"{place} (control channel)" if control else place
-                rows.append(f"| {name} | {edit} | {fmt_spread(g[0] for g in got)} | {fmt_spread(g[1] for g in got)} | "
-                            f"{fmt_spread(fd) if fd else '-'} | {fmt_spread(acc) if acc else '-'} |")
+                rows.append(f"| {name} | {edit} | {len(got)} | {fmt_spread(g[0] for g in got)} | "
+                            f"{fmt_spread(g[1] for g in got)} | {len(fd)} | {fmt_spread(fd) if fd else '-'} | "
+                            f"{fmt_spread(acc) if acc else '-'} |")
     return rows
 
 
@@ -413,8 +415,9 @@ def write_report(args, parts):
         for v in variants:
             rows = edit_rows(digits, v)
             if rows:
-                lines += [f"### {DIGITS_LABELS[v]}", "", "| place | edit | eps / unedited, t >= 10 | eps / unedited, "
-                          "t = 0 | FD-digits / unedited | accuracy |", "|---|---|---|---|---|---|", *rows, ""]
+                lines += [f"### {DIGITS_LABELS[v]}", "", "| place | edit | seeds | eps / unedited, t >= 10 | eps / "
+                          "unedited, t = 0 | sampled seeds | FD-digits / unedited | accuracy |",
+                          "|---|---|---:|---|---|---:|---|---|", *rows, ""]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)
