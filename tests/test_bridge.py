@@ -139,9 +139,12 @@ def test_toy_part_trains_records_and_reuses_runs(tmp_path):
     assert os.path.getmtime(os.path.join(args.records, "toy-none-std0.5-s0.json")) == stamp
     args.report = True
     assert bridge.run(args)["toy"].keys() == recs.keys()
-    missing = args_for(tmp_path, spreads=[2.0], seeds=[0], report=True, skip_digits=True)
-    with pytest.raises(Exception, match="toy runs are not recorded yet"):
-        bridge.run(missing)
+    cut_short = args_for(tmp_path, spreads=[0.5, 2.0], seeds=[0], report=True, skip_digits=True)
+    before = sorted(os.listdir(os.path.join(cut_short.out, "toy-runs")))
+    assert bridge.run(cut_short)["toy"][("none", 2.0, 0)] is None
+    assert sorted(os.listdir(os.path.join(cut_short.out, "toy-runs"))) == before  # --report trains nothing
+    text = open(os.path.join(cut_short.out, "summary.md")).read()
+    assert "Not recorded yet (2), so not in the tables: toy layer-norm std 2 seed 0, toy none std 2 seed 0." in text
 
 
 def test_digits_record_reads_intervene_output():

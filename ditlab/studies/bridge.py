@@ -29,7 +29,6 @@ import matplotlib.pyplot as plt
 
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
 from ditlab.data import write_digits_folder
-from ditlab.errors import UsageError
 from ditlab.features import DIGITS_CLASSIFIER
 from ditlab.run import newest_run
 from ditlab.studies import runner
@@ -125,9 +124,7 @@ def toy_part(args):
     runs = [(v, S, s) for s in args.seeds for S in args.spreads for v in TOY_VARIANTS]
     todo = [r for r in runs if runner.read_record(args.records, toy_key(*r), keys) is None]
     print(f"[bridge] toy: {len(runs) - len(todo)} of {len(runs)} runs recorded", flush=True)
-    if todo and args.report:
-        raise UsageError(f"{len(todo)} toy runs are not recorded yet (e.g. {toy_key(*todo[0])}); run without --report")
-    for i in range(0, len(todo), args.parallel):
+    for i in range(0, 0 if args.report else len(todo), args.parallel):  # --report: the recorded runs only
         wave = todo[i:i + args.parallel]
         names = [toy_key(*r) for r in wave]
         run_jobs([toy_command(args, *r) for r in wave], args.parallel, os.path.join(args.out, "logs"), names=names,
@@ -172,10 +169,7 @@ def digits_part(args):
     keys, models = digits_settings(args), digits_models(args)
     todo = [m for m in models if runner.read_record(args.records, "digits-" + digits_key(*m), keys) is None]
     print(f"[bridge] digits: {len(models) - len(todo)} of {len(models)} models recorded", flush=True)
-    if todo and args.report:
-        raise UsageError(f"{len(todo)} digits models are not recorded yet (e.g. {digits_key(*todo[0])}); "
-                         "run without --report")
-    for i in range(0, len(todo), args.parallel):
+    for i in range(0, 0 if args.report else len(todo), args.parallel):  # --report: the recorded models only
         wave = todo[i:i + args.parallel]
         runs = train_digits(args, wave)
         names = [digits_key(*m) for m in wave]

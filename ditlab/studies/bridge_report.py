@@ -362,6 +362,15 @@ def evidence_lines(parts, args):
     return (["## The numbers each explanation turns on", "", *out, ""] if out else [])
 
 
+def missing_lines(parts):
+    """One line naming the runs the study has not recorded yet (a study cut short reports what it has)."""
+    missing = [f"toy {v} std {S:g} seed {s}" for (v, S, s), r in parts.get("toy", {}).items() if r is None]
+    missing += [f"digits {v} seed {s}" for (v, s), r in parts.get("digits", {}).items() if r is None]
+    if not missing:
+        return []
+    return [f"Not recorded yet ({len(missing)}), so not in the tables: {', '.join(missing)}.", ""]
+
+
 def write_report(args, parts):
     """<out>/summary.md, summary.json and the figures (and --record PAGE, its figures in docs/figures/)."""
     os.makedirs(args.out, exist_ok=True)
@@ -373,7 +382,8 @@ def write_report(args, parts):
              f"Run: digits {', '.join(variants)} at lr {args.lr:g}, {args.steps} steps (cosine), seeds "
              f"{' '.join(map(str, args.seeds))}; toy LayerNorm and none at data std "
              f"{', '.join(f'{S:g}' for S in args.spreads)}, {args.toy_steps} steps, the same seeds. Cells: mean "
-             "[min, max] over seeds; ratios are paired by seed.", "", *evidence_lines(parts, args)]
+             "[min, max] over seeds; ratios are paired by seed.", "", *missing_lines(parts),
+             *evidence_lines(parts, args)]
     drawn = {}
     if digits or toy:
         plot_ratio_per_t(digits, toy, variants, args.spreads, os.path.join(args.out, "ratio_per_t.png"))
