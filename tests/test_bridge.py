@@ -139,7 +139,8 @@ def test_toy_part_trains_records_and_reuses_runs(tmp_path):
     assert os.path.getmtime(os.path.join(args.records, "toy-none-std0.5-s0.json")) == stamp
     args.report = True
     assert bridge.run(args)["toy"].keys() == recs.keys()
-    cut_short = args_for(tmp_path, spreads=[0.5, 2.0], seeds=[0], report=True, skip_digits=True)
+    cut_short = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, spreads=[0.5, 2.0], seeds=[0], report=True,
+                         skip_digits=True)
     before = sorted(os.listdir(os.path.join(cut_short.out, "toy-runs")))
     assert bridge.run(cut_short)["toy"][("none", 2.0, 0)] is None
     assert sorted(os.listdir(os.path.join(cut_short.out, "toy-runs"))) == before  # --report trains nothing
