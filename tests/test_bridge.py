@@ -104,7 +104,7 @@ def test_report_states_the_known_ratios(tmp_path):
     text = open(os.path.join(args.out, "summary.md")).read()
     first = text.split("\n\n")[2]
     assert "LayerNorm's eps error is 1.50x none's at t >= 10 (range 1.50-1.50)" in first
-    assert "3.00x none's at data std 0, 1.00x none's at data std 1 (3-3 seeds)" in first
+    assert "3.00x none's at data std 0, 1.00x none's at data std 1 (3-3 seeds per spread)" in first
     assert "| 0 | 3 | 3 [3, 3] | 3 [3, 3] | 3 [3, 3] |" in text and "| 1 | 3 | 1 [1, 1] |" in text
     assert "| digits LayerNorm | " + " | ".join(["1.5 [1.5, 1.5]"] * len(bridge_report.REPORT_T)) + " |" in text
     assert "x4 [4, 4] zeroed; FD-digits x1 [1, 1] (mean), x1 [1, 1] (per-t), x2 [2, 2] (zero)." in text
@@ -122,7 +122,7 @@ def test_a_report_on_one_seed_says_it_is_too_few(tmp_path):
     toy = {(v, 0.0, 0): toy_record(v, 0.0, 0, lambda t: 1e-3) for v in ("layer-norm", "none")}
     args = args_for(tmp_path, spreads=[0.0])
     bridge_report.write_report(args, dict(toy=toy, digits={}))
-    assert "Only 1 seed(s) per cell so far: too few" in open(os.path.join(args.out, "summary.md")).read()
+    assert "Only 1 seed per cell so far: too few" in open(os.path.join(args.out, "summary.md")).read()
 
 
 def test_toy_part_trains_records_and_reuses_runs(tmp_path):

@@ -309,13 +309,17 @@ def plot_edit_grid(records_dir, digits, variants, path):
 #                                   Report                                      #
 #################################################################################
 
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def headline(parts, args):
     """The report's first sentences: the measured ratios in words, with seeds and steps."""
     toy, digits = parts.get("toy", {}), parts.get("digits", {})
     words = []
     d = late_geomean(ratio_per_t(digits, "layer-norm", "none"))
     if d:
-        words.append(f"On digits ({args.steps} steps, {len(d)} seeds), LayerNorm's eps error is "
+        words.append(f"On digits ({args.steps} steps, {plural(len(d), 'seed')}), LayerNorm's eps error is "
                      f"{spread(d)['mean']:.2f}x none's at t >= {LATE} (range {min(d):.2f}-{max(d):.2f}).")
     gaps = [(S, late_geomean(ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)))
             for S in args.spreads]
@@ -323,11 +327,11 @@ def headline(parts, args):
     if gaps:
         words.append(f"On the toy ({args.toy_steps} steps), LayerNorm's excess eps error is "
                      + ", ".join(f"{spread(g)['mean']:.2f}x none's at data std {S:g}" for S, g in gaps)
-                     + f" ({min(len(g) for _, g in gaps)}-{max(len(g) for _, g in gaps)} seeds).")
+                     + f" ({min(len(g) for _, g in gaps)}-{max(len(g) for _, g in gaps)} seeds per spread).")
     counts = [len(x) for x in [d, *(g for _, g in gaps)] if x]
     seeds = min(counts) if counts else 0
     if seeds and seeds < 3:
-        words.append(f"Only {seeds} seed(s) per cell so far: too few to tell a gap from seed scatter.")
+        words.append(f"Only {plural(seeds, 'seed')} per cell so far: too few to tell a gap from seed scatter.")
     return [" ".join(words) or "No runs are recorded yet.", ""]
 
 
