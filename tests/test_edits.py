@@ -20,7 +20,11 @@ def hand_built(normalization="layer-norm"):
     input, so what block.0.norm1 sees) is the constant VALUE for every token, input and timestep: an
     outlier that is exactly a bias."""
     torch.manual_seed(0)
-    model = DiT(**TOY_MODEL, patch_size=1, depth=2, hidden_size=16, num_heads=2, normalization=normalization)
+    return plant_bias(DiT(**TOY_MODEL, patch_size=1, depth=2, hidden_size=16, num_heads=2, normalization=normalization))
+
+
+def plant_bias(model):
+    """Random weights (std 0.3), then channel CHANNEL of the patch embedding set to VALUE for every token."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -120,16 +124,8 @@ def image_model(normalization="layer-norm"):
     """A small image DiT (3 x 8 x 8 pixels, 10 classes) built like hand_built: channel CHANNEL of its patch
     embedding is the constant VALUE, an outlier that is exactly a bias."""
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=3, num_classes=10, class_dropout_prob=0.1, learn_sigma=True,
-                depth=2, hidden_size=16, num_heads=2, normalization=normalization)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.3)
-        model.x_embedder.proj.weight[CHANNEL] = 0
-        model.x_embedder.proj.bias[CHANNEL] = VALUE
-        model.pos_embed[0, :, CHANNEL] = 0
-    return model.eval()
+    return plant_bias(DiT(input_size=8, patch_size=2, in_channels=3, num_classes=10, class_dropout_prob=0.1,
+                          learn_sigma=True, depth=2, hidden_size=16, num_heads=2, normalization=normalization))
 
 
 def save_image_model(model, path):
