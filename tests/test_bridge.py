@@ -128,18 +128,25 @@ def test_a_report_on_one_seed_says_it_is_too_few(tmp_path):
 def test_toy_part_trains_records_and_reuses_runs(tmp_path):
     """The toy part end to end, in this process (submitit's debug executor), on 3-step runs: both variants at
     one spread, recorded with the probe's excess error; a rerun trains nothing; --report reads the records."""
-    args = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, spreads=[0.5], seeds=[0], cluster="debug",
-                    skip_digits=True)
+    args = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, toy_samples=50, spreads=[0.5], seeds=[0],
+                    cluster="debug", skip_digits=True)
     recs = bridge.run(args)["toy"]
     assert len(recs) == 2 and all(r and set(r["probe"]["0"]) >= {"eps_excess_error", "eps_opt_error"}
                                   for r in recs.values())
-    assert recs[("none", 0.5, 0)]["sample"]["var_ratio"] > 0 and recs[("none", 0.5, 0)]["sample"]["step"] == 3
+    sample = recs[("none", 0.5, 0)]["sample"]
+    assert sample["var_ratio"] > 0 and sample["step"] == 3 and sample["num_samples"] == 50
     stamp = os.path.getmtime(os.path.join(args.records, "toy-none-std0.5-s0.json"))
     bridge.run(args)
     assert os.path.getmtime(os.path.join(args.records, "toy-none-std0.5-s0.json")) == stamp
     args.report = True
     assert bridge.run(args)["toy"].keys() == recs.keys()
-    cut_short = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, spreads=[0.5, 2.0], seeds=[0], report=True,
+    os.remove(os.path.join(args.records, "toy-none-std0.5-s0.json"))  # a finished run: recorded again, not trained
+    before = sorted(os.listdir(os.path.join(args.out, "toy-runs")))
+    args.report = False
+    assert bridge.run(args)["toy"][("none", 0.5, 0)]["sample"] == sample
+    assert sorted(os.listdir(os.path.join(args.out, "toy-runs"))) == before
+    cut_short = args_for(tmp_path, toy_steps=3, toy_sampling_steps=5, toy_samples=50, spreads=[0.5, 2.0], seeds=[0],
+                         report=True,
                          skip_digits=True)
     before = sorted(os.listdir(os.path.join(cut_short.out, "toy-runs")))
     assert bridge.run(cut_short)["toy"][("none", 2.0, 0)] is None

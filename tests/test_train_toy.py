@@ -19,7 +19,7 @@ from ditlab.probe import TIMESTEP_GRID, probe
 from ditlab.toy.readers import last_probe, load_config, load_embeddings, load_metrics, load_samples
 from ditlab.studies.toy_report import log_correlations, summarize
 from ditlab.studies.toy import write_report
-from ditlab.toy.task import sample_error, toy_batches
+from ditlab.toy.task import TOY_MODEL, sample_error, toy_batches
 from ditlab.trainer import Trainer, compile_mode
 from models import build_model_from_config
 
@@ -398,3 +398,14 @@ def test_a_spread_trains_on_fresh_gaussian_data_of_that_std(tmp_path):
     assert row["var_ratio"] == pytest.approx(row["std"] ** 2 / 0.09)
     probe_rows = [r for r in load_metrics(run, "timestep") if r["step"] == 4]
     assert all("eps_excess_error" in r and r["data_std"] == 0.3 for r in probe_rows)
+
+
+def test_samples_are_clipped_for_the_zero_task_only_when_asked():
+    """A new (adaLN-Zero) model predicts eps = 0, so its x0 estimate x_t / sqrt(abar) leaves [-1, 1]: clipped
+    (the all-zero task) the samples stay inside; unclipped (Gaussian data) they do not."""
+    model = build_model_from_config(dict(model="DiT-XS/1", depth=1, hidden_size=16, num_heads=2, image_size=2,
+                                         vae="none", **TOY_MODEL)).eval()
+    diff = create_diffusion("10")
+    clipped = draw_samples(model, diff, 64, 0, torch.device("cpu"))
+    free = draw_samples(model, diff, 64, 0, torch.device("cpu"), clip=False)
+    assert clipped.abs().max() <= 1 < free.abs().max()

@@ -26,8 +26,12 @@ import shutil
 import sys
 
 import matplotlib.pyplot as plt
+import torch
+
+from diffusion import create_diffusion
 
 from ditlab.cli import COUNT, INDEX, NON_NEGATIVE, POSITIVE
+from ditlab.checkpoints import load_model
 from ditlab.data import write_digits_folder
 from ditlab.features import DIGITS_CLASSIFIER
 from ditlab.run import newest_run
@@ -35,7 +39,9 @@ from ditlab.studies import runner
 from ditlab.studies.bridge_report import write_report
 from ditlab.studies.digits_runs import DIGITS_REF, run_step
 from ditlab.studies.runner import dispatch_of, run_jobs, study_parser
+from ditlab.toy.evals import draw_samples
 from ditlab.toy.readers import last_probe, load_metrics
+from ditlab.toy.task import sample_error
 
 # variant -> (the blocks' normalization, the final layer's)
 DIGITS_VARIANTS = {"layer-norm": ("layer-norm", "layer-norm"), "none": ("none", "none"),
@@ -107,31 +113,41 @@ def toy_command(args, variant, spread, seed):
             "--results-dir", os.path.join(args.out, "toy-runs"), "--threads", "1"]
 
 
-def toy_record(run):
+def toy_record(args, run, spread):
     """What a toy run's record keeps: its EMA weights' last probe per timestep (eps error, the Gaussian
-    optimum's and the excess over it, x0 error in 8-bit levels) and its last sampled evaluation."""
+    optimum's and the excess over it, x0 error in 8-bit levels) and its samples. For the all-zero task those
+    are train_toy.py's last evaluation (every value an error); for Gaussian data, --toy-samples drawn here
+    from fixed noise without clipping (train_toy.py's clip to [-1, 1] suits only the all-zero task), whose
+    variance is set against the data's."""
     probe = {t: {k: r[k] for k in ("eps_rel_error", "eps_excess_error", "eps_opt_error", "x0_rmse_8bit")}
              for t, r in last_probe(run).items()}
-    sample = max((r for r in load_metrics(run) if r["weights"] == "ema"), key=lambda r: r["step"])
+    if spread:
+        model, _ = load_model(run, weights="ema")
+        sampler = create_diffusion(str(args.toy_sampling_steps))
+        samples = draw_samples(model.eval(), sampler, args.toy_samples, 0, torch.device("cpu"), clip=False)
+        sample = dict(step=run_step(run), num_samples=args.toy_samples, **sample_error(samples, spread))
+    else:
+        sample = max((r for r in load_metrics(run) if r["weights"] == "ema"), key=lambda r: r["step"])
     return dict(run=os.path.basename(run), probe=probe,
-                sample={k: sample[k] for k in ("step", "rms", "std", "var_ratio") if k in sample})
+                sample={k: sample[k] for k in ("step", "num_samples", "rms", "std", "var_ratio") if k in sample})
 
 
 def toy_part(args):
     """Train and record every toy run (variant x spread x seed) without a record, --parallel at a time, each
     wave recorded before the next; returns {(variant, spread, seed): record}."""
-    keys = {"toy_steps": args.toy_steps, "toy_sampling_steps": args.toy_sampling_steps}
+    keys = {"toy_steps": args.toy_steps, "toy_sampling_steps": args.toy_sampling_steps, "toy_samples": args.toy_samples}
     runs = [(v, S, s) for s in args.seeds for S in args.spreads for v in TOY_VARIANTS]
     todo = [r for r in runs if runner.read_record(args.records, toy_key(*r), keys) is None]
     print(f"[bridge] toy: {len(runs) - len(todo)} of {len(runs)} runs recorded", flush=True)
     for i in range(0, 0 if args.report else len(todo), args.parallel):  # --report: the recorded runs only
         wave = todo[i:i + args.parallel]
-        names = [toy_key(*r) for r in wave]
-        run_jobs([toy_command(args, *r) for r in wave], args.parallel, os.path.join(args.out, "logs"), names=names,
+        train = [r for r in wave if run_step(find_toy_run(args, *r)) < args.toy_steps]  # finished: record only
+        names = [toy_key(*r) for r in train]
+        run_jobs([toy_command(args, *r) for r in train], args.parallel, os.path.join(args.out, "logs"), names=names,
                  tags=names, append=True, **dispatch_of(args, parallel=False))
-        for (v, S, s), name in zip(wave, names):
-            record = dict(variant=v, spread=S, seed=s, **toy_record(find_toy_run(args, v, S, s)))
-            runner.write_record(args.records, name, record, keys)
+        for v, S, s in wave:
+            record = dict(variant=v, spread=S, seed=s, **toy_record(args, find_toy_run(args, v, S, s), S))
+            runner.write_record(args.records, toy_key(v, S, s), record, keys)
     return {r: runner.read_record(args.records, toy_key(*r), keys) for r in runs}
 
 
@@ -220,6 +236,8 @@ def parser():
     p.add_argument("--toy-steps", type=COUNT, default=12000, help="training steps of the toy runs (CPU preset)")
     p.add_argument("--toy-sampling-steps", type=COUNT, default=1000,
                    help="DDPM steps of the toy runs' final samples (1000: the full chain, as the toy study)")
+    p.add_argument("--toy-samples", type=COUNT, default=1000,
+                   help="samples per toy run with Gaussian data, drawn without clipping to measure their variance")
     p.add_argument("--probe-samples", type=COUNT, default=256, help="digits the probe denoises at each timestep")
     p.add_argument("--num-samples", type=COUNT, default=500,
                    help="samples per model and per sampled edit, scored by FD-digits (the digits study's curve size)")

@@ -14,14 +14,15 @@ from ditlab.toy.task import TOY_CHANNELS, TOY_IMAGE_SIZE, sample_error
 
 
 @torch.no_grad()
-def draw_samples(model, diffusion, num, seed, device, sampler="ddpm"):
-    """`num` samples from fixed noise and a fixed sampler RNG, without touching the global RNG."""
+def draw_samples(model, diffusion, num, seed, device, sampler="ddpm", clip=True):
+    """`num` samples from fixed noise and a fixed sampler RNG, without touching the global RNG. `clip` keeps
+    each step's x0 in [-1, 1] (the all-zero task's range); Gaussian data (train_toy.py --data-std) go past it."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         noise = torch.randn(num, TOY_CHANNELS, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE, device=device)
         y = torch.zeros(num, dtype=torch.long, device=device)
-        return denoise(model, diffusion, noise, y, sampler, clip_denoised=True)
+        return denoise(model, diffusion, noise, y, sampler, clip_denoised=clip)
 
 
 def run_probe(trainer, config, step):
@@ -54,7 +55,7 @@ def evaluate(trainer, sampler_diffusion, config, step):
             was_training = model.training
             model.eval()
             samples = draw_samples(model, sampler_diffusion, config.num_eval_samples, config.global_seed + 12345,
-                                   trainer.dist.device, config.sampler).cpu()
+                                   trainer.dist.device, config.sampler, clip=not config.data_std).cpu()
             model.train(was_training)
             saved[weights] = samples
             row = dict(step=step, weights=weights, normalization=config.normalization, num_samples=len(samples),
