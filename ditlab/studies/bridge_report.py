@@ -8,6 +8,7 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ditlab.analysis import load_images
 from ditlab.files import provenance, write_json, write_page
 from ditlab.studies.stats import fmt_spread, geomean, spread
 from ditlab.studies.variants import color
@@ -175,7 +176,7 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
         s = [spread(ratios[t]) for t in ts]
         x = [max(t, 0.5) for t in ts]
         c = DIGITS_COLORS.get(v, color(v))
-        axes[0].plot(x, [p["mean"] for p in s], "o-", color=c, label=f"{DIGITS_LABELS[v]} ({s[0]['n']} seeds)")
+        axes[0].plot(x, [p["mean"] for p in s], "o-", color=c, label=f"{DIGITS_LABELS[v]} ({plural(s[0]['n'], 'seed')})")
         axes[0].fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=c, alpha=0.2)
     cmap = plt.get_cmap("viridis")
     for i, S in enumerate(spreads):
@@ -186,7 +187,7 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
         s = [spread(ratios[t]) for t in ts]
         x = [max(t, 0.5) for t in ts]
         c = cmap(i / max(len(spreads) - 1, 1))
-        axes[1].plot(x, [p["mean"] for p in s], "o-", color=c, label=f"data std {S:g} ({s[0]['n']} seeds)")
+        axes[1].plot(x, [p["mean"] for p in s], "o-", color=c, label=f"data std {S:g} ({plural(s[0]['n'], 'seed')})")
         axes[1].fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=c, alpha=0.2)
     for ax, title in zip(axes, ("digits: eps error / none's", "toy LayerNorm: excess eps error / none's")):
         ax.set_xscale("log")
@@ -204,13 +205,15 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
 
 
 def plot_gap_vs_spread(toy, digits, spreads, path):
-    """The toy's LayerNorm/none ratio (excess eps error, geo-mean over t >= 10, and at t = 0) against its data's
-    spread, per seed and mean; the digits' LayerNorm/none ratio as a horizontal reference."""
+    """The toy's LayerNorm/none ratio (excess eps error, geo-mean over t >= 10 and at t = 0; raw eps error,
+    t >= 10) against its data's spread, per seed and mean; the digits' raw ratio as a horizontal reference."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key_t, marker, label in (("late", "o", "t >= 10 (geo-mean)"), (0, "s", "t = 0")):
+    for key_t, marker, label, key in (("late", "o", "excess eps, t >= 10 (geo-mean)", "eps_excess_error"),
+                                      (0, "s", "excess eps, t = 0", "eps_excess_error"),
+                                      ("late", "^", "raw eps, t >= 10 (geo-mean)", "eps_rel_error")):
         xs, means = [], []
         for S in spreads:
-            ratios = ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)
+            ratios = ratio_per_t(toy, "layer-norm", "none", key, spread=S)
             if not ratios:
                 continue
             vals = late_geomean(ratios) if key_t == "late" else ratios[0]
@@ -222,12 +225,12 @@ def plot_gap_vs_spread(toy, digits, spreads, path):
     digits_late = late_geomean(ratio_per_t(digits, "layer-norm", "none"))
     if digits_late:
         ax.axhline(spread(digits_late)["mean"], color="tab:red", ls="--",
-                   label=f"digits LayerNorm / none, t >= 10 ({len(digits_late)} seeds)")
+                   label=f"digits LayerNorm / none, raw eps, t >= 10 ({plural(len(digits_late), 'seed')})")
     ax.axhline(1, color="0.5", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("toy data std S (S = 0 drawn at 0.02)")
-    ax.set_ylabel("LayerNorm / none, excess eps error")
+    ax.set_ylabel("LayerNorm / none")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -366,6 +369,15 @@ def evidence_lines(parts, args):
     return (["## The numbers each explanation turns on", "", *out, ""] if out else [])
 
 
+def digits_spread_line(args):
+    """For scale beside the toy's spreads: the std of the digits as the models see them (16 px, [-1, 1])."""
+    if not os.path.isdir(args.digits_ref):
+        return []
+    x, _, _ = load_images(args.digits_ref, 16, 10_000, 0)
+    return [f"For scale: the digits in the models' units have std {float(x.std()):.3g} ({float((x - x.mean(0)).std()):.3g} "
+            "around each pixel's mean).", ""]
+
+
 def missing_lines(parts):
     """One line naming the runs the study has not recorded yet (a study cut short reports what it has)."""
     missing = [f"toy {v} std {S:g} seed {s}" for (v, S, s), r in parts.get("toy", {}).items() if r is None]
@@ -401,7 +413,7 @@ def write_report(args, parts):
     if toy:
         plot_gap_vs_spread(toy, digits, args.spreads, os.path.join(args.out, "gap_vs_spread.png"))
         drawn["gap_vs_spread.png"] = FIGURES["gap_vs_spread.png"]
-        lines += ["## The toy's gap against its data's spread", "",
+        lines += ["## The toy's gap against its data's spread", "", *digits_spread_line(args),
                   "LayerNorm / none of the excess eps error (geo-mean t >= 10, and t = 0), of the raw eps error, the "
                   "samples' variance over the data's per variant, and at std 0 the sampled RMS ratio.", "",
                   "![gap vs spread](gap_vs_spread.png)", "",
