@@ -29,15 +29,19 @@ def per_t(record, key="eps_rel_error"):
     return {int(t): row[key] for t, row in record["probe"].items()}
 
 
+def by_seed(records, **fixed):
+    """{seed: {variant: record}} of the records (None skipped) whose fields equal `fixed` (e.g. spread=0.3)."""
+    out = {}
+    for r in records.values():
+        if r is not None and all(r.get(f) == v for f, v in fixed.items()):
+            out.setdefault(r["seed"], {})[r["variant"]] = r
+    return dict(sorted(out.items()))
+
+
 def ratio_per_t(records, variant, base, key="eps_rel_error", **fixed):
     """{t: [per-seed ratio variant/base]} over the seeds both have, for records keyed (variant, ..., seed)."""
     out = {}
-    pairs = {}
-    for k, r in records.items():
-        if r is None or any(r.get(f) != v for f, v in fixed.items()):
-            continue
-        pairs.setdefault(r["seed"], {})[r["variant"]] = r
-    for seed, got in sorted(pairs.items()):
+    for got in by_seed(records, **fixed).values():
         if variant in got and base in got:
             a, b = per_t(got[variant], key), per_t(got[base], key)
             for t in a:
@@ -76,11 +80,7 @@ def toy_rows(toy, spreads):
 
 def pairs_of(toy, S):
     """(LayerNorm record, none record) per seed at spread S."""
-    by_seed = {}
-    for r in toy.values():
-        if r and r["spread"] == S:
-            by_seed.setdefault(r["seed"], {})[r["variant"]] = r
-    return [(g["layer-norm"], g["none"]) for _, g in sorted(by_seed.items()) if len(g) == 2]
+    return [(g["layer-norm"], g["none"]) for g in by_seed(toy, spread=S).values() if len(g) == 2]
 
 
 #################################################################################
