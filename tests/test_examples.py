@@ -56,6 +56,11 @@ def run(repo, argv, *short):
 def test_toy_examples_run_on_the_runs_make_toy_writes(repo):
     out = run(repo, ["make", "toy"], f"PYTHON={sys.executable}", f"TOY_ARGS={TOY}")
     assert "runs by name: results/toy-runs/layer-norm-s0" in out
+    assert "toy study: 2 runs (layer-norm, none x seeds [0])" in out and "[2/2] finished" in out
+    head = (repo / "results" / "toy" / "summary.md").read_text().splitlines()[:7]  # what make toy's report opens with
+    assert head[0] == "# Toy identity study" and head[2].startswith("_Written by `")
+    assert head[4].startswith("At 4 steps, 1 seed: LayerNorm's sampled error is ")
+    assert head[6].startswith("**Too short to mean anything:** 4 steps is under 5x the EMA's lag")
     for name in ("layer-norm-s0", "none-s0"):
         assert os.path.islink(repo / "results" / "toy-runs" / name)
     run(repo, example("docs/toy.md", "python study.py toy --report"), "--no-outliers")

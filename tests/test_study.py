@@ -1,7 +1,8 @@
 """The studies' one front door, study.py: it lists the studies, refuses an unknown one in one line, and each
 study's smallest form runs through it and through its make target (the command line users already know):
-toy, ablation and the digits length check here; the sweep in test_sweep.py, the mechanism study in
-test_mechanism.py and the digits study's own runs in test_digits.py (through study.py)."""
+ablation and the digits length check here; `make toy` in test_examples.py (then the README's commands on
+its runs); the sweep in test_sweep.py, the mechanism study in test_mechanism.py and the digits study's own
+runs in test_digits.py (through study.py)."""
 
 import pytest
 
@@ -29,17 +30,6 @@ def test_a_study_that_passes_nothing_on_refuses_an_unknown_flag(capsys):
     with pytest.raises(SystemExit) as stop:
         study.main(["mechanism", "--no-such-flag"])
     assert stop.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
-
-
-def test_make_toy_runs_the_toy_study(tmp_path, make):
-    args = " ".join([*TOY, "--steps", "4", "--eval-steps", "4", "--results-dir", str(tmp_path / "runs"),
-                     "--out", str(tmp_path / "toy"), "--no-outliers"])
-    out = make("toy", TOY_ARGS=args)
-    assert "toy study: 2 runs (layer-norm, none x seeds [0])" in out and "[2/2] finished" in out
-    head = (tmp_path / "toy" / "summary.md").read_text().splitlines()[:7]
-    assert head[0] == "# Toy identity study" and head[2].startswith("_Written by `")
-    assert head[4].startswith("At 4 steps, 1 seed: LayerNorm's sampled error is ")
-    assert head[6].startswith("**Too short to mean anything:** 4 steps is under 5x the EMA's lag")
 
 
 def toy_summary(steps, ln_rms, none_rms, seeds=1):
