@@ -104,11 +104,12 @@ def test_report_states_the_known_ratios(tmp_path):
     text = open(os.path.join(args.out, "summary.md")).read()
     first = text.split("\n\n")[2]
     assert "LayerNorm's eps error is 1.50x none's at t >= 10 (range 1.50-1.50)" in first
-    assert "3.00x none's at data std 0, 1.00x none's at data std 1 (3-3 seeds per spread)" in first
+    assert "3.00x none's at data std 0, 1.00x none's at data std 1 (3 seeds per spread)" in first
     assert "| 0 | 3 | 3 [3, 3] | 3 [3, 3] | 3 [3, 3] |" in text and "| 1 | 3 | 1 [1, 1] |" in text
     assert "| digits LayerNorm | " + " | ".join(["1.5 [1.5, 1.5]"] * len(bridge_report.REPORT_T)) + " |" in text
     assert "x4 [4, 4] zeroed; FD-digits x1 [1, 1] (mean), x1 [1, 1] (per-t), x2 [2, 2] (zero)." in text
     assert "- (b) Toy, LayerNorm / none excess eps error (t >= 10): std 0: 3 [3, 3]; std 1: 1 [1, 1]." in text
+    assert "(a) Digits, LayerNorm / none eps error: largest at t = 0, 1.5 [1.5, 1.5]. FD-digits" in text  # t = 0 once
     assert "| final.norm | zero | 3 | 4 [4, 4] | 4 [4, 4] | 3 | 2 [2, 2] | 0.8 [0.8, 0.8] |" in text
     assert "| final.norm (control channel) | zero | 3 | 1 [1, 1] | 1 [1, 1] | 0 | - | - |" in text
     assert "| LayerNorm | 3 | 53 [52, 54] | 0.8 [0.8, 0.8] | 70 [70, 70] | 1.5 [1.5, 1.5] |" in text

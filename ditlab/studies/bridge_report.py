@@ -330,12 +330,18 @@ def headline(parts, args):
     if gaps:
         words.append(f"On the toy ({args.toy_steps} steps), LayerNorm's excess eps error is "
                      + ", ".join(f"{spread(g)['mean']:.2f}x none's at data std {S:g}" for S, g in gaps)
-                     + f" ({min(len(g) for _, g in gaps)}-{max(len(g) for _, g in gaps)} seeds per spread).")
+                     + f" ({seed_range([len(g) for _, g in gaps])} seeds per spread).")
     counts = [len(x) for x in [d, *(g for _, g in gaps)] if x]
     seeds = min(counts) if counts else 0
     if seeds and seeds < 3:
         words.append(f"Only {plural(seeds, 'seed')} per cell so far: too few to tell a gap from seed scatter.")
     return [" ".join(words) or "No runs are recorded yet.", ""]
+
+
+def seed_range(counts):
+    """'3' when every cell has 3 seeds, '2-3' when they differ."""
+    low, high = min(counts), max(counts)
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def evidence_lines(parts, args):
@@ -349,8 +355,9 @@ def evidence_lines(parts, args):
         worst = max(ratios, key=lambda t: spread(ratios[t])["mean"])
         fd = {v: [r["baseline"]["sample"]["fd_digits"] for r in digits.values() if r and r["variant"] == v]
               for v in ("layer-norm", "none")}
-        out.append(f"- (a) Digits, LayerNorm / none eps error: largest at t = {worst}, {fmt_spread(ratios[worst])}; "
-                   f"at t = 0 {fmt_spread(ratios[0])}. FD-digits: LayerNorm {fmt_spread(fd['layer-norm'])}, "
+        at_zero = "" if worst == 0 else f"; at t = 0 {fmt_spread(ratios[0])}"
+        out.append(f"- (a) Digits, LayerNorm / none eps error: largest at t = {worst}, {fmt_spread(ratios[worst])}"
+                   f"{at_zero}. FD-digits: LayerNorm {fmt_spread(fd['layer-norm'])}, "
                    f"none {fmt_spread(fd['none']) if fd['none'] else '-'}.")
     gaps = [(S, late_geomean(ratio_per_t(toy, "layer-norm", "none", "eps_excess_error", spread=S)))
             for S in args.spreads]
