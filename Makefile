@@ -58,7 +58,7 @@ mechanism: setup
 
 # Why does the toy's LayerNorm cost not reach digit images? The digits demo with LayerNorm everywhere, nowhere,
 # in the blocks and in the final layer only, probed and edited; the toy at four data spreads; 3 seeds each
-# -> results/bridge/ (about 5 hours of 2 cores; resumable from its records). BRIDGE_ARGS for more.
+# -> results/bridge/ (about 4 hours of 2 cores: toy 1.2 h, digits 2.6 h; resumable from its records). BRIDGE_ARGS for more.
 BRIDGE_ARGS ?=
 bridge: setup
 	$(PYTHON) study.py bridge $(BRIDGE_ARGS)
