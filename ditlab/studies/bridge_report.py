@@ -6,6 +6,7 @@ import math
 import os
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import numpy as np
 
 from ditlab.analysis import load_images
@@ -165,6 +166,14 @@ def edit_rows(digits, variant):
 #                                  Figures                                      #
 #################################################################################
 
+def plain_log_y(ax):
+    """A log y axis labelled 0.6, 1, 2, 3 rather than 6 x 10^-1: ratios read at a glance."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.tick_params(axis="y", which="both", labelsize=8)
+
+
 def plot_ratio_per_t(digits, toy, variants, spreads, path):
     """Per-timestep ratio to none: digits variants (left), the toy's excess eps error per spread (right)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -191,7 +200,7 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
         axes[1].fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=c, alpha=0.2)
     for ax, title in zip(axes, ("digits: eps error / none's", "toy LayerNorm: excess eps error / none's")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        plain_log_y(ax)
         ax.axhline(1, color="0.5", lw=0.8)
         ax.set_xlabel("timestep t (t = 0 drawn at 0.5)")
         ax.set_title(title)
@@ -204,9 +213,10 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
     return path
 
 
-def plot_gap_vs_spread(toy, digits, spreads, path):
+def plot_gap_vs_spread(toy, digits, spreads, path, digits_std=None):
     """The toy's LayerNorm/none ratio (excess eps error, geo-mean over t >= 10 and at t = 0; raw eps error,
-    t >= 10) against its data's spread, per seed and mean; the digits' raw ratio as a horizontal reference."""
+    t >= 10) against its data's spread, per seed and mean; the digits' raw ratio as a horizontal reference
+    and their std (in the models' units) as a vertical one."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for key_t, marker, label, key in (("late", "o", "excess eps, t >= 10 (geo-mean)", "eps_excess_error"),
                                       (0, "s", "excess eps, t = 0", "eps_excess_error"),
@@ -226,9 +236,11 @@ def plot_gap_vs_spread(toy, digits, spreads, path):
     if digits_late:
         ax.axhline(spread(digits_late)["mean"], color="tab:red", ls="--",
                    label=f"digits LayerNorm / none, raw eps, t >= 10 ({plural(len(digits_late), 'seed')})")
+    if digits_std:
+        ax.axvline(digits_std, color="tab:red", ls=":", label=f"the digits' std ({digits_std:.3g})")
     ax.axhline(1, color="0.5", lw=0.8)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    plain_log_y(ax)
     ax.set_xlabel("toy data std S (S = 0 drawn at 0.02)")
     ax.set_ylabel("LayerNorm / none")
     ax.legend(fontsize=8)
@@ -239,30 +251,34 @@ def plot_gap_vs_spread(toy, digits, spreads, path):
 
 
 def plot_edits(digits, variants, path):
-    """Per variant, the edits of its loudest channel at the final norm's input (and the control channel):
-    the probe's eps ratio (geo-mean t >= 10) and the samples' FD-digits ratio, mean over seeds."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """Per variant, the edits of its loudest channel at the final norm's input: the probe's eps ratio
+    (geo-mean t >= 10), beside the control channel's, and the samples' FD-digits ratio (only the loudest
+    channel's edits are sampled), geometric mean over seeds; one legend above both panels, so no bar hides
+    under it."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), gridspec_kw=dict(width_ratios=[2, 1]))
     shown = [v for v in variants if any(r and r["variant"] == v for r in digits.values())]
     width = 0.8 / max(len(shown), 1)
-    labels = [*EDIT_NAMES, *(f"{e} (control)" for e in EDIT_NAMES)]
-    for i, v in enumerate(shown):
-        recs = [r for r in digits.values() if r and r["variant"] == v]
-        for ax, k in zip(axes, (0, 2)):
+    panels = [(axes[0], 0, (False, True), "probe eps error / unedited (t >= 10)"),
+              (axes[1], 2, (False,), "samples' FD-digits / unedited")]
+    for ax, k, controls, title in panels:
+        labels = [f"{e} (control)" if control else e for control in controls for e in EDIT_NAMES]
+        for i, v in enumerate(shown):
+            recs = [r for r in digits.values() if r and r["variant"] == v]
             vals = []
-            for control in (False, True):
+            for control in controls:
                 for edit in EDIT_NAMES:
                     got = [s[k] for s in (edit_summary(r, "final.norm", edit, control) for r in recs) if s and s[k]]
                     vals.append(geomean(got) if got else math.nan)
             ax.bar([j + i * width for j in range(len(labels))], vals, width, color=DIGITS_COLORS.get(v, color(v)),
                    label=DIGITS_LABELS[v])
-    for ax, title in zip(axes, ("probe eps error / unedited (t >= 10)", "samples' FD-digits / unedited")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=30, ha="right", fontsize=8)
-        ax.set_yscale("log")
+        plain_log_y(ax)
         ax.axhline(1, color="0.5", lw=0.8)
-        ax.set_title(f"edits at the final norm's input: {title}", fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_title(f"edits at the final norm's input:\n{title}", fontsize=9)
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -376,13 +392,21 @@ def evidence_lines(parts, args):
     return (["## The numbers each explanation turns on", "", *out, ""] if out else [])
 
 
-def digits_spread_line(args):
-    """For scale beside the toy's spreads: the std of the digits as the models see them (16 px, [-1, 1])."""
+def digits_std(args):
+    """The std of the digits as the models see them (16 px, [-1, 1]) and around each pixel's mean; None
+    without the digits folder."""
     if not os.path.isdir(args.digits_ref):
-        return []
+        return None
     x, _, _ = load_images(args.digits_ref, 16, 10_000, 0)
-    return [f"For scale: the digits in the models' units have std {float(x.std()):.3g} ({float((x - x.mean(0)).std()):.3g} "
-            "around each pixel's mean).", ""]
+    return float(x.std()), float((x - x.mean(0)).std())
+
+
+def digits_spread_line(stds):
+    """For scale beside the toy's spreads: the digits' std in the models' units."""
+    if stds is None:
+        return []
+    return [f"For scale: the digits in the models' units have std {stds[0]:.3g} ({stds[1]:.3g} around each "
+            "pixel's mean).", ""]
 
 
 def missing_lines(parts):
@@ -418,9 +442,11 @@ def write_report(args, parts):
                   f"| model | {head_t} |", "|---|" + "---|" * len(REPORT_T),
                   *per_t_rows(digits, toy, variants, args.spreads), ""]
     if toy:
-        plot_gap_vs_spread(toy, digits, args.spreads, os.path.join(args.out, "gap_vs_spread.png"))
+        stds = digits_std(args)
+        plot_gap_vs_spread(toy, digits, args.spreads, os.path.join(args.out, "gap_vs_spread.png"),
+                           stds[0] if stds else None)
         drawn["gap_vs_spread.png"] = FIGURES["gap_vs_spread.png"]
-        lines += ["## The toy's gap against its data's spread", "", *digits_spread_line(args),
+        lines += ["## The toy's gap against its data's spread", "", *digits_spread_line(stds),
                   "LayerNorm / none of the excess eps error (geo-mean t >= 10, and t = 0), of the raw eps error, the "
                   "samples' variance over the data's per variant, and at std 0 the sampled RMS ratio.", "",
                   "![gap vs spread](gap_vs_spread.png)", "",
