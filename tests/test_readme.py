@@ -217,3 +217,40 @@ def test_the_layout_lists_every_module_and_root_file():
     assert wanted - rows == set(), f"not in the README's layout: {sorted(wanted - rows)}"
     assert rows - wanted - {"diffusion/"} == set(), f"the layout lists what does not exist: {sorted(rows - wanted)}"
     assert len([f for f in os.listdir(ROOT) if f.endswith(".py")]) <= 12  # one front door
+
+
+def readme_times():
+    """Every duration the README promises: (command, minutes), from a code line's comment ("about 6 minutes",
+    "~2.5 min") or a table cell ("`make sweep` (about 80 minutes)"). Budgets ("under 9.5 minutes") and
+    "hours" are not promises of a measured time."""
+    times = []
+    for line in open(os.path.join(ROOT, "README.md")).read().splitlines():
+        got = re.search(r"(?<!under )(?:about |~)(\d+(?:\.\d+)?) min", line)
+        if not got:
+            continue
+        if line.startswith("|"):
+            command = re.search(r"`([^`]+)` \((?:about |~)\d", line).group(1)
+        else:
+            command = line.split("#")[0].strip()
+        times.append((command, float(got.group(1))))
+    return times
+
+
+def test_every_time_the_readme_states_is_measured_in_the_benchmarks_page():
+    """Each README time has a row in docs/benchmarks.md's table of measured times, and the README's figure is
+    within 30% of the measurement (a stale "~4 min" for a 2.4-minute job fails here)."""
+    page = open(os.path.join(ROOT, "docs", "benchmarks.md")).read()
+    section = page[page.index("## The times the README states"):]
+    table = section[section.index("| README command"):]
+    measured = {}
+    for row in table[:table.index("\n\n")].splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        command = re.match(r"`([^`]+)`", cells[0]).group(1)
+        minutes = re.search(r"\((\d+(?:\.\d+)?) min\)", cells[1]) or re.search(r"(\d+(?:\.\d+)?) min", cells[1])
+        measured[command] = float(minutes.group(1))
+    times = readme_times()
+    assert len(times) >= 5, times
+    for command, minutes in times:
+        assert command in measured, f"the README's time for `{command}` has no row in docs/benchmarks.md"
+        assert abs(minutes - measured[command]) <= 0.3 * measured[command], \
+            f"the README says {minutes} min for `{command}`; docs/benchmarks.md measured {measured[command]} min"
