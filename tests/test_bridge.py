@@ -119,6 +119,15 @@ def test_report_states_the_known_ratios(tmp_path):
         assert os.path.getsize(tmp_path / "docs" / "figures" / name) > 1000
 
 
+def test_the_grid_shows_the_seed_whose_mean_edit_moves_fd_the_median_amount():
+    recs = [digits_record("ln-blocks", s, lambda t: 0.1, 50.0, 2.0) for s in (0, 1, 2)]
+    for rec, fd_ratio in zip(recs, (1.02, 2.9, 2.5)):  # seed 0 the mildest, seed 1 the worst
+        rec["places"]["final.norm"]["mean"]["sample_ratio"] = fd_ratio
+    assert bridge_report.typical_record(recs)["seed"] == 2
+    assert bridge_report.typical_record(recs[:2])["seed"] == 0  # an even count: the lower median
+    assert bridge_report.typical_record(recs[1:2])["seed"] == 1
+
+
 def test_a_report_on_one_seed_says_it_is_too_few(tmp_path):
     toy = {(v, 0.0, 0): toy_record(v, 0.0, 0, lambda t: 1e-3) for v in ("layer-norm", "none")}
     args = args_for(tmp_path, spreads=[0.0])

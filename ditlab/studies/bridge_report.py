@@ -176,7 +176,7 @@ def plain_log_y(ax):
 
 def plot_ratio_per_t(digits, toy, variants, spreads, path):
     """Per-timestep ratio to none: digits variants (left), the toy's excess eps error per spread (right)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # own y ranges: the digits' ratios sit within a few %
     for v in variants:
         ratios = ratio_per_t(digits, v, "none")
         if v == "none" or not ratios:
@@ -253,8 +253,8 @@ def plot_gap_vs_spread(toy, digits, spreads, path, digits_std=None):
 def plot_edits(digits, variants, path):
     """Per variant, the edits of its loudest channel at the final norm's input: the probe's eps ratio
     (geo-mean t >= 10), beside the control channel's, and the samples' FD-digits ratio (only the loudest
-    channel's edits are sampled), geometric mean over seeds; one legend above both panels, so no bar hides
-    under it."""
+    channel's edits are sampled): mean over seeds with a min-max bar, as the tables give them; one legend
+    above both panels, so no bar hides under it."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), gridspec_kw=dict(width_ratios=[2, 1]))
     shown = [v for v in variants if any(r and r["variant"] == v for r in digits.values())]
     width = 0.8 / max(len(shown), 1)
@@ -264,13 +264,15 @@ def plot_edits(digits, variants, path):
         labels = [f"{e} (control)" if control else e for control in controls for e in EDIT_NAMES]
         for i, v in enumerate(shown):
             recs = [r for r in digits.values() if r and r["variant"] == v]
-            vals = []
+            cells = []
             for control in controls:
                 for edit in EDIT_NAMES:
                     got = [s[k] for s in (edit_summary(r, "final.norm", edit, control) for r in recs) if s and s[k]]
-                    vals.append(geomean(got) if got else math.nan)
-            ax.bar([j + i * width for j in range(len(labels))], vals, width, color=DIGITS_COLORS.get(v, color(v)),
-                   label=DIGITS_LABELS[v])
+                    cells.append(spread(got) if got else dict(mean=math.nan, min=math.nan, max=math.nan))
+            means = [c["mean"] for c in cells]
+            bars = [[m - c["min"] for m, c in zip(means, cells)], [c["max"] - m for m, c in zip(means, cells)]]
+            ax.bar([j + i * width for j in range(len(labels))], means, width, yerr=bars, capsize=2,
+                   error_kw=dict(lw=0.8), color=DIGITS_COLORS.get(v, color(v)), label=DIGITS_LABELS[v])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=30, ha="right", fontsize=8)
         plain_log_y(ax)
         ax.axhline(1, color="0.5", lw=0.8)
@@ -294,16 +296,27 @@ def tile(images, cols=5):
     return canvas
 
 
+def typical_record(records):
+    """The record whose mean edit at the final norm moves FD-digits the median amount (the lower median of an
+    even count; seeds break ties): the seed a grid of samples should show."""
+    effect = lambda r: ((edit_summary(r, "final.norm", "mean") or (0, 0, None))[2] or 0, r["seed"])
+    return sorted(records, key=effect)[(len(records) - 1) // 2]
+
+
 def plot_edit_grid(records_dir, digits, variants, path):
     """Samples from the same noise and labels, unedited and with the loudest channel at the final norm's input
-    set to its mean, its per-t mean and zero: one row per variant (its lowest seed with a grid). Returns the
-    path, or None when no record has a grid."""
+    set to its mean, its per-t mean and zero: one row per variant, from its typical seed (the median of its
+    seeds by the mean edit's FD-digits ratio, so a row shows neither the luckiest nor the worst seed).
+    Returns the path, or None when no record has a grid."""
     rows = []
     for v in variants:
-        recs = sorted((r for r in digits.values() if r and r["variant"] == v and r.get("grid")), key=lambda r: r["seed"])
-        if recs and os.path.isfile(os.path.join(records_dir, recs[0]["grid"])):
-            with np.load(os.path.join(records_dir, recs[0]["grid"])) as f:
-                rows.append((v, recs[0]["seed"], {k: f[k] for k in GRID_COLUMNS if k in f}))
+        recs = [r for r in digits.values() if r and r["variant"] == v and r.get("grid")
+                and os.path.isfile(os.path.join(records_dir, r["grid"]))]
+        if not recs:
+            continue
+        typical = typical_record(recs)
+        with np.load(os.path.join(records_dir, typical["grid"])) as f:
+            rows.append((v, typical["seed"], {k: f[k] for k in GRID_COLUMNS if k in f}))
     if not rows:
         return None
     fig, axes = plt.subplots(len(rows), len(GRID_COLUMNS), figsize=(2.4 * len(GRID_COLUMNS), 2.2 * len(rows)),
@@ -469,7 +482,8 @@ def write_report(args, parts):
                   "![edits at the final norm](edits.png)", ""]
         if plot_edit_grid(args.records, digits, variants, os.path.join(args.out, "edit_grid.png")):
             drawn["edit_grid.png"] = FIGURES["edit_grid.png"]
-            lines += ["Samples from the same noise and labels, unedited and under each edit at the final norm's input:",
+            lines += ["Samples from the same noise and labels, unedited and under each edit at the final norm's input; "
+                      "each variant's typical seed (the median by the mean edit's FD-digits):",
                       "", "![samples under the edits](edit_grid.png)", ""]
         for v in variants:
             rows = edit_rows(digits, v)
