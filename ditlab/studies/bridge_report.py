@@ -174,6 +174,14 @@ def plain_log_y(ax):
     ax.tick_params(axis="y", which="both", labelsize=8)
 
 
+def save(fig, path, **layout):
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_ratio_per_t(digits, toy, variants, spreads, path):
     """Per-timestep ratio to none: digits variants (left), the toy's excess eps error per spread (right)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # own y ranges: the digits' ratios sit within a few %
@@ -207,10 +215,7 @@ def plot_ratio_per_t(digits, toy, variants, spreads, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     axes[0].set_ylabel("ratio (mean over seeds, band: min-max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_gap_vs_spread(toy, digits, spreads, path, digits_std=None):
@@ -244,10 +249,7 @@ def plot_gap_vs_spread(toy, digits, spreads, path, digits_std=None):
     ax.set_xlabel("toy data std S (S = 0 drawn at 0.02)")
     ax.set_ylabel("LayerNorm / none")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_edits(digits, variants, path):
@@ -280,10 +282,7 @@ def plot_edits(digits, variants, path):
     handles, names = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, names, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, rect=(0, 0, 1, 0.93))
 
 
 def tile(images, cols=5):
@@ -331,10 +330,7 @@ def plot_edit_grid(records_dir, digits, variants, path):
                 ax.set_title(key.replace("final.norm/", "final norm: ") + (" edit" if "/" in key else ""), fontsize=9)
         axes[i][0].text(-0.05, 0.5, f"{DIGITS_LABELS[v]}\nseed {seed}", transform=axes[i][0].transAxes,
                         ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 #################################################################################
